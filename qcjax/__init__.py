@@ -1,0 +1,31 @@
+"""qcjax: Qwen2.5-Coder in JAX/Flax.
+
+    cfg, params = qcjax.load_hf("path/to/Qwen2.5-Coder-0.5B")
+    logits = qcjax.logits(cfg, params, tokens)          # [batch, seq, vocab] float32
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from qcjax.config import ModelConfig, get_config
+from qcjax.hf import load_hf
+from qcjax.model import Qwen2, init_params
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(cfg: ModelConfig, params, tokens, positions, segment_ids):
+    return Qwen2(cfg).apply({"params": params}, tokens, positions, segment_ids)
+
+
+def logits(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None) -> jax.Array:
+    """float32 logits [batch, seq, vocab] for int tokens [batch, seq] (optional positions / packed segment ids)."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    return _logits(cfg, params, tokens, positions, segment_ids)
+
+
+__all__ = ["ModelConfig", "get_config", "load_hf", "logits", "Qwen2", "init_params"]

@@ -1,0 +1,233 @@
+"""The model config schema: one frozen dataclass, the six real presets, small CPU presets, HF config.json I/O.
+
+Every other module reads model hyper-parameters from `ModelConfig`; nothing else parses config.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
+ATTENTION_IMPLS = ("auto", "xla")  # the attention switch; kernels add names here (see qcjax/attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnScaling:
+    """Static YaRN RoPE scaling, as transformers implements `rope_type: "yarn"`."""
+
+    factor: float = 4.0
+    original_max_position_embeddings: int = 32768
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None  # None: derived from factor (0.1 ln(factor) + 1)
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Qwen2 decoder hyper-parameters plus how to run it (dtypes, remat, attention impl)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    rope_scaling: YarnScaling | None = None
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    # How to run it (not part of the checkpoint's identity).
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype of matmuls/activations; norms, softmax and logits stay fp32
+    remat: str = "none"
+    attention_impl: str = "auto"
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: {why}")
+
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, f) <= 0:
+                bad(f, "must be positive")
+        if self.num_heads % self.num_kv_heads:
+            bad("num_heads", f"must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            bad("hidden_size", f"not divisible by num_heads={self.num_heads}; set head_dim")
+        if self.remat not in REMAT_POLICIES:
+            bad("remat", f"expected one of {REMAT_POLICIES}")
+        for f in ("param_dtype", "dtype"):
+            try:
+                jnp.dtype(getattr(self, f))
+            except TypeError:
+                bad(f, "not a dtype name")
+        if isinstance(self.rope_scaling, Mapping):  # allow dicts from config files
+            object.__setattr__(self, "rope_scaling", YarnScaling(**self.rope_scaling))
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def num_groups(self) -> int:
+        """Query heads per KV head (the GQA ratio)."""
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def with_yarn(self, factor: float = 4.0, original_max_position_embeddings: int = 32768) -> "ModelConfig":
+        """The 128K-context variant Qwen documents for 7B/14B/32B (static YaRN, opt in)."""
+        return self.replace(
+            rope_scaling=YarnScaling(factor=factor, original_max_position_embeddings=original_max_position_embeddings),
+            max_position_embeddings=int(factor * original_max_position_embeddings),
+        )
+
+    # ---- Hugging Face config.json -------------------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any], **overrides) -> "ModelConfig":
+        archs = d.get("architectures") or []
+        model_type = d.get("model_type")
+        if model_type != "qwen2" or (archs and "Qwen2ForCausalLM" not in archs):
+            raise ValueError(
+                f"config.json describes model_type={model_type!r} architectures={archs!r}; "
+                "qcjax implements Qwen2ForCausalLM (model_type 'qwen2') only"
+            )
+        if d.get("use_sliding_window"):
+            raise ValueError("config.json has use_sliding_window=true; Qwen2.5-Coder never uses it and qcjax does not")
+        # transformers 5.x keeps rope_theta inside rope_parameters; older files have it at top level and call the
+        # scaling dict rope_scaling.
+        rope = dict(d.get("rope_parameters") or {})
+        legacy = d.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        rtype = rope.get("rope_type", rope.get("type")) or legacy.get("rope_type", legacy.get("type")) or "default"
+        scaling = None
+        if rtype == "yarn":
+            src = {**legacy, **rope}
+            scaling = YarnScaling(
+                factor=float(src["factor"]),
+                original_max_position_embeddings=int(
+                    src.get("original_max_position_embeddings") or d["max_position_embeddings"]
+                ),
+                beta_fast=float(src.get("beta_fast") or 32.0),
+                beta_slow=float(src.get("beta_slow") or 1.0),
+                attention_factor=src.get("attention_factor"),
+                mscale=src.get("mscale"),
+                mscale_all_dim=src.get("mscale_all_dim"),
+                truncate=bool(src.get("truncate", True)),
+            )
+        elif rtype != "default":
+            raise ValueError(f"config.json rope type {rtype!r} is not supported (only default and yarn)")
+        kw = dict(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"],
+            num_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
+            head_dim=d.get("head_dim"),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            initializer_range=d.get("initializer_range", 0.02),
+        )
+        if kw["head_dim"] == kw["hidden_size"] // kw["num_heads"]:
+            kw["head_dim"] = None
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def from_hf_json(cls, path: str, **overrides) -> "ModelConfig":
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read HF config {path}: {e}") from e
+        return cls.from_hf_dict(d, **overrides)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A Qwen2ForCausalLM config.json, readable by transformers 4.x and 5.x (rope fields in both places)."""
+        rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        d: dict[str, Any] = {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.dim_per_head,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "attention_dropout": 0.0,
+            "torch_dtype": self.param_dtype,
+        }
+        if self.vocab_size > 151643:  # <|endoftext|> (tiny test vocabularies don't have it)
+            d["bos_token_id"] = d["eos_token_id"] = 151643
+        if self.rope_scaling is not None:
+            y = self.rope_scaling
+            scaling = {
+                "rope_type": "yarn",
+                "type": "yarn",
+                "factor": y.factor,
+                "original_max_position_embeddings": y.original_max_position_embeddings,
+                "beta_fast": y.beta_fast,
+                "beta_slow": y.beta_slow,
+                "truncate": y.truncate,
+            }
+            for k in ("attention_factor", "mscale", "mscale_all_dim"):
+                if getattr(y, k) is not None:
+                    scaling[k] = getattr(y, k)
+            d["rope_scaling"] = scaling
+            rope_parameters.update(scaling)
+        d["rope_parameters"] = rope_parameters
+        return d
+
+
+def _preset(vocab, hidden, inter, layers, heads, kv, tied, **kw) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_heads=heads,
+        num_kv_heads=kv, tie_word_embeddings=tied, **kw,
+    )
+
+
+# The real sizes, as in the Qwen2.5-Coder-*B config.json files (32K context; `.with_yarn()` for 128K).
+PRESETS: dict[str, ModelConfig] = {
+    "0.5b": _preset(151936, 896, 4864, 24, 14, 2, True),
+    "1.5b": _preset(151936, 1536, 8960, 28, 12, 2, True),
+    "3b": _preset(151936, 2048, 11008, 36, 16, 2, True),
+    "7b": _preset(152064, 3584, 18944, 28, 28, 4, False),
+    "14b": _preset(152064, 5120, 13824, 48, 40, 8, False),
+    "32b": _preset(152064, 5120, 27648, 64, 40, 8, False),
+    # Small CPU configs for tests and demos; vocab covers the Qwen special-token ids so real token ids work.
+    "tiny": _preset(151936, 64, 176, 2, 4, 2, True, max_position_embeddings=4096),
+    "small": _preset(151936, 256, 704, 4, 8, 2, True, max_position_embeddings=4096),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A preset by name ("0.5b" ... "32b", "tiny", "small"), with field overrides."""
+    key = name.lower().removeprefix("qwen2.5-coder-")
+    if key not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[key].replace(**overrides)

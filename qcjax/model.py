@@ -1,0 +1,234 @@
+"""The Qwen2 decoder in Flax Linen, applied functionally: `Qwen2(cfg).apply({"params": params}, tokens, ...)`.
+
+Layers are stacked with `nn.scan` (every layer param has a leading "layers" axis), so a 64-layer model compiles as
+fast as a 2-layer one. Params and the main activations carry logical axis names; qcjax.sharding maps them to mesh
+axes. Matmuls run in `cfg.dtype` with float32 accumulation; RMSNorm, RoPE, softmax and logits are float32.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+from qcjax import rope
+from qcjax.attention import attend
+from qcjax.config import ModelConfig
+from qcjax.sharding import constrain
+
+Cache = dict[str, jax.Array]  # {"k","v": [layers, batch, max_len, kv_heads, head_dim], "lengths": [batch] int32}
+
+
+def _dot(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """Matmul in the compute dtype, accumulated in float32, result in the compute dtype."""
+    return jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+
+
+def _param(module: nn.Module, name: str, shape, names, init=None):
+    cfg = module.cfg
+    init = init or nn.initializers.normal(cfg.initializer_range)
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.dtype(cfg.param_dtype))
+
+
+class Linear(nn.Module):
+    """A projection `einsum(eq, x, kernel) [+ bias]` with named kernel axes (kernel layout [in..., out...])."""
+
+    cfg: ModelConfig
+    eq: str
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    bias_axes: tuple[str, ...] | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        dt = self.cfg.dtype
+        y = _dot(self.eq, x, _param(self, "kernel", self.kernel_shape, self.kernel_axes), dt)
+        if self.bias_axes is not None:
+            shape = self.kernel_shape[-len(self.bias_axes):]
+            y = y + _param(self, "bias", shape, self.bias_axes, nn.initializers.zeros).astype(dt)
+        return y
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", (self.cfg.hidden_size,), ("norm",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        return (y * scale.astype(jnp.float32)).astype(self.cfg.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, q_segment_ids, kv_segment_ids, q_offset, layer_cache):
+        cfg = self.cfg
+        e, h, kvh, d, dt = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head, cfg.dtype
+
+        def proj(name, heads, head_axis):
+            return Linear(cfg, "bte,ehd->bthd", (e, heads, d), ("embed", head_axis, "head_dim"),
+                          bias_axes=(head_axis, "head_dim"), name=name)(x)
+
+        q = proj("q_proj", h, "heads")  # [batch, seq, heads, head_dim]
+        k = proj("k_proj", kvh, "kv_heads")  # [batch, seq, kv_heads, head_dim]
+        v = proj("v_proj", kvh, "kv_heads")
+        q = constrain(rope.apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", "act_head_dim"))
+        k = constrain(rope.apply_rope(k, cos, sin), ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
+        v = constrain(v, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
+        q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
+
+        if layer_cache is not None:  # write the new keys/values at each sequence's own offset, attend to the cache
+            ck, cv = layer_cache
+            write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), at, 0))
+            ck, cv = write(ck, k, q_offset), write(cv, v, q_offset)
+            layer_cache = (ck, cv)
+            k, v = ck.astype(dt), cv.astype(dt)
+
+        out = attend(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale=d**-0.5, impl=cfg.attention_impl)
+        out = checkpoint_name(out, "attn_out")
+        o = Linear(cfg, "bthd,hde->bte", (h, d, e), ("heads", "head_dim", "embed"), name="o_proj")(out)
+        return o, layer_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        e, i, dt = cfg.hidden_size, cfg.intermediate_size, cfg.dtype
+        gate = Linear(cfg, "bte,ei->bti", (e, i), ("embed", "mlp"), name="gate_proj")(x)
+        up = Linear(cfg, "bte,ei->bti", (e, i), ("embed", "mlp"), name="up_proj")(x)
+        hidden = checkpoint_name(nn.silu(gate) * up, "mlp_hidden")
+        hidden = constrain(hidden, ("act_batch", "act_length", "act_mlp"))
+        return Linear(cfg, "bti,ie->bte", (i, e), ("mlp", "embed"), name="down_proj")(hidden)
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, cos, sin, q_segment_ids, kv_segment_ids, q_offset):
+        attn_out, layer_cache = Attention(self.cfg, name="attn")(
+            RMSNorm(self.cfg, name="input_norm")(x), cos, sin, q_segment_ids, kv_segment_ids, q_offset, layer_cache
+        )
+        x = x + attn_out
+        x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(x))
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        return x, layer_cache
+
+
+_REMAT_POLICIES = {
+    "full": lambda: jax.checkpoint_policies.nothing_saveable,
+    "dots": lambda: jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "minimal": lambda: jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_hidden"),
+}
+
+
+class Qwen2(nn.Module):
+    """tokens [batch, seq] -> float32 logits [batch, seq, vocab] (and the updated cache when one is passed)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        layer = DecoderLayer
+        if cfg.remat != "none":
+            layer = nn.remat(layer, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat]())
+        self.layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="layers")
+        self.final_norm = RMSNorm(cfg, name="final_norm")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # [batch, seq] int
+        positions: jax.Array | None = None,  # [batch, seq] int; default 0..seq-1
+        segment_ids: jax.Array | None = None,  # [batch, seq] int; packed rows; 0 = padding; default all 1
+        cache: Cache | None = None,
+        return_hidden: bool = False,
+    ):
+        hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache)
+        out = hidden if return_hidden else self.head(hidden)
+        return out if cache is None else (out, cache)
+
+    def hidden_states(self, tokens, positions=None, segment_ids=None, cache=None):
+        """Final-norm hidden states [batch, seq, embed] (compute dtype) and the updated cache."""
+        cfg = self.cfg
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        x = jnp.take(self.embed, tokens, axis=0).astype(cfg.dtype)
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        cos, sin = rope.cos_sin(cfg, positions)
+
+        if cache is None:
+            q_seg, kv_seg, q_offset, layer_caches = segment_ids, segment_ids, jnp.zeros((b,), jnp.int32), None
+        else:
+            # One sequence per row: the new tokens go at each row's current length; padding (segment 0) is only at
+            # the end of the new tokens, so it never counts towards the length and later tokens overwrite it.
+            q_offset = cache["lengths"]
+            new_lengths = q_offset + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+            q_seg = (segment_ids != 0).astype(jnp.int32)
+            kv_seg = (jnp.arange(cache["k"].shape[2])[None, :] < new_lengths[:, None]).astype(jnp.int32)
+            layer_caches = (cache["k"], cache["v"])
+        x, layer_caches = self.layers(x, layer_caches, cos, sin, q_seg, kv_seg, q_offset)
+        if cache is not None:
+            cache = {"k": layer_caches[0], "v": layer_caches[1], "lengths": new_lengths}
+        return self.final_norm(x), cache
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """hidden [batch, seq, embed] -> float32 logits [batch, seq, vocab]."""
+        dt = self.cfg.dtype
+        if self.cfg.tie_word_embeddings:
+            logits = jnp.einsum("bte,ve->btv", hidden.astype(dt), self.embed.astype(dt),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("bte,ev->btv", hidden.astype(dt), self.lm_head.astype(dt),
+                                preferred_element_type=jnp.float32)
+        return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> Cache:
+    """An empty KV cache: explicit arrays the sampler passes in and gets back."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "lengths": jnp.zeros((batch,), jnp.int32)}
+
+
+CACHE_LOGICAL_AXES = {
+    "k": ("layers", "cache_batch", "cache_length", "act_kv_heads", "act_head_dim"),
+    "v": ("layers", "cache_batch", "cache_length", "act_kv_heads", "act_head_dim"),
+    "lengths": ("cache_batch",),
+}
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, boxed: bool = False) -> Any:
+    """Random params (boxed: keep the nn.Partitioned logical-axis annotations)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    params = Qwen2(cfg).init(rng, tokens)["params"]
+    return params if boxed else nn.meta.unbox(params)
+
+
+def abstract_params(cfg: ModelConfig) -> Any:
+    """Boxed ShapeDtypeStructs of the params: shapes, dtypes and logical axes, no memory."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), boxed=True))
+
+
+def count_params(cfg: ModelConfig) -> int:
+    return sum(x.size for x in jax.tree.leaves(nn.meta.unbox(abstract_params(cfg))))

@@ -1,0 +1,47 @@
+"""Shared test setup: 8 fake CPU devices (set before JAX starts) and random-weight HF reference models."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from qcjax.config import ModelConfig  # noqa: E402
+
+
+def hf_model(cfg: ModelConfig, seed: int = 0, std: float = 0.08):
+    """A transformers Qwen2ForCausalLM with random weights for `cfg`: every tensor random (biases and norm scales
+    too, so a mapping mistake in any of them shows), in float32, eager attention."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.Qwen2Config(**cfg.to_hf_dict())
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, std)
+    return model
+
+
+def params_from_hf(cfg: ModelConfig, model):
+    """Our params from an in-memory HF model, through the one HF mapping (qcjax.hf)."""
+    from flax import linen as nn
+
+    from qcjax.hf import hf_to_params
+    from qcjax.model import abstract_params
+
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    return hf_to_params(cfg, sd.__getitem__, set(sd), nn.meta.unbox(abstract_params(cfg)))
+
+
+def hf_logits(model, tokens: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        kw = {} if positions is None else {"position_ids": torch.as_tensor(positions)}
+        return model(torch.as_tensor(tokens, dtype=torch.long), **kw).logits.float().numpy()
