@@ -92,6 +92,19 @@ class ModelConfig:
             max_position_embeddings=int(factor * original_max_position_embeddings),
         )
 
+    # ---- every field as plain JSON (checkpoint metadata) ------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """All fields, run fields (dtypes, remat, attention impl) included, as JSON-ready values."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], **overrides) -> "ModelConfig":
+        """Inverse of `to_dict`; an unknown field is an error naming it (a checkpoint from a newer qcjax)."""
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"model config has unknown field(s) {unknown}")
+        return cls(**{**d, **overrides})
+
     # ---- Hugging Face config.json -------------------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], **overrides) -> "ModelConfig":
