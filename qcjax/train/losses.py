@@ -1,0 +1,84 @@
+"""Losses in float32 from hidden states, with vocabulary-wide logits produced a chunk of tokens at a time.
+
+At 152K vocabulary x 32K tokens the full logits would be 20 GB in fp32; here only [chunk, vocab] exists at once, in
+the forward and (through jax.checkpoint) in the backward pass.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qcjax.config import ModelConfig
+from qcjax.model import Qwen2
+
+
+def next_token_targets(tokens, segment_ids, loss_mask):
+    """Targets and weights for next-token prediction on packed rows.
+
+    tokens, segment_ids, loss_mask: [batch, seq]; loss_mask is label-aligned (loss_mask[t] says whether predicting
+    tokens[t] counts). Position t predicts tokens[t+1] only inside one segment: never across a document boundary,
+    never into padding. Returns targets [batch, seq] int32 and weights [batch, seq] float32 (last position 0).
+    """
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1).astype(jnp.int32)
+    nxt_seg = jnp.concatenate([segment_ids[:, 1:], jnp.zeros_like(segment_ids[:, :1])], axis=1)
+    nxt_mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
+    weights = (nxt_seg == segment_ids) & (nxt_seg != 0) & (nxt_mask != 0)
+    return targets, weights.astype(jnp.float32)
+
+
+def target_logprobs(cfg: ModelConfig, params, hidden: jax.Array, targets: jax.Array, chunk: int = 2048) -> jax.Array:
+    """log p(targets) [batch, seq] float32 from final hidden states [batch, seq, embed], `chunk` tokens at a time."""
+    b, t, e = hidden.shape
+    n = b * t
+    chunk = max(1, min(chunk, n))
+    pad = (-n) % chunk
+    h = jnp.pad(hidden.reshape(n, e), ((0, pad), (0, 0))).reshape(-1, chunk, e)  # [chunks, chunk, embed]
+    y = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
+
+    @jax.checkpoint  # the backward recomputes each chunk's logits instead of storing them all
+    def one(p, hc, yc):
+        logits = Qwen2(cfg).apply({"params": p}, hc[None], method=Qwen2.head)[0]  # [chunk, vocab] fp32
+        return jnp.take_along_axis(logits, yc[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+
+    _, lp = jax.lax.scan(lambda c, xs: (c, one(params, *xs)), None, (h, y))
+    return lp.reshape(-1)[:n].reshape(b, t)
+
+
+def cross_entropy(cfg: ModelConfig, params, hidden, targets, weights, chunk: int = 2048):
+    """(sum of weighted token losses, sum of weights): the caller divides once over all micro-batches."""
+    lp = target_logprobs(cfg, params, hidden, targets, chunk)
+    return -jnp.sum(lp * weights), jnp.sum(weights)
+
+
+def dpo_loss(
+    chosen_logp: jax.Array,  # [pairs] summed log-probs of the completion under the policy
+    rejected_logp: jax.Array,
+    ref_chosen_logp: jax.Array,  # [pairs] the same under the reference model
+    ref_rejected_logp: jax.Array,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+) -> tuple[jax.Array, dict]:
+    """Per-pair DPO (sigmoid, with conservative label smoothing) or IPO loss, plus reward metrics.
+
+    sigmoid: -(1-eps) log s(beta*m) - eps log s(-beta*m), m = (pi_c - ref_c) - (pi_r - ref_r)  (Rafailov et al.)
+    ipo:     (m - 1/(2 beta))^2                                                          (Azar et al.)
+    """
+    margin = (chosen_logp - ref_chosen_logp) - (rejected_logp - ref_rejected_logp)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * jax.nn.log_sigmoid(beta * margin) - label_smoothing * jax.nn.log_sigmoid(
+            -beta * margin
+        )
+    elif loss_type == "ipo":
+        losses = (margin - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"dpo loss_type {loss_type!r}: expected 'sigmoid' or 'ipo'")
+    chosen_reward = beta * (chosen_logp - ref_chosen_logp)
+    rejected_reward = beta * (rejected_logp - ref_rejected_logp)
+    metrics = {
+        "reward_margin": jnp.mean(chosen_reward - rejected_reward),
+        "reward_accuracy": jnp.mean((chosen_reward > rejected_reward).astype(jnp.float32)),
+        "chosen_reward": jnp.mean(chosen_reward),
+        "rejected_reward": jnp.mean(rejected_reward),
+    }
+    return losses, metrics

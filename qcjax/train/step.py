@@ -1,0 +1,194 @@
+"""The train step: a pure function (state, batch) -> (state, metrics), jitted by the loop with shardings.
+
+Gradient accumulation runs inside the step (lax.scan over micro-batches); the token-weighted loss is normalised once
+over the whole batch, so accumulating over k micro-batches computes the same update as one big batch. A non-finite
+loss or gradient skips the update (optax.apply_if_finite) and is counted in the optimizer state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qcjax.config import ModelConfig
+from qcjax.model import Qwen2
+from qcjax.sharding import constrain
+from qcjax.train.losses import cross_entropy, dpo_loss, next_token_targets, target_logprobs
+
+TrainState = dict  # {"step": int32 [], "params": pytree, "opt_state": optax state}
+
+# Never let optax.apply_if_finite give up: the loop stops the run itself (OptimizerConfig.max_nonfinite_in_row).
+_NEVER = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 3e-4
+    schedule: str = "cosine"  # "cosine" (warmup + cosine decay to end_lr_ratio * lr) or "constant" (after warmup)
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    end_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # global-norm clipping; <= 0 disables
+
+
+def lr_schedule(c: OptimizerConfig) -> optax.Schedule:
+    if c.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, c.lr, max(c.warmup_steps, 0), max(c.total_steps, c.warmup_steps + 1), end_value=c.lr * c.end_lr_ratio
+        )
+    if c.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, c.lr, max(c.warmup_steps, 1)), optax.constant_schedule(c.lr)],
+            [max(c.warmup_steps, 1)],
+        )
+    raise ValueError(f"optimizer.schedule={c.schedule!r}: expected 'cosine' or 'constant'")
+
+
+def decay_mask(params) -> Any:
+    """Weight decay on matrices only: never on norm scales and biases."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key not in ("scale", "bias"), params)
+
+
+def make_optimizer(c: OptimizerConfig) -> optax.GradientTransformation:
+    parts = [optax.clip_by_global_norm(c.clip_norm)] if c.clip_norm > 0 else []
+    parts.append(
+        optax.adamw(lr_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask)
+    )
+    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=_NEVER)
+
+
+def init_state(params, tx: optax.GradientTransformation) -> TrainState:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
+    """(skipped steps in a row, skipped steps in total), from optax.apply_if_finite's state (0 without it)."""
+    zero = jnp.zeros((), jnp.int32)
+    return getattr(opt_state, "notfinite_count", zero), getattr(opt_state, "total_notfinite", zero)
+
+
+def _split_micro(batch: dict, accum: int) -> dict:
+    """[batch, ...] -> [accum, batch // accum, ...]; micro-batch a takes rows a, a+accum, ... so each micro-batch
+    stays spread over every data-parallel device (rows are sharded in contiguous blocks)."""
+
+    def split(x):
+        if x.shape[0] % accum:
+            raise ValueError(f"batch of {x.shape[0]} rows is not divisible by grad_accum={accum}")
+        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def lm_loss_terms(cfg: ModelConfig, params, micro: dict, chunk: int):
+    """(sum of token losses, number of target tokens) for packed next-token rows (pretrain and SFT)."""
+    tokens = constrain(micro["tokens"], ("act_batch", "act_length"))
+    hidden, _ = Qwen2(cfg).apply(
+        {"params": params}, tokens, micro["positions"], micro["segment_ids"], method=Qwen2.hidden_states
+    )
+    targets, weights = next_token_targets(tokens, micro["segment_ids"], micro["loss_mask"])
+    return cross_entropy(cfg, params, hidden, targets, weights, chunk)
+
+
+def sequence_logprobs(cfg: ModelConfig, params, tokens, segment_ids, loss_mask, chunk: int) -> jax.Array:
+    """Summed log-prob of the masked (completion) tokens of each row: [rows] float32."""
+    hidden, _ = Qwen2(cfg).apply({"params": params}, tokens, None, segment_ids, method=Qwen2.hidden_states)
+    targets, weights = next_token_targets(tokens, segment_ids, loss_mask)
+    return jnp.sum(target_logprobs(cfg, params, hidden, targets, chunk) * weights, axis=-1)
+
+
+def dpo_logprobs(cfg: ModelConfig, params, micro: dict, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Policy log-probs of chosen and rejected completions in ONE forward pass (pairs stacked on the batch axis)."""
+    n = micro["chosen_tokens"].shape[0]
+    cat = lambda k: jnp.concatenate([micro[f"chosen_{k}"], micro[f"rejected_{k}"]], axis=0)
+    lp = sequence_logprobs(cfg, params, cat("tokens"), cat("segment_ids"), cat("loss_mask"), chunk)
+    return lp[:n], lp[n:]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    task: str = "pretrain"  # "pretrain" | "sft" | "dpo"
+    grad_accum: int = 1
+    loss_chunk: int = 2048  # tokens per chunk of vocabulary-wide logits
+    dpo_beta: float = 0.1
+    dpo_label_smoothing: float = 0.0
+    dpo_loss_type: str = "sigmoid"  # "sigmoid" | "ipo"
+
+
+def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransformation, schedule: Callable):
+    """Build step(state, batch, ref_params=None) -> (state, metrics).
+
+    DPO: the batch has chosen_*/rejected_* rows; the reference log-probs come from `ref_params` (a frozen copy) or,
+    when ref_params is None, from precomputed batch fields "ref_chosen_logp"/"ref_rejected_logp".
+    """
+
+    def micro_terms(params, micro, ref_params):
+        if sc.task in ("pretrain", "sft"):
+            loss_sum, count = lm_loss_terms(cfg, params, micro, sc.loss_chunk)
+            return loss_sum, (count, {})
+        if sc.task != "dpo":
+            raise ValueError(f"task {sc.task!r}: expected 'pretrain', 'sft' or 'dpo'")
+        chosen, rejected = dpo_logprobs(cfg, params, micro, sc.loss_chunk)
+        if ref_params is not None:
+            ref_c, ref_r = jax.lax.stop_gradient(dpo_logprobs(cfg, ref_params, micro, sc.loss_chunk))
+        else:
+            ref_c, ref_r = micro["ref_chosen_logp"], micro["ref_rejected_logp"]
+        losses, m = dpo_loss(chosen, rejected, ref_c, ref_r, sc.dpo_beta, sc.dpo_label_smoothing, sc.dpo_loss_type)
+        n = jnp.asarray(losses.shape[0], jnp.float32)
+        return jnp.sum(losses), (n, jax.tree.map(lambda v: v * n, m))  # metrics summed, divided below
+
+    grad_fn = jax.value_and_grad(micro_terms, has_aux=True)
+
+    def step(state: TrainState, batch: dict, ref_params=None):
+        params = state["params"]
+        micro_batches = _split_micro(batch, sc.grad_accum)
+
+        def body(carry, micro):
+            g_acc, l_acc, n_acc, m_acc = carry
+            (loss_sum, (n, m)), g = grad_fn(params, micro, ref_params)
+            g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+            return (g_acc, l_acc + loss_sum, n_acc + n, jax.tree.map(jnp.add, m_acc, m)), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        m0 = {}
+        if sc.task == "dpo":
+            m0 = {k: jnp.zeros((), jnp.float32) for k in ("reward_margin", "reward_accuracy", "chosen_reward",
+                                                          "rejected_reward")}
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), m0)
+        (grads, loss_sum, count, msum), _ = jax.lax.scan(body, init, micro_batches)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = loss_sum / denom
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        skipped, skipped_total = nonfinite_counts(opt_state)
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(state["step"]),
+            "tokens": count if sc.task != "dpo" else jnp.sum(batch["chosen_loss_mask"]) + jnp.sum(
+                batch["rejected_loss_mask"]),
+            "nonfinite_in_row": skipped,
+            "nonfinite_total": skipped_total,
+            **{k: v / denom for k, v in msum.items()},
+        }
+        return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}, metrics
+
+    return step
+
+
+def make_eval_step(cfg: ModelConfig, sc: StepConfig):
+    """eval(params, batch) -> (sum of token losses, token count) for pretrain/SFT rows."""
+
+    def evaluate(params, batch):
+        return lm_loss_terms(cfg, params, batch, sc.loss_chunk)
+
+    return evaluate
