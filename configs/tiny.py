@@ -1,0 +1,28 @@
+"""The CPU demo: a tiny model trained from scratch on the Python standard library (runs in a few minutes).
+
+A SentencePiece tokenizer (4096 ids, Qwen's special tokens included) is trained on the stdlib into the run
+directory first; the model's vocabulary follows it.
+"""
+from configs import base
+
+
+def get_config(stage: str = "file"):
+    c = base.get_config(stage)
+    c.model.preset = "tiny"
+    c.model.dtype = "float32"
+    c.model.remat = "none"
+    c.tokenizer = "spm:stdlib:4096"
+    c.steps = 300
+    c.batch_size = 8
+    c.seq_len = 256
+    c.loss_chunk = 1024
+    c.optimizer.lr = 3e-3
+    c.optimizer.warmup_steps = 30
+    c.optimizer.weight_decay = 0.01
+    c.mesh.fsdp = -1
+    c.log_every = 10
+    c.eval_every = 100
+    c.eval_steps = 4
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 2
+    return c

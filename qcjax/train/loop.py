@@ -1,0 +1,314 @@
+"""The training loop (the imperative shell): config -> mesh, state, data -> jitted steps -> metrics, checkpoints.
+
+One process per host: every process runs this same function; batches are built per process and assembled into
+global arrays; process 0 writes metrics. Resuming is automatic from the latest complete checkpoint in the run
+directory (an unreadable or half-written step is reported and the previous one is used).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
+
+from qcjax.config import ModelConfig, get_config
+from qcjax.model import abstract_params, init_params
+from qcjax.sharding import logical_to_spec, make_mesh, param_shardings
+from qcjax.train import metrics as mt
+from qcjax.train.step import OptimizerConfig, StepConfig, init_state, lr_schedule, make_eval_step, \
+    make_optimizer, make_train_step
+
+log = logging.getLogger("qcjax.train")
+
+
+class ConfigError(ValueError):
+    """A bad training config, reported before anything is compiled."""
+
+
+# ---- config -> model / optimizer / step configs ------------------------------------------------------------------
+def is_hf_dir(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "config.json"))
+
+
+def model_config(c: ConfigDict, vocab_hint: int | None = None) -> ModelConfig:
+    """The model config: from the init checkpoint when there is one, else the preset; then run-time fields."""
+    m = c.model
+    run = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl)
+    if c.init_from:
+        if is_hf_dir(c.init_from):
+            cfg = ModelConfig.from_hf_json(c.init_from)
+        else:
+            from qcjax.checkpoint import read_config
+
+            cfg = read_config(c.init_from)[0]
+        return cfg.replace(**run)
+    shape = {}
+    if m.num_layers:
+        shape["num_layers"] = m.num_layers
+    if m.vocab_size:
+        shape["vocab_size"] = m.vocab_size
+    elif vocab_hint and m.preset in ("tiny", "small"):
+        shape["vocab_size"] = -(-vocab_hint // 128) * 128
+    cfg = get_config(m.preset, **shape, **run)
+    if m.yarn_factor:
+        cfg = cfg.with_yarn(factor=m.yarn_factor)
+    return cfg
+
+
+def optimizer_config(c: ConfigDict) -> OptimizerConfig:
+    return OptimizerConfig(total_steps=c.steps, **c.optimizer.to_dict())
+
+
+def step_config(c: ConfigDict) -> StepConfig:
+    return StepConfig(task=c.task, grad_accum=c.grad_accum, loss_chunk=c.loss_chunk, dpo_beta=c.dpo.beta,
+                      dpo_label_smoothing=c.dpo.label_smoothing, dpo_loss_type=c.dpo.loss_type)
+
+
+def validate(c: ConfigDict, cfg: ModelConfig, n_processes: int = 1):
+    """Everything that can be wrong with a config, checked before compiling. Returns the mesh."""
+    if c.task not in ("pretrain", "sft", "dpo"):
+        raise ConfigError(f"task={c.task!r}: expected pretrain, sft or dpo")
+    if c.steps <= 0:
+        raise ConfigError(f"steps={c.steps}: must be positive")
+    try:
+        mesh = make_mesh({k: int(v) for k, v in c.mesh.items()})
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if c.grad_accum <= 0 or c.batch_size % c.grad_accum:
+        raise ConfigError(f"batch_size={c.batch_size} is not divisible by grad_accum={c.grad_accum}")
+    if (c.batch_size // c.grad_accum) % dp:
+        raise ConfigError(f"batch_size={c.batch_size} (per micro-batch {c.batch_size // c.grad_accum}) is not "
+                          f"divisible by the data-parallel size data x fsdp = {dp}")
+    if c.batch_size % n_processes:
+        raise ConfigError(f"batch_size={c.batch_size} is not divisible by the {n_processes} processes")
+    if c.seq_len > cfg.max_position_embeddings:
+        raise ConfigError(
+            f"seq_len={c.seq_len} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}"
+            + ("" if cfg.rope_scaling else "; set model.yarn_factor (e.g. 4.0) for longer contexts"))
+    if c.task == "dpo" and c.dpo.reference not in ("frozen", "precomputed"):
+        raise ConfigError(f"dpo.reference={c.dpo.reference!r}: expected frozen or precomputed")
+    if c.log_every <= 0 or c.checkpoint_every <= 0:
+        raise ConfigError("log_every and checkpoint_every must be positive")
+    return mesh
+
+
+# ---- shardings ----------------------------------------------------------------------------------------------------
+def opt_state_shardings(abstract_opt: Any, p_shard: Any, mesh) -> Any:
+    """Optimizer-state leaves that mirror a param (Adam's mu, nu) take its sharding; counters are replicated."""
+    by_path = {tuple(k.key for k in path): s for path, s in jax.tree_util.tree_leaves_with_path(p_shard)}
+
+    def leaf(path, x):
+        keys = tuple(getattr(k, "key", None) for k in path)
+        for i in range(len(keys)):
+            if None not in keys[i:] and keys[i:] in by_path:
+                return by_path[keys[i:]]
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract_opt)
+
+
+def batch_sharding(mesh, ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1), None, mesh))
+
+
+# ---- tokenizer and data ---------------------------------------------------------------------------------------------
+def setup_tokenizer(c: ConfigDict, workdir: str):
+    """The run's tokenizer; "spm:stdlib:VOCAB" trains a small SentencePiece model on the stdlib once per run
+    directory (process 0 trains, the others wait for the file)."""
+    from qcjax.tokenizer import load_tokenizer, train_spm
+
+    spec = c.tokenizer
+    if spec.startswith("spm:stdlib"):
+        vocab = int(spec.split(":")[2]) if spec.count(":") >= 2 else 4096
+        out = os.path.join(workdir, "tokenizer")
+        path = os.path.join(out, "spm.model")
+        if not os.path.exists(path):
+            if jax.process_index() == 0:
+                tmp = out + ".tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                train_spm(tmp, vocab_size=vocab, seed=c.seed)
+                os.replace(tmp, out)
+            else:
+                while not os.path.exists(path):
+                    time.sleep(0.5)
+        return load_tokenizer(path), path
+    if c.init_from and spec == "" and is_hf_dir(c.init_from):
+        spec = c.init_from
+    return load_tokenizer(spec), spec
+
+
+def make_iterator(c: ConfigDict, tok, seed: int, *, eval_split: bool = False):
+    """This process's share of the data: a Grain iterator of numpy batches [local_batch, seq_len]."""
+    from qcjax.data import pipeline
+    from qcjax.data.config import DataConfig
+
+    data_cfg = DataConfig.from_dict(c.data)
+    return pipeline.make_iterator(
+        c.task, data_cfg, tok, seq_len=c.seq_len, batch_size=c.batch_size // jax.process_count(), seed=seed,
+        process_index=jax.process_index(), process_count=jax.process_count(), split="eval" if eval_split else "train",
+    )
+
+
+def to_global(batch: dict, mesh) -> dict:
+    """Per-process numpy rows -> global jax arrays sharded over the data-parallel axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), np.asarray(v))
+            for k, v in batch.items()}
+
+
+# ---- the run --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunResult:
+    final_step: int
+    last_metrics: dict
+    resumed_from: int | None
+
+
+def _progress(total: int, initial: int):
+    if jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stdout, dynamic_ncols=True)
+
+
+def train(c: ConfigDict, workdir: str) -> RunResult:
+    """Run (or resume) training as configured, in `workdir` (checkpoints/, metrics.jsonl, tensorboard/)."""
+    from qcjax.checkpoint import Checkpointer
+
+    os.makedirs(workdir, exist_ok=True)
+    tok, tok_path = setup_tokenizer(c, workdir)
+    cfg = model_config(c, vocab_hint=tok.vocab_size)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"tokenizer {tok_path} has {tok.vocab_size} ids but the model only {cfg.vocab_size} rows")
+    mesh = validate(c, cfg, jax.process_count())
+    oc, sc = optimizer_config(c), step_config(c)
+    tx = make_optimizer(oc)
+    train_step = make_train_step(cfg, sc, tx, lr_schedule(oc))
+    eval_step = make_eval_step(cfg, sc)
+
+    with jax.set_mesh(mesh):
+        boxed = abstract_params(cfg)
+        p_shard = param_shardings(boxed, mesh)
+        abstract_p = nn.meta.unbox(boxed)
+        o_shard = opt_state_shardings(jax.eval_shape(tx.init, abstract_p), p_shard, mesh)
+        state_shard = {"step": NamedSharding(mesh, P()), "params": p_shard, "opt_state": o_shard}
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
+        train_it = make_iterator(c, tok, c.seed)
+
+        state, resumed = _resume(ckpt, abstract_p, p_shard, tx, o_shard, train_it)
+        ref_params = None
+        if state is None:
+            params = _initial_params(c, cfg, mesh, p_shard)
+            if c.task == "dpo" and c.dpo.reference == "frozen":
+                ref_params = jax.tree.map(jnp.copy, params)
+            state = jax.jit(lambda p: init_state(p, tx), out_shardings=state_shard)(params)
+        elif c.task == "dpo" and c.dpo.reference == "frozen":
+            ref_params = _initial_params(c, cfg, mesh, p_shard)
+
+        step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=(state_shard, None))
+        eval_fn = jax.jit(eval_step)
+        eval_it = make_iterator(c, tok, c.eval_data.holdout_seed, eval_split=True) if c.eval_every else None
+        writer = mt.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+        peak = mt.peak_flops(override=c.peak_flops_per_device)
+        n_dev = jax.device_count()
+        train_meta = {"train": c.to_dict(), "tokenizer": tok_path}
+
+        start = int(state["step"])
+        bar = _progress(c.steps, start)
+        last: dict = {}
+        window_t, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+        try:
+            for step in range(start, c.steps):
+                batch = to_global(next(train_it), mesh)
+                state, m = step_fn(state, batch, ref_params)
+                done = step + 1
+                window_steps += 1
+                if done % c.log_every == 0 or done == c.steps:
+                    m = jax.device_get(m)
+                    window_tokens += float(m["tokens"])
+                    dt = time.perf_counter() - window_t
+                    last = {k: float(v) for k, v in m.items()}
+                    last["step_time_s"] = dt / window_steps
+                    last["tokens_per_s"] = window_tokens / dt
+                    # tokens counted are loss targets; MFU uses all row tokens processed
+                    rows_per_s = c.batch_size * window_steps / dt
+                    last["mfu"] = mt.mfu(cfg, c.seq_len, rows_per_s * c.seq_len, n_dev, peak)
+                    writer.write(done, last)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                        tok_s=f"{last['tokens_per_s']:.0f}")
+                    if m["nonfinite_in_row"] >= c.max_nonfinite_in_row:
+                        raise FloatingPointError(
+                            f"{int(m['nonfinite_in_row'])} steps in a row had a non-finite loss or gradient (up to "
+                            f"step {done}); stopping. Lower the learning rate or check the data.")
+                    window_t, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+                if bar is not None:
+                    bar.update(1)
+                if c.eval_every and (done % c.eval_every == 0 or done == c.steps):
+                    ev = _evaluate(eval_fn, state["params"], eval_it, c.eval_steps, mesh)
+                    writer.write(done, ev, prefix="eval_")
+                    last.update({f"eval_{k}": v for k, v in ev.items()})
+                if done % c.checkpoint_every == 0 or done == c.steps:
+                    ckpt.save(done, state["params"], cfg, opt_state=state["opt_state"], data_iter=train_it,
+                              extra_config=train_meta, force=True)
+        finally:
+            if bar is not None:
+                bar.close()
+            ckpt.close()  # waits for the last async save
+            writer.close()
+    return RunResult(final_step=int(state["step"]), last_metrics=last, resumed_from=resumed)
+
+
+def _initial_params(c: ConfigDict, cfg: ModelConfig, mesh, p_shard):
+    if not c.init_from:
+        return jax.jit(lambda: init_params(cfg, jax.random.key(c.seed)), out_shardings=p_shard)()
+    if is_hf_dir(c.init_from):
+        from qcjax.hf import load_hf
+
+        return load_hf(c.init_from, dtype=cfg.param_dtype, mesh=mesh)[1]
+    from qcjax.checkpoint import restore_params
+
+    return restore_params(c.init_from, mesh=mesh, dtype=cfg.param_dtype)[1]
+
+
+def _resume(ckpt, abstract_p, p_shard, tx, o_shard, train_it):
+    """(state, step) from the newest readable checkpoint of the run, or (None, None) for a fresh run."""
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            target_p = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_p, p_shard)
+            abstract_o = jax.eval_shape(tx.init, abstract_p)
+            target_o = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_o,
+                                    o_shard)
+            out = ckpt.restore_train_state(step, params=target_p, opt_state=target_o, data_iter=train_it)
+        except Exception as e:  # noqa: BLE001 - any failure means this step cannot be trusted
+            log.warning("checkpoint step %d in %s is incomplete or unreadable (%s: %s); trying an earlier one",
+                        step, ckpt.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            print(f"[qcjax] checkpoint step {step} is incomplete or unreadable; falling back to an earlier one",
+                  file=sys.stderr)
+            continue
+        print(f"[qcjax] resuming from checkpoint step {step} in {ckpt.directory}", file=sys.stderr)
+        state = {"step": jnp.asarray(step, jnp.int32), "params": out["params"], "opt_state": out["opt_state"]}
+        return state, step
+    return None, None
+
+
+def _evaluate(eval_fn, params, it, n_batches: int, mesh) -> dict:
+    total, count = 0.0, 0.0
+    for _ in range(n_batches):
+        loss_sum, n = jax.device_get(eval_fn(params, to_global(next(it), mesh)))
+        total, count = total + float(loss_sum), count + float(n)
+    loss = total / max(count, 1.0)
+    return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "tokens": count}

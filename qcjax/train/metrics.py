@@ -1,0 +1,97 @@
+"""Training metrics: the FLOPs/MFU formula, and writers (JSONL + TensorBoard) used by the loop.
+
+FLOPs per trained token (the convention of the PaLM paper, appendix B; remat recomputation is not counted):
+    6 * N_matmul + 6 * L * H * D * (T + 1)
+N_matmul: parameters that take part in matmuls for each token (attention and MLP projections of every layer, plus
+the LM head; the embedding lookup is a gather, not a matmul). The second term is causal attention: QK^T and PV are
+each 2 * H * D FLOPs per (query, key) pair in the forward pass; a causal row of length T has T (T + 1) / 2 pairs, so
+(T + 1) / 2 keys per query on average; x3 for forward + backward. Packed rows are counted at full row length (an
+upper bound when segments are short: block-sparse kernels skip the cross-document blocks).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+
+from qcjax.config import ModelConfig
+
+# bf16 dense peak FLOP/s per device, by jax's device_kind.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5": 459e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+}
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    e, d, i = cfg.hidden_size, cfg.dim_per_head, cfg.intermediate_size
+    per_layer = e * cfg.num_heads * d + 2 * e * cfg.num_kv_heads * d + cfg.num_heads * d * e + 3 * e * i
+    return cfg.num_layers * per_layer + e * cfg.vocab_size
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    attention = 6 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * (seq_len + 1)
+    return 6 * matmul_params(cfg) + attention
+
+
+def peak_flops(device: Any = None, override: float | None = None) -> float | None:
+    """Peak FLOP/s of one device: the config's override, else the table; None when unknown (e.g. CPU)."""
+    if override:
+        return float(override)
+    device = device or jax.devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if kind.startswith(name):
+            return PEAK_FLOPS[name]
+    return None
+
+
+def mfu(cfg: ModelConfig, seq_len: int, tokens_per_s: float, n_devices: int, peak: float | None) -> float | None:
+    if not peak:
+        return None
+    return train_flops_per_token(cfg, seq_len) * tokens_per_s / (peak * n_devices)
+
+
+class MetricsWriter:
+    """metrics.jsonl (one object per logged step) and TensorBoard event files, written by process 0 only."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        for k, v in metrics.items():
+            if v is None:
+                continue
+            v = float(v)
+            row[prefix + k] = v
+            self._tb.add_scalar(prefix + k, v, int(step))
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
