@@ -59,3 +59,36 @@ def get_config(stage: str = "file") -> ConfigDict:
     c.max_nonfinite_in_row = 5  # stop the run after this many skipped (non-finite) steps in a row
     c.peak_flops_per_device = 0.0  # for MFU; 0 = look the device up (unknown on CPU: MFU not reported)
     return c
+
+
+# Stage defaults shared by the real sizes: (global rows per step, sequence length, peak lr, warmup steps).
+# file/repo: continued pretraining of a released checkpoint (2M tokens per step); sft/dpo: fine-tuning.
+STAGE_DEFAULTS = {
+    "file": dict(batch_size=256, seq_len=8192, lr=1e-5, warmup_steps=100),
+    "repo": dict(batch_size=64, seq_len=32768, lr=1e-5, warmup_steps=100),
+    "sft": dict(batch_size=128, seq_len=8192, lr=2e-5, warmup_steps=50),
+    "dpo": dict(batch_size=64, seq_len=4096, lr=5e-7, warmup_steps=20),
+}
+
+
+def size_config(preset: str, stage: str = "file", **overrides) -> ConfigDict:
+    """A real size at a stage of the recipe: starts from the released HF checkpoint (`--config.init_from=DIR`,
+    whose tokenizer.json is used), repo stage on repository samples, SFT on chat + FIM-instruct data, DPO pairs."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
+    c = get_config(stage)
+    c.model.preset = preset
+    c.tokenizer = ""  # "": the tokenizer.json of the init_from HF directory
+    d = {**STAGE_DEFAULTS[stage], **overrides}
+    c.batch_size, c.seq_len = d["batch_size"], d["seq_len"]
+    c.optimizer.lr, c.optimizer.warmup_steps = d["lr"], d["warmup_steps"]
+    c.optimizer.weight_decay = 0.0 if stage == "dpo" else 0.1
+    c.steps = {"file": 10000, "repo": 2000, "sft": 3000, "dpo": 1000}[stage]
+    if stage == "sft":
+        c.data = ConfigDict(dict(sources=[dict(kind="jsonl", path="data/sft/*.jsonl", format="chat", weight=9),
+                                          dict(kind="jsonl", path="data/fim_sft/*.jsonl", format="fim_instruct",
+                                               weight=1)]))
+    elif stage == "dpo":
+        c.data = ConfigDict(dict(sources=[dict(kind="jsonl", path="data/dpo/*.jsonl", format="dpo")]))
+        c.eval_every = 0
+    return c

@@ -144,7 +144,10 @@ def setup_tokenizer(c: ConfigDict, workdir: str):
                 while not os.path.exists(path):
                     time.sleep(0.5)
         return load_tokenizer(path), path
-    if c.init_from and spec == "" and is_hf_dir(c.init_from):
+    if spec == "":
+        if not (c.init_from and is_hf_dir(c.init_from)):
+            raise ConfigError("config.tokenizer is empty and init_from is not an HF directory with a tokenizer: "
+                              "set --config.tokenizer=PATH (tokenizer.json, a SentencePiece .model, or 'qwen')")
         spec = c.init_from
     return load_tokenizer(spec), spec
 
