@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
-ATTENTION_IMPLS = ("auto", "xla")  # the attention switch; kernels add names here (see qcjax/attention)
+ATTENTION_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu", "cudnn")  # the attention switch (see qcjax/attention)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,23 +1,52 @@
 """The attention switch: the one function the model calls for attention, whatever the backend.
 
-`impl` picks the implementation: "xla" is the reference (plain jnp, any platform); "auto" picks the best available
-one for the platform (the XLA reference until Pallas kernels are registered here).
+Implementations (`impl`, also `ModelConfig.attention_impl`):
+- "xla": the reference (plain jnp, any platform; qcjax.attention.xla).
+- "pallas_tpu": training: jax's splash attention (qcjax.attention.tpu); cache decode: our Mosaic kernel.
+- "pallas_gpu": training: our Triton flash attention (qcjax.attention.gpu); cache decode: our Triton kernel.
+- "cudnn": training: cuDNN flash attention through jax.nn.dot_product_attention (packed segments become a dense
+  [batch, 1, q_len, kv_len] mask, so prefer "pallas_gpu" for packed rows); cache decode: our Triton kernel.
+- "auto": "pallas_tpu" on TPU, "pallas_gpu" on GPU, "xla" on CPU. cuDNN is not auto-picked: it has not been
+  measured faster here (bench/attention.py measures both; see bench/RESULTS.md).
+
+The call is training/prefill ("self": q_len == kv_len; q_offset must then be 0) or cache decode (q_len < kv_len:
+the new tokens against the whole cache). The target platform is the current mesh's (`jax.set_mesh`, which is how
+ahead-of-time TPU compiles on a CPU host see a TPU), else the default backend's. On CPU the Pallas impls run in
+interpret mode (slow; for tests). Pallas kernels run under `jax.shard_map` over the mesh (qcjax.attention.sharded).
 """
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from qcjax.attention import decode, gpu, tpu
+from qcjax.attention.sharded import shard_kernel
 from qcjax.attention.xla import attention_mask, xla_attention
+from qcjax.config import ATTENTION_IMPLS
 
-IMPLS = ("auto", "xla")
+IMPLS = ATTENTION_IMPLS  # ("auto", "xla", "pallas_tpu", "pallas_gpu", "cudnn"): the names live in the config schema
+_AUTO = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}
+_NEEDS = {"pallas_tpu": ("tpu",), "pallas_gpu": ("gpu", "cuda", "rocm"), "cudnn": ("gpu", "cuda")}
 
 
-def resolve_impl(impl: str) -> str:
+def target_device() -> tuple[str, str]:
+    """(platform, device_kind) the attention is compiled for: the current mesh's devices, else the default's."""
+    dev = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    if dev is not None:
+        return dev.platform, dev.device_kind
+    d = jax.devices()[0]
+    return d.platform, d.device_kind
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """The concrete implementation `impl` names on `platform` (default: the target platform)."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} unknown; choose one of {IMPLS}")
     if impl == "auto":
-        return "xla"
+        return _AUTO.get(platform or target_device()[0], "xla")
     return impl
 
 
@@ -31,12 +60,46 @@ def attend(
     *,
     scale: float,
     impl: str = "auto",
+    block_sizes: Any = None,  # training kernel tiles: tpu.BlockSizes / gpu.BlockSizes; None: per-chip default
+    decode_block_sizes: decode.BlockSizes | None = None,  # cache kernel tiles; None: per-chip default
+    interpret: bool | None = None,  # Pallas interpret mode; None: on CPU only
 ) -> jnp.ndarray:  # [batch, q_len, heads, head_dim]
     """Causal grouped-query attention within segments: query i sees keys j <= q_offset + i of its own segment."""
-    impl = resolve_impl(impl)
+    platform, kind = target_device()
+    impl = resolve_impl(impl, platform)
     if q_offset is None:
         q_offset = jnp.zeros((q.shape[0],), jnp.int32)
-    return xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale=scale)
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
+    if impl == "xla":
+        return xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale=scale)
+    interpret = platform == "cpu" if interpret is None else interpret
+    if not interpret and platform not in _NEEDS[impl]:
+        raise ValueError(f"attention impl {impl!r} needs a {'/'.join(_NEEDS[impl])} device; the target is {platform}")
+    on_tpu = impl == "pallas_tpu"
+
+    if q.shape[1] != k.shape[1]:  # cache decode: the new tokens against the whole cache
+        bs = decode_block_sizes or decode.default_block_sizes("TPU" if on_tpu else kind)
+        fn = decode.tpu_cache_attention if on_tpu else decode.gpu_cache_attention
+        kernel = functools.partial(fn, scale=scale, block_sizes=bs, interpret=interpret)
+    elif impl == "cudnn":
+        if interpret:
+            raise ValueError("attention impl 'cudnn' has no interpret mode; it needs a CUDA GPU")
+        kernel = functools.partial(_cudnn, scale=scale)
+    elif on_tpu:
+        bs = block_sizes or tpu.default_block_sizes(kind)
+        kernel = functools.partial(tpu.splash_attention, scale=scale, block_sizes=bs, interpret=interpret)
+    else:
+        bs = block_sizes or gpu.default_block_sizes(kind)
+        kernel = functools.partial(gpu.flash_attention, scale=scale, block_sizes=bs, interpret=interpret)
+    return shard_kernel(kernel, q, k, v, q_segment_ids, kv_segment_ids, q_offset)
 
 
-__all__ = ["attend", "attention_mask", "resolve_impl", "IMPLS"]
+def _cudnn(q, k, v, q_segment_ids, kv_segment_ids, q_offset, *, scale: float) -> jax.Array:
+    """cuDNN flash attention (causal, q_offset 0); segment ids as a dense boolean mask."""
+    del q_offset
+    mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]  # [b, 1, t, s]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation="cudnn")
+
+
+__all__ = ["attend", "attention_mask", "resolve_impl", "target_device", "IMPLS"]
