@@ -115,6 +115,15 @@ def _check_names(cfg: ModelConfig, names: set[str]) -> None:
         raise ValueError(f"checkpoint has {len(extra)} unexpected tensor(s): {extra[:8]}{' ...' if len(extra) > 8 else ''}")
 
 
+def empty_aligned(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
+    """np.empty aligned to 64 bytes: a CPU jax.device_put then aliases the buffer instead of copying it."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = np.empty(nbytes + align, np.uint8)
+    start = -buf.ctypes.data % align
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def iter_hf_params(
     cfg: ModelConfig,
     get_tensor: Callable[[str], np.ndarray],
@@ -130,16 +139,14 @@ def iter_hf_params(
     _check_names(cfg, names)
     for row in mapping(cfg):
         spec = _get_path(abstract, row[1])
-        dtype = np.dtype(spec.dtype)
+        out = empty_aligned(spec.shape, spec.dtype)  # [layers, ...] for layer params
         if row[0].startswith("model.layers."):
-            layer_shape = tuple(spec.shape[1:])
-            out = np.empty(spec.shape, dtype)  # [layers, ...]
             for i, name in enumerate(hf_names(cfg, row)):
-                out[i] = to_ours(get_tensor(name), layer_shape, row[2], name)  # casts to dtype
+                out[i] = to_ours(get_tensor(name), tuple(spec.shape[1:]), row[2], name)  # casts to the dtype
                 if release is not None:
                     release(name)
         else:
-            out = to_ours(get_tensor(row[0]), tuple(spec.shape), row[2], row[0]).astype(dtype)
+            out[...] = to_ours(get_tensor(row[0]), tuple(spec.shape), row[2], row[0])
             if release is not None:
                 release(row[0])
         yield row[1], out
@@ -344,6 +351,7 @@ def write_safetensors_shards(
                     if got_name != name or tuple(x.shape) != tuple(shape):
                         raise ValueError(f"tensor {got_name!r} {tuple(x.shape)} arrived where {name!r} {shape} was planned")
                     f.write(np.ascontiguousarray(x.astype(dtype, copy=False)).data)
+                    del x  # a view into a whole stacked param: let it go before the next one is read
                     weight_map[name] = fname
                     bar.update(math.prod(shape) * dtype.itemsize)
     if next(it, None) is not None:

@@ -1,0 +1,201 @@
+"""Convert Qwen2.5-Coder weights between Hugging Face directories and qcjax Orbax checkpoints, streaming.
+
+    python -m qcjax.convert hf-to-orbax --hf_dir DIR --out CKPT [--dtype bfloat16]
+    python -m qcjax.convert orbax-to-hf --ckpt CKPT --out DIR [--dtype bfloat16] [--tokenizer_dir DIR]
+
+Both directions hold one param (one stacked layer tensor) in memory at a time, and write into a temporary sibling
+directory that is renamed into place only when complete. The library functions are `hf_to_orbax` and `orbax_to_hf`;
+to start training or inference from either format without converting, use `qcjax.load_hf(dir, mesh=...)` or
+`qcjax.checkpoint.restore_params(ckpt, mesh=...)`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Any, Iterator, Sequence
+
+from qcjax.config import ModelConfig, get_config
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def hf_to_orbax(
+    hf_dir: str,
+    ckpt_dir: str,
+    *,
+    dtype: str | None = None,
+    mesh: Any = None,
+    expect: ModelConfig | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> ModelConfig:
+    """HF directory -> a qcjax checkpoint (step 0: params + config). Returns the model config.
+
+    dtype: param dtype (default float32, the training master-weight dtype). mesh: each param is put straight into
+    its sharding on this mesh before it is saved (default: all devices on the fsdp axis). expect: the config the
+    HF files must match. ckpt_dir must be absent or empty unless overwrite.
+    """
+    import jax
+    from flax import linen as nn
+    from tqdm import tqdm
+
+    from qcjax import checkpoint, hf
+    from qcjax.model import abstract_params
+    from qcjax.sharding import make_mesh, param_shardings
+
+    cfg = ModelConfig.from_hf_json(hf_dir, **({"param_dtype": dtype} if dtype else {}))
+    if expect is not None:
+        hf.check_same_model(cfg, expect, os.path.join(hf_dir, "config.json"))
+    reader = hf.SafetensorsReader(hf_dir)
+    boxed = abstract_params(cfg)
+    shardings = param_shardings(boxed, mesh if mesh is not None else make_mesh())
+    rows = hf.mapping(cfg)
+
+    def placed() -> Iterator[tuple[tuple[str, ...], jax.Array]]:
+        it = hf.iter_hf_params(cfg, reader.get, reader.names(), nn.meta.unbox(boxed), reader.release)
+        for path, x in tqdm(it, total=len(rows), unit="param", desc="hf-to-orbax", disable=not progress):
+            y = jax.device_put(x, hf._get_path(shardings, path))
+            del x
+            yield path, y
+            del y
+
+    source = {"source": {"format": "huggingface", "hf_dir": os.path.abspath(hf_dir)}}
+    with hf.atomic_dir(ckpt_dir, overwrite) as tmp:
+        checkpoint.save_params_streaming(tmp, cfg, placed(), step=0, extra_config=source)
+    return cfg
+
+
+def orbax_to_hf(
+    ckpt_dir: str,
+    out_dir: str,
+    *,
+    step: int | None = None,
+    dtype: str | None = None,
+    tokenizer_dir: str | None = None,
+    max_shard_size: int = 5 * 10**9,
+    torch_bin: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> ModelConfig:
+    """A qcjax checkpoint (converted or full training state; default latest step) -> an HF directory that
+    `transformers.AutoModelForCausalLM.from_pretrained` loads. Returns the model config.
+
+    dtype: tensor dtype of the output (default: the checkpoint's param dtype).
+    """
+    from qcjax import checkpoint, hf
+
+    reader = checkpoint.ParamsReader(ckpt_dir, step)
+    cfg = reader.config
+    hf.write_hf_dir(out_dir, cfg, reader, dtype=dtype, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir,
+                    torch_bin=torch_bin, overwrite=overwrite, progress=progress)
+    return cfg
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------------------
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+          "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000 (KB/MB/GB are powers of 10 as in transformers; KiB/MiB/GiB powers of 2)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 1000000")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return size
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'fsdp=4,tensor=2' -> {"fsdp": 4, "tensor": 2}."""
+    try:
+        return {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a mesh like fsdp=4,tensor=2") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m qcjax.convert",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="{hf-to-orbax,orbax-to-hf}")
+
+    a = sub.add_parser(
+        "hf-to-orbax",
+        help="HF directory (config.json + safetensors) -> qcjax Orbax checkpoint",
+        description="Read an HF Qwen2ForCausalLM directory (model.safetensors, or model-0000k-of-0000n.safetensors "
+        "with model.safetensors.index.json; tied checkpoints without lm_head.weight are fine) and write a qcjax "
+        "checkpoint: step 0 with the params in the scanned layout and the model config in its metadata, the same "
+        "layout training saves, so training, inference and orbax-to-hf need no other file.",
+    )
+    a.add_argument("--hf_dir", required=True, help="HF model directory with config.json and *.safetensors")
+    a.add_argument("--out", required=True, help="checkpoint directory to create (must be absent or empty)")
+    a.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="param dtype stored in the checkpoint (default float32, the training master weights; "
+                   "bfloat16 halves the size and is exact for bf16 hub checkpoints)")
+    a.add_argument("--model", default=None,
+                   help="a preset name (0.5b ... 32b); refuse unless config.json describes this model")
+    a.add_argument("--mesh", type=parse_mesh, default=None,
+                   help="mesh to place params on before saving, e.g. fsdp=8 or fsdp=4,tensor=2 "
+                   "(default: every device on fsdp)")
+
+    b = sub.add_parser(
+        "orbax-to-hf",
+        help="qcjax Orbax checkpoint (converted or training) -> HF directory transformers can load",
+        description="Read the params (and model config) of a qcjax checkpoint, converted or a full training "
+        "checkpoint, and write an HF directory: config.json (Qwen2ForCausalLM, every rope/YaRN field, "
+        "tie_word_embeddings), generation_config.json, safetensors shards with model.safetensors.index.json, "
+        "tokenizer files if given, and optionally pytorch_model*.bin.",
+    )
+    b.add_argument("--ckpt", required=True, help="qcjax checkpoint directory")
+    b.add_argument("--out", required=True, help="HF directory to create (must be absent or empty)")
+    b.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    b.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="tensor dtype of the output (default: the checkpoint's param dtype)")
+    b.add_argument("--tokenizer_dir", default=None,
+                   help="copy tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, ... from here "
+                   "(e.g. the original HF directory; its generation_config.json, with the instruct models' "
+                   "<|im_end|> stop id, replaces the default one)")
+    b.add_argument("--max_shard_size", type=parse_size, default=5 * 10**9,
+                   help="largest safetensors shard, e.g. 5GB (default), 500MB, 2GiB")
+    b.add_argument("--torch_bin", action="store_true",
+                   help="also write pytorch_model*.bin (a PyTorch state dict per shard; needs torch)")
+
+    for q in (a, b):
+        q.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+        q.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = not args.no_progress
+    try:
+        if args.command == "hf-to-orbax":
+            mesh = None
+            if args.mesh is not None:
+                from qcjax.sharding import make_mesh
+
+                mesh = make_mesh(args.mesh)
+            expect = get_config(args.model) if args.model else None
+            cfg = hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype, mesh=mesh, expect=expect,
+                              overwrite=args.overwrite, progress=progress)
+        else:
+            cfg = orbax_to_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
+                              max_shard_size=args.max_shard_size, torch_bin=args.torch_bin,
+                              overwrite=args.overwrite, progress=progress)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"qcjax.convert {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {os.path.abspath(args.out)} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+          f"vocab {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
