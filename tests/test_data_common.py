@@ -108,3 +108,31 @@ def segments(batch: dict, prefix: str = "") -> list[tuple[np.ndarray, np.ndarray
             sel = s == k
             out.append((batch[prefix + "tokens"][b][sel], batch[prefix + "loss_mask"][b][sel]))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_tfds_builder():
+    """A TFDS builder class (registered once per process under the name "tiny_code")."""
+    import tensorflow_datasets as tfds
+
+    class TinyCode(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                {"text": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(12):
+                yield i, {"text": f"def f{i}():\n    return {i}\n"}
+
+    return TinyCode
+
+
+def build_tiny_tfds(root) -> str:
+    """A 12-record TFDS dataset "tiny_code" written as array_record under root; returns the data_dir."""
+    _tiny_tfds_builder()(data_dir=str(root), file_format="array_record").download_and_prepare()
+    return str(root)

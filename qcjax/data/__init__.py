@@ -7,8 +7,8 @@
 See docs/data.md for the formats, the config fields and the loss-mask convention.
 """
 from qcjax.data.config import DataConfig, SourceConfig
-from qcjax.data.pipeline import (ROW_KEYS, iterator_stats, make_dataset, make_dpo_iterator, make_pretrain_iterator,
-                                 make_sft_iterator)
+from qcjax.data.pipeline import (ROW_KEYS, iterator_stats, make_dataset, make_dpo_iterator, make_iterator,
+                                 make_pretrain_iterator, make_sft_iterator)
 
-__all__ = ["DataConfig", "SourceConfig", "ROW_KEYS", "iterator_stats", "make_dataset", "make_pretrain_iterator",
-           "make_sft_iterator", "make_dpo_iterator"]
+__all__ = ["DataConfig", "SourceConfig", "ROW_KEYS", "iterator_stats", "make_dataset", "make_iterator",
+           "make_pretrain_iterator", "make_sft_iterator", "make_dpo_iterator"]

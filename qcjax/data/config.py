@@ -72,12 +72,15 @@ class DataConfig:
       loses the files that do not fit ("cut"; counted). repo_budget: tokens per repo sample (None = seq_len).
     system_prompt: system turn inserted into chat samples that have none (Qwen's default; None = never).
     dpo_style: "chatml" (prompt as a user turn, completion as the assistant turn) or "raw" (prompt + completion
-      + <|endoftext|>).
+      + <|endoftext|>). dpo_ref_logps: records carry precomputed reference log-probs "ref_chosen_logp" and
+      "ref_rejected_logp"; batches then hold them as [B] float32 (the trainer's dpo.reference="precomputed").
     overlong: documents longer than a row are "split" into row-sized pieces, "truncate"d, or "skip"ped; all
       counted. None = task default (pretrain "split", SFT "truncate", DPO "truncate"; DPO cannot split).
     pack_bins: rows packed at once by first fit (0 = max(8, batch_size)).
     shuffle: shuffle each source (per epoch, by seed). num_epochs: None = repeat forever.
     on_bad_record: "skip" (count and log) or "fail" (raise, naming the file and field).
+    eval_fraction: fraction of every source held out as the "eval" split (a fixed random subset, the same for
+      every seed; at least one record when > 0; 0 = no eval split).
     read_threads / prefetch: per-source reading threads and buffer; num_workers: Grain worker processes (0 =
       in-process).
     """
@@ -93,11 +96,13 @@ class DataConfig:
     repo_budget: int | None = None
     system_prompt: str | None = QWEN_DEFAULT_SYSTEM
     dpo_style: str = "chatml"
+    dpo_ref_logps: bool = False
     overlong: str | None = None
     pack_bins: int = 0
     shuffle: bool = True
     num_epochs: int | None = None
     on_bad_record: str = "skip"
+    eval_fraction: float = 0.01
     read_threads: int = 2
     prefetch: int = 64
     num_workers: int = 0
@@ -145,7 +150,7 @@ class DataConfig:
             _choice("overlong", self.overlong, ("split", "truncate", "skip"))
         if task == "dpo" and self.overlong == "split":
             raise ValueError("overlong='split' is not possible for DPO pairs: use 'truncate' or 'skip'")
-        for name in ("fim_rate", "fim_spm_rate", "repo_fim_rate"):
+        for name in ("fim_rate", "fim_spm_rate", "repo_fim_rate", "eval_fraction"):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {v}")

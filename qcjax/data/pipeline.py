@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
@@ -38,6 +38,7 @@ log = logging.getLogger("qcjax.data")
 LOSS_MASK_DTYPE = np.float32
 ROW_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 _TASK_OVERLONG = {"pretrain": "split", "sft": "truncate", "dpo": "truncate"}
+DPO_REF_KEYS = ("ref_chosen_logp", "ref_rejected_logp")  # precomputed reference log-probs (dpo_ref_logps)
 _MAX_EMPTY_RUN = 10_000  # consecutive records giving no tokens before the pipeline gives up (all-bad source)
 
 
@@ -113,14 +114,16 @@ class FormatRecord(grain.transforms.RandomMap):
         try:
             if BAD in rec:
                 raise RecordError(rec[BAD])
-            docs, dropped = self._docs(rec, rng)
+            docs, dropped, *meta = self._docs(rec, rng)
         except RecordError as e:
             if self.cfg.on_bad_record == "fail":
                 raise RecordError(f"data source {self.src.label}: {e}") from None
             return {"docs": [], "bad": f"{self.src.label}: {e}", "dropped_files": 0, "skipped_files": 0}
-        return {"docs": docs, "bad": None, "dropped_files": dropped, "skipped_files": int(rec.get("skipped_files", 0))}
+        return {"docs": docs, "meta": meta[0] if meta else None, "bad": None, "dropped_files": dropped,
+                "skipped_files": int(rec.get("skipped_files", 0))}
 
-    def _docs(self, rec: dict, rng: np.random.Generator) -> tuple[list[tuple[Doc, ...]], int]:
+    def _docs(self, rec: dict, rng: np.random.Generator) -> tuple:
+        """(docs, files left out[, per-doc meta])."""
         cfg, fmt, tok = self.cfg, self.src.format, self.tok
         if fmt == "text":
             text = _field(rec, self.src.text_field)
@@ -166,6 +169,9 @@ class FormatRecord(grain.transforms.RandomMap):
             system = cfg.system_prompt if cfg.dpo_style == "chatml" else None
             pair = tuple(encode_parts(tok, dpo_parts(prompt, _completion(rec, k), cfg.dpo_style, system))
                          for k in ("chosen", "rejected"))
+            if cfg.dpo_ref_logps:
+                meta = {k: float(_field(rec, k, (int, float))) for k in DPO_REF_KEYS}
+                return [pair], 0, [meta]
             return [pair], 0
         raise ValueError(f"unknown format {fmt!r}")
 
@@ -236,23 +242,33 @@ class MixIterDataset(grain.IterDataset):
 # and the piece starts the next group. State = where the current group started (+ rows already emitted): a restore
 # rebuilds the group deterministically. Counters restore exactly too.
 
+class Piece(NamedTuple):
+    """What the packer places: one Doc per stream (1, or 2 for DPO pairs) and per-row scalars (DPO reference
+    log-probs) that ride along when rows hold one piece."""
+
+    docs: tuple[Doc, ...]
+    meta: dict | None = None
+
+
 ELEM_STATS = ("records", "bad_records", "docs", "tokens_in", "docs_split", "docs_truncated", "tokens_truncated",
               "docs_skipped", "tokens_skipped", "dropped_files", "skipped_files")
 ROW_STATS = ("rows", "tokens_out", "pad_tokens", "segments")
 
 
 class _PackIterator(grain.DatasetIterator):
-    def __init__(self, parent, seq_len: int, num_bins: int, overlong: str, streams: Sequence[str], pad_id: int):
+    def __init__(self, parent, seq_len: int, num_bins: int, overlong: str, streams: Sequence[str], pad_id: int,
+                 max_segments: int, meta_keys: Sequence[str]):
         super().__init__(parent)
         self._T, self._num_bins, self._overlong = seq_len, num_bins, overlong
         self._streams, self._pad = tuple(streams), pad_id
+        self._max_segments, self._meta_keys = max_segments, tuple(meta_keys)
         self._elem = dict.fromkeys(ELEM_STATS, 0)
         self._rowstat = dict.fromkeys(ROW_STATS, 0)
         self._reset()
         self._start = self._position()
 
     def _reset(self) -> None:
-        self._pieces: list[tuple[Doc, ...]] = []  # pieces of the element being consumed
+        self._pieces: list[Piece] = []  # pieces of the element being consumed
         self._pi = 0  # next piece to place
         self._elem_state = None  # parent state before that element
         self._elem_before = dict(self._elem)  # element counters before that element was counted
@@ -262,7 +278,7 @@ class _PackIterator(grain.DatasetIterator):
         self._bad_seen = 0
 
     # -- element -> pieces (counted once per element read) --------------------------------------------------
-    def _pieces_of(self, elem: dict) -> list[tuple[Doc, ...]]:
+    def _pieces_of(self, elem: dict) -> list[Piece]:
         st, T = self._elem, self._T
         st["records"] += 1
         st["dropped_files"] += elem.get("dropped_files", 0)
@@ -272,25 +288,26 @@ class _PackIterator(grain.DatasetIterator):
             if st["bad_records"] <= 10 or st["bad_records"] % 1000 == 0:
                 log.warning("skipped bad record #%d: %s", st["bad_records"], elem["bad"])
         out = []
-        for docs in elem["docs"]:
+        metas = elem.get("meta") or [None] * len(elem["docs"])
+        for docs, meta in zip(elem["docs"], metas):
             lens = [len(d.tokens) for d in docs]
             st["docs"] += 1
             st["tokens_in"] += sum(lens)
             if max(lens) <= T:
-                out.append(docs)
+                out.append(Piece(docs, meta))
             elif self._overlong == "split":
                 st["docs_split"] += 1
-                out += [(piece,) for piece in split_doc(docs[0], T)]
+                out += [Piece((piece,), meta) for piece in split_doc(docs[0], T)]
             elif self._overlong == "truncate":
                 st["docs_truncated"] += 1
                 st["tokens_truncated"] += sum(max(n - T, 0) for n in lens)
-                out.append(tuple(truncate_doc(d, T) for d in docs))
+                out.append(Piece(tuple(truncate_doc(d, T) for d in docs), meta))
             else:
                 st["docs_skipped"] += 1
                 st["tokens_skipped"] += sum(lens)
         return out
 
-    def _peek(self) -> tuple[Doc, ...] | None:
+    def _peek(self) -> Piece | None:
         empty = 0
         while self._pi >= len(self._pieces):
             if self._exhausted:
@@ -318,12 +335,12 @@ class _PackIterator(grain.DatasetIterator):
     def _fill(self) -> None:
         self._start = self._position()
         ns, T = len(self._streams), self._T
-        bins: list[list[tuple[Doc, ...]]] = []
+        bins: list[list[Piece]] = []
         free: list[list[int]] = []
         while (piece := self._peek()) is not None:
-            lens = [len(d.tokens) for d in piece]
+            lens = [len(d.tokens) for d in piece.docs]
             for b, f in enumerate(free):
-                if all(x >= n for x, n in zip(f, lens)):
+                if len(bins[b]) < self._max_segments and all(x >= n for x, n in zip(f, lens)):
                     break
             else:
                 if len(bins) == self._num_bins:
@@ -339,8 +356,10 @@ class _PackIterator(grain.DatasetIterator):
         self._rows = [self._row(b) for b in bins]
         self._ri = 0
 
-    def _row(self, pieces: list[tuple[Doc, ...]]) -> dict[str, np.ndarray]:
+    def _row(self, pieces: list[Piece]) -> dict[str, np.ndarray]:
         T, out = self._T, {}
+        for k in self._meta_keys:  # per-row scalars (rows of one piece)
+            out[k] = np.asarray(pieces[0].meta[k], np.float32)
         for s, prefix in enumerate(self._streams):
             tokens = np.full(T, self._pad, np.int32)  # [T]
             positions = np.zeros(T, np.int32)  # [T]
@@ -348,7 +367,7 @@ class _PackIterator(grain.DatasetIterator):
             mask = np.zeros(T, LOSS_MASK_DTYPE)  # [T]
             at = 0
             for k, piece in enumerate(pieces, 1):
-                d = piece[s]
+                d = piece.docs[s]
                 n = len(d.tokens)
                 tokens[at:at + n] = d.tokens
                 positions[at:at + n] = np.arange(n, dtype=np.int32)
@@ -402,13 +421,17 @@ class PackIterDataset(grain.IterDataset):
     streams=("",) gives tokens/positions/segment_ids/loss_mask; ("chosen_", "rejected_") packs DPO pairs."""
 
     def __init__(self, parent: grain.IterDataset, seq_len: int, num_bins: int, overlong: str,
-                 streams: Sequence[str] = ("",), pad_id: int = 0):
+                 streams: Sequence[str] = ("",), pad_id: int = 0, max_segments: int | None = None,
+                 meta_keys: Sequence[str] = ()):
         super().__init__(parent)
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
         if overlong == "split" and len(streams) > 1:
             raise ValueError("overlong='split' cannot keep pairs together: use 'truncate' or 'skip'")
-        self._args = (seq_len, max(1, num_bins), overlong, tuple(streams), pad_id)
+        if meta_keys and max_segments != 1:
+            raise ValueError("per-row values (meta_keys) need rows of one piece (max_segments=1)")
+        self._args = (seq_len, max(1, num_bins), overlong, tuple(streams), pad_id, max_segments or seq_len,
+                      tuple(meta_keys))
 
     def __iter__(self):
         return _PackIterator(self._parent.__iter__(), *self._args)
@@ -459,11 +482,29 @@ def _require_tokens(cfg: DataConfig, tok: Tokenizer, task: str) -> None:
             tok.require(CHAT_TOKENS, f"ChatML samples (source {s.label})")
 
 
+def _holdout(ds: grain.MapDataset, fraction: float, split: str, label: str) -> grain.MapDataset:
+    """A fixed (seed-independent) random `fraction` of a source's records is the eval split; the rest is train."""
+    n = len(ds)
+    m = 0 if fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * fraction)))
+    if split == "train":
+        return ds if m == 0 else ds.shuffle(seed=_HOLDOUT_SEED)[m:]
+    if m == 0:
+        raise ValueError(f"data source {label}: no eval split: {n} record(s) with eval_fraction={fraction} "
+                         f"(set data.eval_fraction > 0; a source needs at least 2 records)")
+    return ds.shuffle(seed=_HOLDOUT_SEED)[:m]
+
+
+_HOLDOUT_SEED = 20240912
+
+
 def make_dataset(task: str, cfg: DataConfig, tok: Tokenizer, seq_len: int, batch_size: int, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """The batched Grain dataset for task "pretrain", "sft" or "dpo" (see the make_*_iterator functions)."""
+                 process_index: int = 0, process_count: int = 1, split: str = "train") -> grain.IterDataset:
+    """The batched Grain dataset for task "pretrain", "sft" or "dpo" (see the make_*_iterator functions).
+    split "train" or "eval" (a held-out eval_fraction of every source, fixed across seeds)."""
     if task not in _TASK_OVERLONG:
         raise ValueError(f"task must be pretrain, sft or dpo, got {task!r}")
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     cfg.validate(task)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -474,9 +515,11 @@ def make_dataset(task: str, cfg: DataConfig, tok: Tokenizer, seq_len: int, batch
     parts = []
     for i, s in enumerate(cfg.sources):
         src = make_source(s)
-        ds = grain.MapDataset.source(src)[process_index::process_count]
+        ds = _holdout(grain.MapDataset.source(src), cfg.eval_fraction, split, s.label)
+        n = len(ds)
+        ds = ds[process_index::process_count]
         if len(ds) == 0:
-            raise ValueError(f"data source {s.label}: its {len(src)} records cannot be shared by {process_count} "
+            raise ValueError(f"data source {s.label}: its {n} {split} records cannot be shared by {process_count} "
                              f"processes (process {process_index} gets none)")
         if cfg.shuffle:
             ds = ds.shuffle(seed=_seed(seed, i, 1) % 2**32)
@@ -485,13 +528,21 @@ def make_dataset(task: str, cfg: DataConfig, tok: Tokenizer, seq_len: int, batch
         parts.append(ds.to_iter_dataset(read))
     ds = MixIterDataset(parts, [s.weight for s in cfg.sources], cfg.mix_by == "tokens",
                         [s.label for s in cfg.sources])
-    streams = ("chosen_", "rejected_") if task == "dpo" else ("",)
+    # DPO: one pair per row (the trainer sums each row's completion log-probs into one pair's score).
+    dpo = task == "dpo"
     ds = PackIterDataset(ds, seq_len, cfg.pack_bins or max(8, batch_size), cfg.overlong or _TASK_OVERLONG[task],
-                         streams, tok.pad_id)
+                         ("chosen_", "rejected_") if dpo else ("",), tok.pad_id, max_segments=1 if dpo else None,
+                         meta_keys=DPO_REF_KEYS if dpo and cfg.dpo_ref_logps else ())
     ds = ds.batch(batch_size, drop_remainder=False).map(_PadBatch(batch_size, tok.pad_id))
     if cfg.num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     return ds
+
+
+def make_iterator(task: str, cfg: DataConfig, tok: Tokenizer, seq_len: int, batch_size: int, seed: int = 0,
+                  process_index: int = 0, process_count: int = 1, split: str = "train") -> grain.DatasetIterator:
+    """This process's batches for `task` ("pretrain" | "sft" | "dpo"); see the task functions below."""
+    return iter(make_dataset(task, cfg, tok, seq_len, batch_size, seed, process_index, process_count, split))
 
 
 def make_pretrain_iterator(cfg: DataConfig, tok: Tokenizer, seq_len: int, batch_size: int, seed: int = 0,
@@ -511,7 +562,8 @@ def make_sft_iterator(cfg: DataConfig, tok: Tokenizer, seq_len: int, batch_size:
 def make_dpo_iterator(cfg: DataConfig, tok: Tokenizer, seq_len: int, batch_size: int, seed: int = 0,
                       process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
     """Batches of preference pairs: chosen_{tokens,positions,segment_ids,loss_mask} and rejected_{...}, each
-    [B, T]; pair k of row b has segment id k in both; loss_mask covers only the completion tokens."""
+    [B, T], one pair per row (segment id 1; padding rows of a final partial batch are all 0); loss_mask covers
+    only the completion tokens. With data.dpo_ref_logps, also ref_chosen_logp / ref_rejected_logp [B] float32."""
     return iter(make_dataset("dpo", cfg, tok, seq_len, batch_size, seed, process_index, process_count))
 
 
