@@ -83,10 +83,12 @@ def fit_blocks(bs: BlockSizes, length: int) -> tuple[BlockSizes, int]:
 
 @functools.lru_cache(maxsize=64)
 def _kernel(length: int, groups: int, bs: BlockSizes, interpret: bool):
-    """The splash MQA kernel for `groups` query heads per KV head (mask processing is numpy work: cached)."""
+    """The splash MQA kernel for `groups` query heads per KV head (mask processing is numpy work: cached; built
+    eagerly so its block-mask arrays are constants, not tracers of the first trace that asked for it)."""
     mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length))] * groups)
     sizes = splash.BlockSizes(**bs.blocks())
-    return splash.make_splash_mqa_single_device(mask=mask, block_sizes=sizes, interpret=interpret)
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mqa_single_device(mask=mask, block_sizes=sizes, interpret=interpret)
 
 
 def check_head_dim(head_dim: int) -> None:
