@@ -2,9 +2,10 @@
 
 Builds the HF directory (config.json + model.safetensors, written tensor by tensor), then runs each conversion in a
 subprocess (`python -m qcjax.convert ...`) while polling the RSS of that process and all its children every 10 ms.
-Prints each peak as a ratio of the checkpoint size, next to two references measured in the same run: a process
-that only imports the stack (the fixed overhead) and `transformers.AutoModelForCausalLM.from_pretrained` loading
-the same checkpoint. Medians over --repeats runs.
+Prints each peak as a ratio of the checkpoint size, next to references measured in the same run: a process that only
+imports the stack (the fixed overhead), `qcjax.load_hf` (the whole model in memory, what a non-streaming conversion
+would hold) and `transformers.AutoModelForCausalLM.from_pretrained` (which leaves fp32 weights memory-mapped and
+untouched, so its RSS stays low until the weights are used). Medians over --repeats runs.
 
     python bench/convert_memory.py [--preset 0.5b] [--repeats 3] [--workdir /tmp/qcjax-convert-bench]
 """
@@ -25,6 +26,7 @@ import psutil
 IMPORT_ONLY = "import jax, orbax.checkpoint, qcjax.convert, qcjax.checkpoint, qcjax.model; jax.devices()"
 TRANSFORMERS_LOAD = ("import sys, torch, transformers; "
                      "transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)")
+LOAD_HF = "import sys, jax, qcjax; jax.block_until_ready(qcjax.load_hf(sys.argv[1])[1])"
 
 
 def make_hf_dir(path: str, preset: str, seed: int = 0) -> int:
@@ -90,10 +92,11 @@ def main() -> None:
 
     py = sys.executable
     env_note = f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
-    runs: dict[str, list[tuple[int, float]]] = {k: [] for k in ("import-only", "transformers", "hf-to-orbax",
-                                                                 "orbax-to-hf")}
+    runs: dict[str, list[tuple[int, float]]] = {k: [] for k in (
+        "import-only", "load_hf", "transformers", "hf-to-orbax", "orbax-to-hf")}
     for _ in range(args.repeats):
         runs["import-only"].append(peak_rss([py, "-c", IMPORT_ONLY]))
+        runs["load_hf"].append(peak_rss([py, "-c", LOAD_HF, hf_dir]))
         runs["transformers"].append(peak_rss([py, "-c", TRANSFORMERS_LOAD, hf_dir]))
         shutil.rmtree(ckpt, ignore_errors=True)
         runs["hf-to-orbax"].append(peak_rss([py, "-m", "qcjax.convert", "hf-to-orbax", "--hf_dir", hf_dir,

@@ -110,7 +110,7 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint directory {self.directory}")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
-            save_interval_steps=save_interval_steps,
+            save_interval_steps=0 if read_only else save_interval_steps,
             enable_async_checkpointing=async_,
             read_only=read_only,
             create=not read_only,

@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m qcjax.convert",
         description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  python -m qcjax.convert hf-to-orbax --hf_dir Qwen2.5-Coder-7B --out ckpt/7b --dtype bfloat16\n"
+        "  python -m qcjax.convert orbax-to-hf --ckpt runs/sft/checkpoints --out export/7b-sft \\\n"
+        "      --dtype bfloat16 --tokenizer_dir Qwen2.5-Coder-7B\n"
+        "run `python -m qcjax.convert COMMAND --help` for each command's options",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="{hf-to-orbax,orbax-to-hf}")
 

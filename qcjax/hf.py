@@ -350,7 +350,7 @@ def write_safetensors_shards(
                     got_name, x = next(it)
                     if got_name != name or tuple(x.shape) != tuple(shape):
                         raise ValueError(f"tensor {got_name!r} {tuple(x.shape)} arrived where {name!r} {shape} was planned")
-                    f.write(np.ascontiguousarray(x.astype(dtype, copy=False)).data)
+                    f.write(np.ascontiguousarray(x.astype(dtype, copy=False)).reshape(-1).view(np.uint8).data)
                     del x  # a view into a whole stacked param: let it go before the next one is read
                     weight_map[name] = fname
                     bar.update(math.prod(shape) * dtype.itemsize)
