@@ -535,6 +535,10 @@ def make_dataset(task: str, cfg: DataConfig, tok: Tokenizer, seq_len: int, batch
                          meta_keys=DPO_REF_KEYS if dpo and cfg.dpo_ref_logps else ())
     ds = ds.batch(batch_size, drop_remainder=False).map(_PadBatch(batch_size, tok.pad_id))
     if cfg.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; a library caller may not have parsed any
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
     return ds
 
