@@ -27,6 +27,10 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index, for manua
 def main(argv):
     del argv
     import jax
+    from absl import logging as absl_logging
+
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep stderr readable by default
+        absl_logging.set_verbosity(absl_logging.WARNING)
 
     if _COORD.value:
         jax.distributed.initialize(_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)

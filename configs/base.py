@@ -48,8 +48,8 @@ def get_config(stage: str = "file") -> ConfigDict:
     c.data = ConfigDict(dict(
         sources=[dict(kind="stdlib", format="repo" if stage == "repo" else "text")],
         fim_rate=0.5,
+        eval_fraction=0.01,  # a fixed held-out fraction of every source: the eval split
     ))
-    c.eval_data = ConfigDict(dict(enabled=True, holdout_seed=1234))  # held-out rows: same mixture, another seed
 
     c.log_every = 10
     c.eval_every = 200  # 0 disables evaluation

@@ -210,7 +210,11 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
         train_it = make_iterator(c, tok, c.seed)
 
-        state, resumed = _resume(ckpt, abstract_p, p_shard, tx, o_shard, train_it)
+        state, resumed, broken = _resume(ckpt, abstract_p, p_shard, tx, o_shard, train_it)
+        if broken:  # set the unreadable steps aside so that they are never listed (or overwritten) again
+            ckpt.close()
+            _set_aside(ckpt.directory, broken)
+            ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
         ref_params = None
         if state is None:
             params = _initial_params(c, cfg, mesh, p_shard)
@@ -222,7 +226,10 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
 
         step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=(state_shard, None))
         eval_fn = jax.jit(eval_step)
-        eval_it = make_iterator(c, tok, c.eval_data.holdout_seed, eval_split=True) if c.eval_every else None
+        eval_it = None
+        if c.eval_every and c.task != "dpo":  # DPO runs report reward margin/accuracy from the train step
+            eval_it = make_iterator(c, tok, c.seed, eval_split=True)
+            eval_start = eval_it.get_state()  # every evaluation reads the same held-out batches
         writer = mt.MetricsWriter(workdir, enabled=jax.process_index() == 0)
         peak = mt.peak_flops(override=c.peak_flops_per_device)
         n_dev = jax.device_count()
@@ -231,7 +238,8 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
         start = int(state["step"])
         bar = _progress(c.steps, start)
         last: dict = {}
-        window_t, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+        window_t, window_steps = time.perf_counter(), 0
+        prev = None
         try:
             for step in range(start, c.steps):
                 batch = to_global(next(train_it), mesh)
@@ -240,38 +248,49 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
                 window_steps += 1
                 if done % c.log_every == 0 or done == c.steps:
                     m = jax.device_get(m)
-                    window_tokens += float(m["tokens"])
                     dt = time.perf_counter() - window_t
                     last = {k: float(v) for k, v in m.items()}
+                    last["target_tokens"] = last.pop("tokens")  # loss-counted tokens in the last step
                     last["step_time_s"] = dt / window_steps
-                    last["tokens_per_s"] = window_tokens / dt
-                    # tokens counted are loss targets; MFU uses all row tokens processed
-                    rows_per_s = c.batch_size * window_steps / dt
-                    last["mfu"] = mt.mfu(cfg, c.seq_len, rows_per_s * c.seq_len, n_dev, peak)
+                    # throughput counts every row position processed (padding included), as the MFU does
+                    last["tokens_per_s"] = c.batch_size * c.seq_len * (2 if c.task == "dpo" else 1) * window_steps / dt
+                    last["mfu"] = mt.mfu(cfg, c.seq_len, last["tokens_per_s"], n_dev, peak)
                     writer.write(done, last)
                     if bar is not None:
                         bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
                                         tok_s=f"{last['tokens_per_s']:.0f}")
-                    if m["nonfinite_in_row"] >= c.max_nonfinite_in_row:
-                        raise FloatingPointError(
-                            f"{int(m['nonfinite_in_row'])} steps in a row had a non-finite loss or gradient (up to "
-                            f"step {done}); stopping. Lower the learning rate or check the data.")
-                    window_t, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+                    window_t, window_steps = time.perf_counter(), 0
+                # The previous step's skip counter (already computed: reading it does not stall the pipeline).
+                if prev is not None:
+                    _check_nonfinite(prev, done - 1, c.max_nonfinite_in_row)
+                prev = m["nonfinite_in_row"]
                 if bar is not None:
                     bar.update(1)
-                if c.eval_every and (done % c.eval_every == 0 or done == c.steps):
+                if eval_it is not None and (done % c.eval_every == 0 or done == c.steps):
+                    eval_it.set_state(eval_start)
                     ev = _evaluate(eval_fn, state["params"], eval_it, c.eval_steps, mesh)
                     writer.write(done, ev, prefix="eval_")
                     last.update({f"eval_{k}": v for k, v in ev.items()})
                 if done % c.checkpoint_every == 0 or done == c.steps:
                     ckpt.save(done, state["params"], cfg, opt_state=state["opt_state"], data_iter=train_it,
                               extra_config=train_meta, force=True)
+            if prev is not None:
+                _check_nonfinite(prev, c.steps, c.max_nonfinite_in_row)
         finally:
             if bar is not None:
                 bar.close()
             ckpt.close()  # waits for the last async save
             writer.close()
     return RunResult(final_step=int(state["step"]), last_metrics=last, resumed_from=resumed)
+
+
+def _check_nonfinite(in_row, step: int, limit: int) -> None:
+    n = int(jax.device_get(in_row))
+    if n:
+        log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, n)
+    if n >= limit:
+        raise FloatingPointError(f"{n} steps in a row had a non-finite loss or gradient (up to step {step}); "
+                                 "stopping. Lower the learning rate or check the data.")
 
 
 def _initial_params(c: ConfigDict, cfg: ModelConfig, mesh, p_shard):
@@ -287,8 +306,9 @@ def _initial_params(c: ConfigDict, cfg: ModelConfig, mesh, p_shard):
 
 
 def _resume(ckpt, abstract_p, p_shard, tx, o_shard, train_it):
-    """(state, step) from the newest readable checkpoint of the run, or (None, None) for a fresh run."""
+    """(state, step, unreadable steps) from the newest readable checkpoint of the run; state None: fresh run."""
     steps = sorted(ckpt.all_steps(), reverse=True)
+    broken = []
     for step in steps:
         try:
             target_p = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_p, p_shard)
@@ -301,11 +321,24 @@ def _resume(ckpt, abstract_p, p_shard, tx, o_shard, train_it):
                         step, ckpt.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             print(f"[qcjax] checkpoint step {step} is incomplete or unreadable; falling back to an earlier one",
                   file=sys.stderr)
+            broken.append(step)
             continue
         print(f"[qcjax] resuming from checkpoint step {step} in {ckpt.directory}", file=sys.stderr)
         state = {"step": jnp.asarray(step, jnp.int32), "params": out["params"], "opt_state": out["opt_state"]}
-        return state, step
-    return None, None
+        return state, step, broken
+    return None, None, broken
+
+
+def _set_aside(directory: str, steps: list[int]) -> None:
+    if jax.process_index() == 0:
+        for step in steps:
+            dst = os.path.join(directory, f"unreadable-step-{step}-{int(time.time())}")
+            os.replace(os.path.join(directory, str(step)), dst)
+            print(f"[qcjax] moved the unreadable checkpoint step {step} to {dst}", file=sys.stderr)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("qcjax_set_aside_checkpoints")
 
 
 def _evaluate(eval_fn, params, it, n_batches: int, mesh) -> dict:

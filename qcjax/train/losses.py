@@ -58,6 +58,7 @@ def dpo_loss(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     loss_type: str = "sigmoid",
+    weights: jax.Array | None = None,  # [pairs] 1 for real pairs, 0 for padding (metrics average over real ones)
 ) -> tuple[jax.Array, dict]:
     """Per-pair DPO (sigmoid, with conservative label smoothing) or IPO loss, plus reward metrics.
 
@@ -75,10 +76,12 @@ def dpo_loss(
         raise ValueError(f"dpo loss_type {loss_type!r}: expected 'sigmoid' or 'ipo'")
     chosen_reward = beta * (chosen_logp - ref_chosen_logp)
     rejected_reward = beta * (rejected_logp - ref_rejected_logp)
+    w = jnp.ones_like(margin) if weights is None else weights
+    mean = lambda x: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
     metrics = {
-        "reward_margin": jnp.mean(chosen_reward - rejected_reward),
-        "reward_accuracy": jnp.mean((chosen_reward > rejected_reward).astype(jnp.float32)),
-        "chosen_reward": jnp.mean(chosen_reward),
-        "rejected_reward": jnp.mean(rejected_reward),
+        "reward_margin": mean(chosen_reward - rejected_reward),
+        "reward_accuracy": mean((chosen_reward > rejected_reward).astype(jnp.float32)),
+        "chosen_reward": mean(chosen_reward),
+        "rejected_reward": mean(rejected_reward),
     }
     return losses, metrics

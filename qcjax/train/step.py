@@ -140,9 +140,11 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
             ref_c, ref_r = jax.lax.stop_gradient(dpo_logprobs(cfg, ref_params, micro, sc.loss_chunk))
         else:
             ref_c, ref_r = micro["ref_chosen_logp"], micro["ref_rejected_logp"]
-        losses, m = dpo_loss(chosen, rejected, ref_c, ref_r, sc.dpo_beta, sc.dpo_label_smoothing, sc.dpo_loss_type)
-        n = jnp.asarray(losses.shape[0], jnp.float32)
-        return jnp.sum(losses), (n, jax.tree.map(lambda v: v * n, m))  # metrics summed, divided below
+        valid = (jnp.sum(micro["chosen_loss_mask"], axis=-1) > 0).astype(jnp.float32)  # padding pairs: none
+        losses, m = dpo_loss(chosen, rejected, ref_c, ref_r, sc.dpo_beta, sc.dpo_label_smoothing, sc.dpo_loss_type,
+                             weights=valid)
+        n = jnp.sum(valid)
+        return jnp.sum(losses * valid), (n, jax.tree.map(lambda v: v * n, m))  # metrics summed, divided below
 
     grad_fn = jax.value_and_grad(micro_terms, has_aux=True)
 

@@ -1,0 +1,143 @@
+"""The training loop end to end on the tiny config: metrics, checkpoints, exact resume, failure handling."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def spm_dir(tmp_path_factory):
+    from qcjax.tokenizer import train_spm
+
+    out = tmp_path_factory.mktemp("spm")
+    train_spm(str(out), vocab_size=512, max_chars=300_000, progress=False)
+    return str(out)
+
+
+def tiny(spm_dir, **overrides):
+    spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(ROOT, "configs", "tiny.py"))
+    sys.path.insert(0, ROOT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c.tokenizer = spm_dir
+    c.seq_len, c.batch_size, c.steps, c.log_every = 64, 8, 12, 1
+    c.eval_every, c.eval_steps, c.checkpoint_every = 6, 2, 6
+    c.optimizer.warmup_steps = 2
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(workdir):
+    return {r["step"]: r["loss"] for r in metrics(workdir) if "loss" in r}
+
+
+def test_tiny_run_logs_evaluates_checkpoints_and_learns(tmp_path, spm_dir):
+    from qcjax.train.loop import train
+
+    result = train(tiny(spm_dir, steps=30, **{"optimizer.lr": 1e-2}), str(tmp_path))
+    losses = train_losses(tmp_path)
+    assert sorted(losses) == list(range(1, 31))
+    assert np.mean([losses[s] for s in range(26, 31)]) < losses[1] - 1.0  # it learns the stdlib's statistics
+    evals = [r for r in metrics(tmp_path) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [6, 12, 18, 24, 30] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert np.isclose(evals[-1]["eval_perplexity"], np.exp(evals[-1]["eval_loss"]))
+    assert os.listdir(tmp_path / "tensorboard")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["24", "30"]  # keep_checkpoints=2
+    assert result.final_step == 30 and result.resumed_from is None
+
+
+def _train_cmd(workdir, spm_dir, steps):
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
+            f"--workdir={workdir}", f"--config.tokenizer={spm_dir}", "--config.seq_len=64", "--config.batch_size=8",
+            f"--config.steps={steps}", "--config.log_every=1", "--config.eval_every=0", "--config.checkpoint_every=10",
+            "--config.optimizer.warmup_steps=2", "--config.mesh.fsdp=-1"]
+
+
+def _env(devices=1):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = ROOT
+    return env
+
+
+def test_exact_resume_after_sigkill(tmp_path, spm_dir):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_train_cmd(straight, spm_dir, 20), check=True, env=_env(), capture_output=True)
+    proc = subprocess.Popen(_train_cmd(killed, spm_dir, 20), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while not os.path.isdir(killed / "checkpoints" / "10") and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not os.path.isdir(killed / "checkpoints" / "20")
+    out = subprocess.run(_train_cmd(killed, spm_dir, 20), check=True, env=_env(), capture_output=True, text=True)
+    assert "resuming from checkpoint step 10" in out.stderr
+    a, b = train_losses(straight), train_losses(killed)
+    for step in range(11, 21):
+        assert a[step] == b[step], (step, a[step], b[step])  # bit for bit
+
+
+def test_half_written_checkpoint_is_never_restored(tmp_path, spm_dir, capsys):
+    from qcjax.train.loop import train
+
+    train(tiny(spm_dir, steps=12), str(tmp_path))
+    before = train_losses(tmp_path)
+    # cut the newest checkpoint off mid-write: its params item loses its data files
+    params_dir = tmp_path / "checkpoints" / "12" / "params"
+    for root, _, files in os.walk(params_dir):
+        for f in files:
+            if f != "_METADATA":
+                os.remove(os.path.join(root, f))
+    result = train(tiny(spm_dir, steps=12), str(tmp_path))
+    err = capsys.readouterr().err
+    assert "checkpoint step 12 is incomplete or unreadable" in err and "resuming from checkpoint step 6" in err
+    assert result.resumed_from == 6
+    after = train_losses(tmp_path)  # metrics.jsonl is appended: the re-run steps 7-12 come last
+    assert after[12] == before[12]
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, spm_dir):
+    from qcjax.train.loop import train
+
+    with pytest.raises(FloatingPointError, match="3 steps in a row had a non-finite"):
+        train(tiny(spm_dir, steps=12, max_nonfinite_in_row=3, **{"optimizer.lr": 1e30,
+                                                                    "optimizer.warmup_steps": 0}), str(tmp_path))
+    rows = [r for r in metrics(tmp_path) if "loss" in r]
+    assert rows[-1]["nonfinite_in_row"] >= 1 and rows[-1]["nonfinite_total"] >= 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"mesh.data": 3}, "mesh"),
+    ({"batch_size": 6}, "not divisible by the data-parallel size"),
+    ({"seq_len": 8192}, "exceeds the model's max_position_embeddings=4096; set model.yarn_factor"),
+    ({"grad_accum": 3}, "not divisible by grad_accum=3"),
+])
+def test_bad_config_fails_before_compiling(tmp_path, spm_dir, override, message):
+    from qcjax.train.loop import ConfigError, train
+
+    with pytest.raises(ConfigError, match=message):
+        train(tiny(spm_dir, **override), str(tmp_path))
+
+
+def test_unknown_config_field_is_a_clear_cli_error(tmp_path, spm_dir):
+    cmd = _train_cmd(tmp_path, spm_dir, 2) + ["--config.optimizer.learning_rate=1e-3"]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert out.returncode != 0 and "learning_rate" in out.stderr
