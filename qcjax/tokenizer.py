@@ -267,9 +267,6 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode_raw(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
     def _encode_raw_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         # SentencePiece reports byte offsets; map them to characters.
         char_of_byte = np.repeat(np.arange(len(text) + 1), [len(c.encode("utf-8")) for c in text] + [1])

@@ -312,3 +312,20 @@ def test_worker_processes_resume_exactly(code_jsonl):
     it2.set_state(state)
     for x, y in zip(want, take(it2, 3)):
         np.testing.assert_array_equal(x["tokens"], y["tokens"])
+
+
+def test_parquet_and_tree_sources_through_the_pipeline(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from test_data_common import make_repo_tree
+
+    tok = qwen_tok()
+    pq.write_table(pa.table({"text": [d["text"] for d in code_docs(5)]}), tmp_path / "p.parquet")
+    tree = make_repo_tree(tmp_path / "tree")
+    cfg = cfg_for(SourceConfig("parquet", str(tmp_path / "p.parquet")),
+                  SourceConfig("tree", tree, format="repo", extensions=(".py",)), num_epochs=1, fim_rate=0.0,
+                  mix_by="records")
+    text = "".join(tok.decode(s) for b in drain(make_iterator("pretrain", cfg, tok, 512, 2)) for s, _ in segments(b))
+    assert all(f"def doc_{i}():" in text for i in range(5))
+    assert "<|repo_name|>beta\n<|file_sep|>main.py\nimport util\n" in text

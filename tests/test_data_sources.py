@@ -38,6 +38,15 @@ def test_parquet_rows(tmp_path):
     assert "row group 1, row 7" in src[17][WHERE]
 
 
+def test_parquet_text_column_is_checked_up_front(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match="t.parquet has no column 'text'"):
+        make_source(SourceConfig("parquet", str(tmp_path / "t.parquet")))
+
+
 def test_corrupt_parquet_names_the_file(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(ValueError, match="cannot read Parquet file .*bad.parquet"):

@@ -59,21 +59,30 @@ def render(parts: Sequence[Part]) -> str:
 def encode_parts(tok: Tokenizer, parts: Sequence[Part]) -> Doc:
     """Ids + loss mask of a layout. Adjacent Text parts are encoded together (they are one piece for the tokenizer);
     where their train flags differ, token spans decide (a token overlapping any trained character is trained)."""
-    ids: list[int] = []
-    mask: list[float] = []
+    ids: list[np.ndarray] = []
+    mask: list[np.ndarray] = []
     run: list[Text] = []
+    specials: list[int] = []  # consecutive control tokens, flushed as one array
+    special_mask: list[float] = []
 
-    def flush() -> None:
+    def flush_specials() -> None:
+        if specials:
+            ids.append(np.asarray(specials, np.int32))
+            mask.append(np.asarray(special_mask, np.float32))
+            specials.clear()
+            special_mask.clear()
+
+    def flush_text() -> None:
         if not run:
             return
         text = "".join(t.text for t in run)
         flags = {t.train for t in run if t.text}
         if len(flags) <= 1:
-            got = tok.encode(text)
-            ids.extend(got)
-            mask.extend([float(flags.pop() if flags else False)] * len(got))
+            got = np.asarray(tok.encode(text), np.int32)
+            m = np.full(len(got), float(flags.pop() if flags else False), np.float32)
         else:
-            got, offsets = tok.encode_offsets(text)
+            got_list, offsets = tok.encode_offsets(text)
+            got = np.asarray(got_list, np.int32)
             trained = np.zeros(len(text) + 1, np.int64)  # prefix sums of trained characters
             pos = 0
             for t in run:
@@ -81,21 +90,27 @@ def encode_parts(tok: Tokenizer, parts: Sequence[Part]) -> Doc:
                     trained[pos + 1: pos + 1 + len(t.text)] = 1
                 pos += len(t.text)
             trained = np.cumsum(trained)
-            for s, e in offsets:
-                e = max(e, s + 1)
-                mask.append(float(trained[min(e, len(text))] - trained[min(s, len(text))] > 0))
-            ids.extend(got)
+            span = np.asarray(offsets, np.int64).reshape(-1, 2)
+            start = np.minimum(span[:, 0], len(text))
+            end = np.minimum(np.maximum(span[:, 1], span[:, 0] + 1), len(text))
+            m = (trained[end] - trained[start] > 0).astype(np.float32)
+        ids.append(got)
+        mask.append(m)
         run.clear()
 
     for p in parts:
         if isinstance(p, Text):
+            flush_specials()
             run.append(p)
         else:
-            flush()
-            ids.append(tok.special_id(p.name))
-            mask.append(float(p.train))
-    flush()
-    return Doc(np.asarray(ids, np.int32), np.asarray(mask, np.float32))
+            flush_text()
+            specials.append(tok.special_id(p.name))
+            special_mask.append(float(p.train))
+    flush_text()
+    flush_specials()
+    if not ids:
+        return Doc(np.zeros(0, np.int32), np.zeros(0, np.float32))
+    return Doc(np.concatenate(ids), np.concatenate(mask))
 
 
 # ---------------------------------------------------------------------------------------------------------------

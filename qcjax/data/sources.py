@@ -138,9 +138,13 @@ class ParquetSource:
         counts = []
         for k, f in enumerate(self.files):
             try:
-                md = pq.ParquetFile(f).metadata
+                pf = pq.ParquetFile(f)
+                md = pf.metadata
             except Exception as e:  # pyarrow raises ArrowInvalid / OSError on corrupt files
                 raise ValueError(f"cannot read Parquet file {f}: {e}") from e
+            missing = [c for c in (self.columns or ()) if c not in pf.schema_arrow.names]
+            if missing:
+                raise ValueError(f"Parquet file {f} has no column {missing[0]!r} (columns: {pf.schema_arrow.names})")
             for g in range(md.num_row_groups):
                 self._groups.append((k, g))
                 counts.append(md.row_group(g).num_rows)
@@ -355,8 +359,8 @@ def make_source(cfg: SourceConfig):
     try:
         if cfg.kind == "jsonl":
             src = JsonlSource(cfg.path)
-        elif cfg.kind == "parquet":
-            src = ParquetSource(cfg.path)
+        elif cfg.kind == "parquet":  # text documents: read only the text column (and fail early without it)
+            src = ParquetSource(cfg.path, [cfg.text_field] if cfg.format == "text" else None)
         elif cfg.kind == "tree":
             src = RepoTreeSource(cfg.path, level, cfg.exclude or (), cfg.extensions)
         elif cfg.kind == "stdlib":
