@@ -10,7 +10,6 @@ Cache decode against a longer cache goes to qcjax.attention.decode.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -81,14 +80,12 @@ def fit_blocks(bs: BlockSizes, length: int) -> tuple[BlockSizes, int]:
     return BlockSizes(**{k: shrink(b) for k, b in bs.blocks().items()}), padded
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(length: int, groups: int, bs: BlockSizes, interpret: bool):
-    """The splash MQA kernel for `groups` query heads per KV head (mask processing is numpy work: cached; built
-    eagerly so its block-mask arrays are constants, not tracers of the first trace that asked for it)."""
+    """The splash MQA kernel for `groups` query heads per KV head. Built per trace: its block-mask arrays become
+    constants of that trace (splash caches the numpy mask processing itself)."""
     mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length))] * groups)
     sizes = splash.BlockSizes(**bs.blocks())
-    with jax.ensure_compile_time_eval():
-        return splash.make_splash_mqa_single_device(mask=mask, block_sizes=sizes, interpret=interpret)
+    return splash.make_splash_mqa_single_device(mask=mask, block_sizes=sizes, interpret=interpret)
 
 
 def check_head_dim(head_dim: int) -> None:
