@@ -49,6 +49,18 @@ def tiny_spm() -> SentencePieceTokenizer:
     return SentencePieceTokenizer(train_spm(out, vocab_size=600, max_chars=150_000, progress=False))
 
 
+def tiny_hf_without_fim(path) -> HFTokenizer:
+    """A word-level tokenizer.json with <|endoftext|> only (no FIM, chat or repo tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "<|endoftext|>": 1, "def": 2, "x": 3}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.add_special_tokens(["<|endoftext|>"])
+    t.save(str(path))
+    return HFTokenizer(str(path))
+
+
 def write_jsonl(path, records) -> str:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:

@@ -10,7 +10,8 @@ import pytest
 from qcjax.data import DataConfig, SourceConfig, iterator_stats, make_dataset, make_iterator
 from qcjax.data import formats as F
 from qcjax.data.pipeline import RecordError
-from test_data_common import build_tiny_tfds, check_rows, code_docs, qwen_tok, segments, tiny_spm, write_jsonl
+from test_data_common import (build_tiny_tfds, check_rows, code_docs, qwen_tok, segments, tiny_hf_without_fim,
+                              tiny_spm, write_jsonl)
 
 T, B = 64, 4
 
@@ -207,6 +208,17 @@ def test_dpo_rows_hold_one_aligned_pair_each(tmp_path):
             assert b["ref_chosen_logp"][r] == -1.0 * i and b["ref_rejected_logp"][r] == -2.0 * i
 
 
+def test_dpo_full_conversations_give_the_prompt(tmp_path):
+    tok = qwen_tok()
+    conv = lambda a: [{"role": "user", "content": "hi"}, {"role": "assistant", "content": a}]
+    p = write_jsonl(tmp_path / "d.jsonl", [{"chosen": conv("good"), "rejected": conv("bad")}])
+    cfg = cfg_for(SourceConfig("jsonl", p, format="dpo"), num_epochs=1, system_prompt=None)
+    b = next(make_iterator("dpo", cfg, tok, 64, 1))
+    assert tok.decode(b["chosen_tokens"][0][b["chosen_segment_ids"][0] == 1]) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\ngood<|im_end|>\n")
+    assert tok.decode(b["rejected_tokens"][0][b["rejected_loss_mask"][0] == 1]) == "bad<|im_end|>"
+
+
 def test_tfds_source_end_to_end(tfds_dir):
     tok = tiny_spm()
     cfg = DataConfig(sources=(SourceConfig("tfds", "tiny_code", data_dir=tfds_dir),), read_threads=0,
@@ -258,8 +270,6 @@ def test_bad_config_errors_name_the_culprit(tmp_path, code_jsonl):
 
 
 def test_fim_needs_a_tokenizer_with_fim_tokens(tmp_path, code_jsonl):
-    from test_tokenizer import tiny_hf_without_fim
-
     tok = tiny_hf_without_fim(tmp_path / "tokenizer.json")
     with pytest.raises(ValueError, match=r"lacks <\|fim_prefix\|>.*FIM \(fim_rate=0.5"):
         make_dataset("pretrain", cfg_for(code_jsonl), tok, T, B)

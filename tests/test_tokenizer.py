@@ -6,7 +6,7 @@ import pickle
 import pytest
 
 from qcjax import tokenizer as T
-from test_data_common import qwen_ref, qwen_tok, ref_ids, tiny_spm
+from test_data_common import qwen_ref, qwen_tok, ref_ids, tiny_hf_without_fim, tiny_spm
 
 CODE = "def add(a, b):\n    # é 中文 \t tab\n\n    return a + b  \n"
 
@@ -94,18 +94,6 @@ def test_load_tokenizer_dispatch_and_errors(tmp_path):
     (tmp_path / "x.txt").write_text("")
     with pytest.raises(ValueError, match="cannot tell"):
         T.load_tokenizer(str(tmp_path / "x.txt"))
-
-
-def tiny_hf_without_fim(path) -> T.HFTokenizer:
-    """A word-level tokenizer.json with <|endoftext|> only (no FIM, chat or repo tokens)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[UNK]": 0, "<|endoftext|>": 1, "def": 2, "x": 3}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.add_special_tokens(["<|endoftext|>"])
-    t.save(str(path))
-    return T.HFTokenizer(str(path))
 
 
 def test_require_names_missing_tokens(tmp_path):

@@ -160,6 +160,8 @@ class FormatRecord(grain.transforms.RandomMap):
             return [(encode_parts(tok, fim_parts(pre, mid, suf, spm=spm, instruct=True)),)], 0
         if fmt == "dpo":
             prompt = rec.get("prompt")
+            if prompt is None and isinstance(rec.get("chosen"), (list, tuple)):
+                prompt = list(rec["chosen"])[:-1]  # full conversations: the prompt is all but the last turn
             if isinstance(prompt, (list, tuple)):
                 prompt = _messages(rec, "prompt", prompt)
             elif not isinstance(prompt, str):

@@ -9,6 +9,7 @@ counts it or fails, by config. A file that cannot be opened or an empty source f
     chat records   {"messages": [{"role":, "content":}, ...]}      (or ShareGPT "conversations": [{"from":, "value":}])
     FIM SFT        {"prefix":, "middle":, "suffix":}  or a text field split at random
     DPO records    {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
+                   (without "prompt", a "chosen" conversation minus its last turn is the prompt)
 """
 from __future__ import annotations
 
