@@ -141,3 +141,110 @@ def test_unknown_config_field_is_a_clear_cli_error(tmp_path, spm_dir):
     cmd = _train_cmd(tmp_path, spm_dir, 2) + ["--config.optimizer.learning_rate=1e-3"]
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     assert out.returncode != 0 and "learning_rate" in out.stderr
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_process_run(workdir, spm_dir, steps):
+    port = _free_port()
+    procs = [subprocess.Popen(
+        _train_cmd(workdir, spm_dir, steps) + ["--config.checkpoint_every=3", f"--coordinator_address=127.0.0.1:{port}",
+                                               "--num_processes=2", f"--process_id={i}"],
+        env=_env(devices=4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return outs
+
+
+def test_two_processes_train_with_fsdp_across_them_save_and_resume(tmp_path, spm_dir):
+    _two_process_run(tmp_path, spm_dir, 3)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+    outs = _two_process_run(tmp_path, spm_dir, 5)
+    assert all("resuming from checkpoint step 3" in err for _, err in outs)
+    losses = train_losses(tmp_path)  # process 0 writes the metrics
+    assert sorted(losses) == [1, 2, 3, 4, 5] and all(np.isfinite(v) for v in losses.values())
+    from qcjax.checkpoint import restore_params
+
+    cfg, params = restore_params(str(tmp_path / "checkpoints"))  # the 2-process checkpoint, on one process
+    assert params["embed"].shape == (cfg.vocab_size, cfg.hidden_size)
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def _sft_rows(n=48):
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(n):
+        a, b = rng.integers(0, 50, 2)
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                                  {"role": "assistant", "content": f"def answer():\n    return {a} + {b}\n"}]})
+    return rows
+
+
+def test_sft_lowers_the_masked_loss(tmp_path, spm_dir):
+    from qcjax.train.loop import train
+
+    data = _write_jsonl(tmp_path / "sft.jsonl", _sft_rows())
+    c = tiny(spm_dir, task="sft", steps=24, eval_every=0, seq_len=128, **{"optimizer.lr": 1e-2})
+    c.data = {"sources": [{"kind": "jsonl", "path": data, "format": "chat"}], "eval_fraction": 0.0,
+              "system_prompt": None}
+    train(c, str(tmp_path / "run"))
+    losses = train_losses(tmp_path / "run")
+    assert np.mean([losses[s] for s in range(20, 25)]) < 0.6 * losses[1]
+
+
+def _dpo_rows(n=32):
+    rows = []
+    for i in range(n):
+        rows.append({"prompt": f"Write function number {i}.",
+                     "chosen": f"def f{i}(x):\n    return x + {i}\n",
+                     "rejected": f"print('no'){'!' * (i % 5)}"})
+    return rows
+
+
+def _dpo_config(spm_dir, data, **kw):
+    c = tiny(spm_dir, **{"task": "dpo", "steps": 16, "eval_every": 0, "seq_len": 128, "optimizer.lr": 3e-3,
+                         "dpo.beta": 0.5, **kw})
+    c.data = {"sources": [{"kind": "jsonl", "path": data, "format": "dpo"}], "eval_fraction": 0.0,
+              "system_prompt": None}
+    return c
+
+
+def test_dpo_raises_reward_margin_and_accuracy(tmp_path, spm_dir):
+    from qcjax.train.loop import train
+
+    data = _write_jsonl(tmp_path / "dpo.jsonl", _dpo_rows())
+    train(_dpo_config(spm_dir, data), str(tmp_path / "run"))
+    rows = {r["step"]: r for r in metrics(tmp_path / "run") if "loss" in r}
+    # step 1: policy == reference (up to the rounding of two separately compiled forward passes)
+    assert abs(rows[1]["reward_margin"]) < 1e-5 and np.isclose(rows[1]["loss"], np.log(2), rtol=1e-5)
+    late = [rows[s] for s in range(13, 17)]
+    assert np.mean([r["reward_accuracy"] for r in late]) > 0.75
+    assert np.mean([r["reward_margin"] for r in late]) > 0.1
+
+
+def test_precomputed_reference_logprobs_train_like_a_frozen_reference(tmp_path, spm_dir):
+    from qcjax.train.dpo_reference import precompute
+    from qcjax.train.loop import train
+
+    data = _write_jsonl(tmp_path / "dpo.jsonl", _dpo_rows())
+    counts = precompute(_dpo_config(spm_dir, data), data, str(tmp_path / "dpo_ref.jsonl"))
+    assert counts == {"pairs": 32, "skipped": 0}
+    train(_dpo_config(spm_dir, data, steps=4), str(tmp_path / "frozen"))
+    c = _dpo_config(spm_dir, str(tmp_path / "dpo_ref.jsonl"), steps=4, **{"dpo.reference": "precomputed"})
+    c.data.dpo_ref_logps = True
+    train(c, str(tmp_path / "pre"))
+    a, b = train_losses(tmp_path / "frozen"), train_losses(tmp_path / "pre")
+    np.testing.assert_allclose([b[s] for s in range(1, 5)], [a[s] for s in range(1, 5)], rtol=1e-5)

@@ -256,6 +256,9 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
                     last["tokens_per_s"] = c.batch_size * c.seq_len * (2 if c.task == "dpo" else 1) * window_steps / dt
                     last["mfu"] = mt.mfu(cfg, c.seq_len, last["tokens_per_s"], n_dev, peak)
                     writer.write(done, last)
+                    if last["target_tokens"] == 0:
+                        log.warning("step %d: the batch had no loss tokens (all masked or truncated away: check "
+                                    "seq_len and the data format)", done)
                     if bar is not None:
                         bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
                                         tok_s=f"{last['tokens_per_s']:.0f}")
