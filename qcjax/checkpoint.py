@@ -12,10 +12,11 @@ mesh restores onto any other mesh or one device, and params restore alone out of
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
-from typing import Any, Iterable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -274,9 +275,16 @@ def read_config(ckpt_dir: str, step: int | None = None) -> tuple[ModelConfig, di
 
 
 # ---- streaming: one param at a time (conversion) ------------------------------------------------------------------
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc malloc_trim). Orbax/TensorStore's per-leaf buffers otherwise stay
-    in malloc's arenas, and a leaf-by-leaf conversion's RSS would ratchet up to the model size; elsewhere a no-op."""
+FULL_GC_BYTES = 16 << 20  # a param at least this large is worth a full garbage collection once it is let go
+
+
+def release_free_memory(nbytes: int | None = None) -> None:
+    """Free the param just let go (`nbytes` large) now, not at some later garbage collection, then hand freed heap
+    back to the OS. A jax.device_put onto several devices leaves its host source in a reference cycle, and
+    TensorStore's buffers stay in malloc's arenas (glibc malloc_trim returns them); without this a param-by-param
+    conversion's RSS ratchets up towards the model size. A full collection costs ~0.1-0.6 s, hence the threshold."""
+    if nbytes is None or nbytes >= FULL_GC_BYTES:
+        gc.collect()
     try:
         import ctypes
 
@@ -303,38 +311,45 @@ def _partial_api():
 def save_params_streaming(
     ckpt_dir: str,
     cfg: ModelConfig,
-    leaves: Iterable[tuple[tuple[str, ...], Any]],
+    paths: Sequence[tuple[str, ...]],
+    get_leaf: Callable[[tuple[str, ...]], Any],
     *,
     step: int = 0,
     extra_config: dict | None = None,
+    progress: bool = False,
 ) -> None:
-    """Write a params-only step into a new checkpoint directory, taking (path, array) leaves one at a time.
+    """Write a params-only step into a new checkpoint directory, asking `get_leaf(path)` for one param at a time.
 
-    Each leaf is written by an Orbax partial save and then let go, so only one param is in memory at once; the
-    result is the same params item a whole-tree StandardSave writes (restored by the same code). With an Orbax
-    that lacks partial saving the leaves are gathered and saved whole.
+    Each param is written by an Orbax partial save, dropped and its memory released before the next is asked for,
+    so one param is in memory at once (get_leaf must not keep a reference). The result is the params item a
+    whole-tree StandardSave writes, restored by the same code. An Orbax without partial saving gets a whole-tree save.
     """
+    from tqdm import tqdm
+
     ckpt_dir = os.path.abspath(ckpt_dir)
     if os.path.exists(ckpt_dir) and os.listdir(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} is not empty")
     partial = _partial_api()
+    bar = tqdm(paths, unit="param", desc="params", disable=not progress)  # iterates the paths only
     with Checkpointer(ckpt_dir, async_=False) as ck:
         if partial is None:
             tree: dict = {}
-            for path, x in leaves:
+            for path in bar:
                 node = tree
                 for key in path[:-1]:
                     node = node.setdefault(key, {})
-                node[path[-1]] = x
+                node[path[-1]] = get_leaf(path)
             ck.save(step, tree, cfg, extra_config=extra_config, force=True)
             return
         ck._mngr.save(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonSave(config_json(cfg, extra_config))}),
                       force=True)
     scratch = os.path.join(ckpt_dir, f"_{PARAMS}_partial")  # no dots: Orbax parses the name
-    for path, x in leaves:
+    for path in bar:
+        x = get_leaf(path)
         partial.save(scratch, _nest(path, x))
+        nbytes = x.nbytes
         del x
-        release_free_memory()
+        release_free_memory(nbytes)
     partial.finalize(scratch)
     items = [d for d in os.listdir(scratch) if os.path.exists(os.path.join(scratch, d, "_METADATA"))]
     if len(items) != 1:
@@ -365,9 +380,15 @@ class ParamsReader:
         if not os.path.isdir(self.directory):
             raise ValueError(f"{ck.directory} step {self.step} has no {PARAMS!r} item")
         self._ckptr = ocp.PyTreeCheckpointer()
+        self._last_nbytes = 0
 
     def __call__(self, path: tuple[str, ...], dtype: Any = None) -> np.ndarray:
-        release_free_memory()  # the previous param's restore buffers
+        release_free_memory(self._last_nbytes)  # the previous param (the caller has let it go), its buffers
+        x = self._read(path, dtype)
+        self._last_nbytes = x.nbytes
+        return x
+
+    def _read(self, path: tuple[str, ...], dtype: Any) -> np.ndarray:
         args = ocp.args.PyTreeRestore(
             item=_nest(path, 0),
             restore_args=_nest(path, ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)),

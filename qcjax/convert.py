@@ -14,7 +14,7 @@ import argparse
 import os
 import re
 import sys
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from qcjax.config import ModelConfig, get_config
 
@@ -39,8 +39,6 @@ def hf_to_orbax(
     """
     import jax
     from flax import linen as nn
-    from tqdm import tqdm
-
     from qcjax import checkpoint, hf
     from qcjax.model import abstract_params
     from qcjax.sharding import make_mesh, param_shardings
@@ -49,21 +47,20 @@ def hf_to_orbax(
     if expect is not None:
         hf.check_same_model(cfg, expect, os.path.join(hf_dir, "config.json"))
     reader = hf.SafetensorsReader(hf_dir)
+    hf.check_names(cfg, reader.names())  # before anything is written
     boxed = abstract_params(cfg)
+    abstract = nn.meta.unbox(boxed)
     shardings = param_shardings(boxed, mesh if mesh is not None else make_mesh())
-    rows = hf.mapping(cfg)
+    rows = {row[1]: row for row in hf.mapping(cfg)}
 
-    def placed() -> Iterator[tuple[tuple[str, ...], jax.Array]]:
-        it = hf.iter_hf_params(cfg, reader.get, reader.names(), nn.meta.unbox(boxed), reader.release)
-        for path, x in tqdm(it, total=len(rows), unit="param", desc="hf-to-orbax", disable=not progress):
-            y = jax.device_put(x, hf._get_path(shardings, path))
-            del x
-            yield path, y
-            del y
+    def get_leaf(path: tuple[str, ...]) -> jax.Array:
+        x = hf.param_from_hf(cfg, rows[path], hf._get_path(abstract, path), reader.get, reader.release)
+        return jax.device_put(x, hf._get_path(shardings, path))  # aliases x on one CPU device; else one copy
 
     source = {"source": {"format": "huggingface", "hf_dir": os.path.abspath(hf_dir)}}
     with hf.atomic_dir(ckpt_dir, overwrite) as tmp:
-        checkpoint.save_params_streaming(tmp, cfg, placed(), step=0, extra_config=source)
+        checkpoint.save_params_streaming(tmp, cfg, list(rows), get_leaf, step=0, extra_config=source,
+                                         progress=progress)
     return cfg
 
 

@@ -104,7 +104,7 @@ def _set_path(tree, path, value):
     tree[path[-1]] = value
 
 
-def _check_names(cfg: ModelConfig, names: set[str]) -> None:
+def check_names(cfg: ModelConfig, names: set[str]) -> None:
     """Missing or unexpected tensors are an error listing them (a tied model may carry a spare lm_head.weight)."""
     expected = {n for r in mapping(cfg) for n in hf_names(cfg, r)}
     missing = sorted(expected - names)
@@ -124,33 +124,28 @@ def empty_aligned(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.nda
     return buf[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def iter_hf_params(
+def param_from_hf(
     cfg: ModelConfig,
+    row: Row,
+    spec: Any,
     get_tensor: Callable[[str], np.ndarray],
-    names: set[str],
-    abstract: Any,
     release: Callable[[str], None] | None = None,
-) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    """Yield (param path, host array in our layout and dtype) one param at a time, stacking the layers.
+) -> np.ndarray:
+    """One param in our layout and dtype (spec: its ShapeDtypeStruct), stacking the layers for layer rows.
 
-    Only the param being built is held here: each HF tensor is copied into it and then `release`d (e.g. its mapped
-    pages dropped), so a consumer that places or saves each leaf and lets it go streams the whole checkpoint.
-    """
-    _check_names(cfg, names)
-    for row in mapping(cfg):
-        spec = _get_path(abstract, row[1])
-        out = empty_aligned(spec.shape, spec.dtype)  # [layers, ...] for layer params
-        if row[0].startswith("model.layers."):
-            for i, name in enumerate(hf_names(cfg, row)):
-                out[i] = to_ours(get_tensor(name), tuple(spec.shape[1:]), row[2], name)  # casts to the dtype
-                if release is not None:
-                    release(name)
-        else:
-            out[...] = to_ours(get_tensor(row[0]), tuple(spec.shape), row[2], row[0])
+    Each HF tensor is copied in and then `release`d (e.g. its mapped pages dropped), so building a param costs the
+    param plus one HF tensor; a caller that saves or places each param and lets it go streams the checkpoint."""
+    out = empty_aligned(spec.shape, spec.dtype)  # [layers, ...] for layer params
+    if row[0].startswith("model.layers."):
+        for i, name in enumerate(hf_names(cfg, row)):
+            out[i] = to_ours(get_tensor(name), tuple(spec.shape[1:]), row[2], name)  # casts to the dtype
             if release is not None:
-                release(row[0])
-        yield row[1], out
-        del out  # the consumer holds it now (or has let it go)
+                release(name)
+    else:
+        out[...] = to_ours(get_tensor(row[0]), tuple(spec.shape), row[2], row[0])
+        if release is not None:
+            release(row[0])
+    return out
 
 
 def hf_to_params(
@@ -166,10 +161,10 @@ def hf_to_params(
     abstract: our params as ShapeDtypeStructs (unboxed), giving shapes and dtypes. `place` turns each host array into
     its final form (e.g. a device_put into its sharding) so no second full copy is held.
     """
+    check_names(cfg, names)
     params: dict = {}
-    for path, x in iter_hf_params(cfg, get_tensor, names, abstract, release):
-        _set_path(params, path, place(path, x))
-        del x
+    for row in mapping(cfg):
+        _set_path(params, row[1], place(row[1], param_from_hf(cfg, row, _get_path(abstract, row[1]), get_tensor, release)))
     return params
 
 

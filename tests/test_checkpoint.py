@@ -96,12 +96,19 @@ def test_full_train_state_round_trip_and_params_alone(tmp_path, params):
 
 
 def test_streamed_per_param_save_is_the_standard_layout(tmp_path, params):
-    leaves = [(("embed",), params["embed"]), (("final_norm", "scale"), params["final_norm"]["scale"]),
-              (("lm_head",), params["lm_head"])]
-    leaves += [(("layers",) + tuple(k.key for k in path), x)
-               for path, x in jax.tree_util.tree_flatten_with_path(params["layers"])[0]]
+    paths = [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    asked = []
+
+    def get_leaf(path):
+        asked.append(path)
+        x = params
+        for key in path:
+            x = x[key]
+        return x
+
     streamed = tmp_path / "streamed"
-    checkpoint.save_params_streaming(streamed, CFG, iter(leaves), extra_config={"source": {"format": "test"}})
+    checkpoint.save_params_streaming(streamed, CFG, paths, get_leaf, extra_config={"source": {"format": "test"}})
+    assert asked == paths  # one at a time, in order
     assert sorted(os.listdir(streamed)) == ["0"]  # no scratch left behind
     assert sorted(os.listdir(streamed / "0")) == ["_CHECKPOINT_METADATA", "commit_success.txt", "config", "params"]
     handlers = json.loads((streamed / "0" / "_CHECKPOINT_METADATA").read_text())["item_handlers"]
