@@ -111,7 +111,7 @@ def bench_shape(shape: str, impls: list[str], reference: str, dtype, iters: int,
                             bwd_tflops=bwd_flops / max(t_all - t_fwd, 1e-9) / 1e12))
     for r in results:
         errs = []
-        for against in (reference, "xla"):
+        for against in dict.fromkeys((reference, "xla")):  # each reference once
             if against in outputs and against != r["impl"]:
                 e = max(rel_err(a, b) for a, b in zip(outputs[r["impl"]], outputs[against]))
                 errs.append(f"{e:.1e} vs {against}")

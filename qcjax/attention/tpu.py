@@ -75,9 +75,11 @@ def fit_blocks(bs: BlockSizes, length: int) -> tuple[BlockSizes, int]:
     if length >= tile:
         return bs, _round_up(length, tile)
     padded = _round_up(length, 128)
-    # Short sequences: each block becomes the largest of its value and its divisors that tiles the padded length.
+    # Short sequences: each block becomes the largest multiple of 128, at most itself, that divides the padding.
     shrink = lambda b: max(c for c in range(128, min(b, padded) + 1, 128) if padded % c == 0)
-    return BlockSizes(**{k: shrink(b) for k, b in bs.blocks().items()}), padded
+    fitted = BlockSizes(**{k: shrink(b) for k, b in bs.blocks().items()})
+    fitted.validate()
+    return fitted, padded
 
 
 def _kernel(length: int, groups: int, bs: BlockSizes, interpret: bool):
