@@ -12,7 +12,6 @@ mesh restores onto any other mesh or one device, and params restore alone out of
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qcjax.config import ModelConfig
+from qcjax.hf import release_free_memory
 
 PARAMS, OPT_STATE, DATA_ITER, CONFIG = "params", "opt_state", "data_iter", "config"
 RUN_FIELDS = ("dtype", "remat", "attention_impl")  # config fields a restore may change (param_dtype: `dtype=`)
@@ -275,24 +275,6 @@ def read_config(ckpt_dir: str, step: int | None = None) -> tuple[ModelConfig, di
 
 
 # ---- streaming: one param at a time (conversion) ------------------------------------------------------------------
-FULL_GC_BYTES = 16 << 20  # a param at least this large is worth a full garbage collection once it is let go
-
-
-def release_free_memory(nbytes: int | None = None) -> None:
-    """Free the param just let go (`nbytes` large) now, not at some later garbage collection, then hand freed heap
-    back to the OS. A jax.device_put onto several devices leaves its host source in a reference cycle, and
-    TensorStore's buffers stay in malloc's arenas (glibc malloc_trim returns them); without this a param-by-param
-    conversion's RSS ratchets up towards the model size. A full collection costs ~0.1-0.6 s, hence the threshold."""
-    if nbytes is None or nbytes >= FULL_GC_BYTES:
-        gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _nest(path: tuple[str, ...], value: Any) -> dict:
     for key in reversed(path):
         value = {key: value}

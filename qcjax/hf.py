@@ -14,6 +14,7 @@ shapes, appending each tensor's bytes as it is produced. Output directories appe
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import mmap
@@ -207,6 +208,24 @@ def check_same_model(cfg: ModelConfig, expected: ModelConfig, source: str) -> No
             for f in fields if getattr(cfg, f) != getattr(expected, f)]
     if diff:
         raise ValueError(f"{source} is not the requested model: " + "; ".join(diff))
+
+
+FULL_GC_BYTES = 16 << 20  # a param at least this large is worth a full garbage collection once it is let go
+
+
+def release_free_memory(nbytes: int | None = None) -> None:
+    """Free the param just let go (`nbytes` large) now, not at some later garbage collection, then hand freed heap
+    back to the OS. A jax.device_put onto several devices leaves its host source in a reference cycle, and
+    TensorStore's buffers stay in malloc's arenas (glibc malloc_trim returns them); without this a param-by-param
+    conversion's RSS ratchets up towards the model size. A full collection costs ~0.1-0.6 s, hence the threshold."""
+    if nbytes is None or nbytes >= FULL_GC_BYTES:
+        gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # ---- safetensors, read lazily -------------------------------------------------------------------------------------
@@ -493,11 +512,17 @@ def load_hf(
     if expect is not None:
         check_same_model(cfg, expect, os.path.join(hf_dir, "config.json"))
     reader = SafetensorsReader(hf_dir)
+    check_names(cfg, reader.names())
     boxed = abstract_params(cfg)
-    if mesh is None:
-        place = lambda path, x: jax.numpy.asarray(x)  # noqa: E731
-    else:
-        shardings = param_shardings(boxed, mesh)
-        place = lambda path, x: jax.device_put(x, _get_path(shardings, path))  # noqa: E731
-    params = hf_to_params(cfg, reader.get, reader.names(), nn.meta.unbox(boxed), place, reader.release)
+    abstract = nn.meta.unbox(boxed)
+    shardings = param_shardings(boxed, mesh) if mesh is not None else None
+    params: dict = {}
+    for row in mapping(cfg):
+        x = param_from_hf(cfg, row, _get_path(abstract, row[1]), reader.get, reader.release)
+        # jnp.asarray aliases the aligned buffer on one CPU device; a device_put onto a mesh copies into the shards.
+        y = jax.numpy.asarray(x) if shardings is None else jax.device_put(x, _get_path(shardings, row[1]))
+        del x
+        _set_path(params, row[1], y)
+        if shardings is not None:
+            release_free_memory(y.nbytes)  # the host copy, before the next param is built
     return cfg, params

@@ -302,7 +302,7 @@ def test_conversions_hold_one_param_at_a_time(tmp_path, monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(checkpoint, "FULL_GC_BYTES", 0)  # the test's params are tiny; real ones are large
+    monkeypatch.setattr(hf, "FULL_GC_BYTES", 0)  # the test's params are tiny; real ones are large
     monkeypatch.setattr(hf, "param_from_hf", tracking(hf.param_from_hf))
     convert.hf_to_orbax(tmp_path / "hf", tmp_path / "ckpt")
 
