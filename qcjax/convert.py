@@ -39,6 +39,7 @@ def hf_to_orbax(
     """
     import jax
     from flax import linen as nn
+
     from qcjax import checkpoint, hf
     from qcjax.model import abstract_params
     from qcjax.sharding import make_mesh, param_shardings

@@ -95,7 +95,10 @@ def test_full_train_state_round_trip_and_params_alone(tmp_path, params):
     assert [next(state["data_iter"]) for _ in range(3)] == remaining == [15, 18, 21]
 
 
-def test_streamed_per_param_save_is_the_standard_layout(tmp_path, params):
+@pytest.mark.parametrize("partial_api", [True, False], ids=["partial-save", "older-orbax-fallback"])
+def test_streamed_per_param_save_is_the_standard_layout(tmp_path, params, monkeypatch, partial_api):
+    if not partial_api:
+        monkeypatch.setattr(checkpoint, "_partial_api", lambda: None)
     paths = [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     asked = []
 
