@@ -19,19 +19,6 @@ import os
 import sys
 import time
 
-# XLA:CPU flags are process-wide and must be set before JAX starts; see qcjax_cpu_setup below and docs/sampling.md.
-CPU_XLA_FLAGS: tuple[str, ...] = ()
-
-
-def cpu_setup() -> None:
-    """Apply CPU-only XLA flags when this process will run on the CPU (JAX_PLATFORMS=cpu, or no GPU/TPU device
-    files); never on accelerators, where they would change other programs. Must run before JAX initializes."""
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    accel = any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0"))
-    if CPU_XLA_FLAGS and (platforms == "cpu" or (not platforms and not accel)):
-        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *CPU_XLA_FLAGS]).strip()
-
-
 class UsageError(ValueError):
     """Bad flags or input: reported as `infer.py: error: ...` with exit status 2."""
 
@@ -435,7 +422,9 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    cpu_setup()
+    from qcjax.sampler import configure_cpu_xla
+
+    configure_cpu_xla()  # before JAX starts (a no-op when it already has, e.g. called from tests)
     try:
         return run(a)
     except UsageError as e:

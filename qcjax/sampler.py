@@ -385,6 +385,40 @@ def decode(cfg: ModelConfig, kinds: FilterKinds, params: Any, state: DecodeState
     )
 
 
+# ---- the CPU path ------------------------------------------------------------------------------------------------------
+# XLA:CPU flags for decoding, measured with bench/decode.py (docs/sampling.md). Process-wide, so applied only by the
+# CLIs (infer.py, bench/decode.py) and only when the process runs on the CPU.
+CPU_XLA_FLAGS: tuple[str, ...] = (
+    # XLA hoists loop-invariant work out of the decode while_loop; for bf16 that costs ~20% per step (measured
+    # 0.5B, batch 2: 212 ms/step in the loop vs 174 ms for the same step outside it; 165 ms with this flag).
+    "--xla_disable_hlo_passes=while-loop-invariant-code-motion",
+)
+
+
+def configure_cpu_xla(flags: Sequence[str] = CPU_XLA_FLAGS) -> bool:
+    """Add `flags` to XLA_FLAGS when this process will run on the CPU: JAX_PLATFORMS=cpu, or unset with no GPU/TPU
+    device files. XLA reads the flags when JAX initializes its backends: called later (JAX already running, e.g. in
+    tests) it changes nothing. Returns whether the flags were applied."""
+    import os
+
+    from jax._src import xla_bridge
+
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    accel = any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0"))
+    if not flags or not (platforms == "cpu" or (not platforms and not accel)) or xla_bridge.backends_are_initialized():
+        return False
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+    return True
+
+
+def default_min_batch(cfg: ModelConfig) -> int:
+    """Rows to pad a batch to. On the CPU, bf16 decode at batch 1 takes a path where XLA converts every weight to
+    fp32 on each call (~1 GB/s); from 2 rows the bf16 x bf16 -> fp32 kernel reads bf16 weights directly
+    (measured 0.7 vs 8-13 GB/s on [896, 4864])."""
+    on_cpu = jax.default_backend() == "cpu"
+    return 2 if on_cpu and jnp.dtype(cfg.dtype) == jnp.bfloat16 else 1
+
+
 # ---- host side: bucketing, arrays, streaming -----------------------------------------------------------------------
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -552,7 +586,7 @@ def generate(
     mesh=None,
     chunk: int = 8,
     on_chunk: Callable[[list[list[int]]], Sequence[int] | None] | None = None,
-    min_batch: int = 1,
+    min_batch: int | None = None,
 ) -> list[Completion]:
     """Generate for a batch of token prompts, each with its own length, limit, filters, stop set and seed.
 
@@ -562,8 +596,10 @@ def generate(
     included); it may return row indices to finish now (e.g. a stop string appeared in the text). Without
     on_chunk the whole decode is one device call. mesh: run on a (data, fsdp, tensor) mesh: params by the
     logical-axis rules, the cache by CACHE_LOGICAL_AXES (kv heads over tensor, batch over data/fsdp).
-    min_batch: pad the batch to at least this many rows.
+    min_batch: pad the batch to at least this many rows (default: `default_min_batch`).
     """
+    if min_batch is None:
+        min_batch = default_min_batch(cfg)
     p = plan(cfg, prompts, max_new_tokens, sampling, stop_tokens, seed, min_batch)
     with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
         params = unstack_params(cfg, params, mesh)

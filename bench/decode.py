@@ -1,0 +1,263 @@
+"""Prefill and decode throughput of qcjax's sampler vs transformers `generate`, on this CPU, in one run.
+
+    python bench/decode.py                       # 0.5B architecture, random weights, fp32 and bf16, batch 1 and 8
+    python bench/decode.py --dtypes float32 --batches 1 --repeats 5 --record
+
+Both sides run the same random weights (transformers' init, copied into ours through the HF mapping) in the same
+dtype, with 2 threads. Reported per dtype (medians over --repeats, ours and transformers interleaved so machine
+noise hits both alike):
+  prefill tok/s         batch 1 x --prefill_len tokens (ours: prefill + first token; transformers: a forward
+                        pass with logits_to_keep=1, as generate's prefill)
+  decode tok/s          batch B, --new_tokens after a --decode_prompt-token prompt, prefill excluded (ours: the
+                        while_loop decode; transformers: generate(N) - generate(1))
+  % of bandwidth limit  decode tok/s / (B x read bandwidth / bytes per step); bytes per step = every weight
+                        (the tied embedding is read by the head) + the valid KV cache; read bandwidth = the
+                        faster median of a 2-thread reduction over a 1 GiB fp32 array (torch and XLA)
+and, at fp32 batch 1, what streaming costs: the loop in chunks of 1 and 8 steps vs one call, and a per-token host
+callback (io_callback) inside the loop. Greedy tokens of both sides are compared (fp32: they should match).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="0.5b", help="architecture preset (random weights; default 0.5b)")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prefill_len", type=int, default=512)
+    p.add_argument("--decode_prompt", type=int, default=32)
+    p.add_argument("--new_tokens", type=int, default=33, help="decode steps timed: new_tokens - 1")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--xla_flags", default=None,
+                   help="XLA:CPU flags for our side (default: qcjax.sampler.CPU_XLA_FLAGS); 'none' for none")
+    p.add_argument("--no_stream", action="store_true", help="skip the streaming-cost measurement")
+    p.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
+    return p.parse_args(argv)
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from qcjax import sampler as S
+
+    flags = S.CPU_XLA_FLAGS if a.xla_flags is None else (() if a.xla_flags == "none" else tuple(a.xla_flags.split()))
+    S.configure_cpu_xla(flags)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import transformers
+    from flax import linen as nn
+
+    import qcjax
+    from qcjax.hf import hf_to_params
+    from qcjax.model import abstract_params
+
+    torch.set_num_threads(a.threads)
+    log = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731
+    base = qcjax.get_config(a.model)
+    batches = [int(b) for b in a.batches.split(",")]
+    rows = []
+
+    big_t = torch.ones(256 * 1024 * 1024)
+    big_j = jnp.ones((256 * 1024 * 1024,), jnp.float32)
+    jsum = jax.jit(jnp.sum)
+    jsum(big_j).block_until_ready()
+
+    def bandwidth() -> float:
+        """GB/s: the faster of a torch and an XLA 2-thread sum over 1 GiB (median of 3 each)."""
+        tt, tj = [], []
+        for _ in range(3):
+            t = time.perf_counter(); big_t.sum().item(); tt.append(time.perf_counter() - t)  # noqa: E702
+            t = time.perf_counter(); jsum(big_j).block_until_ready(); tj.append(time.perf_counter() - t)  # noqa: E702
+        return big_t.nbytes / min(med(tt), med(tj)) / 1e9
+
+    bws = []
+    for dname in a.dtypes.split(","):
+        tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dname]
+        cfg = base.replace(param_dtype=dname, dtype=dname)
+        hf_cfg = transformers.Qwen2Config(**cfg.to_hf_dict())
+        hf_cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        t = time.perf_counter()
+        hf = transformers.Qwen2ForCausalLM(hf_cfg).eval().to(tdt)
+        sd = {k: v for k, v in hf.state_dict().items()}
+        params = hf_to_params(cfg, lambda n: sd[n].float().numpy(), set(sd), nn.meta.unbox(abstract_params(cfg)),
+                              place=lambda path, x: jnp.asarray(x))
+        params = S.unstack_params(cfg, params)
+        del sd
+        weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+        log(f"[{dname}] built both models in {time.perf_counter() - t:.0f} s; weights {weight_bytes / 1e9:.2f} GB")
+        cache_dt = jnp.dtype(dname)  # same dtype as transformers' cache
+        rng = np.random.default_rng(0)
+
+        # -- prefill, batch 1 x prefill_len
+        prompt = rng.integers(0, 150000, a.prefill_len).tolist()
+        p = S.plan(cfg, [prompt], max_new_tokens=1, min_batch=S.default_min_batch(cfg))
+        c = S.controls_for(p)
+        ids = torch.tensor([prompt])
+        ours, theirs = [], []
+        for r in range(a.repeats + 1):
+            t = time.perf_counter()
+            jax.block_until_ready(S.start(cfg, params, p, c, cache_dt))
+            ours.append(a.prefill_len / (time.perf_counter() - t))
+            with torch.inference_mode():
+                t = time.perf_counter()
+                hf(ids, logits_to_keep=1, use_cache=True)
+                theirs.append(a.prefill_len / (time.perf_counter() - t))
+            bws.append(bandwidth())
+        rows.append(dict(dtype=dname, what=f"prefill 1x{a.prefill_len}", ours=med(ours[1:]), theirs=med(theirs[1:])))
+        log(f"[{dname}] prefill ours {rows[-1]['ours']:.1f} tok/s, transformers {rows[-1]['theirs']:.1f} tok/s")
+
+        # -- decode, batch B
+        n = a.new_tokens
+        for b in batches:
+            prompts = [rng.integers(0, 150000, a.decode_prompt).tolist() for _ in range(b)]
+            p = S.plan(cfg, prompts, max_new_tokens=n, min_batch=S.default_min_batch(cfg))
+            c = S.controls_for(p)
+            ids = torch.tensor(prompts)
+            ours, theirs, bw_here = [], [], []
+            for r in range(a.repeats + 1):
+                st = S.start(cfg, params, p, c, cache_dt)
+                jax.block_until_ready(st)
+                t = time.perf_counter()
+                st = S.decode(cfg, p.kinds, params, st, c, jnp.int32(n))
+                out = np.asarray(st.out)
+                ours.append(b * (n - 1) / (time.perf_counter() - t))
+
+                def gen(k):
+                    with torch.inference_mode():
+                        t = time.perf_counter()
+                        o = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                        max_new_tokens=k, min_new_tokens=k, pad_token_id=0)
+                        return time.perf_counter() - t, o
+
+                t1, _ = gen(1)
+                tn, o = gen(n)
+                theirs.append(b * (n - 1) / (tn - t1))
+                bw_here.append(bandwidth())
+            bws += bw_here
+            same = int(np.sum(np.all(out[:b, :n] == o[:, a.decode_prompt:].numpy(), axis=1)))
+            ctx = a.decode_prompt + n / 2  # mean valid context over the timed steps
+            kv_bytes = 2 * cfg.num_layers * b * ctx * cfg.num_kv_heads * cfg.dim_per_head * cache_dt.itemsize
+            step_bytes = weight_bytes + kv_bytes
+            limit = b * med(bw_here) * 1e9 / step_bytes
+            rows.append(dict(dtype=dname, what=f"decode batch {b}", ours=med(ours[1:]), theirs=med(theirs[1:]),
+                             limit=limit, same=f"{same}/{b}", bw=med(bw_here)))
+            log(f"[{dname}] decode b={b}: ours {rows[-1]['ours']:.1f} tok/s, transformers {rows[-1]['theirs']:.1f}, "
+                f"bandwidth limit {limit:.1f} ({med(bw_here):.1f} GB/s, {step_bytes / 1e9:.2f} GB/step); "
+                f"greedy rows equal: {same}/{b}")
+
+        if dname == "float32" and not a.no_stream:
+            rows.append(stream_costs(S, cfg, params, a, cache_dt, log))
+        del hf, params
+
+    report(a, rows, bws, flags)
+
+
+def stream_costs(S, cfg, params, a, cache_dt, log) -> dict:
+    """ms per decode step at batch 1: one call; chunks of 8 and 1 (host reads new tokens between calls); a host
+    callback per token inside the loop."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental import io_callback
+
+    n = a.new_tokens
+    p = S.plan(cfg, [list(range(100, 100 + a.decode_prompt))], max_new_tokens=n)
+    c = S.controls_for(p)
+    got = []
+
+    def host(tok, num):
+        got.append((int(tok[0]), int(num[0])))
+
+    def cb_loop(params, state, controls):
+        def body(s):
+            s = S.decode_step(cfg, p.kinds, params, s, controls)
+            io_callback(host, None, s.last, s.num, ordered=True)
+            return s
+
+        return jax.lax.while_loop(lambda s: (s.steps < n) & ~jnp.all(s.done), body, state)
+
+    cb = jax.jit(cb_loop, donate_argnums=1)
+    modes = {"one call": None, "chunks of 8": 8, "chunks of 1": 1, "host callback": "cb"}
+    res = {m: [] for m in modes}
+    for r in range(a.repeats + 1):
+        for m, chunk in modes.items():
+            st = S.start(cfg, params, p, c, cache_dt)
+            jax.block_until_ready(st)
+            t = time.perf_counter()
+            if chunk is None:
+                st = S.decode(cfg, p.kinds, params, st, c, jnp.int32(n))
+            elif chunk == "cb":
+                st = cb(params, st, c)
+            else:
+                while not bool(st.done[0]):
+                    st = S.decode(cfg, p.kinds, params, st, c, st.steps + chunk)
+                    np.asarray(st.out), np.asarray(st.num)
+            np.asarray(st.out)
+            res[m].append((time.perf_counter() - t) / (n - 1) * 1e3)
+    out = {m: med(v[1:]) for m, v in res.items()}
+    log("[float32] streaming, ms per step at batch 1: " + ", ".join(f"{m} {v:.1f}" for m, v in out.items()))
+    return dict(dtype="float32", what="stream", **out)
+
+
+def report(a, rows, bws, flags):
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
+    import jax
+    import torch
+    import transformers
+
+    lines = [
+        f"### Sampler decode/prefill vs transformers ({datetime.date.today()}, bench/decode.py)",
+        "",
+        f"Machine: {model_name}, {os.cpu_count()} cores ({a.threads} threads both sides); read bandwidth "
+        f"{min(bws):.1f}-{max(bws):.1f} GB/s (median {med(bws):.1f}). jax {jax.__version__}, torch "
+        f"{torch.__version__}, transformers {transformers.__version__}. {a.model} architecture, random weights. "
+        f"XLA flags (ours): {' '.join(flags) or 'none'}. Medians of {a.repeats} (after a warm-up), interleaved.",
+        "",
+        "| dtype | measure | qcjax tok/s | transformers tok/s | ratio | % of bandwidth limit (qcjax) | greedy equal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["what"] == "stream":
+            continue
+        lim = f"{100 * r['ours'] / r['limit']:.0f}% of {r['limit']:.1f}" if "limit" in r else ""
+        lines.append(f"| {r['dtype']} | {r['what']} | {r['ours']:.1f} | {r['theirs']:.1f} | "
+                     f"{r['ours'] / r['theirs']:.2f}x | {lim} | {r.get('same', '')} |")
+    for r in rows:
+        if r["what"] == "stream":
+            lines += ["", "Streaming cost (fp32, batch 1, ms per decode step): " +
+                      ", ".join(f"{k} {v:.1f}" for k, v in r.items() if k not in ("dtype", "what"))]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.record:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+        new = not os.path.exists(path)
+        with open(path, "a") as f:
+            if new:
+                f.write("# Benchmark results\n\nFigures recorded by the scripts in bench/ (each appends its own "
+                        "section).\n\n")
+            f.write("\n" + text)
+        print(f"appended to {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
