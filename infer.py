@@ -424,7 +424,7 @@ def main(argv=None) -> int:
     a = parser.parse_args(argv)
     from qcjax.sampler import configure_cpu_xla
 
-    configure_cpu_xla()  # before JAX starts (a no-op when it already has, e.g. called from tests)
+    configure_cpu_xla(a.dtype)  # before JAX starts (a no-op when it already has, e.g. called from tests)
     try:
         return run(a)
     except UsageError as e:

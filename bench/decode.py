@@ -41,7 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--xla_flags", default=None,
-                   help="XLA:CPU flags for our side (default: qcjax.sampler.CPU_XLA_FLAGS); 'none' for none")
+                   help="XLA:CPU flags for our side (default: qcjax.sampler.CPU_XLA_FLAGS for the dtype, as infer.py "
+                        "applies them); 'none' for none. Each dtype runs in its own process (flags are per process)")
+    p.add_argument("--rows_json", default=None, help=argparse.SUPPRESS)  # child process: write rows here
     p.add_argument("--no_stream", action="store_true", help="skip the streaming-cost measurement")
     p.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
     return p.parse_args(argv)
@@ -54,10 +56,27 @@ def med(xs):
 def main(argv=None):
     a = parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    dtypes = a.dtypes.split(",")
+    if a.rows_json is None:  # parent: one child process per dtype, then one report
+        import json
+        import tempfile
+
+        rows, bws, flags = [], [], {}
+        for d in dtypes:
+            with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
+                argv_child = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--record"]
+                subprocess.run([sys.executable, os.path.abspath(__file__), *argv_child, "--dtypes", d,
+                                "--rows_json", f.name], check=True)
+                got = json.load(open(f.name))
+            rows += got["rows"]
+            bws += got["bws"]
+            flags[d] = got["flags"]
+        report(a, rows, bws, flags)
+        return
     from qcjax import sampler as S
 
-    flags = S.CPU_XLA_FLAGS if a.xla_flags is None else (() if a.xla_flags == "none" else tuple(a.xla_flags.split()))
-    S.configure_cpu_xla(flags)
+    flags = None if a.xla_flags is None else (() if a.xla_flags == "none" else tuple(a.xla_flags.split()))
+    flags = S.configure_cpu_xla(dtypes[0], flags)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -168,7 +187,10 @@ def main(argv=None):
             rows.append(stream_costs(S, cfg, params, a, cache_dt, log))
         del hf, params
 
-    report(a, rows, bws, flags)
+    import json
+
+    with open(a.rows_json, "w") as f:
+        json.dump({"rows": rows, "bws": bws, "flags": list(flags)}, f)
 
 
 def stream_costs(S, cfg, params, a, cache_dt, log) -> dict:
@@ -231,7 +253,8 @@ def report(a, rows, bws, flags):
         f"Machine: {model_name}, {os.cpu_count()} cores ({a.threads} threads both sides); read bandwidth "
         f"{min(bws):.1f}-{max(bws):.1f} GB/s (median {med(bws):.1f}). jax {jax.__version__}, torch "
         f"{torch.__version__}, transformers {transformers.__version__}. {a.model} architecture, random weights. "
-        f"XLA flags (ours): {' '.join(flags) or 'none'}. Medians of {a.repeats} (after a warm-up), interleaved.",
+        "XLA flags (ours): " + "; ".join(f"{d}: {' '.join(f) or 'none'}" for d, f in flags.items()) +
+        f". Medians of {a.repeats} (after a warm-up), ours and transformers interleaved.",
         "",
         "| dtype | measure | qcjax tok/s | transformers tok/s | ratio | % of bandwidth limit (qcjax) | greedy equal |",
         "|---|---|---|---|---|---|---|",

@@ -279,27 +279,10 @@ def _sampler_param_shardings(cfg: ModelConfig, mesh) -> dict:
     return out
 
 
+# The KV cache in the sampler: the model's cache (init_cache) with one array per layer instead of a stacked one, for
+# the reason of `unstack_params` (a layer slice of a stacked array is a copy per step on XLA:CPU).
 SamplerCache = dict  # {"k","v": tuple of num_layers [B, cache_len, KV, D], "lengths": [B] int32}
 _LAYER_CACHE_AXES = CACHE_LOGICAL_AXES["k"][1:]  # ("cache_batch", "cache_length", "act_kv_heads", "act_head_dim")
-
-
-def init_sampler_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16, mesh=None
-                       ) -> SamplerCache:
-    """An empty KV cache in the sampler's per-layer layout (the model's init_cache, one array per layer, for the
-    same reason as `unstack_params`), sharded by CACHE_LOGICAL_AXES when a mesh is given."""
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
-
-    def zeros(shape, names, dt):
-        if mesh is None:
-            return jnp.zeros(shape, dt)
-        sharding = NamedSharding(mesh, logical_to_spec(names, shape, mesh))
-        return jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=sharding)()
-
-    return {
-        "k": tuple(zeros(shape, _LAYER_CACHE_AXES, dtype) for _ in range(cfg.num_layers)),
-        "v": tuple(zeros(shape, _LAYER_CACHE_AXES, dtype) for _ in range(cfg.num_layers)),
-        "lengths": zeros((batch,), CACHE_LOGICAL_AXES["lengths"], jnp.int32),
-    }
 
 
 def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
@@ -342,22 +325,42 @@ def _record(s: DecodeState, tok: jax.Array, c: Controls) -> DecodeState:
     return s._replace(last=jnp.where(active, tok, s.last), out=out, num=num, done=done)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kinds", "out_len"), donate_argnames=("cache",))
-def prefill(cfg: ModelConfig, kinds: FilterKinds, params: Any, tokens: jax.Array, lengths: jax.Array, cache: Cache,
-            controls: Controls, out_len: int) -> DecodeState:
-    """Run the right-padded prompts tokens [B, T] (row b's real tokens: the first lengths[b]) into the cache from
-    each row's current cache length, and draw every row's first token from its last prompt position."""
-    b, t = tokens.shape
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+    return x if x.shape[0] == rows else jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kinds", "batch", "cache_len", "cache_dtype", "out_len"))
+def prefill(cfg: ModelConfig, kinds: FilterKinds, params: Any, tokens: jax.Array, lengths: jax.Array,
+            controls: Controls, *, batch: int, cache_len: int, cache_dtype: Any, out_len: int) -> DecodeState:
+    """Run the right-padded prompts tokens [P, T] (row b's real tokens: its first lengths[b]) and draw every row's
+    first token from its last prompt position. Returns the decode state for `batch` >= P rows (rows P.. are batch
+    padding, done from the start) with a cache of `cache_len` slots.
+
+    The prompts attend within a T-slot cache (self-attention: q_len == kv_len, the form the training kernels take),
+    which is then widened to cache_len: measured at the 0.5B shapes, attending over a 1024-slot cache costs ~2x
+    the 512 slots the prompt needs. Only the P prompt rows run through the model; the head runs on `batch` rows
+    (bf16 on the CPU is slow at 1 row, see `default_min_batch`)."""
+    p, t = tokens.shape
+    shape = (p, t, cfg.num_kv_heads, cfg.dim_per_head)
+    empty = jnp.zeros(shape, cache_dtype)
+    cache = {"k": (empty,) * cfg.num_layers, "v": (empty,) * cfg.num_layers, "lengths": jnp.zeros((p,), jnp.int32)}
     segs = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.int32)
-    positions = cache["lengths"][:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (p, t))
     hidden, cache = _forward(cfg, params, tokens, positions, segs, cache)
-    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)  # [B, 1, E]
-    logits = _head(cfg, params, last)[:, 0]  # only the last position: [B, V]
+    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)  # [P, 1, E]
+    logits = _head(cfg, params, _pad_rows(last, batch))[:, 0]  # only the last position: [batch, V]
+
+    def widen(x):  # [P, T, KV, D] -> [batch, cache_len, KV, D]
+        x = jnp.pad(x, ((0, batch - p), (0, cache_len - t), (0, 0), (0, 0)))
+        return constrain(x, _LAYER_CACHE_AXES)
+
+    cache = {"k": tuple(map(widen, cache["k"])), "v": tuple(map(widen, cache["v"])),
+             "lengths": constrain(_pad_rows(cache["lengths"], batch), CACHE_LOGICAL_AXES["lengths"])}
     state = DecodeState(
         cache=cache,
-        last=jnp.zeros((b,), jnp.int32),
-        out=jnp.full((b, out_len), -1, jnp.int32),
-        num=jnp.zeros((b,), jnp.int32),
+        last=jnp.zeros((batch,), jnp.int32),
+        out=jnp.full((batch, out_len), -1, jnp.int32),
+        num=jnp.zeros((batch,), jnp.int32),
         done=controls.max_new <= 0,
         steps=jnp.zeros((), jnp.int32),
     )
@@ -387,28 +390,31 @@ def decode(cfg: ModelConfig, kinds: FilterKinds, params: Any, state: DecodeState
 
 # ---- the CPU path ------------------------------------------------------------------------------------------------------
 # XLA:CPU flags for decoding, measured with bench/decode.py (docs/sampling.md). Process-wide, so applied only by the
-# CLIs (infer.py, bench/decode.py) and only when the process runs on the CPU.
-CPU_XLA_FLAGS: tuple[str, ...] = (
-    # XLA hoists loop-invariant work out of the decode while_loop; for bf16 that costs ~20% per step (measured
-    # 0.5B, batch 2: 212 ms/step in the loop vs 174 ms for the same step outside it; 165 ms with this flag).
-    "--xla_disable_hlo_passes=while-loop-invariant-code-motion",
-)
+# CLIs (infer.py, bench/decode.py), only when the process runs on the CPU, and only for the dtype they help.
+CPU_XLA_FLAGS: dict[str, tuple[str, ...]] = {
+    # XLA hoists loop-invariant work out of the decode while_loop; in bf16 that costs ~20-30% per step (0.5B,
+    # batch 8: 212 ms/step in the loop, 135-180 ms for the same step outside it, 163-177 ms in the loop with the
+    # pass off). fp32 shows no gain (203-226 vs 223-232 ms/step), so it stays on there.
+    "bfloat16": ("--xla_disable_hlo_passes=while-loop-invariant-code-motion",),
+    "float32": (),
+}
 
 
-def configure_cpu_xla(flags: Sequence[str] = CPU_XLA_FLAGS) -> bool:
-    """Add `flags` to XLA_FLAGS when this process will run on the CPU: JAX_PLATFORMS=cpu, or unset with no GPU/TPU
-    device files. XLA reads the flags when JAX initializes its backends: called later (JAX already running, e.g. in
-    tests) it changes nothing. Returns whether the flags were applied."""
+def configure_cpu_xla(dtype: str, flags: Sequence[str] | None = None) -> tuple[str, ...]:
+    """Add the CPU flags for compute `dtype` (or `flags`) to XLA_FLAGS when this process will run on the CPU:
+    JAX_PLATFORMS=cpu, or unset with no GPU/TPU device files. XLA reads the flags when JAX initializes its
+    backends: called later (JAX already running, e.g. in tests) it changes nothing. Returns the flags applied."""
     import os
 
     from jax._src import xla_bridge
 
+    flags = tuple(CPU_XLA_FLAGS.get(str(jnp.dtype(dtype)), ()) if flags is None else flags)
     platforms = os.environ.get("JAX_PLATFORMS", "")
     accel = any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/accel0", "/dev/vfio/0"))
     if not flags or not (platforms == "cpu" or (not platforms and not accel)) or xla_bridge.backends_are_initialized():
-        return False
+        return ()
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
-    return True
+    return flags
 
 
 def default_min_batch(cfg: ModelConfig) -> int:
@@ -451,8 +457,9 @@ class Plan:
     """One batch on the host: the validated requests, bucketed shapes and the arrays prefill needs."""
 
     n: int  # real prompts (rows n.. are batch padding)
-    tokens: np.ndarray  # [B, T] int32, right-padded prompts
-    lengths: np.ndarray  # [B] int32
+    batch: int  # decode rows B (a power of two >= n and >= min_batch)
+    tokens: np.ndarray  # [P, T] int32, right-padded prompts; P = the power of two >= n (P <= B)
+    lengths: np.ndarray  # [P] int32
     cache_len: int
     out_len: int
     kinds: FilterKinds
@@ -460,10 +467,6 @@ class Plan:
     max_new: np.ndarray  # [B] int32; 0 for padding rows
     stop: np.ndarray  # [B, S] int32, -1 = unused
     seeds: np.ndarray  # [B] uint32
-
-    @property
-    def batch(self) -> int:
-        return self.tokens.shape[0]
 
 
 def plan(
@@ -507,7 +510,7 @@ def plan(
     b = _pow2(max(n, min_batch))
     pad = b - n
     t = prefill_bucket(max(len(p) for p in prompts))
-    tokens = np.zeros((b, t), np.int32)
+    tokens = np.zeros((_pow2(n), t), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
     width = max(1, max(len(s) for s in stops))
@@ -517,8 +520,9 @@ def plan(
     samp = samp + [GREEDY] * pad
     return Plan(
         n=n,
+        batch=b,
         tokens=tokens,
-        lengths=np.array([len(p) for p in prompts] + [1] * pad, np.int32),
+        lengths=np.array([len(p) for p in prompts] + [1] * (_pow2(n) - n), np.int32),
         cache_len=_pow2(max(t, max(len(p) + m for p, m in zip(prompts, max_new)))),
         out_len=_pow2(max(max_new)),
         kinds=FilterKinds.of(samp, cfg.vocab_size),
@@ -554,9 +558,9 @@ def controls_for(p: Plan, mesh=None) -> Controls:
 def start(cfg: ModelConfig, params: dict, p: Plan, controls: Controls, cache_dtype: Any = jnp.bfloat16, mesh=None
           ) -> DecodeState:
     """Prefill the plan's prompts into a fresh cache and draw each row's first token (params: `unstack_params`)."""
-    cache = init_sampler_cache(cfg, p.batch, p.cache_len, cache_dtype, mesh)
     return prefill(cfg, p.kinds, params, _place(p.tokens, ("cache_batch", None), mesh),
-                   _place(p.lengths, ("cache_batch",), mesh), cache, controls, p.out_len)
+                   _place(p.lengths, ("cache_batch",), mesh), controls, batch=p.batch, cache_len=p.cache_len,
+                   cache_dtype=jnp.dtype(cache_dtype), out_len=p.out_len)
 
 
 def completions(p: Plan, out: np.ndarray, num: np.ndarray, forced: set[int] = frozenset()) -> list[Completion]:
