@@ -2,6 +2,7 @@
 
     cfg, params = qcjax.load_hf("path/to/Qwen2.5-Coder-0.5B")
     logits = qcjax.logits(cfg, params, tokens)          # [batch, seq, vocab] float32
+    done = qcjax.generate(cfg, params, [token_ids], max_new_tokens=64)   # list of Completion (qcjax.sampler)
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 from qcjax.config import ModelConfig, get_config
 from qcjax.hf import load_hf
 from qcjax.model import Qwen2, init_params
+from qcjax.sampler import SamplingParams, generate
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -28,4 +30,4 @@ def logits(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None) -
     return _logits(cfg, params, tokens, positions, segment_ids)
 
 
-__all__ = ["ModelConfig", "get_config", "load_hf", "logits", "Qwen2", "init_params"]
+__all__ = ["ModelConfig", "get_config", "load_hf", "logits", "Qwen2", "init_params", "generate", "SamplingParams"]
