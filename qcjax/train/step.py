@@ -26,8 +26,24 @@ _NEVER = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+    """AdamW with global-norm clipping and a warmup schedule; non-finite updates are skipped.
+
+    Fields:
+    lr: peak learning rate.
+    schedule: "cosine" (linear warmup, then cosine decay to end_lr_ratio * lr at total_steps) or "constant"
+      (linear warmup, then lr).
+    warmup_steps: steps of linear warmup from 0.
+    total_steps: length of the schedule (the loop sets it to the run's `steps`).
+    end_lr_ratio: final learning rate of the cosine schedule, as a fraction of lr.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon.
+    weight_decay: decoupled weight decay, on matrices only (never on norm scales and biases).
+    clip_norm: global gradient-norm clipping threshold; <= 0 disables clipping.
+    """
+
     lr: float = 3e-4
-    schedule: str = "cosine"  # "cosine" (warmup + cosine decay to end_lr_ratio * lr) or "constant" (after warmup)
+    schedule: str = "cosine"
     warmup_steps: int = 100
     total_steps: int = 1000
     end_lr_ratio: float = 0.1
@@ -35,7 +51,7 @@ class OptimizerConfig:
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    clip_norm: float = 1.0  # global-norm clipping; <= 0 disables
+    clip_norm: float = 1.0
 
 
 def lr_schedule(c: OptimizerConfig) -> optax.Schedule:
