@@ -64,6 +64,15 @@ def mfu(cfg: ModelConfig, seq_len: int, tokens_per_s: float, n_devices: int, pea
     return train_flops_per_token(cfg, seq_len) * tokens_per_s / (peak * n_devices)
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """The rows a run's MetricsWriter wrote, in order: {"step", "loss", ...} (eval rows: {"step", "eval_loss", ...})."""
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 class MetricsWriter:
     """metrics.jsonl (one object per logged step) and TensorBoard event files, written by process 0 only."""
 
@@ -73,7 +82,7 @@ class MetricsWriter:
         self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
