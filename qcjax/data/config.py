@@ -1,4 +1,5 @@
-"""The data configuration: plain dataclasses, validated once (docs/data.md lists every field with examples).
+"""The data configuration: plain dataclasses, validated once. Each field's meaning is in its class's "Fields:"
+docstring section, from which docs/config.md is generated; docs/data.md describes the formats.
 
     cfg = DataConfig(sources=(SourceConfig("jsonl", "code/*.jsonl", weight=7),
                               SourceConfig("parquet", "text/", weight=2, fim_rate=0.0),
