@@ -6,6 +6,7 @@
     python infer.py --hf_dir DIR --file src/app.py --cursor 42:9 --repo .          # FIM at a cursor, repo context
     python infer.py --hf_dir Qwen2.5-Coder-0.5B-Instruct --chat --prompt "Write a bubble sort in Python"
     python infer.py --ckpt runs/sft/checkpoints --prompts_jsonl in.jsonl --out out.jsonl
+    python infer.py --config 32b --compile_only --topology v5p-8 --batch 8 --context 32768   # fits? (no TPU)
 
 stdout carries only the generated text (streamed as it is produced) or, with --prompts_jsonl, one JSON object per
 prompt; logs go to stderr. Bad input is an error naming the flag, with exit status 2.
@@ -47,6 +48,7 @@ Generation stops at Qwen's FIM/chat stop tokens (<|endoftext|> <|fim_prefix|> <|
     m = src.add_mutually_exclusive_group(required=True)
     m.add_argument("--hf_dir", help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)")
     m.add_argument("--ckpt", help="qcjax (Orbax) checkpoint directory; the model config comes from the checkpoint")
+    m.add_argument("--config", help="a model preset (0.5b ... 32b, tiny), with --compile_only (no weights needed)")
     src.add_argument("--step", type=int, default=None, help="checkpoint step for --ckpt (default: the latest)")
     src.add_argument("--tokenizer", default=None,
                      help="tokenizer.json / SentencePiece .model / directory / 'qwen' (default: the one in the "
@@ -70,7 +72,8 @@ Generation stops at Qwen's FIM/chat stop tokens (<|endoftext|> <|fim_prefix|> <|
     inp.add_argument("--system", default=None, help="system message for --chat (default: Qwen's default)")
     inp.add_argument("--prompts_jsonl", help="run a batch: one JSON object per line (see below)")
     inp.add_argument("--out", default="-", help="where --prompts_jsonl results go (default '-': stdout)")
-    inp.add_argument("--batch_size", type=int, default=8, help="prompts per batch with --prompts_jsonl (default 8)")
+    inp.add_argument("--batch_size", "--batch", type=int, default=8,
+                     help="prompts per batch with --prompts_jsonl; rows compiled with --compile_only (default 8)")
 
     gen = p.add_argument_group("generation")
     gen.add_argument("--max_new_tokens", type=int, default=256, help="tokens to generate at most (default 256)")
@@ -82,13 +85,20 @@ Generation stops at Qwen's FIM/chat stop tokens (<|endoftext|> <|fim_prefix|> <|
     gen.add_argument("--stop", action="append", default=[],
                      help="extra stop: a control-token name (e.g. '<|im_end|>') or a string; backslash escapes "
                           "are interpreted (--stop '\\n\\n'); repeatable")
-    gen.add_argument("--max_context", type=int, default=None,
-                     help="context length limit (default: the model's max_position_embeddings)")
+    gen.add_argument("--max_context", "--context", type=int, default=None,
+                     help="context length limit (default: the model's max_position_embeddings); with "
+                          "--compile_only, the tokens per row compiled for (prompt + --max_new_tokens)")
     gen.add_argument("--truncate_left", action="store_true",
                      help="drop the oldest prompt tokens when prompt + --max_new_tokens exceed the context "
                           "(default: an error)")
     gen.add_argument("--chunk", type=int, default=8, help="decode steps between streamed updates (default 8)")
     gen.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    aot = p.add_argument_group("compile only (no TPU needed; libtpu)")
+    aot.add_argument("--compile_only", action="store_true",
+                     help="compile prefill and decode for --topology and report per-chip memory; generate nothing "
+                          "(exit status 1 when they do not fit)")
+    aot.add_argument("--topology", help="TPU slice: v5p-8, v5e-4, v6e-8, v4-8, 2xv5p-128, v5p:4x4x8")
     return p
 
 
@@ -308,10 +318,64 @@ def _mesh(spec: str | None):
         raise UsageError(f"--mesh {spec!r}: {e} (expected e.g. 'tensor=8' or 'data=2,tensor=4')") from None
 
 
+# ---- compile only ---------------------------------------------------------------------------------------------------
+def _model_config(a):
+    """The model config alone (no weights): a preset, an HF config.json, or a qcjax checkpoint's config."""
+    from qcjax.config import ModelConfig, get_config
+
+    try:
+        if a.config:
+            return get_config(a.config)
+        if a.hf_dir:
+            return ModelConfig.from_hf_json(a.hf_dir)
+        from qcjax.checkpoint import read_config
+
+        return read_config(a.ckpt, a.step)[0]
+    except (OSError, ValueError, KeyError) as e:
+        flag = "--config" if a.config else "--hf_dir" if a.hf_dir else "--ckpt"
+        raise UsageError(f"{flag} {a.config or a.hf_dir or a.ckpt}: {e}") from None
+
+
+def compile_only(a: argparse.Namespace, out=None) -> int:
+    """Compile prefill and decode for a TPU slice and print the memory report; 0 fits, 1 does not."""
+    from qcjax import tpu_compile as T
+
+    out = out or sys.stdout
+    if not a.topology:
+        raise UsageError("--compile_only needs --topology, e.g. --topology v5p-8")
+    cfg = _model_config(a)
+    cfg = cfg.replace(param_dtype=a.dtype, dtype=a.dtype)
+    context = a.max_context or cfg.max_position_embeddings
+    mesh = None
+    if a.mesh is not None:
+        from qcjax.convert import parse_mesh
+
+        try:
+            mesh = parse_mesh(a.mesh)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"--mesh: {e}") from None
+    try:
+        report = T.compile_sampler(cfg, a.topology, batch=a.batch_size, context=context,
+                                   max_new_tokens=a.max_new_tokens, mesh_shape=mesh, cache_dtype=a.cache_dtype,
+                                   sampling=_sampling(a.temperature, a.top_k, a.top_p, a.min_p))
+    except (T.TopologyError, T.CompileUnavailable, ValueError) as e:
+        raise UsageError(str(e)) from None
+    print(report.format(), file=out)
+    if not report.fits:
+        print(f"infer.py: error: prefill/decode do not fit in the HBM of {a.topology}: lower --batch or --context, "
+              "use --mesh to shard differently, or a larger slice", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ---- running --------------------------------------------------------------------------------------------------------
 def run(a: argparse.Namespace, out=None, log=None) -> int:
     out = out or sys.stdout
     log = log or sys.stderr
+    if a.compile_only:
+        return compile_only(a, out)
+    if a.config:
+        raise UsageError("--config (a preset: random weights) only goes with --compile_only; give --hf_dir or --ckpt")
     mode = _check_mode(a)
     sampling = _sampling(a.temperature, a.top_k, a.top_p, a.min_p)
     tok = _tokenizer(a)
@@ -422,6 +486,10 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    if a.compile_only:
+        from qcjax.tpu_compile import quiet_libtpu
+
+        quiet_libtpu(cpu_only=True)  # before JAX starts
     from qcjax.sampler import configure_cpu_xla
 
     configure_cpu_xla(a.dtype)  # before JAX starts (a no-op when it already has, e.g. called from tests)

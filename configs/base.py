@@ -32,6 +32,7 @@ def get_config(stage: str = "file") -> ConfigDict:
     c.batch_size = 8
     c.seq_len = {"repo": 32768}.get(stage, 8192)
     c.grad_accum = 1
+    c.per_device_batch = 0
     c.loss_chunk = 2048
     c.seed = 0
 
@@ -104,6 +105,8 @@ HELP = {
     "max_nonfinite_in_row": "stop the run after this many skipped (non-finite loss or gradient) steps in a row",
     "peak_flops_per_device": "peak FLOP/s of one device, for the MFU metric; 0 = look the device up (unknown on "
                              "CPU: no MFU)",
+    "per_device_batch": "> 0: rows each device runs at once (what decides memory); grad_accum becomes "
+                        "batch_size / (data x fsdp x this)",
 }
 
 

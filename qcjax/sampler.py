@@ -256,15 +256,15 @@ def unstack_params(cfg: ModelConfig, params: Any, mesh=None) -> dict:
     `mesh` if given). The math is the model's own: `_forward` applies the model's DecoderLayer to each layer.
     """
     if isinstance(params["layers"], (list, tuple)):
-        return params if mesh is None else jax.device_put(params, _sampler_param_shardings(cfg, mesh))
+        return params if mesh is None else jax.device_put(params, sampler_param_shardings(cfg, mesh))
     out = {k: v for k, v in params.items() if k != "layers"}
     out["layers"] = tuple(jax.tree.map(lambda x: x[i], params["layers"]) for i in range(cfg.num_layers))
     if mesh is not None:
-        out = jax.device_put(out, _sampler_param_shardings(cfg, mesh))
+        out = jax.device_put(out, sampler_param_shardings(cfg, mesh))
     return out
 
 
-def _sampler_param_shardings(cfg: ModelConfig, mesh) -> dict:
+def sampler_param_shardings(cfg: ModelConfig, mesh) -> dict:
     """Per-layer shardings by the logical-axis rules (the stacked rule minus its leading "layers" axis)."""
     boxed = abstract_params(cfg)
     is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731

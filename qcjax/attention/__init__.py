@@ -41,12 +41,16 @@ def target_device() -> tuple[str, str]:
     return d.platform, d.device_kind
 
 
-def resolve_impl(impl: str, platform: str | None = None) -> str:
-    """The concrete implementation `impl` names on `platform` (default: the target platform)."""
+def resolve_impl(impl: str, platform: str | None = None, head_dim: int | None = None) -> str:
+    """The concrete implementation `impl` names on `platform` (default: the target platform). "auto" falls back to
+    "xla" on TPU for head dims the TPU kernels do not tile (e.g. 16 in the tiny CPU configs), so every config runs."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} unknown; choose one of {IMPLS}")
     if impl == "auto":
-        return _AUTO.get(platform or target_device()[0], "xla")
+        chosen = _AUTO.get(platform or target_device()[0], "xla")
+        if chosen == "pallas_tpu" and head_dim is not None and head_dim not in tpu.HEAD_DIMS:
+            return "xla"
+        return chosen
     return impl
 
 
@@ -66,7 +70,7 @@ def attend(
 ) -> jnp.ndarray:  # [batch, q_len, heads, head_dim]
     """Causal grouped-query attention within segments: query i sees keys j <= q_offset + i of its own segment."""
     platform, kind = target_device()
-    impl = resolve_impl(impl, platform)
+    impl = resolve_impl(impl, platform, q.shape[-1])
     if q_offset is None:
         q_offset = jnp.zeros((q.shape[0],), jnp.int32)
     if q.shape[2] % k.shape[2]:

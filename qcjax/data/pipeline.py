@@ -42,6 +42,18 @@ DPO_REF_KEYS = ("ref_chosen_logp", "ref_rejected_logp")  # precomputed reference
 _MAX_EMPTY_RUN = 10_000  # consecutive records giving no tokens before the pipeline gives up (all-bad source)
 
 
+def batch_shapes(task: str, batch_size: int, seq_len: int, ref_logps: bool = False
+                 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{key: (shape, dtype)} of one batch as the iterators yield it for `task` (the layout in the module doc):
+    what compiling a train step ahead of time needs, without reading data."""
+    dtypes = {"tokens": np.int32, "positions": np.int32, "segment_ids": np.int32, "loss_mask": LOSS_MASK_DTYPE}
+    streams = ("chosen_", "rejected_") if task == "dpo" else ("",)
+    out = {s + k: ((batch_size, seq_len), np.dtype(dtypes[k])) for s in streams for k in ROW_KEYS}
+    if task == "dpo" and ref_logps:
+        out.update({k: ((batch_size,), np.dtype(np.float32)) for k in DPO_REF_KEYS})
+    return out
+
+
 class RecordError(ValueError):
     """A record the format stage cannot use (missing / mistyped field, undecodable line); names file and field."""
 

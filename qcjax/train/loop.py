@@ -70,26 +70,48 @@ def optimizer_config(c: ConfigDict) -> OptimizerConfig:
     return OptimizerConfig(total_steps=c.steps, **c.optimizer.to_dict())
 
 
-def step_config(c: ConfigDict) -> StepConfig:
-    return StepConfig(task=c.task, grad_accum=c.grad_accum, loss_chunk=c.loss_chunk, dpo_beta=c.dpo.beta,
-                      dpo_label_smoothing=c.dpo.label_smoothing, dpo_loss_type=c.dpo.loss_type)
+def step_config(c: ConfigDict, grad_accum: int | None = None) -> StepConfig:
+    """grad_accum: the resolved value (`grad_accum_for`); None: the config's field."""
+    return StepConfig(task=c.task, grad_accum=c.grad_accum if grad_accum is None else grad_accum,
+                      loss_chunk=c.loss_chunk, dpo_beta=c.dpo.beta, dpo_label_smoothing=c.dpo.label_smoothing,
+                      dpo_loss_type=c.dpo.loss_type)
 
 
-def validate(c: ConfigDict, cfg: ModelConfig, n_processes: int = 1):
-    """Everything that can be wrong with a config, checked before compiling. Returns the mesh."""
+def grad_accum_for(c: ConfigDict, mesh) -> int:
+    """Micro-batches per step. per_device_batch > 0 fixes the rows each device runs at once (what decides memory,
+    so a config fits any slice where it fits the smallest): grad_accum = batch_size / (data x fsdp x rows)."""
+    if not c.get("per_device_batch"):
+        return c.grad_accum
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if c.grad_accum != 1:
+        raise ConfigError(f"per_device_batch={c.per_device_batch} and grad_accum={c.grad_accum} both set: "
+                          "set per_device_batch=0 to give grad_accum yourself")
+    if c.per_device_batch < 0:
+        raise ConfigError(f"per_device_batch={c.per_device_batch}: must be >= 0 (0: use grad_accum)")
+    if c.batch_size % (dp * c.per_device_batch):
+        raise ConfigError(f"batch_size={c.batch_size} is not divisible by per_device_batch={c.per_device_batch} x "
+                          f"the data-parallel size data x fsdp = {dp}: change batch_size or per_device_batch, or "
+                          "set per_device_batch=0 and grad_accum")
+    return c.batch_size // (dp * c.per_device_batch)
+
+
+def validate(c: ConfigDict, cfg: ModelConfig, n_processes: int = 1, devices=None):
+    """Everything that can be wrong with a config, checked before compiling. Returns the mesh (over `devices`,
+    default all of them)."""
     if c.task not in ("pretrain", "sft", "dpo"):
         raise ConfigError(f"task={c.task!r}: expected pretrain, sft or dpo")
     if c.steps <= 0:
         raise ConfigError(f"steps={c.steps}: must be positive")
     try:
-        mesh = make_mesh({k: int(v) for k, v in c.mesh.items()})
+        mesh = make_mesh({k: int(v) for k, v in c.mesh.items()}, devices=devices)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if c.grad_accum <= 0 or c.batch_size % c.grad_accum:
-        raise ConfigError(f"batch_size={c.batch_size} is not divisible by grad_accum={c.grad_accum}")
-    if (c.batch_size // c.grad_accum) % dp:
-        raise ConfigError(f"batch_size={c.batch_size} (per micro-batch {c.batch_size // c.grad_accum}) is not "
+    accum = grad_accum_for(c, mesh)
+    if accum <= 0 or c.batch_size % accum:
+        raise ConfigError(f"batch_size={c.batch_size} is not divisible by grad_accum={accum}")
+    if (c.batch_size // accum) % dp:
+        raise ConfigError(f"batch_size={c.batch_size} (per micro-batch {c.batch_size // accum}) is not "
                           f"divisible by the data-parallel size data x fsdp = {dp}")
     if c.batch_size % n_processes:
         raise ConfigError(f"batch_size={c.batch_size} is not divisible by the {n_processes} processes")
@@ -121,6 +143,58 @@ def opt_state_shardings(abstract_opt: Any, p_shard: Any, mesh) -> Any:
 
 def batch_sharding(mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1), None, mesh))
+
+
+# ---- the step the loop runs ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """The jitted train step with its shardings, built once for the loop and for ahead-of-time compiles
+    (qcjax.tpu_compile), so that what is compiled for a TPU slice is what the loop runs."""
+
+    mesh: Any
+    tx: Any  # the optax transformation
+    grad_accum: int
+    step_fn: Any  # jit(step, donated state, out_shardings): (state, batch, ref_params) -> (state, metrics)
+    abstract_params: Any  # unboxed ShapeDtypeStructs
+    param_shardings: Any
+    opt_shardings: Any
+    state_shardings: dict
+
+    def abstract_state(self) -> dict:
+        """The train state as sharded ShapeDtypeStructs (what `init_state` makes, without memory)."""
+        state = jax.eval_shape(lambda p: init_state(p, self.tx), self.abstract_params)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
+                            self.state_shardings)
+
+    def abstract_ref_params(self, c: ConfigDict) -> Any:
+        """The frozen DPO reference (a copy of the params) or None, as the loop passes it."""
+        if c.task != "dpo" or c.dpo.reference != "frozen":
+            return None
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_params,
+                            self.param_shardings)
+
+    def abstract_batch(self, c: ConfigDict) -> dict:
+        """One global batch as the data pipeline yields it, sharded as `to_global` places it."""
+        from qcjax.data.pipeline import batch_shapes
+
+        shapes = batch_shapes(c.task, c.batch_size, c.seq_len, ref_logps=bool(c.data.get("dpo_ref_logps")))
+        return {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding(self.mesh, len(shape)))
+                for k, (shape, dt) in shapes.items()}
+
+
+def build_train_program(c: ConfigDict, cfg: ModelConfig, mesh) -> TrainProgram:
+    """The optimizer, shardings and jitted step for a validated config on `mesh` (call under jax.set_mesh)."""
+    oc, accum = optimizer_config(c), grad_accum_for(c, mesh)
+    tx = make_optimizer(oc)
+    boxed = abstract_params(cfg)
+    p_shard = param_shardings(boxed, mesh)
+    abstract_p = nn.meta.unbox(boxed)
+    o_shard = opt_state_shardings(jax.eval_shape(tx.init, abstract_p), p_shard, mesh)
+    state_shard = {"step": NamedSharding(mesh, P()), "params": p_shard, "opt_state": o_shard}
+    train_step = make_train_step(cfg, step_config(c, accum), tx, lr_schedule(oc))
+    step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=(state_shard, None))
+    return TrainProgram(mesh=mesh, tx=tx, grad_accum=accum, step_fn=step_fn, abstract_params=abstract_p,
+                        param_shardings=p_shard, opt_shardings=o_shard, state_shardings=state_shard)
 
 
 # ---- tokenizer and data ---------------------------------------------------------------------------------------------
@@ -196,17 +270,11 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer {tok_path} has {tok.vocab_size} ids but the model only {cfg.vocab_size} rows")
     mesh = validate(c, cfg, jax.process_count())
-    oc, sc = optimizer_config(c), step_config(c)
-    tx = make_optimizer(oc)
-    train_step = make_train_step(cfg, sc, tx, lr_schedule(oc))
-    eval_step = make_eval_step(cfg, sc)
+    eval_step = make_eval_step(cfg, step_config(c))
 
     with jax.set_mesh(mesh):
-        boxed = abstract_params(cfg)
-        p_shard = param_shardings(boxed, mesh)
-        abstract_p = nn.meta.unbox(boxed)
-        o_shard = opt_state_shardings(jax.eval_shape(tx.init, abstract_p), p_shard, mesh)
-        state_shard = {"step": NamedSharding(mesh, P()), "params": p_shard, "opt_state": o_shard}
+        prog = build_train_program(c, cfg, mesh)
+        tx, abstract_p, p_shard, o_shard = prog.tx, prog.abstract_params, prog.param_shardings, prog.opt_shardings
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
         train_it = make_iterator(c, tok, c.seed)
 
@@ -220,11 +288,11 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
             params = _initial_params(c, cfg, mesh, p_shard)
             if c.task == "dpo" and c.dpo.reference == "frozen":
                 ref_params = jax.tree.map(jnp.copy, params)
-            state = jax.jit(lambda p: init_state(p, tx), out_shardings=state_shard)(params)
+            state = jax.jit(lambda p: init_state(p, tx), out_shardings=prog.state_shardings)(params)
         elif c.task == "dpo" and c.dpo.reference == "frozen":
             ref_params = _initial_params(c, cfg, mesh, p_shard)
 
-        step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=(state_shard, None))
+        step_fn = prog.step_fn
         eval_fn = jax.jit(eval_step)
         eval_it = None
         if c.eval_every and c.task != "dpo":  # DPO runs report reward margin/accuracy from the train step
@@ -253,7 +321,7 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
                     last["target_tokens"] = last.pop("tokens")  # loss-counted tokens in the last step
                     last["step_time_s"] = dt / window_steps
                     # throughput counts every row position processed (padding included), as the MFU does
-                    last["tokens_per_s"] = c.batch_size * c.seq_len * (2 if c.task == "dpo" else 1) * window_steps / dt
+                    last["tokens_per_s"] = mt.tokens_per_step(c.task, c.batch_size, c.seq_len) * window_steps / dt
                     last["mfu"] = mt.mfu(cfg, c.seq_len, last["tokens_per_s"], n_dev, peak)
                     writer.write(done, last)
                     if last["target_tokens"] == 0:

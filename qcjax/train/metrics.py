@@ -46,6 +46,17 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * matmul_params(cfg) + attention
 
 
+def tokens_per_step(task: str, batch_size: int, seq_len: int) -> int:
+    """Row positions one train step processes (padding included; a DPO row is a chosen + a rejected sequence)."""
+    return batch_size * seq_len * (2 if task == "dpo" else 1)
+
+
+def train_flops_per_step(cfg: ModelConfig, task: str, batch_size: int, seq_len: int) -> float:
+    """The MFU numerator of one step: `train_flops_per_token` x `tokens_per_step` (a frozen DPO reference's
+    forward pass and remat recomputation are not counted, as in the MFU)."""
+    return train_flops_per_token(cfg, seq_len) * tokens_per_step(task, batch_size, seq_len)
+
+
 def peak_flops(device: Any = None, override: float | None = None) -> float | None:
     """Peak FLOP/s of one device: the config's override, else the table; None when unknown (e.g. CPU)."""
     if override:

@@ -1,0 +1,461 @@
+"""Ahead-of-time compilation for TPU slices on any host (a CPU machine included), with a per-chip memory report.
+
+With libtpu installed, JAX describes a TPU topology without any TPU attached ("compile-only" devices); the real XLA
+TPU compiler and Mosaic (the Pallas kernels) then compile for it, and `memory_analysis()` gives per-chip HBM. This
+module compiles THE train step the loop runs (`qcjax.train.loop.build_train_program`) and the sampler's prefill and
+decode (`qcjax.sampler`), so `train.py --compile_only` / `infer.py --compile_only` answer "does it fit on this slice?"
+before a pod is booked. Nothing executes and no weights are read.
+
+    report = compile_train(config, "v5p-128"); print(report.format()); report.fits
+
+Slice names: `v4-N` and `v5p-N` count TensorCores (2 per chip), `v5e-N` and `v6e-N` count chips, as Cloud TPU
+names them; `2xv5p-128` is two slices joined over the data-center network; `v5p:4x4x8` gives the chip grid itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import math
+import os
+import re
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from qcjax.config import ModelConfig
+
+GiB = 2**30
+LIBTPU_HINT = ('pip install "jax[tpu]==0.10.2" (or `pip install -r requirements-dev.txt`, which pins the matching '
+               "libtpu)")
+
+
+class CompileUnavailable(RuntimeError):
+    """No TPU compiler on this host (libtpu is not installed)."""
+
+
+class TopologyError(ValueError):
+    """A slice name that is not a TPU topology."""
+
+
+# ---- topologies -------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """A TPU chip generation as libtpu names it and as the XLA compiler sizes it."""
+
+    prefix: str  # libtpu topology prefix ("v5" is v5p)
+    cores_per_chip: int  # TensorCores per chip: slice names of megacore chips count cores
+    dims: int  # 3: 3D torus (v4, v5p); 2: 2D (v5e, v6e)
+    chip_config: str
+    hbm_bytes: int  # HBM per chip that the compiler plans with (measured: the limit in its out-of-memory errors)
+
+
+GENERATIONS: dict[str, Generation] = {
+    "v4": Generation("v4", 2, 3, "megacore", int(30.75 * GiB)),
+    "v5p": Generation("v5", 2, 3, "megacore", int(95.74 * GiB)),
+    "v5e": Generation("v5e", 1, 2, "default", int(15.75 * GiB)),
+    "v6e": Generation("v6e", 1, 2, "default", int(31.25 * GiB)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice (or several identical slices over DCN): what `get_topology_desc` needs, plus HBM per chip."""
+
+    name: str  # as given, e.g. "v5p-128" or "2xv6e-256"
+    generation: str  # key of GENERATIONS
+    grid: tuple[int, ...]  # chips per slice along each torus axis
+    slices: int = 1
+
+    @property
+    def gen(self) -> Generation:
+        return GENERATIONS[self.generation]
+
+    @property
+    def chips_per_slice(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def chips(self) -> int:
+        return self.chips_per_slice * self.slices
+
+    @property
+    def hbm_bytes(self) -> int:
+        return self.gen.hbm_bytes
+
+    @property
+    def topology_name(self) -> str:
+        return f"{self.gen.prefix}:{'x'.join(map(str, self.grid))}"
+
+    @property
+    def wrap(self) -> tuple[bool, bool, bool]:
+        """Wraparound (torus) links: 3D slices made of whole 4x4x4 cubes; the full 16x16 2D pod."""
+        if self.gen.dims == 3:
+            return (all(d % 4 == 0 for d in self.grid),) * 3
+        full = tuple(self.grid) == (16, 16)
+        return (full, full, False)
+
+    @property
+    def host_bounds(self) -> tuple[int, int, int]:
+        """Chips per host: 2x2 (4-chip hosts), fewer for 1- and 2-chip slices."""
+        x, y = self.grid[0], self.grid[1] if len(self.grid) > 1 else 1
+        return (min(2, x), min(2, y), 1)
+
+
+def _default_grid(chips: int, dims: int) -> tuple[int, ...]:
+    """Cloud TPU's standard shape for a power-of-two chip count: 3D 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, 4x4x8...;
+    2D 1x1, 2x2, 2x4, 4x4, 4x8, 8x8, 8x16, 16x16."""
+    if dims == 2:
+        a = 1 << (chips.bit_length() - 1) // 2
+        return (a, chips // a)
+    if chips < 4:
+        return (chips, 1, 1)
+    grid = [2, 2, 1]
+    while math.prod(grid) < chips:
+        grid[max(j for j in range(3) if grid[j] == min(grid))] *= 2  # the last of the smallest axes
+    return tuple(grid)
+
+
+_NAME = re.compile(r"^(?:(\d+)x)?(v4|v5p|v5e|v6e)([-:])([\dx]+)$")
+
+
+def parse_topology(name: str) -> Topology:
+    """'v5p-128', 'v5e-4', 'v6e-256', 'v4-8', '2xv5p-128' (two slices), 'v5p:4x4x8' (an explicit chip grid)."""
+    m = _NAME.match(name.strip().lower())
+    if not m:
+        raise TopologyError(f"topology {name!r}: expected [SLICESx]GEN-N or GEN:AxBxC with GEN one of "
+                            f"{sorted(GENERATIONS)}, e.g. v5p-128, v6e-256, 2xv5p-128, v5p:4x4x8")
+    slices, gen_name, sep, size = int(m.group(1) or 1), m.group(2), m.group(3), m.group(4)
+    gen = GENERATIONS[gen_name]
+    if slices < 1:
+        raise TopologyError(f"topology {name!r}: the number of slices must be >= 1")
+    if sep == ":":
+        try:
+            grid = tuple(int(d) for d in size.split("x"))
+        except ValueError:
+            raise TopologyError(f"topology {name!r}: {size!r} is not a chip grid like 4x4x8") from None
+        if len(grid) != gen.dims or min(grid) < 1:
+            raise TopologyError(f"topology {name!r}: {gen_name} needs a {gen.dims}D chip grid, got {size!r}")
+    else:
+        if not size.isdigit() or int(size) < 1:
+            raise TopologyError(f"topology {name!r}: {size!r} is not a number of "
+                                f"{'TensorCores' if gen.cores_per_chip > 1 else 'chips'}")
+        n = int(size)
+        unit = "TensorCores (2 per chip)" if gen.cores_per_chip > 1 else "chips"
+        if n % gen.cores_per_chip or (n // gen.cores_per_chip) & (n // gen.cores_per_chip - 1):
+            raise TopologyError(f"topology {name!r}: {gen_name}-N counts {unit}; N={n} is not a power-of-two "
+                                f"slice (give the chip grid instead, e.g. {gen_name}:{'4x4x12' if gen.dims == 3 else '4x12'})")
+        grid = _default_grid(n // gen.cores_per_chip, gen.dims)
+    return Topology(name=name, generation=gen_name, grid=grid, slices=slices)
+
+
+def quiet_libtpu(cpu_only: bool = False) -> None:
+    """Tell libtpu, on a host without TPUs, what it would otherwise look up and warn about at start-up (harmless
+    "could not determine TPU accelerator type / worker hostnames" lines). cpu_only (the --compile_only CLIs, which
+    run nothing): JAX does not even try to start a TPU backend. Call before JAX starts its backends."""
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes on this host may hold libtpu too
+    if not any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")):  # never on a real TPU host
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        if cpu_only and not os.environ.get("JAX_PLATFORMS"):
+            from jax._src import xla_bridge
+
+            if not xla_bridge.backends_are_initialized():
+                jax.config.update("jax_platforms", "cpu")
+
+
+def has_libtpu() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def compile_devices(topo: Topology) -> tuple:
+    """The slice's compile-only TPU devices (ordered slice by slice, so a leading "data" mesh axis spans slices)."""
+    if not has_libtpu():
+        raise CompileUnavailable(f"compiling for TPU topology {topo.name} needs libtpu, which is not installed: "
+                                 + LIBTPU_HINT)
+    return _compile_devices(topo)
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_devices(topo: Topology) -> tuple:
+    from jax.experimental.topologies import get_topology_desc
+
+    quiet_libtpu()
+    desc = get_topology_desc(platform="tpu", topology_name=topo.topology_name, chip_config_name=topo.gen.chip_config,
+                             chips_per_host_bounds=topo.host_bounds, num_slices=topo.slices, wrap=topo.wrap)
+    return tuple(sorted(desc.devices, key=lambda d: (getattr(d, "slice_index", 0) or 0, d.id)))
+
+
+def topology_mesh(topology: str | Topology, shape: dict[str, int] | None = None):
+    """A (data, fsdp, tensor) mesh (qcjax.sharding.make_mesh) over a slice's compile-only devices."""
+    from qcjax.sharding import make_mesh
+
+    topo = parse_topology(topology) if isinstance(topology, str) else topology
+    return make_mesh(shape, devices=compile_devices(topo))
+
+
+# ---- memory ---------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """Per-chip HBM of one compiled program (XLA's buffer assignment), against the chip's capacity."""
+
+    arguments: int
+    outputs: int
+    aliased: int  # outputs that reuse a donated argument's buffer
+    temporaries: int
+    code: int
+    hbm: int
+
+    @property
+    def total(self) -> int:
+        """Peak per chip: arguments + outputs - aliased + temporaries + code. XLA's TPU compiler does not always
+        fail when this exceeds HBM, so the check is ours."""
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.hbm
+
+    def format(self) -> str:
+        g = format_bytes
+        return (f"arguments {g(self.arguments)}, outputs {g(self.outputs)} (aliased {g(self.aliased)}), "
+                f"temporaries {g(self.temporaries)}, code {g(self.code)}\n"
+                f"total {g(self.total)} of {g(self.hbm)} HBM per chip ({100 * self.total / self.hbm:.0f}%): "
+                + ("fits" if self.fits else f"DOES NOT FIT (over by {g(self.total - self.hbm)})"))
+
+
+def format_bytes(b: float) -> str:
+    return f"{b / GiB:.2f} GiB" if abs(b) >= GiB else f"{b / 2**20:.1f} MiB"
+
+
+def memory_report(compiled, hbm: int) -> MemoryReport:
+    m = compiled.memory_analysis()
+    return MemoryReport(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
+                        aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes,
+                        code=m.generated_code_size_in_bytes, hbm=hbm)
+
+
+# "... HLO temporaries (33.81G) exceeds available HBM (15.75G)" / "Used 120.5G of 95.74G hbm"
+_OOM = (re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM", re.I),
+        re.compile(r"used ([\d.]+)([KMGT]?)i?B? of [\d.]+[KMGT]?i?B? hbm", re.I))
+
+
+def _oom_bytes(message: str) -> int | None:
+    """Bytes the compiler said it needed in its out-of-memory error, when it says."""
+    for pattern in _OOM:
+        m = pattern.search(message)
+        if m:
+            return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": GiB, "T": 2**40}[m.group(2).upper()])
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramReport:
+    """One compiled program: its memory (None when the compiler itself ran out of HBM) and compile times."""
+
+    name: str
+    memory: MemoryReport | None
+    lower_s: float
+    compile_s: float
+    error: str = ""  # the compiler's out-of-memory message
+    needed: int | None = None  # bytes the compiler said it needed, when it failed
+
+    @property
+    def fits(self) -> bool:
+        return self.memory is not None and self.memory.fits
+
+
+def compile_program(name: str, jitted, args: Sequence[Any], kwargs: dict | None, hbm: int):
+    """Lower and compile `jitted(*args, **kwargs)` (abstract, sharded args; call under jax.set_mesh). Returns
+    (report, compiled); a compiler out-of-memory error gives a report that does not fit and compiled None."""
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*args, **(kwargs or {}))
+    t1 = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - XlaRuntimeError's class moves between jax versions
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg and "memory" not in msg.lower():
+            raise
+        report = ProgramReport(name, None, t1 - t0, time.perf_counter() - t1,
+                               error=msg.strip().splitlines()[0][:500], needed=_oom_bytes(msg))
+        return report, None
+    return ProgramReport(name, memory_report(compiled, hbm), t1 - t0, time.perf_counter() - t1), compiled
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """What `train.py/infer.py --compile_only` print: the setup, each program's memory and compile time."""
+
+    topology: Topology
+    mesh: dict[str, int]
+    setup: list[str]  # human-readable lines: model, batch, remat, ...
+    programs: list[ProgramReport]
+    flops_per_step: float | None = None  # train: the model-formula FLOPs of one step
+    peak_flops: float | None = None  # per chip
+
+    @property
+    def fits(self) -> bool:
+        return all(p.fits for p in self.programs)
+
+    def format(self) -> str:
+        t = self.topology
+        dev = compile_devices(t)[0].device_kind
+        mesh = " ".join(f"{k}={v}" for k, v in self.mesh.items())
+        lines = [f"{t.name}: {t.chips} chips ({dev}, {t.topology_name}"
+                 + (f", {t.slices} slices" if t.slices > 1 else "") + f"), mesh {mesh}", *self.setup]
+        for p in self.programs:
+            lines.append(f"{p.name}: lowered in {p.lower_s:.1f} s, compiled in {p.compile_s:.1f} s")
+            if p.memory is not None:
+                lines += ["  " + s for s in p.memory.format().splitlines()]
+            else:
+                need = f" (needs {format_bytes(p.needed)})" if p.needed else ""
+                lines.append(f"  DOES NOT FIT: the compiler ran out of the {format_bytes(t.hbm_bytes)} HBM per chip"
+                             f"{need}: {p.error}")
+        if self.flops_per_step:
+            line = (f"FLOPs per step (model formula: 6 x matmul params + causal attention per token; remat "
+                    f"recomputation not counted): {self.flops_per_step:.3e}")
+            if self.peak_flops:
+                ideal = self.flops_per_step / (self.peak_flops * t.chips)
+                line += (f"; {ideal:.3g} s per step at 100% MFU ({self.peak_flops / 1e12:.0f} TFLOP/s per chip x "
+                         f"{t.chips})")
+            lines.append(line)
+        lines.append("fits" if self.fits else "DOES NOT FIT")
+        return "\n".join(lines)
+
+
+# ---- the train step ----------------------------------------------------------------------------------------------
+def vocab_hint(c) -> int | None:
+    """The tokenizer's vocabulary size, which sizes a from-scratch tiny/small model (as `loop.train` does), without
+    training or loading anything when the spec says it ("spm:stdlib:VOCAB")."""
+    m = c.model
+    if c.init_from or m.vocab_size or m.preset not in ("tiny", "small"):
+        return None  # the vocabulary comes from the preset or the checkpoint
+    spec = c.tokenizer
+    if spec.startswith("spm:stdlib"):
+        return int(spec.split(":")[2]) if spec.count(":") >= 2 else 4096
+    from qcjax.tokenizer import load_tokenizer
+
+    return load_tokenizer(spec).vocab_size
+
+
+def compile_train(c, topology: str | Topology) -> CompileReport:
+    """Compile the loop's train step for `c` (a training ConfigDict) on a TPU slice. Raises loop.ConfigError for
+    a config the loop would reject, CompileUnavailable without libtpu."""
+    from qcjax.train import metrics as mt
+    from qcjax.train.loop import build_train_program, model_config, validate
+
+    topo = parse_topology(topology) if isinstance(topology, str) else topology
+    devices = compile_devices(topo)
+    cfg = model_config(c, vocab_hint=vocab_hint(c))
+    hosts = len({d.process_index for d in devices})
+    mesh = validate(c, cfg, n_processes=hosts, devices=list(devices))
+    with jax.set_mesh(mesh):
+        prog = build_train_program(c, cfg, mesh)
+        args = (prog.abstract_state(), prog.abstract_batch(c), prog.abstract_ref_params(c))
+        report, _ = compile_program("train step", prog.step_fn, args, None, topo.hbm_bytes)
+    from qcjax.attention import resolve_impl
+
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = c.batch_size // prog.grad_accum
+    ref = f", DPO reference {c.dpo.reference}" if c.task == "dpo" else ""
+    setup = [
+        f"model {c.model.preset if not c.init_from else c.init_from}: {cfg.num_layers} layers, hidden "
+        f"{cfg.hidden_size}, vocab {cfg.vocab_size}, params {cfg.param_dtype}, compute {cfg.dtype}, remat "
+        f"{cfg.remat}, attention {resolve_impl(cfg.attention_impl, 'tpu', cfg.dim_per_head)}",
+        f"task {c.task}{ref}: batch {c.batch_size} x {c.seq_len} tokens, grad_accum {prog.grad_accum} "
+        f"({micro // dp if micro % dp == 0 else micro / dp} rows per device per micro-batch)",
+    ]
+    if hosts > 1:
+        setup[-1] += f", {hosts} hosts"
+    return CompileReport(topology=topo, mesh=dict(mesh.shape), setup=setup, programs=[report],
+                         flops_per_step=mt.train_flops_per_step(cfg, c.task, c.batch_size, c.seq_len),
+                         peak_flops=mt.peak_flops(devices[0]))
+
+
+def predict_train_bytes(cfg: ModelConfig, n_chips: int, rows_per_chip: int, seq_len: int, loss_chunk: int
+                        ) -> dict[str, int]:
+    """Per-chip HBM of the train step predicted from parameter counts and shapes, for the configs' layout (FSDP
+    over every chip, full remat, fp32 params and Adam state, bf16 compute): the figures to check a compile
+    against (tests/test_tpu_compile.py) and to reason about a slice by hand.
+
+    state: params + Adam's two moments, 12 bytes/param, sharded (the step's arguments). grads: the step's fp32
+    gradient buffers (micro-batch gradient, accumulation carry, update): measured on the 32B step, ~20 bytes per
+    scanned-layer param and ~8 per embedding/head param. saved: the residual stream each remat'ed layer keeps for
+    the backward pass. layer: the working set of one layer's backward pass: its weights gathered in the compute
+    dtype plus their fp32 gradient, and its activations and their gradients. logits: one loss chunk's fp32 logits
+    and gradient (the chunk spans the micro-batch's tokens, so it is spread over the chips)."""
+    from flax import linen as nn
+
+    from qcjax.model import abstract_params
+
+    shapes = nn.meta.unbox(abstract_params(cfg))
+    layer_n = sum(x.size for x in jax.tree.leaves(shapes["layers"]))
+    other_n = sum(x.size for k, v in shapes.items() if k != "layers" for x in jax.tree.leaves(v))
+    pb, cb = jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.dtype).itemsize
+    e, i, h, kvh, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+    tokens = rows_per_chip * seq_len
+    out = {
+        "state": 3 * pb * (layer_n + other_n) // n_chips,
+        "grads": (20 * layer_n + 8 * other_n) // n_chips,
+        "saved": cfg.num_layers * tokens * e * cb,
+        "layer": layer_n // cfg.num_layers * (cb + 4) + 2 * tokens * (2 * i + h * d + 2 * kvh * d + e) * cb,
+        "logits": 2 * 4 * cfg.vocab_size * max(1, min(loss_chunk, tokens * n_chips) // n_chips),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+# ---- the sampler ---------------------------------------------------------------------------------------------------
+def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, context: int, max_new_tokens: int,
+                    mesh_shape: dict[str, int] | None = None, cache_dtype: Any = jnp.bfloat16, sampling=None
+                    ) -> CompileReport:
+    """Compile the sampler's prefill and decode for `batch` rows of `context` tokens (a prompt of context -
+    max_new_tokens, bucketed exactly as `sampler.plan` buckets it) on a TPU slice. cfg's dtypes are the run's."""
+    from flax import linen as nn
+
+    from qcjax import sampler as S
+    from qcjax.model import abstract_params
+    from qcjax.sharding import logical_to_spec
+
+    topo = parse_topology(topology) if isinstance(topology, str) else topology
+    if batch < 1:
+        raise ValueError(f"batch={batch}: must be >= 1")
+    if not 1 <= max_new_tokens < context:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, context={context}): the prompt gets the "
+                         "rest of the context")
+    mesh = topology_mesh(topo, mesh_shape)
+    p = S.plan(cfg, [[0] * (context - max_new_tokens)] * batch, max_new_tokens, sampling or S.GREEDY, min_batch=1)
+
+    def place(x, names=None):
+        names = names or ("cache_batch",) + (None,) * (len(x.shape) - 1)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, logical_to_spec(names, x.shape,
+                                                                                                    mesh)))
+
+    with jax.set_mesh(mesh):
+        shapes = nn.meta.unbox(abstract_params(cfg))
+        layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), shapes["layers"])
+        shapes = {**{k: v for k, v in shapes.items() if k != "layers"}, "layers": (layer,) * cfg.num_layers}
+        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                              S.sampler_param_shardings(cfg, mesh))
+        controls = jax.tree.map(place, jax.eval_shape(lambda: S.controls_for(p)))
+        tokens, lengths = place(jax.ShapeDtypeStruct(p.tokens.shape, jnp.int32)), place(
+            jax.ShapeDtypeStruct(p.lengths.shape, jnp.int32))
+        kw = dict(batch=p.batch, cache_len=p.cache_len, cache_dtype=jnp.dtype(cache_dtype), out_len=p.out_len)
+        pre, compiled = compile_program("prefill", S.prefill, (cfg, p.kinds, params, tokens, lengths, controls),
+                                        kw, topo.hbm_bytes)
+        programs = [pre]
+        if compiled is not None:  # decode takes the state as prefill leaves it
+            state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                 compiled.out_info)
+            until = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+            programs.append(compile_program("decode", S.decode, (cfg, p.kinds, params, state, controls, until), None,
+                                            topo.hbm_bytes)[0])
+    setup = [f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, params "
+             f"{cfg.param_dtype}, compute {cfg.dtype}, KV cache {jnp.dtype(cache_dtype).name}",
+             f"batch {batch} (decode rows {p.batch}), prompt bucket {p.tokens.shape[1]}, cache {p.cache_len} slots, "
+             f"{max_new_tokens} new tokens (output buffer {p.out_len})"]
+    return CompileReport(topology=topo, mesh=dict(mesh.shape), setup=setup, programs=programs)
