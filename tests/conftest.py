@@ -29,13 +29,15 @@ def hf_model(cfg: ModelConfig, seed: int = 0, std: float = 0.08):
 
 
 def params_from_hf(cfg: ModelConfig, model):
-    """Our params from an in-memory HF model, through the one HF mapping (qcjax.hf)."""
+    """Our params from an in-memory HF model (or a {name: tensor} dict in its layout, e.g. its gradients), through
+    the one HF mapping (qcjax.hf)."""
     from flax import linen as nn
 
     from qcjax.hf import hf_to_params
     from qcjax.model import abstract_params
 
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    tensors = model if isinstance(model, dict) else model.state_dict()
+    sd = {k: v.detach().float().numpy() for k, v in tensors.items()}
     return hf_to_params(cfg, sd.__getitem__, set(sd), nn.meta.unbox(abstract_params(cfg)))
 
 

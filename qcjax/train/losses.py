@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from qcjax.config import ModelConfig
-from qcjax.model import Qwen2
+from qcjax.model import head_kernel, head_logits
 
 
 def next_token_targets(tokens, segment_ids, loss_mask):
@@ -35,12 +35,16 @@ def target_logprobs(cfg: ModelConfig, params, hidden: jax.Array, targets: jax.Ar
     h = jnp.pad(hidden.reshape(n, e), ((0, pad), (0, 0))).reshape(-1, chunk, e)  # [chunks, chunk, embed]
     y = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
 
-    @jax.checkpoint  # the backward recomputes each chunk's logits instead of storing them all
-    def one(p, hc, yc):
-        logits = Qwen2(cfg).apply({"params": p}, hc[None], method=Qwen2.head)[0]  # [chunk, vocab] fp32
+    kernel = head_kernel(cfg, params)  # [embed, vocab]
+
+    def one(w, hc, yc):
+        logits = head_logits(cfg, hc, w)  # [chunk, vocab] fp32
         return jnp.take_along_axis(logits, yc[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
 
-    _, lp = jax.lax.scan(lambda c, xs: (c, one(params, *xs)), None, (h, y))
+    if h.shape[0] == 1:  # one chunk: its logits are the peak either way, so recomputing them would only cost time
+        return one(kernel, h[0], y[0])[:n].reshape(b, t)
+    one = jax.checkpoint(one)  # the backward recomputes each chunk's logits instead of storing them all
+    _, lp = jax.lax.scan(lambda c, xs: (c, one(kernel, *xs)), None, (h, y))
     return lp.reshape(-1)[:n].reshape(b, t)
 
 

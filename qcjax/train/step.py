@@ -174,13 +174,17 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
             return (g_acc, l_acc + loss_sum, n_acc + n, jax.tree.map(jnp.add, m_acc, m)), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        m0 = {}
-        if sc.task == "dpo":
-            m0 = {k: jnp.zeros((), jnp.float32) for k in ("reward_margin", "reward_accuracy", "chosen_reward",
-                                                          "rejected_reward")}
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), m0)
-        (grads, loss_sum, count, msum), _ = jax.lax.scan(body, init, micro_batches)
+        if sc.grad_accum == 1:  # no accumulator: saves zero-filling and re-reading a params-sized fp32 tree
+            (loss_sum, (count, msum)), grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches), ref_params)
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            m0 = {}
+            if sc.task == "dpo":
+                m0 = {k: jnp.zeros((), jnp.float32) for k in ("reward_margin", "reward_accuracy", "chosen_reward",
+                                                              "rejected_reward")}
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), m0)
+            (grads, loss_sum, count, msum), _ = jax.lax.scan(body, init, micro_batches)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = loss_sum / denom
