@@ -281,9 +281,27 @@ def _tokenizer(a):
     if not os.path.isdir(src):
         raise UsageError(f"--{'hf_dir' if a.hf_dir else 'ckpt'} {src}: not a directory")
     try:
-        return load_tokenizer(a.tokenizer or src)
+        return load_tokenizer(a.tokenizer or _checkpoint_tokenizer(a) or src)
     except (OSError, ValueError) as e:
         raise UsageError(f"tokenizer: {e}" + ("" if a.tokenizer else " (pass --tokenizer PATH)")) from None
+
+
+def _checkpoint_tokenizer(a) -> str | None:
+    """For --ckpt: the tokenizer train.py recorded in the checkpoint (its path as given at training time, else the
+    run directory's tokenizer/ next to checkpoints/), so a trained run samples with no extra flag."""
+    if not a.ckpt or any(os.path.exists(os.path.join(a.ckpt, f)) for f in ("tokenizer.json", "spm.model")):
+        return None
+    from qcjax.checkpoint import read_config
+
+    try:
+        recorded = read_config(a.ckpt, a.step)[1].get("tokenizer")
+    except (OSError, ValueError, KeyError):
+        return None
+    beside = os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), "tokenizer")
+    for cand in (recorded, beside):
+        if cand and (cand == "qwen" or os.path.exists(cand)):
+            return cand
+    return None
 
 
 def _load_model(a, mesh, log):
