@@ -117,3 +117,38 @@ def test_marked_examples_run(doc, tmp_path):
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     r = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"docs/{doc} examples failed:\n{r.stderr[-6000:]}"
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lowercased, punctuation dropped (hyphens and underscores kept), spaces to hyphens,
+    repeats numbered."""
+    seen: dict[str, int] = {}
+    out = set()
+    in_code = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        m = None if in_code else re.match(r"#{1,6} (.*)", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def test_relative_links_in_docs_resolve():
+    """Every relative link in docs/*.md names an existing file and, with #anchor, an existing heading."""
+    bad = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
+        text = open(path, encoding="utf-8").read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", re.sub(r"```.*?```", "", text, flags=re.S)):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            full = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+            if not os.path.exists(full):
+                bad.append(f"{os.path.basename(path)}: {target} (no such file)")
+            elif anchor and full.endswith(".md") and anchor not in _anchors(open(full, encoding="utf-8").read()):
+                bad.append(f"{os.path.basename(path)}: {target} (no such heading)")
+    assert not bad, "broken links:\n" + "\n".join(bad)
