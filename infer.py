@@ -508,8 +508,11 @@ def main(argv=None) -> int:
         from qcjax.tpu_compile import quiet_libtpu
 
         quiet_libtpu(cpu_only=True)  # before JAX starts
+    from absl import logging as absl_logging
+
     from qcjax.sampler import configure_cpu_xla
 
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's read-only/restore notices are not for stderr here
     configure_cpu_xla(a.dtype)  # before JAX starts (a no-op when it already has, e.g. called from tests)
     try:
         return run(a)
