@@ -1,12 +1,12 @@
 """Train a Qwen2.5-Coder model: continued pretraining (next-token + FIM, file- then repo-level), SFT or DPO.
 
     python train.py --config=configs/tiny.py --workdir=runs/tiny                 # CPU demo on the stdlib corpus
-    python train.py --config=configs/32b.py:repo --workdir=gs://bucket/run      # every host of a TPU pod slice
+    python train.py --config=configs/32b.py:repo --workdir=/mnt/run/32b        # every host of a TPU pod slice
     python train.py --config=configs/1.5b.py:sft --config.init_from=/ckpt/hf --config.steps=500
 
     python train.py --config=configs/32b.py --compile_only --topology=v5p-128   # does it fit? (no TPU needed)
 
-Any config field can be set with --config.FIELD=VALUE (see configs/base.py for every field and its meaning).
+Any config field can be set with --config.FIELD=VALUE (every field and its meaning: docs/config.md).
 --compile_only compiles the exact train step for a TPU slice on this host (libtpu needed, no TPU) and reports
 per-chip memory, FLOPs per step and compile time; exit status 1 when it does not fit (docs/tpu-memory.md).
 Run the same command on every host; with --multihost the processes find each other (jax.distributed). The run

@@ -264,6 +264,10 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
     """Run (or resume) training as configured, in `workdir` (checkpoints/, metrics.jsonl, tensorboard/)."""
     from qcjax.checkpoint import Checkpointer
 
+    for what, path in (("--workdir", workdir), ("init_from", c.init_from)):
+        if "://" in str(path):  # os.path would silently make a local "gs:/..." directory on every host
+            raise ConfigError(f"{what}={path}: cloud URLs are not supported yet; mount the bucket (gcsfuse, "
+                              "docs/running.md) and pass the mounted path")
     os.makedirs(workdir, exist_ok=True)
     tok, tok_path = setup_tokenizer(c, workdir)
     cfg = model_config(c, vocab_hint=tok.vocab_size)
