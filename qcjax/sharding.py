@@ -101,6 +101,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
 
 
+def batch_shards(size: int, name: str = "act_batch") -> int:
+    """How many ways the current mesh (`jax.set_mesh`) splits a dimension of `size` named `name`; 1 without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return 1
+    axes = logical_to_spec([name], [size], mesh)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def param_specs(boxed_params: Any, mesh: Mesh) -> Any:
     """PartitionSpecs for a (possibly abstract) params tree whose leaves are `nn.Partitioned` boxes."""
 

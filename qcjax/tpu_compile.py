@@ -385,9 +385,10 @@ def predict_train_bytes(cfg: ModelConfig, n_chips: int, rows_per_chip: int, seq_
     state: params + Adam's two moments, 12 bytes/param, sharded (the step's arguments). grads: the step's fp32
     gradient buffers (micro-batch gradient, accumulation carry, update): measured on the 32B step, ~20 bytes per
     scanned-layer param and ~8 per embedding/head param. saved: the residual stream each remat'ed layer keeps for
-    the backward pass. layer: the working set of one layer's backward pass: its weights gathered in the compute
-    dtype plus their fp32 gradient, and its activations and their gradients. logits: one loss chunk's fp32 logits
-    and gradient (the chunk spans the micro-batch's tokens, so it is spread over the chips)."""
+    the backward pass. Then the larger of two working sets that are live at different times: one layer's backward
+    (its weights gathered in the compute dtype plus their fp32 gradient; its activations and their gradients) and
+    the loss (the LM head gathered in the compute dtype plus its fp32 gradient, and one chunk's fp32 logits and their
+    gradient for about loss_chunk of the chip's own tokens)."""
     from flax import linen as nn
 
     from qcjax.model import abstract_params
@@ -403,9 +404,9 @@ def predict_train_bytes(cfg: ModelConfig, n_chips: int, rows_per_chip: int, seq_
         "grads": (20 * layer_n + 8 * other_n) // n_chips,
         "saved": cfg.num_layers * tokens * e * cb,
         "layer": layer_n // cfg.num_layers * (cb + 4) + 2 * tokens * (2 * i + h * d + 2 * kvh * d + e) * cb,
-        "logits": 2 * 4 * cfg.vocab_size * max(1, min(loss_chunk, tokens * n_chips) // n_chips),
+        "loss": cfg.vocab_size * e * (cb + 4) + 2 * 4 * cfg.vocab_size * min(loss_chunk, tokens),
     }
-    out["total"] = sum(out.values())
+    out["total"] = out["state"] + out["grads"] + out["saved"] + max(out["layer"], out["loss"])
     return out
 
 

@@ -41,6 +41,37 @@ def test_chunked_logprobs_equal_full_log_softmax():
     np.testing.assert_allclose(target_logprobs(CFG, params, hidden, targets, chunk=7), full, rtol=1e-5, atol=1e-5)
 
 
+def test_chunked_loss_on_a_batch_sharded_mesh_keeps_logits_on_their_device():
+    """Over fsdp=8 each device computes the logits of its own rows: the loss and its gradient equal the one-device
+    values, and the only collectives are the head's gather and its gradient's reduction ([embed, vocab]), never a
+    [tokens, vocab] logits tensor."""
+    import re
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from qcjax.sharding import make_mesh
+
+    rng = np.random.default_rng(1)
+    b, t, e, v = 8, 32, CFG.hidden_size, CFG.vocab_size
+    hidden = jnp.asarray(rng.normal(size=(b, t, e)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    params = {"embed": jnp.asarray(rng.normal(size=(v, e)) / np.sqrt(e), jnp.float32)}
+    loss = lambda p, h: jnp.sum(target_logprobs(CFG, p, h, targets, chunk=8))  # 8 tokens per device: 8 chunks
+    want = jax.grad(loss, argnums=(0, 1))(params, hidden)
+    mesh = make_mesh({"fsdp": 8})
+    with jax.set_mesh(mesh):
+        h_s = jax.device_put(hidden, NamedSharding(mesh, P("fsdp")))
+        p_s = jax.device_put(params, NamedSharding(mesh, P(None, "fsdp")))  # the embed axis is fsdp-sharded
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        got = fn(p_s, h_s)
+        hlo = fn.lower(p_s, h_s).compile().as_text()
+    np.testing.assert_allclose(got[0]["embed"], want[0]["embed"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
+    moved = re.findall(r"= \(?([^=]*?)\)? (?:all-reduce|all-gather|reduce-scatter|all-to-all)(?:-start)?\(", hlo)
+    shapes = {s for m in moved for s in re.findall(r"[a-z]+\d+\[([\d,]*)\]", m)}
+    assert shapes and shapes <= {"", f"{v},{e // 8}", f"{v},{e}", f"{e},{v}"}, shapes
+
+
 def test_masked_positions_get_zero_gradient():
     """SFT prompt tokens (weight 0) contribute nothing: d loss / d hidden is zero exactly there."""
     params = qcjax.init_params(CFG, jax.random.key(0))

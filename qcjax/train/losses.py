@@ -1,7 +1,7 @@
 """Losses in float32 from hidden states, with vocabulary-wide logits produced a chunk of tokens at a time.
 
-At 152K vocabulary x 32K tokens the full logits would be 20 GB in fp32; here only [chunk, vocab] exists at once, in
-the forward and (through jax.checkpoint) in the backward pass.
+At 152K vocabulary x 32K tokens the full logits would be 20 GB in fp32; here each device holds only about
+[chunk, vocab] at once, in the forward and (through jax.checkpoint) in the backward pass.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from qcjax.config import ModelConfig
 from qcjax.model import head_kernel, head_logits
+from qcjax.sharding import batch_shards, constrain
 
 
 def next_token_targets(tokens, segment_ids, loss_mask):
@@ -27,25 +28,33 @@ def next_token_targets(tokens, segment_ids, loss_mask):
 
 
 def target_logprobs(cfg: ModelConfig, params, hidden: jax.Array, targets: jax.Array, chunk: int = 2048) -> jax.Array:
-    """log p(targets) [batch, seq] float32 from final hidden states [batch, seq, embed], `chunk` tokens at a time."""
+    """log p(targets) [batch, seq] float32 from final hidden states [batch, seq, embed], about `chunk` tokens per
+    device at a time.
+
+    Chunks split the sequence, never the batch: each device computes the logits of its own rows against the
+    gathered head, as the rest of the step does. (Chunks of the flattened tokens would each live on one device, and
+    XLA would compute them from embed-sharded hidden states and all-reduce [chunk, vocab] fp32 logits per chunk.)
+    """
     b, t, e = hidden.shape
-    n = b * t
-    chunk = max(1, min(chunk, n))
-    pad = (-n) % chunk
-    h = jnp.pad(hidden.reshape(n, e), ((0, pad), (0, 0))).reshape(-1, chunk, e)  # [chunks, chunk, embed]
-    y = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
+    rows = -(-b // batch_shards(b))  # rows on each device
+    ct = max(1, min(t, chunk // rows))  # positions per chunk
+    pad = (-t) % ct
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, ct, e).swapaxes(0, 1)  # [chunks, batch, ct, embed]
+    y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, ct).swapaxes(0, 1)  # [chunks, batch, ct]
+    h = constrain(h, (None, "act_batch", None, "act_embed"))
+    y = constrain(y, (None, "act_batch", None))
 
     kernel = head_kernel(cfg, params)  # [embed, vocab]
 
     def one(w, hc, yc):
-        logits = head_logits(cfg, hc, w)  # [chunk, vocab] fp32
-        return jnp.take_along_axis(logits, yc[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+        logits = head_logits(cfg, hc, w)  # [batch, ct, vocab] fp32
+        return jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
 
     if h.shape[0] == 1:  # one chunk: its logits are the peak either way, so recomputing them would only cost time
-        return one(kernel, h[0], y[0])[:n].reshape(b, t)
+        return one(kernel, h[0], y[0])[:, :t]
     one = jax.checkpoint(one)  # the backward recomputes each chunk's logits instead of storing them all
-    _, lp = jax.lax.scan(lambda c, xs: (c, one(kernel, *xs)), None, (h, y))
-    return lp.reshape(-1)[:n].reshape(b, t)
+    _, lp = jax.lax.scan(lambda c, xs: (c, one(kernel, *xs)), None, (h, y))  # [chunks, batch, ct]
+    return lp.swapaxes(0, 1).reshape(b, -1)[:, :t]
 
 
 def cross_entropy(cfg: ModelConfig, params, hidden, targets, weights, chunk: int = 2048):
