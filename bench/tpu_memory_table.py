@@ -5,7 +5,8 @@ compiling the real step (qcjax.tpu_compile.compile_train: the program train.py r
     python bench/tpu_memory_table.py --sizes 0.5b,1.5b --gens v5p --out /tmp/t.md
 
 Every compile runs in its own process (compiling a 32B step takes 1-3 min and ~2 GB of host memory) and is cached
-in bench/tpu_memory_points.jsonl, so an interrupted run resumes and a rerun only redoes the document.
+in bench/tpu_memory_points.jsonl, so an interrupted run resumes and a rerun only redoes the document. The cache is
+keyed by the point, not by the code: delete it after a change to the train step's program.
 
 Search, per (size, stage, generation): slices from the smallest up; on a slice, remat policies from the least
 recompute ("none", "minimal", "full"), and per-device rows 1, 2, 4 (more rows per micro-batch: fewer micro-batches,
@@ -257,6 +258,8 @@ def render(results: dict, defaults: dict, points: Points, args) -> str:
         "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     nofit = []
+    order = lambda kv: (SIZES.index(kv[0][0]), STAGES.index(kv[0][1]), *kv[0][2:])
+    results, defaults = dict(sorted(results.items(), key=order)), dict(sorted(defaults.items(), key=order))
     for (size, stage, gen), r in results.items():
         if r is None:
             nofit.append(f"{size} {stage} on {gen}")
