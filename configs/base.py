@@ -120,13 +120,17 @@ STAGE_DEFAULTS = {
 }
 
 
-def size_config(preset: str, stage: str = "file", **overrides) -> ConfigDict:
+def size_config(preset: str, stage: str = "file", fit: dict | None = None, **overrides) -> ConfigDict:
     """A real size at a stage of the recipe: starts from the released HF checkpoint (`--config.init_from=DIR`,
-    whose tokenizer.json is used), repo stage on repository samples, SFT on chat + FIM-instruct data, DPO pairs."""
+    whose tokenizer.json is used), repo stage on repository samples, SFT on chat + FIM-instruct data, DPO pairs.
+    fit: {stage: (model.remat, per_device_batch)}, the memory setting docs/tpu-memory.md found to fit the stage's
+    smallest v5p and v6e slices (and so any larger slice of them); a stage it lacks gets the least memory: full
+    remat, one row per device."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r}: expected one of {STAGES}")
     c = get_config(stage)
     c.model.preset = preset
+    c.model.remat, c.per_device_batch = (fit or {}).get(stage, ("full", 1))
     c.tokenizer = ""  # "": the tokenizer.json of the init_from HF directory
     d = {**STAGE_DEFAULTS[stage], **overrides}
     c.batch_size, c.seq_len = d["batch_size"], d["seq_len"]

@@ -99,6 +99,19 @@ def test_abstract_batch_is_what_the_pipeline_yields(tmp_path):
         assert got == batch_shapes(task, 2, 64, ref_logps=cfg.dpo_ref_logps)
 
 
+def test_size_configs_use_the_settings_docs_tpu_memory_found():
+    """configs/SIZE.py's per-stage remat and rows per device are the ones the generated table verified."""
+    import re
+
+    text = open(os.path.join(ROOT, "docs", "tpu-memory.md"), encoding="utf-8").read()
+    section = text.split("## The configs' defaults", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| ([\d.]+b) \| (\w+) \| (\w+) \| (\d+) \|", section, re.M)
+    assert len(rows) == 24, rows  # 6 sizes x 4 stages
+    for size, stage, remat, per_device in rows:
+        c = load_config(size, stage)
+        assert (c.model.remat, c.per_device_batch) == (remat, int(per_device)), (size, stage)
+
+
 # ---- compiles -------------------------------------------------------------------------------------------------------
 @needs_libtpu
 def test_tiny_train_step_compiles_for_a_4_chip_slice():
@@ -107,6 +120,28 @@ def test_tiny_train_step_compiles_for_a_4_chip_slice():
     assert "v5e-4: 4 chips (TPU v5 lite" in out.stdout and "mesh data=1 fsdp=4 tensor=1" in out.stdout
     assert "train step: lowered in" in out.stdout and out.stdout.rstrip().endswith("fits")
     assert "could not determine TPU" not in out.stderr  # libtpu's start-up noise is silenced
+
+
+@needs_libtpu
+def test_tiny_train_step_compiles_for_two_slices_with_data_parallelism_over_dcn():
+    out = cli("train.py", "--config=configs/tiny.py", "--compile_only", "--topology=2xv5e-4", "--config.mesh.data=2")
+    assert out.returncode == 0, out.stderr
+    assert "2 slices" in out.stdout and "mesh data=2 fsdp=4 tensor=1" in out.stdout, out.stdout
+    assert out.stdout.rstrip().endswith("fits")
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_a_size_config_fits_the_slice_docs_tpu_memory_names_with_its_memory():
+    """configs/0.5b.py as shipped (full depth) compiled for v6e-1: fits, with the per-chip total the table records."""
+    import re
+
+    text = open(os.path.join(ROOT, "docs", "tpu-memory.md"), encoding="utf-8").read()
+    [documented] = re.findall(r"^\| 0\.5b \| file \| v6e-1 \|(?:[^|]*\|){5} ([\d.]+) \|", text, re.M)
+    out = cli("train.py", "--config=configs/0.5b.py", "--compile_only", "--topology=v6e-1")
+    assert out.returncode == 0, out.stderr
+    [total] = re.findall(r"total ([\d.]+) GiB of 31.25 GiB HBM per chip", out.stdout)
+    assert abs(float(total) - float(documented)) <= 0.05, (total, documented)
 
 
 @needs_libtpu
