@@ -47,8 +47,10 @@ def target_logprobs(cfg: ModelConfig, params, hidden: jax.Array, targets: jax.Ar
     kernel = head_kernel(cfg, params)  # [embed, vocab]
 
     def one(w, hc, yc):
-        logits = head_logits(cfg, hc, w)  # [batch, ct, vocab] fp32
-        return jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+        # As one [batch * ct, embed] matrix: XLA:CPU has no bf16 x bf16 -> f32 kernel for the 3-D form.
+        logits = head_logits(cfg, hc.reshape(-1, e), w)  # [batch * ct, vocab] fp32
+        lp = jnp.take_along_axis(logits, yc.reshape(-1, 1), axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+        return lp.reshape(yc.shape)
 
     if h.shape[0] == 1:  # one chunk: its logits are the peak either way, so recomputing them would only cost time
         return one(kernel, h[0], y[0])[:, :t]
