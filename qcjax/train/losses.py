@@ -47,7 +47,8 @@ def target_logprobs(cfg: ModelConfig, params, hidden: jax.Array, targets: jax.Ar
     kernel = head_kernel(cfg, params)  # [embed, vocab]
 
     def one(w, hc, yc):
-        # As one [batch * ct, embed] matrix: XLA:CPU has no bf16 x bf16 -> f32 kernel for the 3-D form.
+        # As one [batch * ct, embed] matrix: the 3-D form, inside this checkpointed scan with fp32 params and bf16
+        # compute, reached XLA:CPU's DotThunk, which has no bf16 x bf16 -> f32 kernel (a lone _project does not).
         logits = head_logits(cfg, hc.reshape(-1, e), w)  # [batch * ct, vocab] fp32
         lp = jnp.take_along_axis(logits, yc.reshape(-1, 1), axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
         return lp.reshape(yc.shape)
