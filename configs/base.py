@@ -9,6 +9,13 @@ from ml_collections import ConfigDict
 STAGES = ("file", "repo", "sft", "dpo")
 
 
+def source(kind: str, path: str = "", format: str = "text", weight: float = 1.0, **more) -> dict:
+    """One entry of data.sources (qcjax.data.config.SourceConfig). kind, path, format and weight are always present
+    so that `--config.data.sources[0].path=...` works on every config (the command line can change a key, not add
+    one); other SourceConfig fields only when given."""
+    return dict(kind=kind, path=path, format=format, weight=float(weight), **more)
+
+
 def get_config(stage: str = "file") -> ConfigDict:
     c = ConfigDict()
     c.stage = stage
@@ -47,7 +54,7 @@ def get_config(stage: str = "file") -> ConfigDict:
 
     # Data: qcjax.data.config.DataConfig fields (docs/data.md); sources default to the built-in stdlib corpus.
     c.data = ConfigDict(dict(
-        sources=[dict(kind="stdlib", format="repo" if stage == "repo" else "text")],
+        sources=(source("stdlib", format="repo" if stage == "repo" else "text"),),
         fim_rate=0.5,
         eval_fraction=0.01,
     ))
@@ -138,10 +145,11 @@ def size_config(preset: str, stage: str = "file", fit: dict | None = None, **ove
     c.optimizer.weight_decay = 0.0 if stage == "dpo" else 0.1
     c.steps = {"file": 10000, "repo": 2000, "sft": 3000, "dpo": 1000}[stage]
     if stage == "sft":
-        c.data = ConfigDict(dict(sources=[dict(kind="jsonl", path="data/sft/*.jsonl", format="chat", weight=9),
-                                          dict(kind="jsonl", path="data/fim_sft/*.jsonl", format="fim_instruct",
-                                               weight=1)]))
+        c.data = ConfigDict(dict(sources=(
+            source("jsonl", "data/sft/*.jsonl", format="chat", weight=9),
+            source("jsonl", "data/fim_sft/*.jsonl", format="fim_instruct", weight=1),
+        )))
     elif stage == "dpo":
-        c.data = ConfigDict(dict(sources=[dict(kind="jsonl", path="data/dpo/*.jsonl", format="dpo")]))
+        c.data = ConfigDict(dict(sources=(source("jsonl", "data/dpo/*.jsonl", format="dpo"),)))
         c.eval_every = 0
     return c

@@ -2,6 +2,7 @@
 per-process shards, SFT / DPO rows, and clear errors on bad input."""
 import json
 import logging
+import os
 import re
 
 import numpy as np
@@ -13,6 +14,7 @@ from qcjax.data.pipeline import RecordError
 from test_data_common import (build_tiny_tfds, check_rows, code_docs, qwen_tok, segments, tiny_hf_without_fim,
                               tiny_spm, write_jsonl)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T, B = 64, 4
 
 
@@ -339,3 +341,31 @@ def test_parquet_and_tree_sources_through_the_pipeline(tmp_path):
     text = "".join(tok.decode(s) for b in drain(make_iterator("pretrain", cfg, tok, 512, 2)) for s, _ in segments(b))
     assert all(f"def doc_{i}():" in text for i in range(5))
     assert "<|repo_name|>beta\n<|file_sep|>main.py\nimport util\n" in text
+
+
+def parse_train_flags(*args: str):
+    """train.py's --config flag, parsed in-process as a user's command line would be."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["train.py", *args]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)  # overrides are found in argv
+    fv(argv)
+    return DataConfig.from_dict(fv.config.data)
+
+
+def test_command_line_points_the_default_config_at_a_jsonl_file():
+    tiny = f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}"
+    cfg = parse_train_flags(tiny, "--config.data.sources[0].kind=jsonl", "--config.data.sources[0].path=/d/a.jsonl",
+                            "--config.data.sources[0].weight=2.5")
+    assert cfg.sources == (SourceConfig("jsonl", "/d/a.jsonl", weight=2.5),)
+
+
+def test_command_line_replaces_the_whole_mixture_and_refuses_a_lone_dict():
+    tiny = f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}"
+    cfg = parse_train_flags(tiny, "--config.data.sources=[{'kind': 'jsonl', 'path': 'a.jsonl'}, "
+                                  "{'kind': 'tree', 'path': 'repos', 'weight': 2.0, 'exclude': ['tests']}]")
+    assert cfg.sources == (SourceConfig("jsonl", "a.jsonl"), SourceConfig("tree", "repos", 2.0, exclude=("tests",)))
+    with pytest.raises(ValueError, match=r"data.sources\[0\] is 'kind', not a dict"):
+        parse_train_flags(tiny, "--config.data.sources={'kind': 'jsonl', 'path': 'a.jsonl'}")

@@ -131,7 +131,14 @@ class DataConfig:
                 if isinstance(s, SourceConfig):
                     srcs.append(s)
                     continue
-                s = dict(s.to_dict() if hasattr(s, "to_dict") else s)
+                if hasattr(s, "to_dict"):
+                    s = s.to_dict()
+                if not isinstance(s, Mapping):
+                    raise ValueError(
+                        f"data.sources[{i}] is {s!r}, not a dict of SourceConfig fields (on the command line, pass "
+                        "the mixture as a list of dicts: --config.data.sources=\"[{'kind': 'jsonl', 'path': "
+                        "'data/*.jsonl'}]\"; a lone dict is read as a tuple of its keys)")
+                s = dict(s)
                 bad = set(s) - sfields
                 if bad:
                     raise ValueError(f"data.sources[{i}]: unknown fields {sorted(bad)}; known: {sorted(sfields)}")
