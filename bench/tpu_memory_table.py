@@ -255,7 +255,11 @@ def render(results: dict, defaults: dict, points: Points, args) -> str:
         "global batch (configs/base.py STAGE_DEFAULTS), split into micro-batches of `rows` per chip.",
         "",
         f"Search: slices from the smallest up; on a slice, remat `{'` > `'.join(POLICIES)}` (least recompute first), "
-        f"then the most rows per chip of {', '.join(map(str, ROWS))}. A point fits when the compiler's per-chip total "
+        f"then the most rows per chip of {', '.join(map(str, ROWS))}. To save compiles, a point that a linear memory "
+        "model (fitted to the size's earlier compiles) predicts over budget is not compiled (for more than one row) "
+        f"or over {SKIP_OVER:.0%} of it (for one row), so a row count that would just fit can be missed: the table's "
+        "rows per chip are what is proven to fit, not always the most that would. A point fits when the compiler's "
+        "per-chip total "
         f"(arguments + outputs - aliased + temporaries + generated code) is at most {HEADROOM:.0%} of the HBM the "
         "compiler plans with (v5p 95.74 GiB, v6e 31.25 GiB): the rest is left to the runtime. SFT rows have the "
         "file stage's shapes and loss, so they share its compiles. HBM is per chip, GiB; FLOPs per step are the model "
@@ -323,8 +327,9 @@ def render(results: dict, defaults: dict, points: Points, args) -> str:
         f"with {os.cpu_count()} cores and no TPU: {n} compiles ({secs / 3600:.1f} h of compile processes), each "
         "in its own process; results cached in bench/tpu_memory_points.jsonl (rerunning only redoes this page).",
         "- Which points were compiled: a linear model (per-param state bytes / chips + activation bytes per token "
-        "per chip, fitted to each size's earlier compiles) skips points it predicts beyond "
-        f"{SKIP_OVER:.2f} x the budget; every number above is a compile, none is a prediction.",
+        "per chip, fitted to each size's earlier compiles) skips points with more than one row it predicts over the "
+        f"budget, and one-row points it predicts beyond {SKIP_OVER:.2f} x the budget; every number above is a "
+        "compile, none is a prediction.",
         "- Memory is the compiler's buffer assignment (`compiled.memory_analysis()`), which the compile-only TPU "
         "devices report exactly as a TPU host would; no TPU ran these programs, so step times are FLOP bounds, not "
         "measurements.",
