@@ -15,7 +15,7 @@ from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from qcjax import rope
-from qcjax.attention import attend
+from qcjax.attention import attend, target_device
 from qcjax.config import ModelConfig
 from qcjax.sharding import constrain
 
@@ -100,6 +100,19 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.cfg.dtype)
 
 
+def write_cache(cache: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
+    """cache [batch, len, kv_heads, head_dim] with new [batch, t, kv_heads, head_dim] written at each row's offset
+    at [batch]. Per-row offsets make this a scatter, which XLA:CPU runs for a bf16 cache by converting the whole
+    cache to fp32 and back every step; there the 16-bit cache is scattered as uint16 bits (the same bytes, no
+    conversion: bf16 decode at batch 8 on the 0.5B, 52 -> 74 tok/s, tokens identical). Other platforms unchanged."""
+    dtype, new = cache.dtype, new.astype(cache.dtype)
+    as_bits = dtype.itemsize == 2 and target_device()[0] == "cpu"
+    if as_bits:
+        cache, new = jax.lax.bitcast_convert_type(cache, jnp.uint16), jax.lax.bitcast_convert_type(new, jnp.uint16)
+    out = jax.vmap(lambda c, n, a: jax.lax.dynamic_update_slice_in_dim(c, n, a, 0))(cache, new, at)
+    return jax.lax.bitcast_convert_type(out, dtype) if as_bits else out
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -122,8 +135,7 @@ class Attention(nn.Module):
 
         if layer_cache is not None:  # write the new keys/values at each sequence's own offset, attend to the cache
             ck, cv = layer_cache
-            write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), at, 0))
-            ck, cv = write(ck, k, q_offset), write(cv, v, q_offset)
+            ck, cv = write_cache(ck, k, q_offset), write_cache(cv, v, q_offset)
             layer_cache = (ck, cv)
             k, v = ck.astype(dt), cv.astype(dt)
 

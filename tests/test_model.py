@@ -6,7 +6,7 @@ import pytest
 
 import qcjax
 from qcjax.config import ModelConfig
-from qcjax.model import Qwen2, init_cache
+from qcjax.model import Qwen2, init_cache, write_cache
 
 from conftest import hf_logits, hf_model, params_from_hf
 
@@ -142,6 +142,22 @@ def test_kv_cache_prefill_then_decode_equals_full_forward():
         logits, cache = model.apply({"params": params}, tok, pos[:, None], np.ones((2, 1), np.int32), cache)
         for b in range(2):
             np.testing.assert_allclose(logits[b, 0], ref[b, pos[b]], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_cache_write_is_exact_and_never_widened_to_fp32():
+    """Each row's new keys land at its own offset, bit for bit, and the CPU program moves 16-bit values only (a bf16
+    scatter on XLA:CPU otherwise converts the whole cache to fp32 and back on every decode step)."""
+    rng = np.random.default_rng(0)
+    cache = jnp.asarray(rng.normal(size=(3, 16, 2, 8)), jnp.bfloat16)  # [batch, len, kv_heads, head_dim]
+    new = jnp.asarray(rng.normal(size=(3, 2, 2, 8)), jnp.bfloat16)
+    at = np.array([0, 5, 14])
+    want = np.array(cache)
+    for b in range(3):
+        want[b, at[b]: at[b] + 2] = np.array(new)[b]
+    write = jax.jit(write_cache)
+    np.testing.assert_array_equal(np.array(write(cache, new, at)).view(np.uint16), want.view(np.uint16))
+    hlo = write.lower(cache, new, at).compile().as_text()
+    assert "f32[3,16,2,8]" not in hlo, hlo
 
 
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "minimal"])
