@@ -4,16 +4,22 @@ tiny.py) override a few. docs/config.md is generated from this file (docs/gen_co
 A config file may take a stage argument: `--config=configs/7b.py:repo` (file | repo | sft | dpo).
 Any field can be overridden on the command line: `--config.optimizer.lr=1e-5 --config.steps=100`.
 """
+import dataclasses
+
 from ml_collections import ConfigDict
+
+from qcjax.data.config import SourceConfig
 
 STAGES = ("file", "repo", "sft", "dpo")
 
 
-def source(kind: str, path: str = "", format: str = "text", weight: float = 1.0, **more) -> dict:
-    """One entry of data.sources (qcjax.data.config.SourceConfig). kind, path, format and weight are always present
-    so that `--config.data.sources[0].path=...` works on every config (the command line can change a key, not add
-    one); other SourceConfig fields only when given."""
-    return dict(kind=kind, path=path, format=format, weight=float(weight), **more)
+def source(kind: str, path: str = "", **fields) -> dict:
+    """One entry of data.sources: a SourceConfig as a dict. kind, path, format and weight are always present (with
+    SourceConfig's defaults) so that `--config.data.sources[0].path=...` works on every config (the command line can
+    change a key, not add one); other fields only when given."""
+    full = dataclasses.asdict(SourceConfig(kind, path, **fields))  # an unknown field name fails here
+    full["weight"] = float(full["weight"])  # a float key, so the command line may set 2.5
+    return {k: v for k, v in full.items() if k in ("kind", "path", "format", "weight") or k in fields}
 
 
 def get_config(stage: str = "file") -> ConfigDict:

@@ -238,9 +238,10 @@ def data_section() -> list[str]:
            "[data.md](data.md).", ""]
     out += dataclass_table(DataConfig, lambda f: " *(run config)*" if f in run_keys else "")
     out += ["", "### `SourceConfig` (each entry of `data.sources`)", "",
-            "In a config file, each source is a dict of these fields; `configs/base.py`'s `source(kind, path, format,",
-            "weight, **more)` writes one with the four keys a command line most often changes, so on every shipped",
-            "config `--config.data.sources[0].path=data/chat.jsonl` (or `.kind`, `.format`, `.weight`) works. To set",
+            "In a config file, each source is a dict of these fields; `configs/base.py`'s",
+            "`source(kind, path, **fields)` writes one with the four keys a command line most often changes, so on",
+            "every shipped config `--config.data.sources[0].path=data/chat.jsonl` (or `.kind`, `.format`, `.weight`)",
+            "works. To set",
             "another field or change the number of sources, pass the whole mixture as a list of dicts:",
             "`--config.data.sources=\"[{'kind': 'jsonl', 'path': 'data/a.jsonl'}, {'kind': 'tree', 'path': 'repos',",
             "'weight': 2.0, 'exclude': ['tests']}]\"` (a lone dict without the brackets is an error).", ""]

@@ -15,6 +15,7 @@ from test_data_common import (build_tiny_tfds, check_rows, code_docs, qwen_tok, 
                               tiny_spm, write_jsonl)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}"  # train.py's --config, as a user passes it
 T, B = 64, 4
 
 
@@ -356,16 +357,14 @@ def parse_train_flags(*args: str):
 
 
 def test_command_line_points_the_default_config_at_a_jsonl_file():
-    tiny = f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}"
-    cfg = parse_train_flags(tiny, "--config.data.sources[0].kind=jsonl", "--config.data.sources[0].path=/d/a.jsonl",
-                            "--config.data.sources[0].weight=2.5")
+    cfg = parse_train_flags(TINY_CONFIG, "--config.data.sources[0].kind=jsonl",
+                            "--config.data.sources[0].path=/d/a.jsonl", "--config.data.sources[0].weight=2.5")
     assert cfg.sources == (SourceConfig("jsonl", "/d/a.jsonl", weight=2.5),)
 
 
 def test_command_line_replaces_the_whole_mixture_and_refuses_a_lone_dict():
-    tiny = f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}"
-    cfg = parse_train_flags(tiny, "--config.data.sources=[{'kind': 'jsonl', 'path': 'a.jsonl'}, "
-                                  "{'kind': 'tree', 'path': 'repos', 'weight': 2.0, 'exclude': ['tests']}]")
+    cfg = parse_train_flags(TINY_CONFIG, "--config.data.sources=[{'kind': 'jsonl', 'path': 'a.jsonl'}, "
+                                         "{'kind': 'tree', 'path': 'repos', 'weight': 2.0, 'exclude': ['tests']}]")
     assert cfg.sources == (SourceConfig("jsonl", "a.jsonl"), SourceConfig("tree", "repos", 2.0, exclude=("tests",)))
     with pytest.raises(ValueError, match=r"data.sources\[0\] is 'kind', not a dict"):
-        parse_train_flags(tiny, "--config.data.sources={'kind': 'jsonl', 'path': 'a.jsonl'}")
+        parse_train_flags(TINY_CONFIG, "--config.data.sources={'kind': 'jsonl', 'path': 'a.jsonl'}")

@@ -157,7 +157,7 @@ def test_bf16_cache_write_is_exact_and_never_widened_to_fp32():
     write = jax.jit(write_cache)
     np.testing.assert_array_equal(np.array(write(cache, new, at)).view(np.uint16), want.view(np.uint16))
     hlo = write.lower(cache, new, at).compile().as_text()
-    assert "f32[3,16,2,8]" not in hlo, hlo
+    assert "f32[3,16,2,8]" not in hlo, "the compiled write widens the cache to fp32"
 
 
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "minimal"])
