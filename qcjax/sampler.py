@@ -33,10 +33,12 @@ from flax import linen as nn
 
 from qcjax import rope
 from qcjax.config import ModelConfig
-from qcjax.model import CACHE_LOGICAL_AXES, DecoderLayer, Qwen2, RMSNorm, abstract_params
+from qcjax.hf import LAYER_MAPPING
+from qcjax.model import CACHE_LOGICAL_AXES, KERNEL_OUT_IN, DecoderLayer, Qwen2, RMSNorm, abstract_params
 from qcjax.sharding import constrain, logical_to_spec
 
 MIN_PREFILL_BUCKET = 16
+KERNEL_LAYOUTS = ("in_out", "out_in")  # how the sampler stores projection kernels (`unstack_params`)
 
 
 # ---- what the user asks for ---------------------------------------------------------------------------------------
@@ -246,26 +248,65 @@ def sample_tokens(logits: jax.Array, controls: Controls, counts: jax.Array, kind
 
 
 # ---- the forward pass over per-layer params (pure) -----------------------------------------------------------------
-def unstack_params(cfg: ModelConfig, params: Any, mesh=None) -> dict:
-    """The sampler's param layout: the model's stacked "layers" subtree split into one tree per layer.
+def default_kernel_layout(cfg: ModelConfig) -> str:
+    """How the sampler stores projection kernels: "out_in" ([out..., in...], `qcjax.model.KERNEL_OUT_IN`) for 16-bit
+    compute on the CPU, else "in_out" (the model's own layout). Measured on XLA:CPU at the 0.5B shapes, alternated in
+    one process, same greedy tokens (bench/RESULTS.md): bf16 decode batch 8 46.6 -> 57.5 tok/s, batch 1 8.9 -> 9.7,
+    prefill +8%; fp32 batch 1 got slower (7.5 -> 5.0) and batch 8 did not change, so fp32 keeps the model's layout."""
+    on_cpu = jax.default_backend() == "cpu"
+    return "out_in" if on_cpu and jnp.dtype(cfg.dtype).itemsize == 2 else "in_out"
 
-    Why: the model scans over layers, and inside a scan XLA:CPU copies every layer's weights out of the stacked
-    array before each matmul (a dynamic slice cannot feed a dot in place): a decode step then moves ~3x the weight
-    bytes. Measured at the 0.5B shapes (24 x [896, 4864] fp32): scan 163 ms, static slices of the stacked array
-    664 ms, separate per-layer arrays 92 ms. Params already in this layout are returned as they are (placed on
-    `mesh` if given). The math is the model's own: `_forward` applies the model's DecoderLayer to each layer.
+
+def _projection_in_dims() -> dict[tuple[str, ...], int]:
+    """(module path in a layer) -> how many leading kernel dims are inputs, from the HF mapping's "linear:N" rows."""
+    return {path[1:-1]: int(kind.split(":")[1]) for _, path, kind in LAYER_MAPPING if kind.startswith("linear:")}
+
+
+def _with_out_in_kernels(layer: dict, move: Callable[[Any, int], Any]) -> dict:
+    """A copy of one layer's tree with each projection's "kernel" replaced by KERNEL_OUT_IN = move(kernel, n_in)."""
+    layer = jax.tree.map(lambda x: x, layer, is_leaf=lambda x: not isinstance(x, dict))  # copy the dicts
+    for path, n_in in _projection_in_dims().items():
+        mod = functools.reduce(lambda d, k: d[k], path, layer)
+        mod[KERNEL_OUT_IN] = move(mod.pop("kernel"), n_in)
+    return layer
+
+
+def _to_out_in(x: jax.Array, n_in: int) -> jax.Array:
+    return jnp.moveaxis(x, tuple(range(n_in)), tuple(range(x.ndim - n_in, x.ndim)))
+
+
+def unstack_params(cfg: ModelConfig, params: Any, mesh=None, kernel_layout: str | None = None) -> dict:
+    """The sampler's param layout: the model's stacked "layers" subtree split into one tree per layer, with the
+    projection kernels in `kernel_layout` ("in_out" or "out_in"; None: `default_kernel_layout`).
+
+    Why per layer: the model scans over layers, and inside a scan XLA:CPU copies every layer's weights out of the
+    stacked array before each matmul (a dynamic slice cannot feed a dot in place): a decode step then moves ~3x the
+    weight bytes. Measured at the 0.5B shapes (24 x [896, 4864] fp32): scan 163 ms, static slices of the stacked
+    array 664 ms, separate per-layer arrays 92 ms. Params already in this layout are returned as they are (placed
+    on `mesh` if given). The math is the model's own: `_forward` applies the model's DecoderLayer to each layer.
     """
     if isinstance(params["layers"], (list, tuple)):
-        return params if mesh is None else jax.device_put(params, sampler_param_shardings(cfg, mesh))
+        if mesh is None:
+            return params
+        layout = "out_in" if KERNEL_OUT_IN in params["layers"][0]["mlp"]["up_proj"] else "in_out"
+        return jax.device_put(params, sampler_param_shardings(cfg, mesh, layout))
+    layout = kernel_layout or default_kernel_layout(cfg)
+    if layout not in KERNEL_LAYOUTS:
+        raise ValueError(f"kernel_layout={layout!r}: expected one of {KERNEL_LAYOUTS}")
     out = {k: v for k, v in params.items() if k != "layers"}
-    out["layers"] = tuple(jax.tree.map(lambda x: x[i], params["layers"]) for i in range(cfg.num_layers))
+    layers = []
+    for i in range(cfg.num_layers):
+        layer = jax.tree.map(lambda x: x[i], params["layers"])
+        layers.append(_with_out_in_kernels(layer, _to_out_in) if layout == "out_in" else layer)
+    out["layers"] = tuple(layers)
     if mesh is not None:
-        out = jax.device_put(out, sampler_param_shardings(cfg, mesh))
+        out = jax.device_put(out, sampler_param_shardings(cfg, mesh, layout))
     return out
 
 
-def sampler_param_shardings(cfg: ModelConfig, mesh) -> dict:
-    """Per-layer shardings by the logical-axis rules (the stacked rule minus its leading "layers" axis)."""
+def sampler_param_shardings(cfg: ModelConfig, mesh, kernel_layout: str = "in_out") -> dict:
+    """Per-layer shardings by the logical-axis rules (the stacked rule minus its leading "layers" axis); an
+    "out_in" kernel takes its axis names in the same order as its dims."""
     boxed = abstract_params(cfg)
     is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
 
@@ -274,7 +315,17 @@ def sampler_param_shardings(cfg: ModelConfig, mesh) -> dict:
 
     out = {k: jax.tree.map(lambda b: place(b.names, b.value.shape), v, is_leaf=is_box)
            for k, v in boxed.items() if k != "layers"}
-    layer = jax.tree.map(lambda b: place(b.names[1:], b.value.shape[1:]), boxed["layers"], is_leaf=is_box)
+    def unstacked(b):  # a stacked param's box -> one layer's
+        return b.replace(value=jax.ShapeDtypeStruct(b.value.shape[1:], b.value.dtype), names=b.names[1:])
+
+    def flip(b, n):  # an [in..., out...] kernel's box -> its [out..., in...] form
+        shape, names = b.value.shape[n:] + b.value.shape[:n], b.names[n:] + b.names[:n]
+        return b.replace(value=jax.ShapeDtypeStruct(shape, b.value.dtype), names=names)
+
+    layer = jax.tree.map(unstacked, boxed["layers"], is_leaf=is_box)
+    if kernel_layout == "out_in":
+        layer = _with_out_in_kernels(layer, flip)
+    layer = jax.tree.map(lambda b: place(b.names, b.value.shape), layer, is_leaf=is_box)
     out["layers"] = (layer,) * cfg.num_layers
     return out
 

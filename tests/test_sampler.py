@@ -7,6 +7,7 @@ import pytest
 
 from qcjax import sampler as S
 from qcjax.config import ModelConfig
+from qcjax.model import KERNEL_OUT_IN
 from qcjax.sampler import SamplingParams, generate
 
 from conftest import hf_model, params_from_hf
@@ -211,14 +212,17 @@ def test_greedy_ties_pick_the_first_maximum_like_torch():
 CFG_TP = CFG_UNTIED.replace(num_heads=16, num_kv_heads=8, hidden_size=128)  # heads and kv heads split 8 ways
 
 
-def test_tensor_parallel_mesh_of_8_devices_gives_the_same_tokens_as_one_device():
+@pytest.mark.parametrize("layout", S.KERNEL_LAYOUTS)
+def test_tensor_parallel_mesh_of_8_devices_gives_the_same_tokens_as_one_device(layout):
     from qcjax.sharding import make_mesh
 
     cfg, _, params = hf_and_params(CFG_TP)
     prompts = prompts_of(cfg, [9, 4, 14, 2], seed=6)
     one = generate(cfg, params, prompts, max_new_tokens=32, cache_dtype=jnp.float32)
     mesh = make_mesh({"tensor": 8})
-    many = generate(cfg, params, prompts, max_new_tokens=32, cache_dtype=jnp.float32, mesh=mesh)
+    with jax.set_mesh(mesh):
+        placed = S.unstack_params(cfg, params, mesh, kernel_layout=layout)
+    many = generate(cfg, placed, prompts, max_new_tokens=32, cache_dtype=jnp.float32, mesh=mesh)
     assert len(set(one[0].tokens)) > 3
     assert [c.tokens for c in many] == [c.tokens for c in one]
 
@@ -235,6 +239,37 @@ def test_cache_is_sharded_kv_heads_over_tensor_and_batch_over_data():
     k = state.cache["k"][0]
     assert k.dtype == jnp.bfloat16
     assert tuple(k.sharding.spec) + (None,) * (4 - len(k.sharding.spec)) == ("data", None, "tensor", None)
+
+
+# ---- kernel layout ----------------------------------------------------------------------------------------------
+def test_out_in_kernels_are_the_hf_weights_and_give_transformers_greedy_tokens():
+    cfg, model, params = hf_and_params(CFG_UNTIED)
+    flipped = S.unstack_params(cfg, params, kernel_layout="out_in")
+    hf_layer = model.model.layers[1]
+    np.testing.assert_array_equal(flipped["layers"][1]["mlp"]["down_proj"][KERNEL_OUT_IN],
+                                  hf_layer.mlp.down_proj.weight.detach().numpy())  # HF stores [out, in]
+    q = flipped["layers"][1]["attn"]["q_proj"][KERNEL_OUT_IN]  # [heads, head_dim, embed]
+    np.testing.assert_array_equal(q.reshape(cfg.hidden_size, -1), hf_layer.self_attn.q_proj.weight.detach().numpy())
+    prompt = prompts_of(cfg, [11], seed=3)[0]
+    [got] = generate(cfg, flipped, [prompt], max_new_tokens=NEW, cache_dtype=jnp.float32)
+    assert got.tokens == hf_greedy(model, prompt, NEW)
+
+
+def test_bf16_on_the_cpu_stores_kernels_out_in_and_fp32_keeps_the_model_layout():
+    cfg, _, params = hf_and_params(CFG_TIED)
+    bf16 = cfg.replace(dtype="bfloat16")
+    assert S.default_kernel_layout(bf16) == "out_in" and S.default_kernel_layout(cfg) == "in_out"
+    assert KERNEL_OUT_IN in S.unstack_params(bf16, params)["layers"][0]["mlp"]["up_proj"]
+    assert "kernel" in S.unstack_params(cfg, params)["layers"][0]["mlp"]["up_proj"]
+
+
+def test_a_misshapen_out_in_kernel_names_the_projection_and_both_shapes():
+    cfg, _, params = hf_and_params(CFG_UNTIED)
+    flipped = S.unstack_params(cfg, params, kernel_layout="out_in")
+    mlp = flipped["layers"][0]["mlp"]
+    mlp["up_proj"] = {KERNEL_OUT_IN: mlp["up_proj"][KERNEL_OUT_IN].T}
+    with pytest.raises(ValueError, match=r"up_proj.kernel_out_in has shape \(64, 96\), expected \(96, 64\)"):
+        generate(cfg, flipped, [[1, 2, 3]], max_new_tokens=2)
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------------
