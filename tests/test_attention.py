@@ -50,6 +50,17 @@ def assert_close(ours, ref, dtype, what: str = "output") -> None:
     assert err <= TOL[dtype] * scale, f"{what}: max |diff| {err:.3g} > {TOL[dtype]} x max |ref| {scale:.3g}"
 
 
+
+@pytest.mark.parametrize("length, blocks", [(37, 8), (64, 8), (20, 3)])
+def test_causal_query_blocks_compute_the_one_block_attention(length, blocks):
+    """The prefill form (qcjax.model.PREFILL_QUERY_BLOCKS): uneven blocks, packed segments, padding, GQA."""
+    rng = np.random.default_rng(length)
+    q, k, v = qkv(rng, 2, length, length, 14, 2, 64)
+    seg = jnp.asarray(packed_segments(rng, 2, length))
+    off = jnp.zeros(2, jnp.int32)
+    one = xla_attention(q, k, v, seg, seg, off, scale=0.125)
+    assert_close(xla_attention(q, k, v, seg, seg, off, scale=0.125, query_blocks=blocks), one, jnp.float32)
+
 # Small tiles so that even short test sequences span several blocks (causal skipping, multi-block online softmax).
 SMALL_BLOCKS = {"pallas_tpu": tpu.BlockSizes(*[128] * 8), "pallas_gpu": gpu.BlockSizes(*[32] * 6)}
 KERNELS = list(SMALL_BLOCKS)

@@ -67,6 +67,7 @@ def attend(
     block_sizes: Any = None,  # training kernel tiles: tpu.BlockSizes / gpu.BlockSizes; None: per-chip default
     decode_block_sizes: decode.BlockSizes | None = None,  # cache kernel tiles; None: per-chip default
     interpret: bool | None = None,  # Pallas interpret mode; None: on CPU only
+    query_blocks: int = 1,  # "xla" self-attention: causal query blocks (qcjax.attention.xla.xla_attention)
 ) -> jnp.ndarray:  # [batch, q_len, heads, head_dim]
     """Causal grouped-query attention within segments: query i sees keys j <= q_offset + i of its own segment."""
     platform, kind = target_device()
@@ -76,7 +77,7 @@ def attend(
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
     if impl == "xla":
-        return xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale=scale)
+        return xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale=scale, query_blocks=query_blocks)
     interpret = platform == "cpu" if interpret is None else interpret
     if not interpret and platform not in _NEEDS[impl]:
         raise ValueError(f"attention impl {impl!r} needs a {'/'.join(_NEEDS[impl])} device; the target is {platform}")

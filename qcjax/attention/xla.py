@@ -17,7 +17,25 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_offset) -> jnp.ndarray:
     return causal & same
 
 
-def xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, *, scale: float) -> jnp.ndarray:
+def xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, *, scale: float, query_blocks: int = 1
+                  ) -> jnp.ndarray:
+    """`_attention`, or for self-attention (q_len == kv_len, so q_offset is 0) with query_blocks > 1: the queries in
+    that many causal blocks, each against only the keys up to its own end, so ~half the [q_len, kv_len] scores are
+    never computed. The sampler's prefill uses 8 (`qcjax.model.PREFILL_QUERY_BLOCKS`). On XLA:CPU at the 0.5B shapes
+    (512 tokens): 24 layers of attention alone ~20-25% faster in both dtypes; the whole bf16 prefill 428.7 -> 515.5
+    tok/s (alternated), fp32 within noise (198.8 -> 189.1, 192.7 -> 201.8)."""
+    t = q.shape[1]
+    if query_blocks <= 1 or t != k.shape[1] or t < 2 * query_blocks:
+        return _attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale=scale)
+    edges = [t * i // query_blocks for i in range(query_blocks + 1)]
+    return jnp.concatenate([
+        _attention(q[:, lo:hi], k[:, :hi], v[:, :hi], q_segment_ids[:, lo:hi], kv_segment_ids[:, :hi], q_offset + lo,
+                   scale=scale)
+        for lo, hi in zip(edges[:-1], edges[1:])
+    ], axis=1)
+
+
+def _attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, *, scale: float) -> jnp.ndarray:
     """Heads-major: each KV head's group of query heads is one [group * q_len, head_dim] matrix, so both matmuls are
     plain batched matmuls over (batch, kv_head) and only q/k/v/out (not the [q_len, kv_len] scores) are transposed.
     On XLA:CPU this ran the 126M bench config's attention forward ~1.8x and forward+backward ~1.5-2.6x faster than
