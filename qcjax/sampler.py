@@ -251,8 +251,8 @@ def sample_tokens(logits: jax.Array, controls: Controls, counts: jax.Array, kind
 def default_kernel_layout(cfg: ModelConfig) -> str:
     """How the sampler stores projection kernels: "out_in" ([out..., in...], `qcjax.model.KERNEL_OUT_IN`) for 16-bit
     compute on the CPU, else "in_out" (the model's own layout). Measured on XLA:CPU at the 0.5B shapes, alternated in
-    one process, same greedy tokens (bench/RESULTS.md): bf16 decode batch 8 46.6 -> 57.5 tok/s, batch 1 8.9 -> 9.7,
-    prefill +8%; fp32 batch 1 got slower (7.5 -> 5.0) and batch 8 did not change, so fp32 keeps the model's layout."""
+    one process, same greedy tokens (bench/kernel_layout.py, bench/RESULTS.md): bf16 decode batch 8 +23-30%, batch 1
+    +9-24%, prefill +4-8%; fp32 batch 1 got slower (0.61-0.69x) and batch 8 no faster, so fp32 keeps the model's."""
     on_cpu = jax.default_backend() == "cpu"
     return "out_in" if on_cpu and jnp.dtype(cfg.dtype).itemsize == 2 else "in_out"
 
@@ -315,6 +315,7 @@ def sampler_param_shardings(cfg: ModelConfig, mesh, kernel_layout: str = "in_out
 
     out = {k: jax.tree.map(lambda b: place(b.names, b.value.shape), v, is_leaf=is_box)
            for k, v in boxed.items() if k != "layers"}
+
     def unstacked(b):  # a stacked param's box -> one layer's
         return b.replace(value=jax.ShapeDtypeStruct(b.value.shape[1:], b.value.dtype), names=b.names[1:])
 
