@@ -156,7 +156,8 @@ class Attention(nn.Module):
             layer_cache = (ck, cv)
             k, v = ck.astype(dt), cv.astype(dt)
 
-        # With a cache and q_len == kv_len this is the sampler's prefill (training never passes a cache).
+        # With a cache and q_len == kv_len this is a prefill into an empty cache (the sampler's: q_offset 0, as
+        # self-attention requires); training never passes a cache.
         blocks = PREFILL_QUERY_BLOCKS if layer_cache is not None else 1
         out = attend(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale=d**-0.5, impl=cfg.attention_impl,
                      query_blocks=blocks)

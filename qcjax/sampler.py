@@ -286,10 +286,11 @@ def unstack_params(cfg: ModelConfig, params: Any, mesh=None, kernel_layout: str 
     on `mesh` if given). The math is the model's own: `_forward` applies the model's DecoderLayer to each layer.
     """
     if isinstance(params["layers"], (list, tuple)):
-        if mesh is None:
-            return params
         layout = "out_in" if KERNEL_OUT_IN in params["layers"][0]["mlp"]["up_proj"] else "in_out"
-        return jax.device_put(params, sampler_param_shardings(cfg, mesh, layout))
+        if kernel_layout is not None and kernel_layout != layout:
+            raise ValueError(f"kernel_layout={kernel_layout!r}, but these params are already unstacked with "
+                             f"{layout!r} kernels; unstack the model's stacked params instead")
+        return params if mesh is None else jax.device_put(params, sampler_param_shardings(cfg, mesh, layout))
     layout = kernel_layout or default_kernel_layout(cfg)
     if layout not in KERNEL_LAYOUTS:
         raise ValueError(f"kernel_layout={layout!r}: expected one of {KERNEL_LAYOUTS}")
@@ -306,7 +307,8 @@ def unstack_params(cfg: ModelConfig, params: Any, mesh=None, kernel_layout: str 
 
 def sampler_param_shardings(cfg: ModelConfig, mesh, kernel_layout: str = "in_out") -> dict:
     """Per-layer shardings by the logical-axis rules (the stacked rule minus its leading "layers" axis); an
-    "out_in" kernel takes its axis names in the same order as its dims."""
+    "out_in" kernel takes its axis names in the same order as its dims. Pass the layout the params were unstacked
+    with (the default is the model's own, as the TPU compile path builds them; `unstack_params` picks its own)."""
     boxed = abstract_params(cfg)
     is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
 

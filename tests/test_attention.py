@@ -50,7 +50,6 @@ def assert_close(ours, ref, dtype, what: str = "output") -> None:
     assert err <= TOL[dtype] * scale, f"{what}: max |diff| {err:.3g} > {TOL[dtype]} x max |ref| {scale:.3g}"
 
 
-
 @pytest.mark.parametrize("length, blocks", [(37, 8), (64, 8), (20, 3)])
 def test_causal_query_blocks_compute_the_one_block_attention(length, blocks):
     """The prefill form (qcjax.model.PREFILL_QUERY_BLOCKS): uneven blocks, packed segments, padding, GQA."""

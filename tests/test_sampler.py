@@ -223,6 +223,11 @@ def test_tensor_parallel_mesh_of_8_devices_gives_the_same_tokens_as_one_device(l
     with jax.set_mesh(mesh):
         placed = S.unstack_params(cfg, params, mesh, kernel_layout=layout)
     many = generate(cfg, placed, prompts, max_new_tokens=32, cache_dtype=jnp.float32, mesh=mesh)
+    attn = placed["layers"][0]["attn"]  # heads over tensor, wherever the layout puts the heads axis
+    name, heads_first = ("kernel", False) if layout == "in_out" else (KERNEL_OUT_IN, True)
+    spec = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))  # noqa: E731
+    assert spec(attn["q_proj"][name]) == (("tensor", None, None) if heads_first else (None, "tensor", None))
+    assert spec(attn["o_proj"][name]) == ((None, "tensor", None) if heads_first else ("tensor", None, None))
     assert len(set(one[0].tokens)) > 3
     assert [c.tokens for c in many] == [c.tokens for c in one]
 
@@ -261,6 +266,14 @@ def test_bf16_on_the_cpu_stores_kernels_out_in_and_fp32_keeps_the_model_layout()
     assert S.default_kernel_layout(bf16) == "out_in" and S.default_kernel_layout(cfg) == "in_out"
     assert KERNEL_OUT_IN in S.unstack_params(bf16, params)["layers"][0]["mlp"]["up_proj"]
     assert "kernel" in S.unstack_params(cfg, params)["layers"][0]["mlp"]["up_proj"]
+
+
+def test_asking_for_another_layout_of_already_unstacked_params_is_an_error():
+    cfg, _, params = hf_and_params(CFG_UNTIED)
+    flipped = S.unstack_params(cfg, params, kernel_layout="out_in")
+    assert S.unstack_params(cfg, flipped) is flipped
+    with pytest.raises(ValueError, match="kernel_layout='in_out', but these params are already unstacked"):
+        S.unstack_params(cfg, flipped, kernel_layout="in_out")
 
 
 def test_a_misshapen_out_in_kernel_names_the_projection_and_both_shapes():

@@ -67,7 +67,7 @@ def attend(
     block_sizes: Any = None,  # training kernel tiles: tpu.BlockSizes / gpu.BlockSizes; None: per-chip default
     decode_block_sizes: decode.BlockSizes | None = None,  # cache kernel tiles; None: per-chip default
     interpret: bool | None = None,  # Pallas interpret mode; None: on CPU only
-    query_blocks: int = 1,  # "xla" self-attention: causal query blocks (qcjax.attention.xla.xla_attention)
+    query_blocks: int = 1,  # "xla" self-attention (q_offset 0): causal query blocks (see xla.xla_attention)
 ) -> jnp.ndarray:  # [batch, q_len, heads, head_dim]
     """Causal grouped-query attention within segments: query i sees keys j <= q_offset + i of its own segment."""
     platform, kind = target_device()
