@@ -75,6 +75,11 @@ def _param(module: nn.Module, name: str, shape, names, init=None):
 KERNEL_OUT_IN = "kernel_out_in"
 
 
+def out_in_order(seq, n_in: int) -> tuple:
+    """A kernel's dims (or shape, or axis names) [in..., out...] in KERNEL_OUT_IN's order [out..., in...]."""
+    return tuple(seq[n_in:]) + tuple(seq[:n_in])
+
+
 class Linear(nn.Module):
     """A projection `x . kernel [+ bias]` with named kernel axes (kernel layout [in..., out...], or [out..., in...]
     when the params hold KERNEL_OUT_IN instead)."""
@@ -90,7 +95,7 @@ class Linear(nn.Module):
         dt, n = self.cfg.dtype, self.n_in
         if self.has_variable("params", KERNEL_OUT_IN):
             w = self.get_variable("params", KERNEL_OUT_IN)  # [out..., in...]
-            want = self.kernel_shape[n:] + self.kernel_shape[:n]
+            want = out_in_order(self.kernel_shape, n)
             if tuple(w.shape) != want:
                 raise ValueError(f"{self.name}.{KERNEL_OUT_IN} has shape {tuple(w.shape)}, expected {want}")
             y = _contract(x.astype(dt), w.astype(dt), range(x.ndim - n, x.ndim), range(w.ndim - n, w.ndim))

@@ -34,7 +34,8 @@ from flax import linen as nn
 from qcjax import rope
 from qcjax.config import ModelConfig
 from qcjax.hf import LAYER_MAPPING
-from qcjax.model import CACHE_LOGICAL_AXES, KERNEL_OUT_IN, DecoderLayer, Qwen2, RMSNorm, abstract_params
+from qcjax.model import (CACHE_LOGICAL_AXES, KERNEL_OUT_IN, DecoderLayer, Qwen2, RMSNorm, abstract_params,
+                         out_in_order)
 from qcjax.sharding import constrain, logical_to_spec
 
 MIN_PREFILL_BUCKET = 16
@@ -271,8 +272,8 @@ def _with_out_in_kernels(layer: dict, move: Callable[[Any, int], Any]) -> dict:
     return layer
 
 
-def _to_out_in(x: jax.Array, n_in: int) -> jax.Array:
-    return jnp.moveaxis(x, tuple(range(n_in)), tuple(range(x.ndim - n_in, x.ndim)))
+def _transpose_out_in(x: jax.Array, n_in: int) -> jax.Array:
+    return jnp.transpose(x, out_in_order(range(x.ndim), n_in))
 
 
 def unstack_params(cfg: ModelConfig, params: Any, mesh=None, kernel_layout: str | None = None) -> dict:
@@ -298,7 +299,7 @@ def unstack_params(cfg: ModelConfig, params: Any, mesh=None, kernel_layout: str 
     layers = []
     for i in range(cfg.num_layers):
         layer = jax.tree.map(lambda x: x[i], params["layers"])
-        layers.append(_with_out_in_kernels(layer, _to_out_in) if layout == "out_in" else layer)
+        layers.append(_with_out_in_kernels(layer, _transpose_out_in) if layout == "out_in" else layer)
     out["layers"] = tuple(layers)
     if mesh is not None:
         out = jax.device_put(out, sampler_param_shardings(cfg, mesh, layout))
@@ -322,7 +323,7 @@ def sampler_param_shardings(cfg: ModelConfig, mesh, kernel_layout: str = "in_out
         return b.replace(value=jax.ShapeDtypeStruct(b.value.shape[1:], b.value.dtype), names=b.names[1:])
 
     def flip(b, n):  # an [in..., out...] kernel's box -> its [out..., in...] form
-        shape, names = b.value.shape[n:] + b.value.shape[:n], b.names[n:] + b.names[:n]
+        shape, names = out_in_order(b.value.shape, n), out_in_order(b.names, n)
         return b.replace(value=jax.ShapeDtypeStruct(shape, b.value.dtype), names=names)
 
     layer = jax.tree.map(unstacked, boxed["layers"], is_leaf=is_box)
