@@ -1,10 +1,12 @@
-"""Prefill and decode throughput of qcjax's sampler vs transformers `generate`, on this CPU, in one run.
+"""Prefill and decode throughput of qcjax's sampler vs transformers `generate`, on this CPU or a CUDA GPU, in one run.
 
     python bench/decode.py                       # 0.5B architecture, random weights, fp32 and bf16, batch 1 and 8
     python bench/decode.py --dtypes float32 --batches 1 --repeats 5 --record
+    python bench/decode.py --device gpu --model 1.5b --dtypes bfloat16 --batches 1,8,64 --new_tokens 129
 
 Both sides run the same random weights (transformers' init, copied into ours through the HF mapping) in the same
-dtype, with 2 threads. Reported per dtype (medians over --repeats, ours and transformers interleaved so machine
+dtype (CPU: with --threads threads; GPU: fp32 at jax's "highest" matmul precision, as torch's default without TF32,
+and bf16 as is). Reported per dtype (medians over --repeats, ours and transformers interleaved so machine
 noise hits both alike):
   prefill tok/s         batch 1 x --prefill_len tokens (ours: prefill + first token; transformers: a forward
                         pass with logits_to_keep=1, as generate's prefill)
@@ -12,8 +14,8 @@ noise hits both alike):
                         while_loop decode; transformers: generate(N) - generate(1))
   % of bandwidth limit  decode tok/s / (B x read bandwidth / bytes per step); bytes per step = every weight
                         (the tied embedding is read by the head) + the valid KV cache; read bandwidth = the
-                        faster median of a 2-thread reduction over a 1 GiB fp32 array (torch and XLA)
-and, at fp32 batch 1, what streaming costs: the loop in chunks of 1 and 8 steps vs one call, and a per-token host
+                        faster median of a reduction over a 1 GiB (GPU: 4 GiB) fp32 array (torch and XLA)
+and, at batch 1 of the first dtype, what streaming costs: the loop in chunks of 1 and 8 steps vs one call, and a per-token host
 callback (io_callback) inside the loop. Greedy tokens of both sides are compared (fp32: they should match).
 """
 from __future__ import annotations
@@ -32,8 +34,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                   help="cpu (default), or gpu: both sides on the first CUDA device")
     p.add_argument("--model", default="0.5b", help="architecture preset (random weights; default 0.5b)")
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--attention_impl", default="auto",
+                   help="our side's attention (qcjax.attention): auto = xla on CPU, our Triton kernels on GPU")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--prefill_len", type=int, default=512)
     p.add_argument("--decode_prompt", type=int, default=32)
@@ -55,7 +61,10 @@ def med(xs):
 
 def main(argv=None):
     a = parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    on_gpu = a.device == "gpu"
+    os.environ.setdefault("JAX_PLATFORMS", "cuda" if on_gpu else "cpu")
+    if on_gpu:  # torch and XLA share the card: XLA allocates as it goes instead of taking 75% up front
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     dtypes = a.dtypes.split(",")
     if a.rows_json is None:  # parent: one child process per dtype, then one report
         import json
@@ -71,7 +80,7 @@ def main(argv=None):
             rows += got["rows"]
             bws += got["bws"]
             flags[d] = got["flags"]
-        report(a, rows, bws, flags)
+        report(a, rows, bws, flags, got["machine"])
         return
     from qcjax import sampler as S
 
@@ -89,18 +98,23 @@ def main(argv=None):
     from qcjax.model import abstract_params
 
     torch.set_num_threads(a.threads)
+    dev = torch.device("cuda" if on_gpu else "cpu")
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    if on_gpu:  # fp32 means fp32 on both sides (jax's GPU default for fp32 dots is TF32; torch's is not)
+        jax.config.update("jax_default_matmul_precision", "highest")
     log = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731
     base = qcjax.get_config(a.model)
     batches = [int(b) for b in a.batches.split(",")]
     rows = []
 
-    big_t = torch.ones(256 * 1024 * 1024)
-    big_j = jnp.ones((256 * 1024 * 1024,), jnp.float32)
+    big = (1024 if on_gpu else 256) * 1024 * 1024
+    big_t = torch.ones(big, device=dev)
+    big_j = jnp.ones((big,), jnp.float32)
     jsum = jax.jit(jnp.sum)
     jsum(big_j).block_until_ready()
 
     def bandwidth() -> float:
-        """GB/s: the faster of a torch and an XLA 2-thread sum over 1 GiB (median of 3 each)."""
+        """GB/s: the faster of a torch and an XLA sum over 1 GiB (CPU, 2 threads) or 4 GiB (GPU), median of 3 each."""
         tt, tj = [], []
         for _ in range(3):
             t = time.perf_counter(); big_t.sum().item(); tt.append(time.perf_counter() - t)  # noqa: E702
@@ -110,14 +124,15 @@ def main(argv=None):
     bws = []
     for dname in a.dtypes.split(","):
         tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dname]
-        cfg = base.replace(param_dtype=dname, dtype=dname)
+        cfg = base.replace(param_dtype=dname, dtype=dname, attention_impl=a.attention_impl)
         hf_cfg = transformers.Qwen2Config(**cfg.to_hf_dict())
         hf_cfg._attn_implementation = "sdpa"
         torch.manual_seed(0)
         t = time.perf_counter()
-        hf = transformers.Qwen2ForCausalLM(hf_cfg).eval().to(tdt)
+        with dev:  # transformers' random init, on the device that runs it
+            hf = transformers.Qwen2ForCausalLM(hf_cfg).eval().to(tdt)
         sd = {k: v for k, v in hf.state_dict().items()}
-        params = hf_to_params(cfg, lambda n: sd[n].float().numpy(), set(sd), nn.meta.unbox(abstract_params(cfg)),
+        params = hf_to_params(cfg, lambda n: sd[n].float().cpu().numpy(), set(sd), nn.meta.unbox(abstract_params(cfg)),
                               place=lambda path, x: jnp.asarray(x))
         params = S.unstack_params(cfg, params)
         del sd
@@ -130,7 +145,7 @@ def main(argv=None):
         prompt = rng.integers(0, 150000, a.prefill_len).tolist()
         p = S.plan(cfg, [prompt], max_new_tokens=1, min_batch=S.default_min_batch(cfg))
         c = S.controls_for(p)
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=dev)
         ours, theirs = [], []
         for r in range(a.repeats + 1):
             t = time.perf_counter()
@@ -139,6 +154,7 @@ def main(argv=None):
             with torch.inference_mode():
                 t = time.perf_counter()
                 hf(ids, logits_to_keep=1, use_cache=True)
+                sync()
                 theirs.append(a.prefill_len / (time.perf_counter() - t))
             bws.append(bandwidth())
         rows.append(dict(dtype=dname, what=f"prefill 1x{a.prefill_len}", ours=med(ours[1:]), theirs=med(theirs[1:])))
@@ -150,7 +166,7 @@ def main(argv=None):
             prompts = [rng.integers(0, 150000, a.decode_prompt).tolist() for _ in range(b)]
             p = S.plan(cfg, prompts, max_new_tokens=n, min_batch=S.default_min_batch(cfg))
             c = S.controls_for(p)
-            ids = torch.tensor(prompts)
+            ids = torch.tensor(prompts, device=dev)
             ours, theirs, bw_here = [], [], []
             for r in range(a.repeats + 1):
                 st = S.start(cfg, params, p, c, cache_dt)
@@ -165,6 +181,7 @@ def main(argv=None):
                         t = time.perf_counter()
                         o = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                         max_new_tokens=k, min_new_tokens=k, pad_token_id=0)
+                        sync()
                         return time.perf_counter() - t, o
 
                 t1, _ = gen(1)
@@ -172,7 +189,7 @@ def main(argv=None):
                 theirs.append(b * (n - 1) / (tn - t1))
                 bw_here.append(bandwidth())
             bws += bw_here
-            same = int(np.sum(np.all(out[:b, :n] == o[:, a.decode_prompt:].numpy(), axis=1)))
+            same = int(np.sum(np.all(out[:b, :n] == o[:, a.decode_prompt:].cpu().numpy(), axis=1)))
             ctx = a.decode_prompt + n / 2  # mean valid context over the timed steps
             kv_bytes = 2 * cfg.num_layers * b * ctx * cfg.num_kv_heads * cfg.dim_per_head * cache_dt.itemsize
             step_bytes = weight_bytes + kv_bytes
@@ -183,17 +200,17 @@ def main(argv=None):
                 f"bandwidth limit {limit:.1f} ({med(bw_here):.1f} GB/s, {step_bytes / 1e9:.2f} GB/step); "
                 f"greedy rows equal: {same}/{b}")
 
-        if dname == "float32" and not a.no_stream:
-            rows.append(stream_costs(S, cfg, params, a, cache_dt, log))
+        if dname == dtypes[0] and not a.no_stream:
+            rows.append(stream_costs(S, cfg, params, a, cache_dt, dname, log))
         del hf, params
 
     import json
 
     with open(a.rows_json, "w") as f:
-        json.dump({"rows": rows, "bws": bws, "flags": list(flags)}, f)
+        json.dump({"rows": rows, "bws": bws, "flags": list(flags), "machine": machine(a, torch)}, f)
 
 
-def stream_costs(S, cfg, params, a, cache_dt, log) -> dict:
+def stream_costs(S, cfg, params, a, cache_dt, dname, log) -> dict:
     """ms per decode step at batch 1: one call; chunks of 8 and 1 (host reads new tokens between calls); a host
     callback per token inside the loop."""
     import jax
@@ -236,13 +253,20 @@ def stream_costs(S, cfg, params, a, cache_dt, log) -> dict:
             np.asarray(st.out)
             res[m].append((time.perf_counter() - t) / (n - 1) * 1e3)
     out = {m: med(v[1:]) for m, v in res.items()}
-    log("[float32] streaming, ms per step at batch 1: " + ", ".join(f"{m} {v:.1f}" for m, v in out.items()))
-    return dict(dtype="float32", what="stream", **out)
+    log(f"[{dname}] streaming, ms per step at batch 1: " + ", ".join(f"{m} {v:.1f}" for m, v in out.items()))
+    return dict(dtype=dname, what="stream", **out)
 
 
-def report(a, rows, bws, flags):
+def machine(a, torch) -> str:
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
+    if a.device == "gpu":
+        props = torch.cuda.get_device_properties(0)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), host {model_name}"
+    return f"{model_name}, {os.cpu_count()} cores ({a.threads} threads both sides)"
+
+
+def report(a, rows, bws, flags, machine_name):
     import jax
     import torch
     import transformers
@@ -250,11 +274,14 @@ def report(a, rows, bws, flags):
     lines = [
         f"### Sampler decode/prefill vs transformers ({datetime.date.today()}, bench/decode.py)",
         "",
-        f"Machine: {model_name}, {os.cpu_count()} cores ({a.threads} threads both sides); read bandwidth "
+        f"Machine: {machine_name}; read bandwidth "
         f"{min(bws):.1f}-{max(bws):.1f} GB/s (median {med(bws):.1f}). jax {jax.__version__}, torch "
-        f"{torch.__version__}, transformers {transformers.__version__}. {a.model} architecture, random weights. "
-        "XLA flags (ours): " + "; ".join(f"{d}: {' '.join(f) or 'none'}" for d, f in flags.items()) +
-        f". Medians of {a.repeats} (after a warm-up), ours and transformers interleaved.",
+        f"{torch.__version__}, transformers {transformers.__version__}. {a.model} architecture, random weights; our "
+        f"attention: {a.attention_impl}. "
+        + ("fp32 at matmul precision 'highest' on both sides. " if a.device == "gpu" else
+         "XLA flags (ours): " + "; ".join(f"{d}: {' '.join(f) or 'none'}" for d, f in flags.items()) + ". ")
+        + f"Medians of {a.repeats} (after a warm-up), ours and transformers interleaved; decode over "
+        f"{a.new_tokens - 1} steps after a {a.decode_prompt}-token prompt.",
         "",
         "| dtype | measure | qcjax tok/s | transformers tok/s | ratio | % of bandwidth limit (qcjax) | greedy equal |",
         "|---|---|---|---|---|---|---|",
@@ -267,7 +294,7 @@ def report(a, rows, bws, flags):
                      f"{r['ours'] / r['theirs']:.2f}x | {lim} | {r.get('same', '')} |")
     for r in rows:
         if r["what"] == "stream":
-            lines += ["", "Streaming cost (fp32, batch 1, ms per decode step): " +
+            lines += ["", f"Streaming cost ({r['dtype']}, batch 1, ms per decode step): " +
                       ", ".join(f"{k} {v:.1f}" for k, v in r.items() if k not in ("dtype", "what"))]
     text = "\n".join(lines) + "\n"
     print(text)

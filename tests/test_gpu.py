@@ -1,0 +1,109 @@
+"""On a CUDA GPU only (skipped elsewhere): our Triton kernels compiled for real, not interpreted, compute what the
+XLA reference computes, and the sampler on the GPU gives transformers' greedy tokens.
+
+    JAX_PLATFORMS=cuda python -m pytest tests/test_gpu.py     # conftest pins the CPU unless JAX_PLATFORMS is set
+
+fp32 comparisons run at jax's "highest" matmul precision (Triton dots in IEEE fp32, XLA's without TF32) and with
+torch's TF32 off: jax's GPU default, TF32, is a different computation, not a looser test.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qcjax.attention import attend, decode, gpu
+from qcjax.attention.xla import xla_attention
+
+from test_attention import RATIOS, SMALL_BLOCKS, _reference, _run, assert_close, packed_segments, qkv
+from test_attention_decode import SMALL_BLOCKS as DECODE_SMALL
+from test_attention_decode import ragged_cache
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (JAX_PLATFORMS=cuda)")
+
+BLOCKS = {"default": None, "small": SMALL_BLOCKS["pallas_gpu"]}  # None: the per-chip default (gpu.DEFAULT_BLOCK_SIZES)
+
+
+@pytest.fixture(autouse=True)
+def _fp32_is_fp32():
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.mark.parametrize("blocks", list(BLOCKS))
+@pytest.mark.parametrize("ratio", list(RATIOS))
+def test_flash_kernel_matches_reference_fp32(ratio, blocks):
+    h, kvh, d = RATIOS[ratio]
+    rng = np.random.default_rng(1)
+    t = 397  # odd, several default tiles
+    q, k, v = qkv(rng, 2, t, t, h, kvh, d)
+    seg = jnp.asarray(packed_segments(rng, 2, t))
+    do = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    ours = jax.jit(lambda *a: _run("pallas_gpu", *a, block_sizes=BLOCKS[blocks], interpret=False))(q, k, v, seg, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, _reference(q, k, v, seg, do)):
+        assert_close(a, b, jnp.float32, f"{ratio} {blocks} {name}")
+
+
+@pytest.mark.parametrize("ratio", ["0.5b-14/2-hd64", "7b-28/4"])
+def test_flash_kernel_matches_reference_bf16(ratio):
+    h, kvh, d = RATIOS[ratio]
+    rng = np.random.default_rng(2)
+    t = 1000
+    q, k, v = qkv(rng, 2, t, t, h, kvh, d, jnp.bfloat16)
+    seg = jnp.asarray(packed_segments(rng, 2, t))
+    do = jnp.asarray(rng.normal(size=q.shape), jnp.bfloat16)
+    ours = jax.jit(lambda *a: _run("pallas_gpu", *a, interpret=False))(q, k, v, seg, do)
+    assert all(x.dtype == jnp.bfloat16 for x in ours)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, _reference(q, k, v, seg, do)):
+        assert_close(a, b, jnp.bfloat16, f"{ratio} {name}")
+
+
+@pytest.mark.parametrize("blocks", ["default", "small"])
+@pytest.mark.parametrize("ratio", list(RATIOS))
+def test_cache_kernel_matches_reference(ratio, blocks):
+    """Ragged lengths from empty to nearly full; one and several new tokens; fp32 and bf16."""
+    h, kvh, d = RATIOS[ratio]
+    bs = None if blocks == "default" else DECODE_SMALL["pallas_gpu"]
+    rng = np.random.default_rng(3)
+    for dtype, new in ((jnp.float32, [1, 1, 1, 1]), (jnp.bfloat16, [3, 1, 2, 1])):
+        q, k, v = qkv(rng, 4, max(new), 1024, h, kvh, d, dtype)
+        q_seg, kv_seg, off = ragged_cache([0, 31, 600, 1020], new, max(new), 1024)
+        ours = jax.jit(lambda *a: attend(*a, scale=d**-0.5, impl="pallas_gpu", decode_block_sizes=bs,
+                                         interpret=False))(q, k, v, q_seg, kv_seg, off)
+        assert ours.dtype == dtype
+        assert_close(ours, xla_attention(q, k, v, q_seg, kv_seg, off, scale=d**-0.5), dtype, f"{ratio} {dtype}")
+
+
+def test_default_block_sizes_are_the_chips():
+    """The per-chip tiles are picked by device kind (the H100/H200 rows on Hopper)."""
+    kind = jax.devices()[0].device_kind
+    assert gpu.default_block_sizes(kind) == next(b for key, b in gpu.DEFAULT_BLOCK_SIZES if key in kind)
+    assert decode.default_block_sizes(kind) is not None
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-14/2-hd64", "untied-4/2"])
+def test_sampler_greedy_on_gpu_equals_transformers(tied):
+    """The whole sampler on the GPU (prefill through the flash kernel, decode through the cache kernel): single
+    prompt and a batch of different-length prompts, transformers on the same GPU in fp32."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    from qcjax.sampler import generate
+
+    from conftest import hf_model, params_from_hf
+    from test_sampler import CFG_TIED, CFG_UNTIED, NEW, prompts_of
+
+    cfg = (CFG_TIED if tied else CFG_UNTIED).replace(attention_impl="auto")
+    model = hf_model(cfg)
+    params = params_from_hf(cfg, model)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = model.cuda()
+    prompts = prompts_of(cfg, [11, 5, 16, 1], seed=1)
+    got = generate(cfg, params, prompts, max_new_tokens=NEW, cache_dtype=jnp.float32)
+    for p, g in zip(prompts, got):
+        ids = torch.tensor([p], device="cuda")
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW,
+                              eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert g.tokens == want
