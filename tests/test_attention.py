@@ -203,6 +203,26 @@ def test_kernel_under_a_mesh_matches_reference(impl, mesh_shape, heads):
         assert_close(a, b, jnp.float32, f"{impl} mesh {mesh_shape} {name}")
 
 
+# ---- per-chip GPU tiles ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA L4"])
+def test_gpu_default_tiles_fit_the_chips_shared_memory(kind):
+    """The tuned tiles are for bf16; fp32 or a wider head shrinks them until each kernel's estimate fits (fp32 at
+    head_dim 128 with the Hopper tiles failed to compile on an H200). bf16 at head_dim <= 128 keeps the table's."""
+    from qcjax.attention import decode
+
+    budget = next(v for key, v in gpu.SHARED_MEMORY_BUDGET if key in kind)
+    table = next(b for key, b in gpu.DEFAULT_BLOCK_SIZES if key in kind)
+    if kind != "NVIDIA L4":
+        assert gpu.default_block_sizes(kind, 128, 2) == table
+    for head_dim, itemsize in [(64, 2), (128, 2), (128, 4), (256, 2)]:
+        bs = gpu.default_block_sizes(kind, head_dim, itemsize)
+        bs.validate()
+        assert max(gpu.shared_memory_estimate(bs, gpu.TILES, head_dim * itemsize).values()) <= budget
+        cache = decode.default_block_sizes(kind, head_dim, itemsize)
+        assert max(gpu.shared_memory_estimate(cache, decode.GPU_TILES, head_dim * itemsize).values()) <= budget
+    assert gpu.default_block_sizes("NVIDIA H200", 128, 4).num_stages == 2  # stages go before tiles
+
+
 # ---- clear errors ----------------------------------------------------------------------------------------------
 def test_unsupported_head_dim_is_named():
     q, k, v = qkv(np.random.default_rng(0), 1, 32, 32, 2, 1, 48)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qcjax.attention import attend, decode, gpu
+from qcjax.attention import attend
 from qcjax.attention.xla import xla_attention
 
 from test_attention import RATIOS, SMALL_BLOCKS, _reference, _run, assert_close, packed_segments, qkv
@@ -22,7 +22,7 @@ from test_attention_decode import ragged_cache
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU (JAX_PLATFORMS=cuda)")
 
-BLOCKS = {"default": None, "small": SMALL_BLOCKS["pallas_gpu"]}  # None: the per-chip default (gpu.DEFAULT_BLOCK_SIZES)
+BLOCKS = {"default": None, "small": SMALL_BLOCKS["pallas_gpu"]}  # None: the chip's tiles fitted to its shared memory
 
 
 @pytest.fixture(autouse=True)
@@ -73,13 +73,6 @@ def test_cache_kernel_matches_reference(ratio, blocks):
                                          interpret=False))(q, k, v, q_seg, kv_seg, off)
         assert ours.dtype == dtype
         assert_close(ours, xla_attention(q, k, v, q_seg, kv_seg, off, scale=d**-0.5), dtype, f"{ratio} {dtype}")
-
-
-def test_default_block_sizes_are_the_chips():
-    """The per-chip tiles are picked by device kind (the H100/H200 rows on Hopper)."""
-    kind = jax.devices()[0].device_kind
-    assert gpu.default_block_sizes(kind) == next(b for key, b in gpu.DEFAULT_BLOCK_SIZES if key in kind)
-    assert decode.default_block_sizes(kind) is not None
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied-14/2-hd64", "untied-4/2"])

@@ -84,7 +84,8 @@ def attend(
     on_tpu = impl == "pallas_tpu"
 
     if q.shape[1] != k.shape[1]:  # cache decode: the new tokens against the whole cache
-        bs = decode_block_sizes or decode.default_block_sizes("TPU" if on_tpu else kind)
+        bs = decode_block_sizes or decode.default_block_sizes("TPU" if on_tpu else kind, q.shape[-1],
+                                                                 q.dtype.itemsize)
         fn = decode.tpu_cache_attention if on_tpu else decode.gpu_cache_attention
         kernel = functools.partial(fn, scale=scale, block_sizes=bs, interpret=interpret)
     elif impl == "cudnn":
@@ -95,7 +96,7 @@ def attend(
         bs = block_sizes or tpu.default_block_sizes(kind)
         kernel = functools.partial(tpu.splash_attention, scale=scale, block_sizes=bs, interpret=interpret)
     else:
-        bs = block_sizes or gpu.default_block_sizes(kind)
+        bs = block_sizes or gpu.default_block_sizes(kind, q.shape[-1], q.dtype.itemsize)
         kernel = functools.partial(gpu.flash_attention, scale=scale, block_sizes=bs, interpret=interpret)
     return shard_kernel(kernel, q, k, v, q_segment_ids, kv_segment_ids, q_offset)
 

@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
+from qcjax.attention import gpu
 from qcjax.attention.xla import _MASK_VALUE
 
 _PAD_SEGMENT = -1  # segment id of padded query rows: matches no key
@@ -57,8 +58,16 @@ DEFAULT_BLOCK_SIZES: tuple[tuple[str, BlockSizes], ...] = (
 )
 
 
-def default_block_sizes(device_kind: str) -> BlockSizes:
-    return next(b for key, b in DEFAULT_BLOCK_SIZES if key in device_kind)
+# GPU: the query rows stay for the whole program; K and V blocks stream (see gpu.TILES).
+GPU_TILES = {"cache": ("block_rows", 1, "block_k", 2)}
+
+
+def default_block_sizes(device_kind: str, head_dim: int = 128, itemsize: int = 2) -> BlockSizes:
+    """The chip's tiles; on a GPU shrunk to its shared memory for this head_dim and input size (gpu.py)."""
+    bs = next(b for key, b in DEFAULT_BLOCK_SIZES if key in device_kind)
+    if device_kind == "TPU":
+        return bs
+    return gpu.fit_shared_memory(bs, GPU_TILES, head_dim * itemsize, device_kind)
 
 
 def _round_up(x: int, m: int) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -62,8 +63,51 @@ DEFAULT_BLOCK_SIZES: tuple[tuple[str, BlockSizes], ...] = (
 )
 
 
-def default_block_sizes(device_kind: str) -> BlockSizes:
-    return next(b for key, b in DEFAULT_BLOCK_SIZES if key in device_kind)
+# Shared memory the tiles of one program may take, by device kind (first substring match wins): the chip's per-block
+# maximum (Hopper 227 KiB, A100 163 KiB) less room for Triton's own layout-conversion buffers. On an H200 the bf16
+# defaults estimate 160 KiB and compile; the same tiles in fp32 at head_dim 128 (~256 KiB) do not.
+SHARED_MEMORY_BUDGET: tuple[tuple[str, int], ...] = (
+    ("H100", 160 << 10), ("H200", 160 << 10), ("H800", 160 << 10), ("A100", 112 << 10), ("", 64 << 10),
+)
+
+# Per kernel: (resident block, tiles of it, streamed block, tiles of it). The resident tiles stay for the whole
+# program; the streamed ones are loaded every loop step, num_stages copies deep (Triton's software pipelining).
+TILES = {
+    "fwd": ("block_q", 1, "block_k", 2),  # q; k, v
+    "dq": ("block_q_dq", 2, "block_k_dq", 2),  # q, do; k, v
+    "dkv": ("block_k_dkv", 2, "block_q_dkv", 2),  # k, v; q, do
+}
+
+
+def shared_memory_estimate(bs: Any, tiles: dict, row_bytes: int) -> dict[str, int]:
+    """Bytes of tiles each kernel keeps in shared memory (row_bytes = head_dim x itemsize): an estimate that leaves
+    out Triton's scratch buffers, which the budget's headroom covers."""
+    return {name: (getattr(bs, res) * n_res + bs.num_stages * getattr(bs, st) * n_st) * row_bytes
+            for name, (res, n_res, st, n_st) in tiles.items()}
+
+
+def fit_shared_memory(bs: Any, tiles: dict, row_bytes: int, device_kind: str) -> Any:
+    """`bs` shrunk until every kernel's estimate fits the chip's budget: pipeline stages down to 2 first, then the
+    larger of the offending kernel's two blocks halved (the resident one on a tie), never below 16."""
+    budget = next(v for key, v in SHARED_MEMORY_BUDGET if key in device_kind)
+    while True:
+        over = [n for n, v in shared_memory_estimate(bs, tiles, row_bytes).items() if v > budget]
+        if not over:
+            return bs
+        if bs.num_stages > 2:
+            bs = dataclasses.replace(bs, num_stages=bs.num_stages - 1)
+            continue
+        res, _, st, _ = tiles[over[0]]
+        name = res if getattr(bs, res) >= getattr(bs, st) else st
+        if getattr(bs, name) <= 16:
+            return bs  # as small as Triton tiles go; let the compiler say what does not fit
+        bs = dataclasses.replace(bs, **{name: getattr(bs, name) // 2})
+
+
+def default_block_sizes(device_kind: str, head_dim: int = 128, itemsize: int = 2) -> BlockSizes:
+    """The chip's tiles (tuned for 2-byte inputs), shrunk to its shared memory for this head_dim and input size."""
+    bs = next(b for key, b in DEFAULT_BLOCK_SIZES if key in device_kind)
+    return fit_shared_memory(bs, TILES, head_dim * itemsize, device_kind)
 
 
 def _round_up(x: int, m: int) -> int:
