@@ -139,3 +139,21 @@ def test_model_cache_decode_with_kernel(impl):
 
     for i, (a, b) in enumerate(zip(generate(impl), generate("xla"))):
         assert_close(a, b, jnp.float32, f"logits at step {i}")
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_unused_cache_kernel_is_dead_code(impl):
+    """jax never drops a bare pallas_call; the kernels' jit boundary lets dead-code elimination drop an unused one,
+    which flax's nn.scan check relies on (with flax 0.12.12 / jax 0.11.2 the model's cache decode through a kernel
+    failed: "broadcasted variable has a data dependency on the scan body")."""
+    from jax._src.interpreters import partial_eval as pe  # no public DCE entry point
+
+    h, kvh, d = RATIOS["0.5b-14/2-hd64"]
+    q, k, v = qkv(np.random.default_rng(0), 2, 1, 256, h, kvh, d)
+    q_seg, kv_seg, off = ragged_cache([3, 9], [1, 1], 1, 256)
+    fn = lambda q, k, v: attend(q, k, v, q_seg, kv_seg, off, scale=d**-0.5, impl=impl,
+                                decode_block_sizes=SMALL_BLOCKS[impl])
+    jaxpr = jax.make_jaxpr(fn)(q, k, v).jaxpr
+    assert "pallas_call" in str(jaxpr)
+    dead, used_inputs = pe.dce_jaxpr(jaxpr, [False] * len(jaxpr.outvars))
+    assert "pallas_call" not in str(dead) and not any(used_inputs)

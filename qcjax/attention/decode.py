@@ -166,6 +166,16 @@ def _tpu_kernel(nblk_ref, q_ref, pos_ref, qseg_ref, k_ref, v_ref, kseg_ref, o_re
         o_ref[...] = (acc_sc[...] / l_sc[...]).astype(o_ref.dtype)
 
 
+def _dce_able(kernel):
+    """A jit boundary around a cache kernel: jax never dead-code-eliminates a bare pallas_call, a jit whose outputs
+    are unused it does. flax's nn.scan (0.12.12 with jax 0.11.2) traces the model's layer body and drops what the
+    broadcast outputs do not need; a bare pallas_call fed by the scanned cache survives that and fails its check
+    ("broadcasted variable has a data dependency on the scan body"). The training kernels sit in a custom_vjp,
+    which DCE drops the same way."""
+    return functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))(kernel)
+
+
+@_dce_able
 def tpu_cache_attention(
     q: jax.Array,  # [batch, t, heads, head_dim]: the new tokens
     k: jax.Array,  # [batch, max_len, kv_heads, head_dim]: the whole cache (new tokens already written)
@@ -278,6 +288,7 @@ def _gpu_kernel(pos_ref, qseg_ref, kseg_ref, q_ref, k_ref, v_ref, o_ref, m_ref, 
     l_ref[...] = l
 
 
+@_dce_able
 def gpu_cache_attention(
     q: jax.Array,  # [batch, t, heads, head_dim]
     k: jax.Array,  # [batch, max_len, kv_heads, head_dim]
