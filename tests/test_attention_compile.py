@@ -86,9 +86,15 @@ def test_cache_decode_compiles_for_tpu(topology, ratio):
 
 
 # ---- GPU: Triton lowering ---------------------------------------------------------------------------------------
+# The GPU the Triton kernels are lowered for (jax >= 0.11 asks for one: "No supported GPU devices found").
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+
+
 def _export_cuda(fn, *args) -> str:
     triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-    return jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args).mlir_module()
+    target = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)
+    with jax.sharding.use_abstract_mesh(target):
+        return jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args).mlir_module()
 
 
 @pytest.mark.parametrize("ratio", ["0.5b-14/2-hd64", "32b-40/8"])
@@ -100,7 +106,7 @@ def test_gpu_flash_attention_lowers_to_triton(ratio):
     kv = jax.ShapeDtypeStruct((b, t, kvh, d), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
     off = jax.ShapeDtypeStruct((b,), jnp.int32)
-    bs = gpu.default_block_sizes("NVIDIA H100 80GB HBM3")
+    bs = gpu.default_block_sizes(H100.device_kind)
 
     def loss(q, k, v, seg, off):
         out = gpu.flash_attention(q, k, v, seg, seg, off, scale=d**-0.5, block_sizes=bs)
@@ -120,6 +126,6 @@ def test_gpu_cache_attention_lowers_to_triton(ratio, new_tokens):
     q_seg = jax.ShapeDtypeStruct((b, new_tokens), jnp.int32)
     kv_seg = jax.ShapeDtypeStruct((b, max_len), jnp.int32)
     off = jax.ShapeDtypeStruct((b,), jnp.int32)
-    bs = decode.default_block_sizes("NVIDIA H100 80GB HBM3")
+    bs = decode.default_block_sizes(H100.device_kind)
     fn = functools.partial(decode.gpu_cache_attention, scale=d**-0.5, block_sizes=bs)
     assert "qcjax_cache_attention_gpu" in _export_cuda(fn, q, cache, cache, q_seg, kv_seg, off)
