@@ -39,8 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="0.5b", help="architecture preset (random weights; default 0.5b)")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--matmul_precision", default="highest", choices=("default", "high", "highest"),
-                   help="GPU: our side's jax_default_matmul_precision (default: highest, i.e. fp32 without TF32, as "
-                        "torch computes; 'default' lets XLA use TF32 for fp32)")
+                   help="GPU, fp32 only: our side's jax_default_matmul_precision (default: highest, i.e. fp32 without "
+                        "TF32, as torch computes; 'default' lets XLA use TF32)")
     p.add_argument("--attention_impl", default="auto",
                    help="our side's attention (qcjax.attention): auto = xla on CPU, our Triton kernels on GPU")
     p.add_argument("--batches", default="1,8")
@@ -103,7 +103,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     dev = torch.device("cuda" if on_gpu else "cpu")
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    if on_gpu:  # fp32 means fp32 on both sides (jax's GPU default for fp32 dots is TF32; torch's is not)
+    if on_gpu and dtypes == ["float32"]:  # fp32 means fp32 on both sides (jax's GPU default is TF32; torch's not)
         jax.config.update("jax_default_matmul_precision", a.matmul_precision)
     log = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731
     base = qcjax.get_config(a.model)
@@ -281,7 +281,7 @@ def report(a, rows, bws, flags, machine_name):
         f"{min(bws):.1f}-{max(bws):.1f} GB/s (median {med(bws):.1f}). jax {jax.__version__}, torch "
         f"{torch.__version__}, transformers {transformers.__version__}. {a.model} architecture, random weights; our "
         f"attention: {a.attention_impl}. "
-        + (f"Our matmul precision: {a.matmul_precision} (torch: fp32 without TF32). " if a.device == "gpu" else
+        + (f"Our fp32 matmul precision: {a.matmul_precision} (torch: fp32 without TF32). " if a.device == "gpu" else
          "XLA flags (ours): " + "; ".join(f"{d}: {' '.join(f) or 'none'}" for d, f in flags.items()) + ". ")
         + f"Medians of {a.repeats} (after a warm-up), ours and transformers interleaved; decode over "
         f"{a.new_tokens - 1} steps after a {a.decode_prompt}-token prompt.",

@@ -32,10 +32,10 @@ def hf_and_params(cfg, std=0.08):
     return _MODELS[cfg, std]
 
 
-def hf_greedy(model, prompt, n):
+def hf_greedy(model, prompt, n, device="cpu"):
     import torch
 
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                          eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
