@@ -82,6 +82,12 @@ def _kernel(impl, q, k, v, seg, do):
     return jax.jit(lambda *a: _run(impl, *a, block_sizes=SMALL_BLOCKS[impl]))(q, k, v, seg, do)
 
 
+def assert_matches_reference(ours, q, k, v, seg, do, dtype, what: str) -> None:
+    """(output, dq, dk, dv) of a kernel against the XLA reference's, each within TOL[dtype]."""
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, _reference(q, k, v, seg, do)):
+        assert_close(a, b, dtype, f"{what} {name}")
+
+
 # ---- the switch ------------------------------------------------------------------------------------------------
 def test_impl_names_are_the_config_schema_names():
     assert IMPLS == ATTENTION_IMPLS
@@ -129,9 +135,7 @@ def test_kernel_matches_reference_fp32(impl, ratio):
     q, k, v = qkv(rng, 2, t, t, h, kvh, d)
     seg = jnp.asarray(packed_segments(rng, 2, t))
     do = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
-    for name, ours, ref in zip(("out", "dq", "dk", "dv"), _kernel(impl, q, k, v, seg, do),
-                               _reference(q, k, v, seg, do)):
-        assert_close(ours, ref, jnp.float32, f"{impl} {ratio} {name}")
+    assert_matches_reference(_kernel(impl, q, k, v, seg, do), q, k, v, seg, do, jnp.float32, f"{impl} {ratio}")
 
 
 @pytest.mark.parametrize("ratio", ["0.5b-14/2-hd64", "7b-28/4"])
@@ -143,10 +147,9 @@ def test_kernel_matches_reference_bf16(impl, ratio):
     q, k, v = qkv(rng, 2, t, t, h, kvh, d, jnp.bfloat16)
     seg = jnp.asarray(packed_segments(rng, 2, t))
     do = jnp.asarray(rng.normal(size=q.shape), jnp.bfloat16)
-    ours, ref = _kernel(impl, q, k, v, seg, do), _reference(q, k, v, seg, do)
+    ours = _kernel(impl, q, k, v, seg, do)
     assert all(x.dtype == jnp.bfloat16 for x in ours), "bf16 in, bf16 out (and bf16 gradients)"
-    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
-        assert_close(a, b, jnp.bfloat16, f"{impl} {ratio} {name}")
+    assert_matches_reference(ours, q, k, v, seg, do, jnp.bfloat16, f"{impl} {ratio}")
 
 
 @pytest.mark.parametrize("impl", KERNELS)
@@ -199,8 +202,7 @@ def test_kernel_under_a_mesh_matches_reference(impl, mesh_shape, heads):
         fn = jax.jit(lambda *a: _run(impl, *a, block_sizes=SMALL_BLOCKS[impl]))
         assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v, seg, do)), "the kernel must run under shard_map"
         ours = fn(q, k, v, seg, do)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, _reference(q, k, v, seg, do)):
-        assert_close(a, b, jnp.float32, f"{impl} mesh {mesh_shape} {name}")
+    assert_matches_reference(ours, q, k, v, seg, do, jnp.float32, f"{impl} mesh {mesh_shape}")
 
 
 # ---- per-chip GPU tiles ----------------------------------------------------------------------------------------

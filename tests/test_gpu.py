@@ -16,7 +16,7 @@ import pytest
 from qcjax.attention import attend
 from qcjax.attention.xla import xla_attention
 
-from test_attention import RATIOS, SMALL_BLOCKS, _reference, _run, assert_close, packed_segments, qkv
+from test_attention import RATIOS, SMALL_BLOCKS, _run, assert_close, assert_matches_reference, packed_segments, qkv
 from test_attention_decode import SMALL_BLOCKS as DECODE_SMALL
 from test_attention_decode import ragged_cache
 
@@ -45,8 +45,7 @@ def test_flash_kernel_matches_reference_fp32(ratio, blocks):
     seg = jnp.asarray(packed_segments(rng, 2, t))
     do = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
     ours = jax.jit(lambda *a: _run("pallas_gpu", *a, block_sizes=BLOCKS[blocks], interpret=False))(q, k, v, seg, do)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, _reference(q, k, v, seg, do)):
-        assert_close(a, b, jnp.float32, f"{ratio} {blocks} {name}")
+    assert_matches_reference(ours, q, k, v, seg, do, jnp.float32, f"{ratio} {blocks}")
 
 
 @pytest.mark.parametrize("ratio", ["0.5b-14/2-hd64", "7b-28/4"])
@@ -59,8 +58,7 @@ def test_flash_kernel_matches_reference_bf16(ratio):
     do = jnp.asarray(rng.normal(size=q.shape), jnp.bfloat16)
     ours = jax.jit(lambda *a: _run("pallas_gpu", *a, interpret=False))(q, k, v, seg, do)
     assert all(x.dtype == jnp.bfloat16 for x in ours)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, _reference(q, k, v, seg, do)):
-        assert_close(a, b, jnp.bfloat16, f"{ratio} {name}")
+    assert_matches_reference(ours, q, k, v, seg, do, jnp.bfloat16, ratio)
 
 
 @pytest.mark.parametrize("ratio, blocks", CACHE_CASES)

@@ -65,7 +65,7 @@ GPU_TILES = {"cache": ("block_rows", 1, "block_k", 2)}
 def default_block_sizes(device_kind: str, head_dim: int = 128, itemsize: int = 2) -> BlockSizes:
     """The chip's tiles; on a GPU shrunk to its shared memory for this head_dim and input size (gpu.py)."""
     bs = next(b for key, b in DEFAULT_BLOCK_SIZES if key in device_kind)
-    if "TPU" in device_kind or device_kind == "cpu":  # cpu: interpret mode, no shared memory to fit
+    if "TPU" in device_kind:
         return bs
     return gpu.fit_shared_memory(bs, GPU_TILES, head_dim * itemsize, device_kind)
 

@@ -92,7 +92,10 @@ def shared_memory_estimate(bs: Any, tiles: dict, row_bytes: int) -> dict[str, in
 def fit_shared_memory(bs: Any, tiles: dict, row_bytes: int, device_kind: str) -> Any:
     """`bs` shrunk until every kernel's estimate fits the chip's budget: pipeline stages down to 2 first, then the
     larger of each offending kernel's two blocks halved (the resident one on a tie), never below 16. A kernel whose
-    tiles are all at 16 and still over is left to the compiler to report."""
+    tiles are all at 16 and still over is left to the compiler to report. On the CPU (interpret mode) there is no
+    shared memory to fit: `bs` as given."""
+    if device_kind == "cpu":
+        return bs
     budget = next(v for key, v in SHARED_MEMORY_BUDGET if key in device_kind)
     while True:
         over = [n for n, v in shared_memory_estimate(bs, tiles, row_bytes).items() if v > budget]
@@ -113,8 +116,6 @@ def fit_shared_memory(bs: Any, tiles: dict, row_bytes: int, device_kind: str) ->
 def default_block_sizes(device_kind: str, head_dim: int = 128, itemsize: int = 2) -> BlockSizes:
     """The chip's tiles (tuned for 2-byte inputs), shrunk to its shared memory for this head_dim and input size."""
     bs = next(b for key, b in DEFAULT_BLOCK_SIZES if key in device_kind)
-    if device_kind == "cpu":  # interpret mode: no shared memory to fit
-        return bs
     return fit_shared_memory(bs, TILES, head_dim * itemsize, device_kind)
 
 
