@@ -7,6 +7,7 @@ axes. Matmuls run in `cfg.dtype` with float32 accumulation; RMSNorm, RoPE, softm
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from qcjax import rope
+from qcjax import cpu_matmul, rope
 from qcjax.attention import attend, target_device
 from qcjax.config import ModelConfig
 from qcjax.sharding import constrain
@@ -58,6 +59,18 @@ def _project_bwd(n_in, out_dtype, res, g):
 _project.defvjp(_project_fwd, _project_bwd)
 
 
+def _contract_out_in(x: jax.Array, w: jax.Array, n_in: int, out_dtype=None) -> jax.Array:
+    """x [..., in...] contracted with w [out..., in...] (same dtype) over the `n_in` input dims, accumulated in
+    float32 -> [..., out...] in out_dtype (x's dtype). A decode step's few rows on the CPU go through
+    `qcjax.cpu_matmul` (one read of the weight); anything else is XLA's dot_general."""
+    lead, out = x.shape[:x.ndim - n_in], w.shape[:w.ndim - n_in]
+    rows = math.prod(lead)
+    if x.dtype == w.dtype and cpu_matmul.applies(rows, x.dtype):
+        y = cpu_matmul.rows_matmul(x.reshape(rows, -1), w.reshape(math.prod(out), -1)).reshape(lead + out)
+        return y.astype(out_dtype or x.dtype)
+    return _contract(x, w, range(x.ndim - n_in, x.ndim), range(w.ndim - n_in, w.ndim), out_dtype)
+
+
 def _dot(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     """Matmul in the compute dtype, accumulated in float32, result in the compute dtype."""
     return jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
@@ -98,7 +111,7 @@ class Linear(nn.Module):
             want = out_in_order(self.kernel_shape, n)
             if tuple(w.shape) != want:
                 raise ValueError(f"{self.name}.{KERNEL_OUT_IN} has shape {tuple(w.shape)}, expected {want}")
-            y = _contract(x.astype(dt), w.astype(dt), range(x.ndim - n, x.ndim), range(w.ndim - n, w.ndim))
+            y = _contract_out_in(x.astype(dt), w.astype(dt), n)
         else:
             w = _param(self, "kernel", self.kernel_shape, self.kernel_axes)
             y = _project(x.astype(dt), w, n)
@@ -274,7 +287,7 @@ class Qwen2(nn.Module):
         if not self.cfg.tie_word_embeddings:
             return head_logits(self.cfg, hidden, self.lm_head)
         dt = self.cfg.dtype  # tied: contract with the [vocab, embed] table as stored (no per-call transpose)
-        logits = jnp.einsum("bte,ve->btv", hidden.astype(dt), self.embed.astype(dt), preferred_element_type=jnp.float32)
+        logits = _contract_out_in(hidden.astype(dt), self.embed.astype(dt), 1, jnp.float32)
         return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
 

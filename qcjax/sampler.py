@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding
 
 from flax import linen as nn
 
-from qcjax import rope
+from qcjax import cpu_matmul, rope
 from qcjax.config import ModelConfig
 from qcjax.hf import LAYER_MAPPING
 from qcjax.model import (CACHE_LOGICAL_AXES, KERNEL_OUT_IN, DecoderLayer, Qwen2, RMSNorm, abstract_params,
@@ -250,12 +250,14 @@ def sample_tokens(logits: jax.Array, controls: Controls, counts: jax.Array, kind
 
 # ---- the forward pass over per-layer params (pure) -----------------------------------------------------------------
 def default_kernel_layout(cfg: ModelConfig) -> str:
-    """How the sampler stores projection kernels: "out_in" ([out..., in...], `qcjax.model.KERNEL_OUT_IN`) for 16-bit
-    compute on the CPU, else "in_out" (the model's own layout). Measured on XLA:CPU at the 0.5B shapes, alternated in
-    one process, same greedy tokens (bench/kernel_layout.py, bench/RESULTS.md): bf16 decode batch 8 +23-30%, batch 1
-    +9-24%, prefill +4-8%; fp32 batch 1 got slower (0.61-0.69x) and batch 8 no faster, so fp32 keeps the model's."""
-    on_cpu = jax.default_backend() == "cpu"
-    return "out_in" if on_cpu and jnp.dtype(cfg.dtype).itemsize == 2 else "in_out"
+    """How the sampler stores projection kernels: "out_in" ([out..., in...], `qcjax.model.KERNEL_OUT_IN`) on the CPU
+    when the CPU decode kernel is built (`qcjax.cpu_matmul`, which reads weights in that order) or the compute is
+    16-bit, else "in_out" (the model's own layout). Without the kernel, measured on XLA:CPU at the 0.5B shapes,
+    alternated in one process, same greedy tokens (bench/kernel_layout.py, bench/RESULTS.md): bf16 decode batch 8
+    +23-30%, batch 1 +9-24%, prefill +4-8%; fp32 batch 1 got slower (0.61-0.69x) and batch 8 no faster."""
+    if jax.default_backend() != "cpu":
+        return "in_out"
+    return "out_in" if jnp.dtype(cfg.dtype).itemsize == 2 or cpu_matmul.available() else "in_out"
 
 
 def _projection_in_dims() -> dict[tuple[str, ...], int]:

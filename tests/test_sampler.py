@@ -260,11 +260,15 @@ def test_out_in_kernels_are_the_hf_weights_and_give_transformers_greedy_tokens()
     assert got.tokens == hf_greedy(model, prompt, NEW)
 
 
-def test_bf16_on_the_cpu_stores_kernels_out_in_and_fp32_keeps_the_model_layout():
+def test_on_the_cpu_kernels_are_stored_out_in_for_bf16_or_for_the_decode_kernel(monkeypatch):
     cfg, _, params = hf_and_params(CFG_TIED)
     bf16 = cfg.replace(dtype="bfloat16")
-    assert S.default_kernel_layout(bf16) == "out_in" and S.default_kernel_layout(cfg) == "in_out"
+    assert S.default_kernel_layout(bf16) == "out_in"
     assert KERNEL_OUT_IN in S.unstack_params(bf16, params)["layers"][0]["mlp"]["up_proj"]
+    monkeypatch.setattr(S.cpu_matmul, "available", lambda: True)
+    assert S.default_kernel_layout(cfg) == "out_in"
+    monkeypatch.setattr(S.cpu_matmul, "available", lambda: False)  # fp32 without the kernel: the model's layout
+    assert S.default_kernel_layout(cfg) == "in_out"
     assert "kernel" in S.unstack_params(cfg, params)["layers"][0]["mlp"]["up_proj"]
 
 

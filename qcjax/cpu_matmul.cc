@@ -1,0 +1,177 @@
+// Few-row matmul for decoding on the CPU: y[M, N] = x[M, K] . w[N, K]^T, x and w both float32 or both bfloat16,
+// y float32 (float32 accumulation). Compiled and loaded by qcjax/cpu_matmul.py; called through jax.ffi.
+//
+// Why: a decode step is a handful of rows against every weight, so its cost should be one read of the weights. XLA:CPU's
+// GEMM kernels for 1-8 rows read fp32 weights at ~10-13 GB/s and bf16 ones at ~1-13 GB/s on a machine that reads
+// ~25 GB/s (bench/RESULTS.md). Here each weight row is loaded once into registers and multiplied into every x row
+// while it is hot, bf16 widened to fp32 on the fly; the N rows are shared out over XLA's intra-op threads.
+//
+// Vector code through GCC/Clang vector extensions: 16 float lanes (one AVX-512 register, two AVX2 ones), built with
+// -march=native by the loader.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline f32x16 load16(const uint16_t* p) {  // 16 bfloat16 -> float32: the bits shifted into the high half
+  u16x16 h;
+  std::memcpy(&h, p, sizeof(h));
+  u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+  f32x16 v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) {
+  uint32_t b = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &b, sizeof(f));
+  return f;
+}
+
+inline float hsum(f32x16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// Bytes ahead of the weight row being read to prefetch: with the hardware prefetcher alone the loop waited on memory
+// (0.5B shapes, 1-8 rows: 1024 -> 2048 bytes gained up to 1.3x, 4096 no more; measured with a 1 GiB weight).
+#ifndef PREFETCH
+#define PREFETCH 2048
+#endif
+
+// Weight rows [n0, n1) of w against R (<= 8) rows of x from x0 (same element type T: float or bfloat16 bits);
+// writes y[r, n]. Products are exact in float32 (bf16 x bf16 fits), sums are float32. (Tried: two weight rows per
+// pass to load each x vector once for both, and non-temporal prefetches; both slower.)
+template <int R, typename T>
+void rows_block(const T* x0, const T* w, float* y0, int64_t k, int64_t n_total, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* wr = w + n * k;
+    f32x16 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = f32x16{};
+    int64_t i = 0;
+#ifdef __AVX512BF16__
+    if constexpr (sizeof(T) == 2) {  // 32 bf16 pairs per instruction, no widening
+      for (; i + 32 <= k; i += 32) {
+        __builtin_prefetch(wr + i + PREFETCH / sizeof(T));
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + i);
+        for (int r = 0; r < R; ++r) {
+          acc[r] = (f32x16)_mm512_dpbf16_ps((__m512)acc[r], wv, (__m512bh)_mm512_loadu_si512(x0 + r * k + i));
+        }
+      }
+    }
+#endif
+    for (; i + 16 <= k; i += 16) {
+      __builtin_prefetch(wr + i + PREFETCH / sizeof(T));
+      const f32x16 wv = load16(wr + i);
+      for (int r = 0; r < R; ++r) acc[r] += wv * load16(x0 + r * k + i);
+    }
+    for (int r = 0; r < R; ++r) {
+      float s = hsum(acc[r]);
+      for (int64_t j = i; j < k; ++j) s += to_f32(wr[j]) * to_f32(x0[r * k + j]);
+      y0[r * n_total + n] = s;
+    }
+  }
+}
+
+template <typename T>
+void rows(const T* x, const T* w, float* y, int64_t m, int64_t k, int64_t n, int64_t n0, int64_t n1) {
+  // Every weight row meets all m x rows while it is in L1: blocks of 8 x rows, the row read from memory once.
+  for (int64_t m0 = 0; m0 < m; m0 += 8) {
+    const T* xb = x + m0 * k;
+    float* yb = y + m0 * n;
+    switch (std::min<int64_t>(8, m - m0)) {
+      case 1: rows_block<1>(xb, w, yb, k, n, n0, n1); break;
+      case 2: rows_block<2>(xb, w, yb, k, n, n0, n1); break;
+      case 3: rows_block<3>(xb, w, yb, k, n, n0, n1); break;
+      case 4: rows_block<4>(xb, w, yb, k, n, n0, n1); break;
+      case 5: rows_block<5>(xb, w, yb, k, n, n0, n1); break;
+      case 6: rows_block<6>(xb, w, yb, k, n, n0, n1); break;
+      case 7: rows_block<7>(xb, w, yb, k, n, n0, n1); break;
+      default: rows_block<8>(xb, w, yb, k, n, n0, n1); break;
+    }
+  }
+}
+
+// Chunks of N are claimed from a shared counter by the calling thread and by helper tasks on XLA's intra-op pool.
+// The caller never waits for a chunk nobody has started: it takes every unclaimed chunk itself and then waits only
+// for chunks another thread is running. So nothing deadlocks when every pool thread is busy (helpers that start
+// late find no work and return), and the shared state lives as long as the last helper holding it.
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t chunks = 0;
+};
+
+template <typename T>
+ffi::Error run(ffi::ThreadPool pool, const T* x, const T* w, float* y, int64_t m, int64_t k, int64_t n) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // ~4 chunks per thread for balance; at least 16 rows per chunk so a chunk is worth a task.
+  const int64_t chunk = std::max<int64_t>(16, (n + 4 * threads - 1) / (4 * threads));
+  auto work = std::make_shared<Work>();
+  work->chunks = (n + chunk - 1) / chunk;
+  auto drain = [=]() {
+    for (int64_t c; (c = work->next.fetch_add(1)) < work->chunks;) {
+      rows(x, w, y, m, k, n, c * chunk, std::min(n, (c + 1) * chunk));
+      work->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < std::min(threads, work->chunks); ++t) pool.Schedule(decltype(drain)(drain));  // a copy: Schedule takes ownership
+  drain();
+  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || x.element_type() != w.element_type()) {
+    return ffi::Error::InvalidArgument("qcjax_rows_matmul: expected x [M, K] and w [N, K] of one dtype");
+  }
+  const int64_t m = xd[0], k = xd[1], n = wd[0];
+  float* out = y->typed_data();
+  switch (w.element_type()) {
+    case ffi::F32:
+      return run(pool, static_cast<const float*>(x.untyped_data()), static_cast<const float*>(w.untyped_data()),
+                 out, m, k, n);
+    case ffi::BF16:
+      return run(pool, static_cast<const uint16_t*>(x.untyped_data()),
+                 static_cast<const uint16_t*>(w.untyped_data()), out, m, k, n);
+    default:
+      return ffi::Error::InvalidArgument("qcjax_rows_matmul: x and w must be float32 or bfloat16");
+  }
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QcjaxRowsMatmul, RowsMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,118 @@
+"""The CPU decode matmul: a few rows against a weight stored [out, in], as a C++ kernel called through jax.ffi.
+
+Decoding reads every weight once per step for a handful of rows; the cost should be that read. XLA:CPU's GEMMs at
+1-8 rows fall short of it (fp32 at 8 rows ~12-13 GB/s, bf16 at 1 row ~1.3 GB/s, on a machine that reads ~25 GB/s;
+bench/RESULTS.md), so on the CPU the sampler's projections and head go through `cpu_matmul.cc` instead: each weight
+row is read once, multiplied into every input row while in cache, and the rows are shared over XLA's threads.
+
+The kernel is compiled on first use with the system's C++ compiler (`-O3 -march=native`, against jaxlib's FFI
+headers) into a cache directory (QCJAX_CACHE, default ~/.cache/qcjax), keyed by the source, jaxlib's version and
+this CPU's flags. Without a compiler, or when the build fails, `available()` is False (one warning says why) and
+every caller keeps XLA's dot. QCJAX_CPU_MATMUL=0 turns the kernel off.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+TARGET = "qcjax_rows_matmul"
+MAX_ROWS = 8  # above this the rows are a GEMM XLA's kernels run well (prefill); the kernel is for decode steps
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matmul.cc")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _build() -> str:
+    """Path of the compiled library, building it when this source/jaxlib/CPU has none yet (temp file, then rename)."""
+    import jaxlib
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++, c++ or clang++; or set CXX)")
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), _cpu_flags().encode(), cxx.encode(),
+                                     " ".join(_FLAGS).encode()])).hexdigest()[:16]
+    cache = os.path.expanduser(os.environ.get("QCJAX_CACHE", "~/.cache/qcjax"))
+    lib = os.path.join(cache, f"cpu_matmul-{key}.so")
+    if os.path.exists(lib):
+        return lib
+    os.makedirs(cache, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is built and registered with XLA:CPU (built on the first call)."""
+    if os.environ.get("QCJAX_CPU_MATMUL", "1") == "0":
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(_build())
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QcjaxRowsMatmul), platform="cpu")
+    except Exception as e:  # noqa: BLE001 - any failure means: keep XLA's dot
+        warnings.warn(f"qcjax.cpu_matmul: the CPU decode kernel is unavailable, using XLA's dot ({e})")
+        return False
+    return True
+
+
+def applies(rows: int, dtype) -> bool:
+    """Whether a matmul of `rows` input rows in `dtype` goes through the kernel: compiled for the CPU (the current
+    mesh's devices, else the default backend's), at most MAX_ROWS rows, float32 or bfloat16, and no multi-device
+    mesh (the kernel is one device's custom call; sharded matmuls stay with XLA, which partitions them)."""
+    from qcjax.attention import target_device
+
+    mesh = jax.sharding.get_abstract_mesh()
+    return (target_device()[0] == "cpu" and 0 < rows <= MAX_ROWS and (mesh.empty or mesh.size == 1)
+            and jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)) and available())
+
+
+@jax.custom_vjp
+def rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, K] . w [N, K]^T -> float32 [M, N]: both float32 or both bfloat16, float32 accumulation. Differentiable
+    (the backward is XLA's dots), so a model applied on the CPU to a few tokens can still be differentiated."""
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or x.dtype != w.dtype:
+        raise ValueError(f"rows_matmul: x {x.shape} {x.dtype} and w {w.shape} {w.dtype}: expected [M, K] and "
+                         f"[N, K] of one dtype")
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(x, w)
+
+
+def _rows_matmul_fwd(x, w):
+    return rows_matmul(x, w), (x, w)
+
+
+def _rows_matmul_bwd(res, g):  # g [M, N] float32
+    x, w = res
+    dx = jax.lax.dot_general(g.astype(x.dtype), w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(g.astype(x.dtype), x, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+rows_matmul.defvjp(_rows_matmul_fwd, _rows_matmul_bwd)

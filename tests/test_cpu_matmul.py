@@ -1,0 +1,83 @@
+"""The CPU decode matmul (qcjax.cpu_matmul): the C++ kernel against float64 numpy, and where the model uses it."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from qcjax import cpu_matmul
+from qcjax import sampler as S
+from qcjax.config import ModelConfig
+from qcjax.model import init_params
+
+pytestmark = pytest.mark.skipif(not cpu_matmul.available(), reason="no C++ compiler to build the CPU kernel")
+
+
+def _exact(a) -> np.ndarray:
+    return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m, k, n", [(1, 896, 1000), (3, 64, 37), (8, 72, 515), (5, 40, 16)])
+def test_rows_matmul_matches_float64(dtype, m, k, n):
+    # k = 40 / 72 leave tails past the 16- and 32-wide vector loops; n = 1000 / 515 split over several threads' chunks
+    rng = np.random.default_rng(m * k + n)
+    x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    w = jnp.asarray(rng.normal(size=(n, k)), dtype)
+    got = jax.jit(cpu_matmul.rows_matmul)(x, w)
+    want = _exact(x) @ _exact(w).T  # bf16 products are exact in float32: only the float32 sums differ
+    assert got.dtype == jnp.float32 and got.shape == (m, n)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_rows_matmul_gradient_is_the_matmuls():
+    rng = np.random.default_rng(0)
+    x, w = jnp.asarray(rng.normal(size=(2, 48)), jnp.float32), jnp.asarray(rng.normal(size=(24, 48)), jnp.float32)
+    loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))  # noqa: E731
+    got = jax.grad(loss(cpu_matmul.rows_matmul), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(lambda x, w: x @ w.T), argnums=(0, 1))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_shapes_name_both():
+    with pytest.raises(ValueError, match=r"x \(2, 8\) float32 and w \(4, 9\) float32"):
+        cpu_matmul.rows_matmul(jnp.zeros((2, 8)), jnp.zeros((4, 9)))
+
+
+CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=16, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def _compiled(fn, *args, **kw) -> str:
+    return fn.lower(*args, **kw).compile().as_text()
+
+
+def test_decode_steps_use_the_kernel_and_prefill_keeps_xla():
+    params = S.unstack_params(CFG, init_params(CFG, jax.random.key(0)))
+    plan = S.plan(CFG, [[1, 2, 3, 4] * 5, [5, 6]], max_new_tokens=4)
+    c = S.controls_for(plan)
+    state = S.start(CFG, params, plan, c, jnp.float32)
+    decode = _compiled(S.decode, CFG, plan.kinds, params, state, c, jnp.int32(4))
+    # every projection (7 per layer) and the tied head
+    assert decode.count(f'custom_call_target="{cpu_matmul.TARGET}"') == 7 * CFG.num_layers + 1
+    prefill = _compiled(S.prefill, CFG, plan.kinds, params, jnp.asarray(plan.tokens), jnp.asarray(plan.lengths), c,
+                        batch=plan.batch, cache_len=plan.cache_len, cache_dtype=jnp.float32, out_len=4)
+    # the prompt rows (2 x 32 > MAX_ROWS) are XLA's GEMMs; only the head's rows (one per prompt) take the kernel
+    assert prefill.count(f'custom_call_target="{cpu_matmul.TARGET}"') == 1
+
+
+def test_a_build_failure_warns_and_keeps_xla(monkeypatch):
+    def fail():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cpu_matmul, "_build", fail)
+    cpu_matmul.available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="CPU decode kernel is unavailable.*no C\\+\\+ compiler"):
+            assert not cpu_matmul.available()
+        assert not cpu_matmul.applies(1, jnp.float32)
+    finally:
+        monkeypatch.undo()
+        cpu_matmul.available.cache_clear()
+    assert cpu_matmul.available()
