@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 
 TARGET = "qcjax_rows_matmul"
-MAX_ROWS = 8  # above this the rows are a GEMM XLA's kernels run well (prefill); the kernel is for decode steps
+# Above this the rows are a prompt's GEMM, which XLA's kernels run well; the kernel is for decode steps. (bf16
+# prompts through the AMX tiles measured slower end to end: 0.5B prefill 1x512 433 vs 686 tok/s, bench/RESULTS.md.)
+MAX_ROWS = 8
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matmul.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
@@ -69,17 +71,28 @@ def _build() -> str:
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the kernel is built and registered with XLA:CPU (built on the first call)."""
+def _library():
+    """The built kernel library registered with XLA:CPU, or None (with one warning saying why)."""
     if os.environ.get("QCJAX_CPU_MATMUL", "1") == "0":
-        return False
+        return None
     try:
         lib = ctypes.cdll.LoadLibrary(_build())
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QcjaxRowsMatmul), platform="cpu")
     except Exception as e:  # noqa: BLE001 - any failure means: keep XLA's dot
         warnings.warn(f"qcjax.cpu_matmul: the CPU decode kernel is unavailable, using XLA's dot ({e})")
-        return False
-    return True
+        return None
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered with XLA:CPU (built on the first call)."""
+    return _library() is not None
+
+
+def amx_bf16() -> bool:
+    """Whether bf16 runs on AMX tiles here (built with them, and Linux granted this process the tile state)."""
+    lib = _library()
+    return lib is not None and bool(lib.QcjaxAmxBf16())
 
 
 def applies(rows: int, dtype) -> bool:

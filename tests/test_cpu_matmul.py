@@ -18,9 +18,10 @@ def _exact(a) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("m, k, n", [(1, 896, 1000), (3, 64, 37), (8, 72, 515), (5, 40, 16)])
+@pytest.mark.parametrize("m, k, n", [(1, 896, 1000), (3, 64, 37), (8, 72, 515), (5, 40, 16), (20, 64, 48)])
 def test_rows_matmul_matches_float64(dtype, m, k, n):
-    # k = 40 / 72 leave tails past the 16- and 32-wide vector loops; n = 1000 / 515 split over several threads' chunks
+    # k = 40 / 72 leave tails past the 16- and 32-wide vector loops and AMX's 32-wide k steps; n = 1000 / 515 split
+    # over several threads' chunks and leave rows past AMX's 16-row tiles; m = 20 takes two blocks of x rows
     rng = np.random.default_rng(m * k + n)
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)
     w = jnp.asarray(rng.normal(size=(n, k)), dtype)
@@ -72,12 +73,12 @@ def test_a_build_failure_warns_and_keeps_xla(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(cpu_matmul, "_build", fail)
-    cpu_matmul.available.cache_clear()
+    cpu_matmul._library.cache_clear()
     try:
         with pytest.warns(UserWarning, match="CPU decode kernel is unavailable.*no C\\+\\+ compiler"):
             assert not cpu_matmul.available()
         assert not cpu_matmul.applies(1, jnp.float32)
     finally:
         monkeypatch.undo()
-        cpu_matmul.available.cache_clear()
+        cpu_matmul._library.cache_clear()
     assert cpu_matmul.available()
