@@ -2,11 +2,16 @@
 on the same random weights, alternated round by round, greedy tokens compared.
 
     python bench/cpu_matmul.py --dtype bfloat16 [--batches 1,8] [--rounds 3] [--prefill_len 512]
+    python bench/cpu_matmul.py --matmul --dtype float32 [--batches 1,2,8]   # one matmul alone, kernel vs XLA
 
 Variants: "xla" (the kernel off; kernels in the layout the sampler picks without it) and "kernel" (what the sampler
 does: decode steps through the kernel; prompts keep XLA's GEMMs). The kernel is chosen when a program is traced, so
 every round clears JAX's caches and compiles again (compile time is not timed). Prints tok/s medians and the
 kernel's ratio to "xla".
+
+--matmul times one decode-shaped matmul alone instead: [rows, 896] x a [311296, 896] weight stored [out, in] (the
+0.5B MLP's 4864 rows stacked 64 times: 0.56 GB bf16, 1.1 GB fp32, past this machine's 300 MB L3), the kernel vs
+XLA's dot_general on the same arrays, alternated, medians of --rounds x 5 calls, with the weight's read rate.
 """
 from __future__ import annotations
 
@@ -18,24 +23,20 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import sampler_ab  # noqa: E402  (bench/sampler_ab.py, beside this file)
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="0.5b", help="architecture preset (random weights)")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--batches", default="1,8")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--prefill_len", type=int, default=512)
-    p.add_argument("--decode_prompt", type=int, default=32)
-    p.add_argument("--new_tokens", type=int, default=17, help="decode steps timed: new_tokens - 1")
+    sampler_ab.add_args(p)
+    p.set_defaults(rounds=3)
+    p.add_argument("--matmul", action="store_true", help="time one matmul alone (kernel vs XLA), not the sampler")
     a = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from qcjax import sampler as S
 
     S.configure_cpu_xla(a.dtype)
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
     import qcjax
     from qcjax import cpu_matmul
@@ -43,55 +44,54 @@ def main(argv=None):
 
     if not cpu_matmul.available():
         sys.exit("the CPU kernel is unavailable here (see the warning above)")
+    if a.matmul:
+        return matmul_alone(a)
     cfg = qcjax.get_config(a.model).replace(param_dtype=a.dtype, dtype=a.dtype)
-    stacked = init_params(cfg, jax.random.key(0))
     on, applies = cpu_matmul.available, cpu_matmul.applies
     cpu_matmul.available = lambda: False  # the layout the sampler picks without the kernel
-    xla_layout = S.default_kernel_layout(cfg)
+    layouts = {"xla": S.default_kernel_layout(cfg)}
     cpu_matmul.available = on
-    layouts = {"xla": xla_layout, "kernel": S.default_kernel_layout(cfg)}
-    params = {k: S.unstack_params(cfg, stacked, kernel_layout=v) for k, v in set((v, v) for v in layouts.values())}
+    layouts["kernel"] = S.default_kernel_layout(cfg)
+    stacked = init_params(cfg, jax.random.key(0))
+    params = {v: S.unstack_params(cfg, stacked, kernel_layout=v) for v in set(layouts.values())}
     del stacked
-    variants = {"xla": (params[layouts["xla"]], False), "kernel": (params[layouts["kernel"]], True)}
-    cache_dt = jnp.dtype(a.dtype)
-    rng = np.random.default_rng(0)
-    print(f"{a.model} {a.dtype}, jax {jax.__version__}, layouts {layouts}, AMX bf16: {cpu_matmul.amx_bf16()}; "
-          f"{a.rounds} rounds, tok/s medians", flush=True)
 
-    def use(kernel: bool):
+    def use(kernel: bool):  # the kernel is chosen at trace time: drop compiled programs, retrace
         jax.clear_caches()
         cpu_matmul.applies = applies if kernel else (lambda rows, dtype: False)
 
-    def measure(name, prompts, n, timed):
-        plan = S.plan(cfg, prompts, max_new_tokens=n, min_batch=S.default_min_batch(cfg))
-        c = S.controls_for(plan)
-        got, out = {k: [] for k in variants}, {}
+    variants = {"xla": (params[layouts["xla"]], lambda: use(False)),
+                "kernel": (params[layouts["kernel"]], lambda: use(True))}
+    print(f"{a.model} {a.dtype}, jax {jax.__version__}, layouts {layouts}, AMX bf16: {cpu_matmul.amx_bf16()}; "
+          f"{a.rounds} rounds, tok/s medians", flush=True)
+    sampler_ab.run(a, cfg, variants, warm_every_round=True)
+
+
+def matmul_alone(a):
+    import jax
+    import jax.numpy as jnp
+
+    from qcjax import cpu_matmul
+
+    k, n = 896, 4864 * 64
+    w = jax.random.normal(jax.random.key(0), (n, k), jnp.float32).astype(a.dtype)
+    xla = jax.jit(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32))
+    ours = jax.jit(cpu_matmul.rows_matmul)
+    print(f"{a.dtype} weight [{n}, {k}] ({w.nbytes / 1e9:.2f} GB), AMX bf16: {cpu_matmul.amx_bf16()}; medians")
+    for b in [int(v) for v in a.batches.split(",")]:
+        x = jax.random.normal(jax.random.key(b), (b, k), jnp.float32).astype(a.dtype)
+        err = float(jnp.max(jnp.abs(ours(x, w) - xla(x, w))) / jnp.max(jnp.abs(xla(x, w))))
+        times = {"xla": [], "kernel": []}
         for _ in range(a.rounds):
-            for k, (prm, kernel) in variants.items():
-                use(kernel)
-                timed(plan, c, prm)  # compile + warm-up
-                rate, out[k] = timed(plan, c, prm)
-                got[k].append(rate)
-        med = {k: statistics.median(v) for k, v in got.items()}
-        same = all(np.array_equal(out["xla"], o) for o in out.values())
-        print(f"{name:>16}: " + "  ".join(f"{k} {m:7.1f} ({m / med['xla']:.2f}x)" for k, m in med.items())
-              + f"  same tokens: {same}", flush=True)
-
-    def prefill(plan, c, prm):
-        t = time.perf_counter()
-        st = jax.block_until_ready(S.start(cfg, prm, plan, c, cache_dt))
-        return a.prefill_len / (time.perf_counter() - t), np.asarray(st.out)
-
-    measure(f"prefill 1x{a.prefill_len}", [rng.integers(0, 150000, a.prefill_len).tolist()], 1, prefill)
-    n = a.new_tokens
-    for b in [int(x) for x in a.batches.split(",")]:
-        def decode(plan, c, prm, b=b):
-            st = jax.block_until_ready(S.start(cfg, prm, plan, c, cache_dt))
-            t = time.perf_counter()
-            out = np.asarray(S.decode(cfg, plan.kinds, prm, st, c, jnp.int32(n)).out)
-            return b * (n - 1) / (time.perf_counter() - t), out[:b]
-
-        measure(f"decode batch {b}", [rng.integers(0, 150000, a.decode_prompt).tolist() for _ in range(b)], n, decode)
+            for name, f in (("xla", xla), ("kernel", ours)):
+                for _ in range(5):
+                    t = time.perf_counter()
+                    f(x, w).block_until_ready()
+                    times[name].append(time.perf_counter() - t)
+        med = {name: statistics.median(v) for name, v in times.items()}
+        print(f"rows {b}: " + "  ".join(f"{name} {m * 1e3:7.2f} ms {w.nbytes / m / 1e9:5.1f} GB/s" for name, m in
+                                        med.items()) + f"  kernel {med['xla'] / med['kernel']:.2f}x faster; max rel "
+              f"diff {err:.1e}", flush=True)
 
 
 if __name__ == "__main__":
