@@ -4,8 +4,9 @@ on the same random weights, alternated round by round, greedy tokens compared.
     python bench/cpu_matmul.py --dtype bfloat16 [--batches 1,8] [--rounds 3] [--prefill_len 512]
     python bench/cpu_matmul.py --matmul --dtype float32 [--batches 1,2,8]   # one matmul alone, kernel vs XLA
 
-Variants: "xla" (the kernel off; kernels in the layout the sampler picks without it) and "kernel" (what the sampler
-does: decode steps through the kernel; prompts keep XLA's GEMMs). The kernel is chosen when a program is traced, so
+Variants: "xla" (the kernel off; kernels in the layout the sampler picks without it: for fp32 that is another layout,
+so the fp32 A/B measures kernel and layout together) and "kernel" (what the sampler does: decode steps through the
+kernel; prompts keep XLA's GEMMs). The kernel is chosen when a program is traced, so
 every round clears JAX's caches and compiles again (compile time is not timed). Prints tok/s medians and the
 kernel's ratio to "xla".
 

@@ -22,6 +22,7 @@ import sampler_ab  # noqa: E402  (bench/sampler_ab.py, beside this file)
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sampler_ab.add_args(p)
+    p.set_defaults(new_tokens=33)  # as the runs in bench/RESULTS.md
     a = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from qcjax import sampler as S

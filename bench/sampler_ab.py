@@ -27,6 +27,8 @@ def run(a, cfg, variants: dict[str, tuple[Any, Callable[[], None]]], warm_every_
 
     from qcjax import sampler as S
 
+    if not warm_every_round and a.rounds < 2:
+        raise SystemExit("--rounds must be >= 2: the first round is a warm-up and is dropped")
     cache_dt = jnp.dtype(a.dtype)
     rng = np.random.default_rng(0)
 

@@ -13,7 +13,9 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <memory>
+#include <string>
 #include <thread>
 
 #if defined(__AVX512BF16__) || defined(__AMX_BF16__)
@@ -271,20 +273,26 @@ ffi::Error run(ffi::ThreadPool pool, const T* x, const T* w, float* y, int64_t m
 ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || x.element_type() != w.element_type()) {
-    return ffi::Error::InvalidArgument("qcjax_rows_matmul: expected x [M, K] and w [N, K] of one dtype");
+  auto yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || x.element_type() != w.element_type() ||
+      yd.size() != 2 || yd[0] != xd[0] || yd[1] != wd[0]) {
+    return ffi::Error::InvalidArgument("qcjax_rows_matmul: expected x [M, K] and w [N, K] of one dtype, y [M, N]");
   }
   const int64_t m = xd[0], k = xd[1], n = wd[0];
   float* out = y->typed_data();
-  switch (w.element_type()) {
-    case ffi::F32:
-      return run(pool, static_cast<const float*>(x.untyped_data()), static_cast<const float*>(w.untyped_data()),
-                 out, m, k, n);
-    case ffi::BF16:
-      return run(pool, static_cast<const uint16_t*>(x.untyped_data()),
-                 static_cast<const uint16_t*>(w.untyped_data()), out, m, k, n);
-    default:
-      return ffi::Error::InvalidArgument("qcjax_rows_matmul: x and w must be float32 or bfloat16");
+  try {  // nothing may unwind into XLA (an allocation failure in the packing or the task queue)
+    switch (w.element_type()) {
+      case ffi::F32:
+        return run(pool, static_cast<const float*>(x.untyped_data()), static_cast<const float*>(w.untyped_data()),
+                   out, m, k, n);
+      case ffi::BF16:
+        return run(pool, static_cast<const uint16_t*>(x.untyped_data()),
+                   static_cast<const uint16_t*>(w.untyped_data()), out, m, k, n);
+      default:
+        return ffi::Error::InvalidArgument("qcjax_rows_matmul: x and w must be float32 or bfloat16");
+    }
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("qcjax_rows_matmul: ") + e.what());
   }
 }
 

@@ -33,11 +33,14 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
 def _cpu_flags() -> str:
+    """This CPU's feature list (x86 "flags", Arm "Features"): a -march=native build is only good for its own kind."""
+    import platform
+
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
+            return next((line for line in f if line.startswith(("flags", "Features"))), "") + platform.machine()
     except OSError:
-        return ""
+        return platform.processor() + platform.machine()
 
 
 def _build() -> str:
@@ -60,9 +63,10 @@ def _build() -> str:
     os.close(fd)
     try:
         cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp]
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if r.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+        os.chmod(tmp, 0o755)  # mkstemp makes it 0600: a cache shared between users could not load it
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
@@ -110,21 +114,24 @@ def applies(rows: int, dtype) -> bool:
 def rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [M, K] . w [N, K]^T -> float32 [M, N]: both float32 or both bfloat16, float32 accumulation. Differentiable
     (the backward is XLA's dots), so a model applied on the CPU to a few tokens can still be differentiated."""
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or x.dtype != w.dtype:
+    if (x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or x.dtype != w.dtype
+            or jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))):
         raise ValueError(f"rows_matmul: x {x.shape} {x.dtype} and w {w.shape} {w.dtype}: expected [M, K] and "
-                         f"[N, K] of one dtype")
+                         f"[N, K] of one dtype, float32 or bfloat16")
+    if _library() is None:
+        raise RuntimeError("rows_matmul: the CPU kernel is unavailable (see the warning); check available() first")
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x, w)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(x, w)
 
 
 def _rows_matmul_fwd(x, w):
     return rows_matmul(x, w), (x, w)
 
 
-def _rows_matmul_bwd(res, g):  # g [M, N] float32
+def _rows_matmul_bwd(res, g):  # g [M, N] float32, kept so: autodiff of XLA's mixed-precision dot does the same
     x, w = res
-    dx = jax.lax.dot_general(g.astype(x.dtype), w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    dw = jax.lax.dot_general(g.astype(x.dtype), x, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    dx = jax.lax.dot_general(g, w.astype(jnp.float32), (((1,), (0,)), ((), ())))
+    dw = jax.lax.dot_general(g, x.astype(jnp.float32), (((0,), (0,)), ((), ())))
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 

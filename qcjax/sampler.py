@@ -249,15 +249,18 @@ def sample_tokens(logits: jax.Array, controls: Controls, counts: jax.Array, kind
 
 
 # ---- the forward pass over per-layer params (pure) -----------------------------------------------------------------
-def default_kernel_layout(cfg: ModelConfig) -> str:
+def default_kernel_layout(cfg: ModelConfig, mesh=None) -> str:
     """How the sampler stores projection kernels: "out_in" ([out..., in...], `qcjax.model.KERNEL_OUT_IN`) on the CPU
-    when the CPU decode kernel is built (`qcjax.cpu_matmul`, which reads weights in that order) or the compute is
-    16-bit, else "in_out" (the model's own layout). Without the kernel, measured on XLA:CPU at the 0.5B shapes,
-    alternated in one process, same greedy tokens (bench/kernel_layout.py, bench/RESULTS.md): bf16 decode batch 8
-    +23-30%, batch 1 +9-24%, prefill +4-8%; fp32 batch 1 got slower (0.61-0.69x) and batch 8 no faster."""
+    when the CPU decode kernel will run (`qcjax.cpu_matmul`, which reads weights in that order: built, and no
+    multi-device `mesh`) or the compute is 16-bit, else "in_out" (the model's own layout). Without the kernel,
+    measured on XLA:CPU at the 0.5B shapes, alternated in one process, same greedy tokens (bench/kernel_layout.py,
+    bench/RESULTS.md): bf16 decode batch 8 +23-30%, batch 1 +9-24%, prefill +4-8%; fp32 batch 1 got slower
+    (0.61-0.69x) and batch 8 no faster. (The kernel takes <= 8 rows: fp32 decode batches above 8 run XLA's dots
+    on the "out_in" layout.)"""
     if jax.default_backend() != "cpu":
         return "in_out"
-    return "out_in" if jnp.dtype(cfg.dtype).itemsize == 2 or cpu_matmul.available() else "in_out"
+    kernel = cpu_matmul.available() and (mesh is None or mesh.size == 1)
+    return "out_in" if jnp.dtype(cfg.dtype).itemsize == 2 or kernel else "in_out"
 
 
 def _projection_in_dims() -> dict[tuple[str, ...], int]:
@@ -294,7 +297,7 @@ def unstack_params(cfg: ModelConfig, params: Any, mesh=None, kernel_layout: str 
             raise ValueError(f"kernel_layout={kernel_layout!r}, but these params are already unstacked with "
                              f"{layout!r} kernels; unstack the model's stacked params instead")
         return params if mesh is None else jax.device_put(params, sampler_param_shardings(cfg, mesh, layout))
-    layout = kernel_layout or default_kernel_layout(cfg)
+    layout = kernel_layout or default_kernel_layout(cfg, mesh)
     if layout not in KERNEL_LAYOUTS:
         raise ValueError(f"kernel_layout={layout!r}: expected one of {KERNEL_LAYOUTS}")
     out = {k: v for k, v in params.items() if k != "layers"}

@@ -18,10 +18,12 @@ def _exact(a) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("m, k, n", [(1, 896, 1000), (3, 64, 37), (8, 72, 515), (5, 40, 16), (20, 64, 48)])
+@pytest.mark.parametrize("m, k, n", [(1, 896, 1000), (3, 64, 37), (8, 72, 515), (5, 40, 16), (20, 64, 48),
+                                     (40, 96, 33), (64, 32, 20)])
 def test_rows_matmul_matches_float64(dtype, m, k, n):
     # k = 40 / 72 leave tails past the 16- and 32-wide vector loops and AMX's 32-wide k steps; n = 1000 / 515 split
-    # over several threads' chunks and leave rows past AMX's 16-row tiles; m = 20 takes two blocks of x rows
+    # over several threads' chunks and leave rows past AMX's 16-row tiles; m = 20 / 40 / 64 take 2 / 3 / 4 blocks of
+    # 16 x rows on AMX's tiles (bf16), 3 / 5 / 8 blocks of 8 in the vector loop
     rng = np.random.default_rng(m * k + n)
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)
     w = jnp.asarray(rng.normal(size=(n, k)), dtype)
@@ -39,6 +41,14 @@ def test_rows_matmul_gradient_is_the_matmuls():
     want = jax.grad(loss(lambda x, w: x @ w.T), argnums=(0, 1))(x, w)
     for g, r in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+
+def test_a_multi_device_mesh_keeps_xla():
+    assert cpu_matmul.applies(8, jnp.float32) and not cpu_matmul.applies(9, jnp.float32)
+    mesh = jax.make_mesh((len(jax.devices()),), ("tensor",))
+    with jax.set_mesh(mesh):
+        assert cpu_matmul.applies(1, jnp.bfloat16) == (mesh.size == 1)
+    assert S.default_kernel_layout(CFG, mesh) == ("out_in" if mesh.size == 1 else "in_out")
 
 
 def test_bad_shapes_name_both():
