@@ -3,11 +3,12 @@
 //
 // Why: a decode step is a handful of rows against every weight, so its cost should be one read of the weights. XLA:CPU's
 // GEMM kernels for 1-8 rows read fp32 weights at ~10-13 GB/s and bf16 ones at ~1-13 GB/s on a machine that reads
-// ~25 GB/s (bench/RESULTS.md). Here each weight row is loaded once into registers and multiplied into every x row
-// while it is hot, bf16 widened to fp32 on the fly; the N rows are shared out over XLA's intra-op threads.
+// ~25 GB/s (bench/RESULTS.md). Here each weight row is loaded once and multiplied into every x row while it is hot;
+// the N rows are shared out over XLA's intra-op threads.
 //
-// Vector code through GCC/Clang vector extensions: 16 float lanes (one AVX-512 register, two AVX2 ones), built with
-// -march=native by the loader.
+// fp32: GCC/Clang vector extensions, 16 float lanes (one AVX-512 register, two AVX2 ones). bf16: AMX tiles from 3
+// rows, AVX512-BF16 dot products below that, and widening to fp32 where the CPU has neither. Built with
+// -march=native by the loader, so what the CPU lacks is compiled out.
 
 #include <algorithm>
 #include <atomic>
@@ -21,11 +22,10 @@
 #if defined(__AVX512BF16__) || defined(__AMX_BF16__)
 #include <immintrin.h>
 #endif
+#include <vector>
 #ifdef __AMX_BF16__
 #include <sys/syscall.h>
 #include <unistd.h>
-
-#include <vector>
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -153,64 +153,33 @@ std::vector<uint16_t> pack_x(const uint16_t* x, int64_t m, int64_t k) {
   return out;
 }
 
-// One 16-row weight block (wb) against NC blocks of 16 x rows (packed, from xb): C tiles 0..NC-1 accumulate over the
-// k steps with the weight tile (4) loaded once per step for all of them; results to c [NC][16 n][16 m].
-template <int NC>
-void amx_tiles(const uint16_t* wb, const uint16_t* xb, int64_t steps, int64_t k, float* c, bool prefetch_next) {
-  _tile_zero(0);
-  if constexpr (NC > 1) _tile_zero(1);
-  if constexpr (NC > 2) _tile_zero(2);
-  if constexpr (NC > 3) _tile_zero(3);
-  for (int64_t s = 0; s < steps; ++s) {
-    if (prefetch_next)  // the next 16 weight rows are the next 16 * k contiguous values: 16 lines a step
-      for (int i = 0; i < 16; ++i) __builtin_prefetch(wb + 16 * k + (s * 16 + i) * 32);
-    _tile_loadd(4, wb + s * 32, k * 2);
-    _tile_loadd(5, xb + s * 512, 64);
-    _tile_dpbf16ps(0, 4, 5);
-    if constexpr (NC > 1) {
-      _tile_loadd(6, xb + (steps + s) * 512, 64);
-      _tile_dpbf16ps(1, 4, 6);
-    }
-    if constexpr (NC > 2) {
-      _tile_loadd(7, xb + (2 * steps + s) * 512, 64);
-      _tile_dpbf16ps(2, 4, 7);
-    }
-    if constexpr (NC > 3) {
-      _tile_loadd(5, xb + (3 * steps + s) * 512, 64);
-      _tile_dpbf16ps(3, 4, 5);
-    }
-  }
-  _tile_stored(0, c, 64);
-  if constexpr (NC > 1) _tile_stored(1, c + 256, 64);
-  if constexpr (NC > 2) _tile_stored(2, c + 512, 64);
-  if constexpr (NC > 3) _tile_stored(3, c + 768, 64);
-}
-
-// Weight rows [n0, n1) against all m x rows: 16 weight rows x up to 64 x rows at a time on the tiles; the rows past
-// the last full 16 (and k past the last full 32) with the vector code above.
+// Weight rows [n0, n1) against all m x rows: 16 weight rows x 16 x rows per tile multiply (C tile 0 accumulates
+// over the 32-wide k steps, A = weight tile 4, B = packed x tile 5); the rows past the last full 16 (and k past the
+// last full 32) with the vector code above.
 void amx_rows(const uint16_t* x, const uint16_t* xp, const uint16_t* w, float* y, int64_t m, int64_t k,
               int64_t n_total, int64_t n0, int64_t n1) {
   TileConfig cfg;
-  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;  // C: [16 n x 16 m] f32; A: [16 n x 32 k]; B
+  for (int t : {0, 4, 5}) cfg.rows[t] = 16, cfg.colsb[t] = 64;  // C: [16 n x 16 m] f32; A: [16 n x 32 k]; B
   _tile_loadconfig(&cfg);
-  alignas(64) float c[4 * 256];
-  const int64_t steps = k / 32, kv = steps * 32, mb = (m + 15) / 16;
+  alignas(64) float c[16][16];
+  const int64_t steps = k / 32, kv = steps * 32;
   int64_t n = n0;
   for (; n + 16 <= n1; n += 16) {
     const uint16_t* wb = w + n * k;
-    for (int64_t b0 = 0; b0 < mb; b0 += 4) {
-      const uint16_t* xb = xp + b0 * steps * 512;
-      const bool pf = b0 == 0;
-      switch (std::min<int64_t>(4, mb - b0)) {
-        case 1: amx_tiles<1>(wb, xb, steps, k, c, pf); break;
-        case 2: amx_tiles<2>(wb, xb, steps, k, c, pf); break;
-        case 3: amx_tiles<3>(wb, xb, steps, k, c, pf); break;
-        default: amx_tiles<4>(wb, xb, steps, k, c, pf); break;
+    for (int64_t m0 = 0; m0 < m; m0 += 16) {
+      const uint16_t* xb = xp + m0 / 16 * steps * 512;
+      _tile_zero(0);
+      for (int64_t s = 0; s < steps; ++s) {
+        if (m0 == 0)  // the next 16 weight rows are the next 16 * k contiguous values: stream them in, 16 lines a step
+          for (int i = 0; i < 16; ++i) __builtin_prefetch(wb + 16 * k + (s * 16 + i) * 32);
+        _tile_loadd(4, wb + s * 32, k * 2);
+        _tile_loadd(5, xb + s * 512, 64);
+        _tile_dpbf16ps(0, 4, 5);
       }
-      for (int64_t j = b0 * 16; j < std::min(m, (b0 + 4) * 16); ++j) {
-        const float* cj = c + (j / 16 - b0) * 256 + j % 16;
+      _tile_stored(0, c, 64);
+      for (int64_t j = m0; j < std::min(m, m0 + 16); ++j) {
         for (int r = 0; r < 16; ++r) {
-          float t = cj[r * 16];
+          float t = c[r][j - m0];
           for (int64_t i = kv; i < k; ++i) t += to_f32(wb[r * k + i]) * to_f32(x[j * k + i]);
           y[j * n_total + n + r] = t;
         }
@@ -232,6 +201,18 @@ struct Work {
   int64_t chunks = 0;
 };
 
+// One chunk of weight rows: on AMX when x was packed for it, else the vector loop.
+template <typename T>
+void chunk_rows(const T* x, const std::vector<uint16_t>* packed, const T* w, float* y, int64_t m, int64_t k, int64_t n,
+                int64_t n0, int64_t n1) {
+#ifdef __AMX_BF16__
+  if constexpr (sizeof(T) == 2) {
+    if (packed) return amx_rows(x, packed->data(), w, y, m, k, n, n0, n1);
+  }
+#endif
+  rows(x, w, y, m, k, n, n0, n1);
+}
+
 template <typename T>
 ffi::Error run(ffi::ThreadPool pool, const T* x, const T* w, float* y, int64_t m, int64_t k, int64_t n) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
@@ -248,17 +229,7 @@ ffi::Error run(ffi::ThreadPool pool, const T* x, const T* w, float* y, int64_t m
 #endif
   auto drain = [=]() {
     for (int64_t c; (c = work->next.fetch_add(1)) < work->chunks;) {
-      const int64_t n0 = c * chunk, n1 = std::min(n, (c + 1) * chunk);
-#ifdef __AMX_BF16__
-      if constexpr (sizeof(T) == 2) {
-        if (packed) {
-          amx_rows(x, packed->data(), w, y, m, k, n, n0, n1);
-          work->done.fetch_add(1, std::memory_order_release);
-          continue;
-        }
-      }
-#endif
-      rows(x, w, y, m, k, n, n0, n1);
+      chunk_rows(x, packed.get(), w, y, m, k, n, c * chunk, std::min(n, (c + 1) * chunk));
       work->done.fetch_add(1, std::memory_order_release);
     }
   };
