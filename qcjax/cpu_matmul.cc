@@ -34,21 +34,29 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
+// One vector register's worth of lanes: 16 floats on AVX-512 (32 registers), 8 on AVX2 and below (16 registers), so
+// the 8-row loop's accumulators stay in registers (64-byte vectors on AVX2 took two registers each and spilled: 8 rows
+// read 3 GB/s instead of 9-20 on a Zen 3 host).
+#ifdef __AVX512F__
+constexpr int L = 16;
+#else
+constexpr int L = 8;
+#endif
+typedef float f32v __attribute__((vector_size(4 * L)));
+typedef uint16_t u16v __attribute__((vector_size(2 * L)));
+typedef uint32_t u32v __attribute__((vector_size(4 * L)));
 
-inline f32x16 load16(const float* p) {
-  f32x16 v;
+inline f32v loadv(const float* p) {
+  f32v v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline f32x16 load16(const uint16_t* p) {  // 16 bfloat16 -> float32: the bits shifted into the high half
-  u16x16 h;
+inline f32v loadv(const uint16_t* p) {  // L bfloat16 -> float32: the bits shifted into the high half
+  u16v h;
   std::memcpy(&h, p, sizeof(h));
-  u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-  f32x16 v;
+  u32v w = __builtin_convertvector(h, u32v) << 16;
+  f32v v;
   std::memcpy(&v, &w, sizeof(v));
   return v;
 }
@@ -61,57 +69,77 @@ inline float to_f32(uint16_t v) {
   return f;
 }
 
-inline float hsum(f32x16 v) {
+inline float hsum(f32v v) {
   float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
+  for (int i = 0; i < L; ++i) s += v[i];
   return s;
 }
 
-// Bytes ahead of the weight row being read to prefetch: with the hardware prefetcher alone the loop waited on memory
-// (0.5B shapes, 1-8 rows: 1024 -> 2048 bytes gained up to 1.3x, 4096 no more; measured with a 1 GiB weight).
+// Bytes ahead of the weight row being read to prefetch: with the hardware prefetcher alone the loop waited on memory.
+// AVX-512 (Sapphire Rapids, 0.5B shapes, 1-8 rows, 1 GiB weight): 1024 -> 2048 gained up to 1.3x, 4096 no more. AVX2
+// (Zen 3, same shapes): 1024 read 25-29 GB/s at one row, 2048 20-23, 4096 22, none 27 but 8 rows 16 vs 18-20.
 #ifndef PREFETCH
+#ifdef __AVX512F__
 #define PREFETCH 2048
+#else
+#define PREFETCH 1024
+#endif
+#endif
+#ifndef UROWS
+#define UROWS 4
 #endif
 
 // Weight rows [n0, n1) of w against R (<= 8) rows of x from x0 (same element type T: float or bfloat16 bits);
-// writes y[r, n]. Products are exact in float32 (bf16 x bf16 fits), sums are float32. (Tried: two weight rows per
+// writes y[r, n]. Products are exact in float32 (bf16 x bf16 fits), sums are float32. U independent accumulators per
+// x row (U * L weights a step) keep at least ~4 FMA chains in flight when R is small. (Tried: two weight rows per
 // pass to load each x vector once for both, and non-temporal prefetches; both slower.)
-template <int R, typename T>
-void rows_block(const T* x0, const T* w, float* y0, int64_t k, int64_t n_total, int64_t n0, int64_t n1) {
+template <int R, typename X, typename T>
+void rows_block(const X* x0, const T* w, float* y0, int64_t k, int64_t n_total, int64_t n0, int64_t n1) {
+  constexpr int U = (L == 16 || R >= UROWS) ? 1 : UROWS / R;
   for (int64_t n = n0; n < n1; ++n) {
     const T* wr = w + n * k;
-    f32x16 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = f32x16{};
+    f32v acc[R][U];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) acc[r][u] = f32v{};
     int64_t i = 0;
 #ifdef __AVX512BF16__
-    if constexpr (sizeof(T) == 2) {  // 32 bf16 pairs per instruction, no widening
+    if constexpr (sizeof(T) == 2 && sizeof(X) == 2) {  // 32 bf16 pairs per instruction, no widening
       for (; i + 32 <= k; i += 32) {
         __builtin_prefetch(wr + i + PREFETCH / sizeof(T));
         const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + i);
         for (int r = 0; r < R; ++r) {
-          acc[r] = (f32x16)_mm512_dpbf16_ps((__m512)acc[r], wv, (__m512bh)_mm512_loadu_si512(x0 + r * k + i));
+          acc[r][0] = (f32v)_mm512_dpbf16_ps((__m512)acc[r][0], wv, (__m512bh)_mm512_loadu_si512(x0 + r * k + i));
         }
       }
     }
 #endif
-    for (; i + 16 <= k; i += 16) {
+    for (; i + U * L <= k; i += U * L) {
       __builtin_prefetch(wr + i + PREFETCH / sizeof(T));
-      const f32x16 wv = load16(wr + i);
-      for (int r = 0; r < R; ++r) acc[r] += wv * load16(x0 + r * k + i);
+      for (int b = 64; b < int(U * L * sizeof(T)); b += 64) __builtin_prefetch(wr + i + (b + PREFETCH) / sizeof(T));
+      for (int u = 0; u < U; ++u) {
+        const f32v wv = loadv(wr + i + u * L);
+        for (int r = 0; r < R; ++r) acc[r][u] += wv * loadv(x0 + r * k + i + u * L);
+      }
+    }
+    for (; i + L <= k; i += L) {
+      const f32v wv = loadv(wr + i);
+      for (int r = 0; r < R; ++r) acc[r][0] += wv * loadv(x0 + r * k + i);
     }
     for (int r = 0; r < R; ++r) {
-      float s = hsum(acc[r]);
+      f32v a = acc[r][0];
+      for (int u = 1; u < U; ++u) a += acc[r][u];
+      float s = hsum(a);
       for (int64_t j = i; j < k; ++j) s += to_f32(wr[j]) * to_f32(x0[r * k + j]);
       y0[r * n_total + n] = s;
     }
   }
 }
 
-template <typename T>
-void rows(const T* x, const T* w, float* y, int64_t m, int64_t k, int64_t n, int64_t n0, int64_t n1) {
+template <typename X, typename T>
+void rows(const X* x, const T* w, float* y, int64_t m, int64_t k, int64_t n, int64_t n0, int64_t n1) {
   // Every weight row meets all m x rows while it is in L1: blocks of 8 x rows, the row read from memory once.
   for (int64_t m0 = 0; m0 < m; m0 += 8) {
-    const T* xb = x + m0 * k;
+    const X* xb = x + m0 * k;
     float* yb = y + m0 * n;
     switch (std::min<int64_t>(8, m - m0)) {
       case 1: rows_block<1>(xb, w, yb, k, n, n0, n1); break;
@@ -201,15 +229,17 @@ struct Work {
   int64_t chunks = 0;
 };
 
-// One chunk of weight rows: on AMX when x was packed for it, else the vector loop.
+// One chunk of weight rows: on AMX when x was packed for it, else the vector loop (on x widened to float32 when
+// that was done).
 template <typename T>
-void chunk_rows(const T* x, const std::vector<uint16_t>* packed, const T* w, float* y, int64_t m, int64_t k, int64_t n,
-                int64_t n0, int64_t n1) {
+void chunk_rows(const T* x, const std::vector<uint16_t>* packed, const std::vector<float>* wide, const T* w, float* y,
+                int64_t m, int64_t k, int64_t n, int64_t n0, int64_t n1) {
 #ifdef __AMX_BF16__
   if constexpr (sizeof(T) == 2) {
     if (packed) return amx_rows(x, packed->data(), w, y, m, k, n, n0, n1);
   }
 #endif
+  if (wide) return rows(wide->data(), w, y, m, k, n, n0, n1);
   rows(x, w, y, m, k, n, n0, n1);
 }
 
@@ -222,14 +252,24 @@ ffi::Error run(ffi::ThreadPool pool, const T* x, const T* w, float* y, int64_t m
   auto work = std::make_shared<Work>();
   work->chunks = (n + chunk - 1) / chunk;
   std::shared_ptr<const std::vector<uint16_t>> packed;
+  std::shared_ptr<const std::vector<float>> wide;
 #ifdef __AMX_BF16__
   if constexpr (sizeof(T) == 2) {  // 1-2 rows: the AVX512-BF16 loop streams faster (~20 vs ~17 GB/s, 0.5B shapes)
     if (m > 2 && k >= 32 && amx_permitted()) packed = std::make_shared<const std::vector<uint16_t>>(pack_x(x, m, k));
   }
 #endif
+#ifndef __AVX512BF16__
+  // bf16 without bf16 dot products: widen x once here, so the loop widens only the weights (Zen 3, 8 rows: widening
+  // both in the loop read 4 GB/s, below XLA's 6).
+  if constexpr (sizeof(T) == 2) {
+    auto v = std::make_shared<std::vector<float>>(m * k);
+    for (int64_t i = 0; i < m * k; ++i) (*v)[i] = to_f32(x[i]);
+    wide = v;
+  }
+#endif
   auto drain = [=]() {
     for (int64_t c; (c = work->next.fetch_add(1)) < work->chunks;) {
-      chunk_rows(x, packed.get(), w, y, m, k, n, c * chunk, std::min(n, (c + 1) * chunk));
+      chunk_rows(x, packed.get(), wide.get(), w, y, m, k, n, c * chunk, std::min(n, (c + 1) * chunk));
       work->done.fetch_add(1, std::memory_order_release);
     }
   };
