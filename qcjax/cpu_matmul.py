@@ -29,7 +29,7 @@ TARGET = "qcjax_rows_matmul"
 # prompts through the AMX tiles measured slower end to end: 0.5B prefill 1x512 433 vs 686 tok/s, bench/RESULTS.md.)
 MAX_ROWS = 8
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matmul.cc")
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 
 
 def _cpu_flags() -> str:
@@ -43,8 +43,9 @@ def _cpu_flags() -> str:
         return platform.processor() + platform.machine()
 
 
-def _build() -> str:
-    """Path of the compiled library, building it when this source/jaxlib/CPU has none yet (temp file, then rename)."""
+def _build(march: str = "native") -> str:
+    """Path of the compiled library, building it when this source/jaxlib/CPU/-march has none yet (temp file, then
+    rename). Other `march` values than native build the code paths this CPU's own build leaves out (tests)."""
     import jaxlib
 
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
@@ -53,16 +54,16 @@ def _build() -> str:
     with open(_SOURCE, "rb") as f:
         source = f.read()
     key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), _cpu_flags().encode(), cxx.encode(),
-                                     " ".join(_FLAGS).encode()])).hexdigest()[:16]
+                                     " ".join(_FLAGS).encode(), march.encode()])).hexdigest()[:16]
     cache = os.path.expanduser(os.environ.get("QCJAX_CACHE", "~/.cache/qcjax"))
-    lib = os.path.join(cache, f"cpu_matmul-{key}.so")
+    lib = os.path.join(cache, f"cpu_matmul-{march}-{key}.so")
     if os.path.exists(lib):
         return lib
     os.makedirs(cache, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp]
+        cmd = [cxx, *_FLAGS, f"-march={march}", "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if r.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
@@ -75,13 +76,21 @@ def _build() -> str:
 
 
 @functools.cache
+def _load(march: str = "native") -> tuple[ctypes.CDLL, str]:
+    """The library built for `march`, registered with XLA:CPU; and its FFI target's name (TARGET for native)."""
+    lib = ctypes.cdll.LoadLibrary(_build(march))
+    name = TARGET if march == "native" else f"{TARGET}_{march}"
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(lib.QcjaxRowsMatmul), platform="cpu")
+    return lib, name
+
+
+@functools.cache
 def _library():
     """The built kernel library registered with XLA:CPU, or None (with one warning saying why)."""
     if os.environ.get("QCJAX_CPU_MATMUL", "1") == "0":
         return None
     try:
-        lib = ctypes.cdll.LoadLibrary(_build())
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QcjaxRowsMatmul), platform="cpu")
+        lib, _ = _load()
     except Exception as e:  # noqa: BLE001 - any failure means: keep XLA's dot
         warnings.warn(f"qcjax.cpu_matmul: the CPU decode kernel is unavailable, using XLA's dot ({e})")
         return None

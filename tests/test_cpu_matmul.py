@@ -79,11 +79,12 @@ def test_decode_steps_use_the_kernel_and_prefill_keeps_xla():
 
 
 def test_a_build_failure_warns_and_keeps_xla(monkeypatch):
-    def fail():
+    def fail(march="native"):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(cpu_matmul, "_build", fail)
     cpu_matmul._library.cache_clear()
+    cpu_matmul._load.cache_clear()
     try:
         with pytest.warns(UserWarning, match="CPU decode kernel is unavailable.*no C\\+\\+ compiler"):
             assert not cpu_matmul.available()
@@ -92,3 +93,32 @@ def test_a_build_failure_warns_and_keeps_xla(monkeypatch):
         monkeypatch.undo()
         cpu_matmul._library.cache_clear()
     assert cpu_matmul.available()
+
+
+def _x86_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+# What this CPU's own (-march=native) build compiles out, built for an older x86 level the CPU also runs: the AVX2
+# path (8-float vectors, several accumulators per row, x widened once for bf16) on an AVX-512 host, AVX-512 without
+# its bf16 dot products on an AMX host.
+ISA_LEVELS = {"x86-64-v3": {"avx2", "fma", "f16c"}, "x86-64-v4": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}
+
+
+@pytest.mark.parametrize("march", sorted(ISA_LEVELS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_older_instruction_sets_match_float64(march, dtype):
+    if not ISA_LEVELS[march] <= _x86_flags():
+        pytest.skip(f"this CPU cannot run {march} code")
+    _, target = cpu_matmul._load(march)
+    for m, k, n in [(1, 72, 300), (2, 40, 37), (3, 896, 64), (8, 72, 515), (11, 64, 33)]:
+        rng = np.random.default_rng(m * k + n)
+        x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+        w = jnp.asarray(rng.normal(size=(n, k)), dtype)
+        got = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(x, w)
+        np.testing.assert_allclose(np.asarray(got), _exact(x) @ _exact(w).T, rtol=1e-5, atol=1e-5 * np.sqrt(k),
+                                   err_msg=f"{march} {dtype} m={m} k={k} n={n}")
