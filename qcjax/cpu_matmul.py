@@ -108,15 +108,21 @@ def amx_bf16() -> bool:
     return lib is not None and bool(lib.QcjaxAmxBf16())
 
 
-def applies(rows: int, dtype) -> bool:
-    """Whether a matmul of `rows` input rows in `dtype` goes through the kernel: compiled for the CPU (the current
-    mesh's devices, else the default backend's), at most MAX_ROWS rows, float32 or bfloat16, and no multi-device
-    mesh (the kernel is one device's custom call; sharded matmuls stay with XLA, which partitions them)."""
+def one_cpu() -> bool:
+    """Whether the program being traced runs on one CPU device: compiled for the CPU (the current mesh's devices,
+    else the default backend's) and under no multi-device mesh."""
     from qcjax.attention import target_device
 
     mesh = jax.sharding.get_abstract_mesh()
-    return (target_device()[0] == "cpu" and 0 < rows <= MAX_ROWS and (mesh.empty or mesh.size == 1)
-            and jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)) and available())
+    return target_device()[0] == "cpu" and (mesh.empty or mesh.size == 1)
+
+
+def applies(rows: int, dtype) -> bool:
+    """Whether a matmul of `rows` input rows in `dtype` goes through the kernel: on one CPU device (the kernel is
+    one device's custom call; sharded matmuls stay with XLA, which partitions them), at most MAX_ROWS rows, float32
+    or bfloat16."""
+    return (0 < rows <= MAX_ROWS and jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+            and one_cpu() and available())
 
 
 @jax.custom_vjp

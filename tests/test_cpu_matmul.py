@@ -78,6 +78,18 @@ def test_decode_steps_use_the_kernel_and_prefill_keeps_xla():
     assert prefill.count(f'custom_call_target="{cpu_matmul.TARGET}"') == 1
 
 
+def test_prefill_copies_no_weight():
+    # the prompt's GEMMs read the [out, in] kernels in place: XLA:CPU once transposed the attention's 3-D kernels
+    # into a copy on every call (model._contract_out_in now hands it 2-D operands)
+    params = S.unstack_params(CFG, init_params(CFG, jax.random.key(0)))
+    plan = S.plan(CFG, [[1, 2, 3, 4] * 5, [5, 6]], max_new_tokens=4)
+    prefill = _compiled(S.prefill, CFG, plan.kinds, params, jnp.asarray(plan.tokens), jnp.asarray(plan.lengths),
+                        S.controls_for(plan), batch=plan.batch, cache_len=plan.cache_len, cache_dtype=jnp.float32,
+                        out_len=4)
+    copies = [line for line in prefill.splitlines() if "copy" in line.split("=")[0] and "kernel_out_in" in line]
+    assert not copies, copies[:2]
+
+
 def test_a_build_failure_warns_and_keeps_xla(monkeypatch):
     def fail(march="native"):
         raise RuntimeError("no C++ compiler")
