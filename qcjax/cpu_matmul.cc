@@ -316,6 +316,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QcjaxRowsMatmul, RowsMatmul,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+// Floats per vector in this build (16 with AVX-512, else 8); for tests that check the build matches the CPU.
+extern "C" int QcjaxLanes() { return L; }
+
 // Whether bf16 goes through AMX tiles (from 3 rows) in this build on this machine; for reports and tests.
 extern "C" int QcjaxAmxBf16() {
 #ifdef __AMX_BF16__

@@ -121,6 +121,17 @@ def _x86_flags() -> set[str]:
 ISA_LEVELS = {"x86-64-v3": {"avx2", "fma", "f16c"}, "x86-64-v4": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}
 
 
+def test_the_native_build_uses_this_cpus_vectors():
+    # -march=native must have switched on what /proc/cpuinfo lists: 16-float vectors with AVX-512, AMX tiles for bf16
+    # with AMX (Linux grants the tile state to any process that asks)
+    flags = _x86_flags()
+    if not flags:
+        pytest.skip("not an x86 CPU")
+    lib, _ = cpu_matmul._load()
+    assert lib.QcjaxLanes() == (16 if "avx512f" in flags else 8)
+    assert cpu_matmul.amx_bf16() == ("amx_bf16" in flags)
+
+
 @pytest.mark.parametrize("march", sorted(ISA_LEVELS))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_older_instruction_sets_match_float64(march, dtype):
