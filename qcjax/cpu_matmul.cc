@@ -6,9 +6,9 @@
 // ~25 GB/s (bench/RESULTS.md). Here each weight row is loaded once and multiplied into every x row while it is hot;
 // the N rows are shared out over XLA's intra-op threads.
 //
-// fp32: GCC/Clang vector extensions, 16 float lanes (one AVX-512 register, two AVX2 ones). bf16: AMX tiles from 3
-// rows, AVX512-BF16 dot products below that, and widening to fp32 where the CPU has neither. Built with
-// -march=native by the loader, so what the CPU lacks is compiled out.
+// fp32: GCC/Clang vector extensions, one register's lanes (16 floats with AVX-512, 8 with AVX2). bf16: AMX tiles
+// from 3 rows, AVX512-BF16 dot products below that, and where the CPU has neither, the weights widened to fp32 in
+// the loop against x widened once. Built with -march=native by the loader, so what the CPU lacks is compiled out.
 
 #include <algorithm>
 #include <atomic>
