@@ -85,17 +85,15 @@ inline float hsum(f32v v) {
 #define PREFETCH 1024
 #endif
 #endif
-#ifndef UROWS
-#define UROWS 4
-#endif
 
 // Weight rows [n0, n1) of w against R (<= 8) rows of x from x0 (same element type T: float or bfloat16 bits);
-// writes y[r, n]. Products are exact in float32 (bf16 x bf16 fits), sums are float32. U independent accumulators per
-// x row (U * L weights a step) keep at least ~4 FMA chains in flight when R is small. (Tried: two weight rows per
+// writes y[r, n]. Products are exact in float32 (bf16 x bf16 fits), sums are float32. On AVX2, U independent
+// accumulators per x row (U * L weights a step) keep ~4 FMA chains in flight when R is small (2 or 8 chains at one
+// row: no faster on Zen 3). (Tried: two weight rows per
 // pass to load each x vector once for both, and non-temporal prefetches; both slower.)
 template <int R, typename X, typename T>
 void rows_block(const X* x0, const T* w, float* y0, int64_t k, int64_t n_total, int64_t n0, int64_t n1) {
-  constexpr int U = (L == 16 || R >= UROWS) ? 1 : UROWS / R;
+  constexpr int U = (L == 16 || R >= 4) ? 1 : 4 / R;
   for (int64_t n = n0; n < n1; ++n) {
     const T* wr = w + n * k;
     f32v acc[R][U];

@@ -65,15 +65,16 @@ def _contract_out_in(x: jax.Array, w: jax.Array, n_in: int, out_dtype=None) -> j
     `qcjax.cpu_matmul` (one read of the weight); anything else is XLA's dot_general."""
     lead, out = x.shape[:x.ndim - n_in], w.shape[:w.ndim - n_in]
     rows = math.prod(lead)
+    if not cpu_matmul.one_cpu():  # sharded: XLA partitions the dot over the named dims
+        return _contract(x, w, range(x.ndim - n_in, x.ndim), range(w.ndim - n_in, w.ndim), out_dtype)
+    # As [rows, in] . [out, in]^T: given the attention's 3-D kernels ([heads, head_dim, hidden], [hidden, heads,
+    # head_dim]) XLA:CPU transposed each into a copy on every call (fp32 0.5B prefill: ~150 of ~3000 ms).
+    x2, w2 = x.reshape(rows, -1), w.reshape(math.prod(out), -1)
     if x.dtype == w.dtype and cpu_matmul.applies(rows, x.dtype):
-        y = cpu_matmul.rows_matmul(x.reshape(rows, -1), w.reshape(math.prod(out), -1)).reshape(lead + out)
-        return y.astype(out_dtype or x.dtype)
-    if cpu_matmul.one_cpu():
-        # as [rows, in] . [out, in]^T: XLA:CPU transposed the attention's 3-D kernels ([heads, head_dim, hidden],
-        # [hidden, heads, head_dim]) into a copy on every call (fp32 0.5B prefill: ~150 of ~3000 ms)
-        y = _contract(x.reshape(rows, -1), w.reshape(math.prod(out), -1), (1,), (1,), out_dtype)
-        return y.reshape(lead + out)
-    return _contract(x, w, range(x.ndim - n_in, x.ndim), range(w.ndim - n_in, w.ndim), out_dtype)
+        y = cpu_matmul.rows_matmul(x2, w2).astype(out_dtype or x.dtype)
+    else:
+        y = _contract(x2, w2, (1,), (1,), out_dtype)
+    return y.reshape(lead + out)
 
 
 def _dot(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
