@@ -28,7 +28,9 @@ TARGET = "qcjax_rows_matmul"
 # Above this the rows are a prompt's GEMM, which XLA's kernels run well; the kernel is for decode steps. (bf16
 # prompts through the AMX tiles measured slower end to end: 0.5B prefill 1x512 433 vs 686 tok/s, bench/RESULTS.md.)
 MAX_ROWS = 8
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matmul.cc")
+ATTENTION_TARGET = "qcjax_causal_attention"  # qcjax/attention/cpu.py's kernel, built into the same library
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = (os.path.join(_HERE, "cpu_matmul.cc"), os.path.join(_HERE, "cpu_attention.cc"))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -51,9 +53,11 @@ def _build(march: str = "native") -> str:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++, c++ or clang++; or set CXX)")
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(b"\0".join([source, jaxlib.__version__.encode(), _cpu_flags().encode(), cxx.encode(),
+    sources = []
+    for path in _SOURCES:
+        with open(path, "rb") as f:
+            sources.append(f.read())
+    key = hashlib.sha256(b"\0".join([*sources, jaxlib.__version__.encode(), _cpu_flags().encode(), cxx.encode(),
                                      " ".join(_FLAGS).encode(), march.encode()])).hexdigest()[:16]
     cache = os.path.expanduser(os.environ.get("QCJAX_CACHE", "~/.cache/qcjax"))
     lib = os.path.join(cache, f"cpu_matmul-{march}-{key}.so")
@@ -63,7 +67,7 @@ def _build(march: str = "native") -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        cmd = [cxx, *_FLAGS, f"-march={march}", "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp]
+        cmd = [cxx, *_FLAGS, f"-march={march}", "-I", jax.ffi.include_dir(), *_SOURCES, "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if r.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
@@ -77,11 +81,13 @@ def _build(march: str = "native") -> str:
 
 @functools.cache
 def _load(march: str = "native") -> tuple[ctypes.CDLL, str]:
-    """The library built for `march`, registered with XLA:CPU; and its FFI target's name (TARGET for native)."""
+    """The library built for `march`, registered with XLA:CPU; and its matmul's FFI target name (TARGET for native;
+    other builds' targets carry the march, e.g. qcjax_rows_matmul_x86-64-v3, qcjax_causal_attention_x86-64-v3)."""
     lib = ctypes.cdll.LoadLibrary(_build(march))
-    name = TARGET if march == "native" else f"{TARGET}_{march}"
-    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(lib.QcjaxRowsMatmul), platform="cpu")
-    return lib, name
+    suffix = "" if march == "native" else f"_{march}"
+    for target, symbol in ((TARGET, lib.QcjaxRowsMatmul), (ATTENTION_TARGET, lib.QcjaxCausalAttention)):
+        jax.ffi.register_ffi_target(target + suffix, jax.ffi.pycapsule(symbol), platform="cpu")
+    return lib, TARGET + suffix
 
 
 @functools.cache

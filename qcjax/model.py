@@ -151,9 +151,6 @@ def write_cache(cache: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(out, dtype) if as_bits else out
 
 
-PREFILL_QUERY_BLOCKS = 8  # causal query blocks of the XLA attention over a prompt (qcjax.attention.xla)
-
-
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -182,9 +179,8 @@ class Attention(nn.Module):
 
         # With a cache and q_len == kv_len this is a prefill into an empty cache (the sampler's: q_offset 0, as
         # self-attention requires); training never passes a cache.
-        blocks = PREFILL_QUERY_BLOCKS if layer_cache is not None else 1
         out = attend(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale=d**-0.5, impl=cfg.attention_impl,
-                     query_blocks=blocks)
+                     prompt=layer_cache is not None and q.shape[1] == k.shape[1])
         out = checkpoint_name(out, "attn_out")
         o = Linear(cfg, 2, (h, d, e), ("heads", "head_dim", "embed"), name="o_proj")(out)
         return o, layer_cache

@@ -52,7 +52,7 @@ def assert_close(ours, ref, dtype, what: str = "output") -> None:
 
 @pytest.mark.parametrize("length, blocks", [(37, 8), (64, 8), (20, 3)])
 def test_causal_query_blocks_compute_the_one_block_attention(length, blocks):
-    """The prefill form (qcjax.model.PREFILL_QUERY_BLOCKS): uneven blocks, packed segments, padding, GQA."""
+    """The prefill form (qcjax.attention.xla.PROMPT_QUERY_BLOCKS): uneven blocks, packed segments, padding, GQA."""
     rng = np.random.default_rng(length)
     q, k, v = qkv(rng, 2, length, length, 14, 2, 64)
     seg = jnp.asarray(packed_segments(rng, 2, length))

@@ -22,9 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qcjax.attention import decode, gpu, tpu
+from qcjax.attention import cpu, decode, gpu, tpu
 from qcjax.attention.sharded import shard_kernel
-from qcjax.attention.xla import attention_mask, xla_attention
+from qcjax.attention.xla import PROMPT_QUERY_BLOCKS, attention_mask, xla_attention
 from qcjax.config import ATTENTION_IMPLS
 
 IMPLS = ATTENTION_IMPLS  # ("auto", "xla", "pallas_tpu", "pallas_gpu", "cudnn"): the names live in the config schema
@@ -67,9 +67,12 @@ def attend(
     block_sizes: Any = None,  # training kernel tiles: tpu.BlockSizes / gpu.BlockSizes; None: per-chip default
     decode_block_sizes: decode.BlockSizes | None = None,  # cache kernel tiles; None: per-chip default
     interpret: bool | None = None,  # Pallas interpret mode; None: on CPU only
-    query_blocks: int = 1,  # "xla" self-attention (q_offset 0): causal query blocks (see xla.xla_attention)
+    prompt: bool = False,  # a prompt's self-attention for inference (the sampler's prefill), see below
 ) -> jnp.ndarray:  # [batch, q_len, heads, head_dim]
-    """Causal grouped-query attention within segments: query i sees keys j <= q_offset + i of its own segment."""
+    """Causal grouped-query attention within segments: query i sees keys j <= q_offset + i of its own segment.
+
+    `prompt` marks self-attention over a prompt for inference. Under "xla" it then runs on one CPU device as the
+    C++ kernel (qcjax.attention.cpu) where that applies, else in causal query blocks (xla.PROMPT_QUERY_BLOCKS)."""
     platform, kind = target_device()
     impl = resolve_impl(impl, platform, q.shape[-1])
     if q_offset is None:
@@ -77,7 +80,10 @@ def attend(
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
     if impl == "xla":
-        return xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale=scale, query_blocks=query_blocks)
+        if prompt and cpu.applies(q, k):
+            return cpu.causal_attention(q, k, v, q_segment_ids, kv_segment_ids, scale)
+        return xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale=scale,
+                             query_blocks=PROMPT_QUERY_BLOCKS if prompt else 1)
     interpret = platform == "cpu" if interpret is None else interpret
     if not interpret and platform not in _NEEDS[impl]:
         raise ValueError(f"attention impl {impl!r} needs a {'/'.join(_NEEDS[impl])} device; the target is {platform}")

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 # A large finite negative: a fully masked row (which the masks below never produce) would give junk, not NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+PROMPT_QUERY_BLOCKS = 8  # causal query blocks of a prompt's attention (`attend(prompt=True)` without the CPU kernel)
 
 
 def attention_mask(q_segment_ids, kv_segment_ids, q_offset) -> jnp.ndarray:
@@ -21,8 +22,8 @@ def xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, *, scale: fl
                   ) -> jnp.ndarray:
     """`_attention`, or for self-attention (q_len == kv_len, so q_offset is 0) with query_blocks > 1: the queries in
     that many causal blocks, each against only the keys up to its own end, so ~half the [q_len, kv_len] scores are
-    never computed. The sampler's prefill uses 8 (`qcjax.model.PREFILL_QUERY_BLOCKS`). On XLA:CPU at the 0.5B shapes
-    (512 tokens): 24 layers of attention alone ~20-25% faster in both dtypes; the whole bf16 prefill 428.7 -> 515.5
+    never computed. The sampler's prefill uses PROMPT_QUERY_BLOCKS where the CPU kernel does not apply. On XLA:CPU
+    at the 0.5B shapes (512 tokens): 24 layers of attention alone ~20-25% faster in both dtypes; the whole bf16 prefill 428.7 -> 515.5
     tok/s (alternated), fp32 within noise (198.8 -> 189.1, 192.7 -> 201.8)."""
     t = q.shape[1]
     if query_blocks <= 1 or t != k.shape[1] or t < 2 * query_blocks:

@@ -1,0 +1,71 @@
+"""A prompt's causal self-attention on one CPU device, as a C++ kernel (qcjax/cpu_attention.cc) through jax.ffi.
+
+XLA:CPU runs the reference (qcjax.attention.xla) as many small ops per layer: the scores are written, masked,
+reduced and normalised in separate passes, with transposes between. The kernel keeps each tile's scores in cache
+with an online softmax, skips key blocks above the diagonal and packs each key block once for a KV head's whole
+group of query heads: 24 layers of the 0.5B shapes at 512 tokens, fp32, bench/RESULTS.md. The sampler's prefill
+takes it (`attend(..., prompt=True)`); training keeps XLA's attention (the kernel's backward would be the
+reference's anyway).
+
+It is built into the same library as the decode matmul (qcjax.cpu_matmul: compiled on first use, cached, off
+without a compiler or with QCJAX_CPU_MATMUL=0). Computes in float32; bfloat16 q/k/v are widened for it and the
+output rounded back.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qcjax import cpu_matmul
+from qcjax.attention.xla import xla_attention
+
+
+def applies(q: jax.Array, k: jax.Array) -> bool:
+    """Whether the kernel takes this attention: self-attention (q_len == kv_len) on one CPU device (sharded
+    attention stays with XLA, which partitions it), head_dim a multiple of 8, float32 or bfloat16, kernel built."""
+    return (q.shape[1] == k.shape[1] and q.shape[-1] % 8 == 0
+            and jnp.dtype(q.dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+            and cpu_matmul.one_cpu() and cpu_matmul.available())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
+                     kv_segment_ids: jax.Array, scale: float) -> jax.Array:
+    """q [B, T, H, D], k/v [B, T, KV, D], segment ids [B, T] -> [B, T, H, D] in q's dtype: query i attends to keys
+    j <= i with the same segment id, as `xla_attention` with q_offset 0 (a query that sees no key gets zeros, where
+    the reference averages every value; with segment ids equal on the diagonal, as the sampler's are, none does).
+    Differentiable: the backward is the reference's."""
+    b, t, h, d = q.shape
+    if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != d or h % k.shape[2]:
+        raise ValueError(f"causal_attention: q {q.shape}, k {k.shape}, v {v.shape}: expected q [B, T, H, D] and k, v "
+                         f"[B, T, KV, D] with KV dividing H")
+    if q_segment_ids.shape != (b, t) or kv_segment_ids.shape != (b, t):
+        raise ValueError(f"causal_attention: segment ids {q_segment_ids.shape} and {kv_segment_ids.shape}, expected "
+                         f"{(b, t)}")
+    if d % 8:
+        raise ValueError(f"causal_attention: head_dim {d} is not a multiple of 8")
+    if cpu_matmul._library() is None:
+        raise RuntimeError("causal_attention: the CPU kernel is unavailable (see the warning); check applies() first")
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    i32 = lambda x: x.astype(jnp.int32)  # noqa: E731
+    out = jax.ffi.ffi_call(cpu_matmul.ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                           vmap_method="sequential")(f32(q), f32(k), f32(v), i32(q_segment_ids),
+                                                     i32(kv_segment_ids), scale=np.float32(scale))
+    return out.astype(q.dtype)
+
+
+def _causal_attention_fwd(q, k, v, q_segment_ids, kv_segment_ids, scale):
+    return causal_attention(q, k, v, q_segment_ids, kv_segment_ids, scale), (q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _causal_attention_bwd(scale, res, g):
+    q, k, v, qs, ks = res
+    offset = jnp.zeros((q.shape[0],), jnp.int32)
+    _, vjp = jax.vjp(lambda q, k, v: xla_attention(q, k, v, qs, ks, offset, scale=scale), q, k, v)
+    return (*vjp(g), None, None)
+
+
+causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
