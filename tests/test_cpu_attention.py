@@ -1,0 +1,139 @@
+"""The CPU prompt-attention kernel (qcjax/cpu_attention.cc through qcjax.attention.cpu): causal attention within
+segments, against a float64 reference, around its tile sizes, for every GQA ratio of the family; what the attention
+switch sends to it; its gradient."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qcjax import cpu_matmul
+from qcjax.attention import attend, cpu
+from qcjax.attention.xla import xla_attention
+
+from test_attention import RATIOS, assert_close, packed_segments, qkv
+from test_cpu_matmul import ISA_LEVELS, _x86_flags
+
+pytestmark = pytest.mark.skipif(not cpu_matmul.available(), reason="the CPU kernels did not build here")
+
+
+def reference(q, k, v, q_seg, kv_seg, scale):
+    """float64 numpy: query i attends to keys j <= i of its own segment; a query that sees no key gets zeros."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    q_seg, kv_seg = np.asarray(q_seg), np.asarray(kv_seg)
+    b, t, h, d = q.shape
+    group = h // k.shape[2]
+    out = np.zeros((b, t, h, d))
+    see = (np.arange(t)[None, :] <= np.arange(t)[:, None])[None] & (q_seg[:, :, None] == kv_seg[:, None, :])
+    for head in range(h):
+        s = np.einsum("bid,bjd->bij", q[:, :, head], k[:, :, head // group]) * scale
+        s = np.where(see, s, -np.inf)
+        top = np.max(s, axis=-1, keepdims=True)
+        p = np.where(see, np.exp(s - np.where(np.isfinite(top), top, 0)), 0.0)
+        total = p.sum(-1, keepdims=True)
+        out[:, :, head] = np.einsum("bij,bjd->bid", p / np.where(total > 0, total, 1), v[:, :, head // group])
+    return out
+
+
+def segments(rng, batch, length):
+    return packed_segments(rng, batch, length) if length >= 8 else np.ones((batch, length), np.int32)
+
+
+# around the query tile (48 positions), the register block (6 rows) and the key block (64 keys)
+@pytest.mark.parametrize("length", [1, 7, 47, 48, 49, 64, 65, 130])
+def test_matches_float64_around_the_tile_sizes(length):
+    rng = np.random.default_rng(length)
+    q, k, v = qkv(rng, 2, length, length, 14, 2, 64)
+    seg = jnp.asarray(segments(rng, 2, length))
+    got = cpu.causal_attention(q, k, v, seg, seg, 0.125)
+    assert got.dtype == jnp.float32
+    assert_close(got, reference(q, k, v, seg, seg, 0.125), jnp.float32)
+
+
+@pytest.mark.parametrize("name", list(RATIOS))
+def test_every_gqa_ratio_of_the_family(name):
+    heads, kv_heads, head_dim = RATIOS[name]
+    rng = np.random.default_rng(heads)
+    q, k, v = qkv(rng, 1, 70, 70, heads, kv_heads, head_dim)
+    seg = jnp.asarray(segments(rng, 1, 70))
+    scale = head_dim**-0.5
+    assert_close(cpu.causal_attention(q, k, v, seg, seg, scale), reference(q, k, v, seg, seg, scale), jnp.float32)
+
+
+def test_prompts_of_different_lengths_as_the_sampler_pads_them():
+    # right-padded rows: the queries are (position < length), the keys (slot < length), as the sampler's prefill
+    rng = np.random.default_rng(0)
+    lengths = np.array([100, 49, 1])
+    q, k, v = qkv(rng, 3, 100, 100, 12, 2, 16)
+    q_seg = jnp.asarray((np.arange(100)[None] < lengths[:, None]).astype(np.int32))
+    got = np.asarray(cpu.causal_attention(q, k, v, q_seg, q_seg, 0.25))
+    want = reference(q, k, v, q_seg, q_seg, 0.25)
+    for row, n in enumerate(lengths):
+        assert_close(got[row, :n], want[row, :n], jnp.float32, f"row {row}")
+
+
+def test_bfloat16_is_the_float32_result_rounded():
+    rng = np.random.default_rng(1)
+    q, k, v = qkv(rng, 1, 90, 90, 14, 2, 64, jnp.bfloat16)
+    seg = jnp.asarray(segments(rng, 1, 90))
+    got = cpu.causal_attention(q, k, v, seg, seg, 0.125)
+    assert got.dtype == jnp.bfloat16
+    assert_close(got, reference(q, k, v, seg, seg, 0.125), jnp.bfloat16)
+
+
+def test_a_query_that_sees_no_key_gets_zeros():
+    rng = np.random.default_rng(2)
+    q, k, v = qkv(rng, 1, 3, 3, 2, 1, 8)
+    q_seg, kv_seg = jnp.asarray([[1, 2, 1]]), jnp.asarray([[1, 1, 1]])  # query 1's segment has no key
+    got = np.asarray(cpu.causal_attention(q, k, v, q_seg, kv_seg, 0.3))
+    assert np.all(got[0, 1] == 0)
+    assert_close(got, reference(q, k, v, q_seg, kv_seg, 0.3), jnp.float32)
+
+
+def test_gradient_is_the_references():
+    rng = np.random.default_rng(3)
+    q, k, v = qkv(rng, 1, 40, 40, 4, 2, 16)
+    seg = jnp.asarray(segments(rng, 1, 40))
+    off = jnp.zeros((1,), jnp.int32)
+    w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    ours = jax.grad(lambda *a: jnp.sum(w * cpu.causal_attention(*a, seg, seg, 0.25)), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(lambda *a: jnp.sum(w * xla_attention(*a, seg, seg, off, scale=0.25)), argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", ours, ref):
+        assert_close(a, b, jnp.float32, f"d{name}")
+
+
+def test_the_switch_sends_only_prompts_to_the_kernel():
+    rng = np.random.default_rng(4)
+    q, k, v = qkv(rng, 1, 32, 32, 4, 2, 16)
+    seg = jnp.ones((1, 32), jnp.int32)
+
+    def lowered(prompt):
+        return jax.jit(lambda q, k, v: attend(q, k, v, seg, seg, scale=0.25, impl="xla", prompt=prompt)
+                       ).lower(q, k, v).as_text()
+
+    assert cpu_matmul.ATTENTION_TARGET in lowered(True)
+    assert cpu_matmul.ATTENTION_TARGET not in lowered(False)  # training: XLA's attention
+    q8, k8, v8 = qkv(rng, 1, 32, 32, 4, 2, 12)  # head_dim not a multiple of 8: XLA's blocks
+    assert not cpu.applies(q8, k8)
+    assert cpu_matmul.ATTENTION_TARGET not in jax.jit(
+        lambda q, k, v: attend(q, k, v, seg, seg, scale=0.25, impl="xla", prompt=True)).lower(q8, k8, v8).as_text()
+
+
+def test_bad_shapes_name_both():
+    q, k, v = qkv(np.random.default_rng(5), 1, 8, 8, 4, 3, 16)
+    with pytest.raises(ValueError, match=r"q \(1, 8, 4, 16\), k \(1, 8, 3, 16\)"):
+        cpu.causal_attention(q, k, v, jnp.ones((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32), 0.25)
+
+
+@pytest.mark.parametrize("march", sorted(ISA_LEVELS))
+def test_older_instruction_sets_match_float64(march):
+    if not ISA_LEVELS[march] <= _x86_flags():
+        pytest.skip(f"this CPU cannot run {march} code")
+    cpu_matmul._load(march)
+    rng = np.random.default_rng(6)
+    q, k, v = qkv(rng, 1, 75, 75, 14, 2, 64)
+    seg = jnp.asarray(segments(rng, 1, 75))
+    got = jax.ffi.ffi_call(f"{cpu_matmul.ATTENTION_TARGET}_{march}", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+        q, k, v, seg, seg, scale=np.float32(0.125))
+    assert_close(got, reference(q, k, v, seg, seg, 0.125), jnp.float32)
