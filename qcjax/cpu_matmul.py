@@ -8,7 +8,8 @@ row is read once, multiplied into every input row while in cache, and the rows a
 The kernel is compiled on first use with the system's C++ compiler (`-O3 -march=native`, against jaxlib's FFI
 headers) into a cache directory (QCJAX_CACHE, default ~/.cache/qcjax), keyed by the source, jaxlib's version and
 this CPU's flags. Without a compiler, or when the build fails, `available()` is False (one warning says why) and
-every caller keeps XLA's dot. QCJAX_CPU_MATMUL=0 turns the kernel off.
+every caller keeps XLA's dot. QCJAX_CPU_MATMUL=0 turns the kernel off. The same library holds the CPU prompt-
+attention kernel (`cpu_attention.cc`, qcjax.attention.cpu), which follows `available()` too.
 """
 from __future__ import annotations
 

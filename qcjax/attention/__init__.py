@@ -1,7 +1,8 @@
 """The attention switch: the one function the model calls for attention, whatever the backend.
 
 Implementations (`impl`, also `ModelConfig.attention_impl`):
-- "xla": the reference (plain jnp, any platform; qcjax.attention.xla).
+- "xla": the reference (plain jnp, any platform; qcjax.attention.xla). A prompt's attention for inference
+  (`prompt=True`, the sampler's prefill) on one CPU device runs as our C++ kernel instead (qcjax.attention.cpu).
 - "pallas_tpu": training: jax's splash attention (qcjax.attention.tpu); cache decode: our Mosaic kernel.
 - "pallas_gpu": training: our Triton flash attention (qcjax.attention.gpu); cache decode: our Triton kernel.
 - "cudnn": training: cuDNN flash attention through jax.nn.dot_product_attention (packed segments become a dense
