@@ -155,25 +155,32 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, q_segment_ids, kv_segment_ids, q_offset, layer_cache):
+    def __call__(self, x, cos, sin, q_segment_ids, kv_segment_ids, q_offset, layer_cache, only=None):
+        """`only` [batch] (with a cache): keys and values for every position, queries and output for this one
+        position per row (`DecoderLayer`)."""
         cfg = self.cfg
         e, h, kvh, d, dt = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head, cfg.dtype
 
-        def proj(name, heads, head_axis):
+        def proj(name, heads, head_axis, inputs):
             return Linear(cfg, 1, (e, heads, d), ("embed", head_axis, "head_dim"),
-                          bias_axes=(head_axis, "head_dim"), name=name)(x)
+                          bias_axes=(head_axis, "head_dim"), name=name)(inputs)
 
-        q = proj("q_proj", h, "heads")  # [batch, seq, heads, head_dim]
-        k = proj("k_proj", kvh, "kv_heads")  # [batch, seq, kv_heads, head_dim]
-        v = proj("v_proj", kvh, "kv_heads")
-        q = constrain(rope.apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", "act_head_dim"))
+        write_at, q_cos, q_sin = q_offset, cos, sin
+        if only is not None:  # queries at one position per row: attended as a cache step at that position
+            x_q, q_cos, q_sin, q_segment_ids = (jnp.take_along_axis(a, only.reshape((-1, 1) + (1,) * (a.ndim - 2)),
+                                                                    axis=1) for a in (x, cos, sin, q_segment_ids))
+            q_offset = only
+        q = proj("q_proj", h, "heads", x if only is None else x_q)  # [batch, seq (or 1), heads, head_dim]
+        k = proj("k_proj", kvh, "kv_heads", x)  # [batch, seq, kv_heads, head_dim]
+        v = proj("v_proj", kvh, "kv_heads", x)
+        q = constrain(rope.apply_rope(q, q_cos, q_sin), ("act_batch", "act_length", "act_heads", "act_head_dim"))
         k = constrain(rope.apply_rope(k, cos, sin), ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
         q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
 
         if layer_cache is not None:  # write the new keys/values at each sequence's own offset, attend to the cache
             ck, cv = layer_cache
-            ck, cv = write_cache(ck, k, q_offset), write_cache(cv, v, q_offset)
+            ck, cv = write_cache(ck, k, write_at), write_cache(cv, v, write_at)
             layer_cache = (ck, cv)
             k, v = ck.astype(dt), cv.astype(dt)
 
@@ -204,10 +211,17 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, cos, sin, q_segment_ids, kv_segment_ids, q_offset):
+    def __call__(self, x, layer_cache, cos, sin, q_segment_ids, kv_segment_ids, q_offset, only=None):
+        """x [batch, seq, embed] -> [batch, seq, embed], or with `only` [batch] (and a cache) [batch, 1, embed]: the
+        output at that one position per row. The cache still gets every position's keys and values; the queries,
+        attention, o_proj and MLP run on the one row (the sampler's last layer over a prompt, whose other positions'
+        outputs nothing reads)."""
         attn_out, layer_cache = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="input_norm")(x), cos, sin, q_segment_ids, kv_segment_ids, q_offset, layer_cache
+            RMSNorm(self.cfg, name="input_norm")(x), cos, sin, q_segment_ids, kv_segment_ids, q_offset, layer_cache,
+            only
         )
+        if only is not None:
+            x = jnp.take_along_axis(x, only[:, None, None], axis=1)  # [batch, 1, embed]
         x = x + attn_out
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(x))
         x = constrain(x, ("act_batch", "act_length", "act_embed"))

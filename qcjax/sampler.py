@@ -346,11 +346,16 @@ _LAYER_CACHE_AXES = CACHE_LOGICAL_AXES["k"][1:]  # ("cache_batch", "cache_length
 
 
 def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-             cache: SamplerCache) -> tuple[jax.Array, SamplerCache]:
+             cache: SamplerCache, only: jax.Array | None = None) -> tuple[jax.Array, SamplerCache]:
     """`Qwen2.hidden_states` with a cache, over per-layer params: the same embedding, rotary tables, cache
     bookkeeping (new tokens at each row's length; padding, segment 0, does not count) and the model's own
     DecoderLayer and final norm, in a Python loop over layers. tokens/positions/segment_ids [B, T] ->
-    final-norm hidden states [B, T, E] and the updated cache."""
+    final-norm hidden states [B, T, E] and the updated cache.
+
+    With `only` [B] the hidden states are [B, 1, E] at that position of each row: the last layer runs its queries,
+    attention, o_proj and MLP on that position alone (every layer still writes every position's keys and values).
+    A prompt's logits are read at one position, so the rest of its last layer was work nothing used: 1/24 of the
+    0.5B prefill."""
     x = jnp.take(params["embed"], tokens, axis=0).astype(cfg.dtype)
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
     cos, sin = rope.cos_sin(cfg, positions)
@@ -361,7 +366,9 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.A
     layer = DecoderLayer(cfg)
     ks, vs = [], []
     for i, lp in enumerate(params["layers"]):
-        x, (k, v) = layer.apply({"params": lp}, x, (cache["k"][i], cache["v"][i]), cos, sin, q_seg, kv_seg, q_offset)
+        last = only if i == len(params["layers"]) - 1 else None
+        x, (k, v) = layer.apply({"params": lp}, x, (cache["k"][i], cache["v"][i]), cos, sin, q_seg, kv_seg, q_offset,
+                                last)
         ks.append(constrain(k, _LAYER_CACHE_AXES))
         vs.append(constrain(v, _LAYER_CACHE_AXES))
     hidden = RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
@@ -406,8 +413,7 @@ def prefill(cfg: ModelConfig, kinds: FilterKinds, params: Any, tokens: jax.Array
     cache = {"k": (empty,) * cfg.num_layers, "v": (empty,) * cfg.num_layers, "lengths": jnp.zeros((p,), jnp.int32)}
     segs = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (p, t))
-    hidden, cache = _forward(cfg, params, tokens, positions, segs, cache)
-    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)  # [P, 1, E]
+    last, cache = _forward(cfg, params, tokens, positions, segs, cache, only=jnp.maximum(lengths - 1, 0))  # [P, 1, E]
     logits = _head(cfg, params, _pad_rows(last, batch))[:, 0]  # only the last position: [batch, V]
 
     def widen(x):  # [P, T, KV, D] -> [batch, cache_len, KV, D]

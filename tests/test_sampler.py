@@ -65,6 +65,32 @@ def test_greedy_batch_of_different_lengths_equals_transformers_per_prompt():
         assert g.tokens == hf_greedy(model, p, n)
 
 
+def test_the_prompts_last_layer_runs_only_at_each_rows_last_position():
+    cfg, _, params = hf_and_params(CFG_TIED)
+    params = S.unstack_params(cfg, params)
+    lengths = jnp.asarray([16, 9])
+    tokens = jnp.asarray(prompts_of(cfg, [16, 16]))
+    segs = (jnp.arange(16)[None] < lengths[:, None]).astype(jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    empty = jnp.zeros((2, 16, cfg.num_kv_heads, cfg.dim_per_head), jnp.float32)
+    cache = {"k": (empty,) * cfg.num_layers, "v": (empty,) * cfg.num_layers, "lengths": jnp.zeros(2, jnp.int32)}
+
+    def forward(only):
+        return jax.jit(lambda t: S._forward(cfg, params, t, positions, segs, cache, only))
+
+    full_hidden, full_cache = forward(None)(tokens)
+    hidden, pruned_cache = forward(lengths - 1)(tokens)
+    assert hidden.shape == (2, 1, cfg.hidden_size)
+    want = jnp.take_along_axis(full_hidden, (lengths - 1)[:, None, None], axis=1)
+    np.testing.assert_allclose(hidden, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    for a, b in zip(jax.tree.leaves(full_cache), jax.tree.leaves(pruned_cache)):
+        np.testing.assert_array_equal(a, b)  # every position's keys and values, as before
+    # the work skipped: the last layer's q/o projections and MLP on 15 of each row's 16 positions
+    full, pruned = (forward(o).lower(tokens).compile().cost_analysis()["flops"] for o in (None, lengths - 1))
+    e, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.dim_per_head
+    assert full - pruned >= 2 * 15 * 2 * (3 * e * i + 2 * e * hd)
+
+
 def test_streamed_chunks_concatenate_to_the_one_shot_result():
     cfg, _, params = hf_and_params(CFG_UNTIED)
     prompts = prompts_of(cfg, [7, 3])
