@@ -3,7 +3,8 @@
 XLA:CPU runs the reference (qcjax.attention.xla) as many small ops per layer: the scores are written, masked,
 reduced and normalised in separate passes, with transposes between. The kernel keeps each tile's scores in cache
 with an online softmax, skips key blocks above the diagonal and packs each key block once for a KV head's whole
-group of query heads: 24 layers of the 0.5B shapes at 512 tokens, fp32, bench/RESULTS.md. The sampler's prefill
+group of query heads: 24 layers of the 0.5B shapes 1.6x faster at 512 tokens, 2.7x at 2048 (fp32, 2 Zen 3 cores;
+bench/cpu_attention.py, bench/RESULTS.md). The sampler's prefill
 takes it (`attend(..., prompt=True)`); training keeps XLA's attention (the kernel's backward would be the
 reference's anyway).
 
