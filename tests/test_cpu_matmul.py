@@ -79,8 +79,9 @@ def test_decode_steps_use_the_kernel_and_prefill_keeps_xla():
     assert decode.count(f'custom_call_target="{cpu_matmul.TARGET}"') == 7 * CFG.num_layers + 1
     prefill = _compiled(S.prefill, CFG, plan.kinds, params, jnp.asarray(plan.tokens), jnp.asarray(plan.lengths), c,
                         batch=plan.batch, cache_len=plan.cache_len, cache_dtype=jnp.float32, out_len=4)
-    # the prompt rows (2 x 32 > MAX_ROWS) are XLA's GEMMs; only the head's rows (one per prompt) take the kernel
-    assert prefill.count(f'custom_call_target="{cpu_matmul.TARGET}"') == 1
+    # the prompt rows (2 x 32 > MAX_ROWS) are XLA's GEMMs; the rows at each prompt's last position take the kernel:
+    # the last layer's q, o and MLP projections (its k/v run on every position) and the head
+    assert prefill.count(f'custom_call_target="{cpu_matmul.TARGET}"') == 5 + 1
 
 
 def test_prefill_copies_no_weight():
