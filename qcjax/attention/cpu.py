@@ -4,9 +4,8 @@ XLA:CPU runs the reference (qcjax.attention.xla) as many small ops per layer: th
 reduced and normalised in separate passes, with transposes between. The kernel keeps each tile's scores in cache
 with an online softmax, skips key blocks above the diagonal and packs each key block once for a KV head's whole
 group of query heads: 24 layers of the 0.5B shapes 1.6x faster at 512 tokens, 2.7x at 2048 (fp32, 2 Zen 3 cores;
-bench/cpu_attention.py, bench/RESULTS.md). The sampler's prefill
-takes it (`attend(..., prompt=True)`); training keeps XLA's attention (the kernel's backward would be the
-reference's anyway).
+bench/cpu_attention.py, bench/RESULTS.md). The sampler's prefill takes it (`attend(..., prompt=True)`); training
+keeps XLA's attention (the kernel's backward would be the reference's anyway).
 
 It is built into the same library as the decode matmul (qcjax.cpu_matmul: compiled on first use, cached, off
 without a compiler or with QCJAX_CPU_MATMUL=0). Computes in float32; bfloat16 q/k/v are widened for it and the
@@ -48,7 +47,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
                          f"{(b, t)}")
     if d % 8:
         raise ValueError(f"causal_attention: head_dim {d} is not a multiple of 8")
-    if cpu_matmul._library() is None:
+    if not cpu_matmul.available():
         raise RuntimeError("causal_attention: the CPU kernel is unavailable (see the warning); check applies() first")
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     i32 = lambda x: x.astype(jnp.int32)  # noqa: E731
