@@ -14,7 +14,10 @@ noise hits both alike):
                         while_loop decode; transformers: generate(N) - generate(1))
   % of bandwidth limit  decode tok/s / (B x read bandwidth / bytes per step); bytes per step = every weight
                         (the tied embedding is read by the head) + the valid KV cache; read bandwidth = the
-                        faster median of a reduction over a 1 GiB (GPU: 4 GiB) fp32 array (torch and XLA)
+                        faster median of a reduction over a 1 GiB (GPU: 4 GiB) fp32 array (torch and XLA),
+                        measured right after our decode in the same round
+The ratio and the % columns are medians of per-round values: each round times ours and transformers (or ours and
+the bandwidth) back to back, so a slow moment of the machine, which lasts longer than a round, cancels out of them.
 and, at batch 1 of the first dtype, what streaming costs: the loop in chunks of 1 and 8 steps vs one call, and a per-token host
 callback (io_callback) inside the loop. Greedy tokens of both sides are compared (fp32: they should match).
 """
@@ -47,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--prefill_len", type=int, default=512)
     p.add_argument("--decode_prompt", type=int, default=32)
     p.add_argument("--new_tokens", type=int, default=33, help="decode steps timed: new_tokens - 1")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds of each decode measure (after a warm-up)")
+    p.add_argument("--prefill_repeats", type=int, default=7, help="timed rounds of the prefill measure (cheaper)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--xla_flags", default=None,
                    help="XLA:CPU flags for our side (default: qcjax.sampler.CPU_XLA_FLAGS for the dtype, as infer.py "
@@ -150,7 +154,7 @@ def main(argv=None):
         c = S.controls_for(p)
         ids = torch.tensor([prompt], device=dev)
         ours, theirs = [], []
-        for r in range(a.repeats + 1):
+        for r in range(a.prefill_repeats + 1):
             t = time.perf_counter()
             jax.block_until_ready(S.start(cfg, params, p, c, cache_dt))
             ours.append(a.prefill_len / (time.perf_counter() - t))
@@ -160,8 +164,10 @@ def main(argv=None):
                 sync()
                 theirs.append(a.prefill_len / (time.perf_counter() - t))
             bws.append(bandwidth())
-        rows.append(dict(dtype=dname, what=f"prefill 1x{a.prefill_len}", ours=med(ours[1:]), theirs=med(theirs[1:])))
-        log(f"[{dname}] prefill ours {rows[-1]['ours']:.1f} tok/s, transformers {rows[-1]['theirs']:.1f} tok/s")
+        rows.append(dict(dtype=dname, what=f"prefill 1x{a.prefill_len}", ours=med(ours[1:]), theirs=med(theirs[1:]),
+                         ratio=med([x / y for x, y in zip(ours[1:], theirs[1:])])))
+        log(f"[{dname}] prefill ours {rows[-1]['ours']:.1f} tok/s, transformers {rows[-1]['theirs']:.1f} tok/s, "
+            f"per-round ratios {', '.join(f'{x / y:.2f}' for x, y in zip(ours[1:], theirs[1:]))}")
 
         # -- decode, batch B
         n = a.new_tokens
@@ -178,6 +184,7 @@ def main(argv=None):
                 st = S.decode(cfg, p.kinds, params, st, c, jnp.int32(n))
                 out = np.asarray(st.out)
                 ours.append(b * (n - 1) / (time.perf_counter() - t))
+                bw_here.append(bandwidth())
 
                 def gen(k):
                     with torch.inference_mode():
@@ -190,17 +197,19 @@ def main(argv=None):
                 t1, _ = gen(1)
                 tn, o = gen(n)
                 theirs.append(b * (n - 1) / (tn - t1))
-                bw_here.append(bandwidth())
             bws += bw_here
             same = int(np.sum(np.all(out[:b, :n] == o[:, a.decode_prompt:].cpu().numpy(), axis=1)))
             ctx = a.decode_prompt + n / 2  # mean valid context over the timed steps
             kv_bytes = 2 * cfg.num_layers * b * ctx * cfg.num_kv_heads * cfg.dim_per_head * cache_dt.itemsize
             step_bytes = weight_bytes + kv_bytes
-            limit = b * med(bw_here) * 1e9 / step_bytes
+            limits = [b * bw * 1e9 / step_bytes for bw in bw_here]
             rows.append(dict(dtype=dname, what=f"decode batch {b}", ours=med(ours[1:]), theirs=med(theirs[1:]),
-                             limit=limit, same=f"{same}/{b}", bw=med(bw_here)))
+                             ratio=med([x / y for x, y in zip(ours[1:], theirs[1:])]), limit=med(limits[1:]),
+                             frac=med([x / lim for x, lim in zip(ours[1:], limits[1:])]), same=f"{same}/{b}",
+                             bw=med(bw_here)))
             log(f"[{dname}] decode b={b}: ours {rows[-1]['ours']:.1f} tok/s, transformers {rows[-1]['theirs']:.1f}, "
-                f"bandwidth limit {limit:.1f} ({med(bw_here):.1f} GB/s, {step_bytes / 1e9:.2f} GB/step); "
+                f"bandwidth limit {rows[-1]['limit']:.1f} ({med(bw_here):.1f} GB/s, {step_bytes / 1e9:.2f} GB/step), "
+                f"per-round % of it {', '.join(f'{100 * x / lim:.0f}' for x, lim in zip(ours[1:], limits[1:]))}; "
                 f"greedy rows equal: {same}/{b}")
 
         if dname == dtypes[0] and not a.no_stream:
@@ -283,7 +292,8 @@ def report(a, rows, bws, flags, machine_name):
         f"attention: {a.attention_impl}. "
         + (f"Our fp32 matmul precision: {a.matmul_precision} (torch: fp32 without TF32). " if a.device == "gpu" else
          "XLA flags (ours): " + "; ".join(f"{d}: {' '.join(f) or 'none'}" for d, f in flags.items()) + ". ")
-        + f"Medians of {a.repeats} (after a warm-up), ours and transformers interleaved; decode over "
+        + f"Medians of {a.prefill_repeats} prefill and {a.repeats} decode rounds (after a warm-up), ours and "
+        f"transformers back to back in each round; ratio and % are medians of per-round values; decode over "
         f"{a.new_tokens - 1} steps after a {a.decode_prompt}-token prompt.",
         "",
         "| dtype | measure | qcjax tok/s | transformers tok/s | ratio | % of bandwidth limit (qcjax) | greedy equal |",
@@ -292,9 +302,9 @@ def report(a, rows, bws, flags, machine_name):
     for r in rows:
         if r["what"] == "stream":
             continue
-        lim = f"{100 * r['ours'] / r['limit']:.0f}% of {r['limit']:.1f}" if "limit" in r else ""
+        lim = f"{100 * r['frac']:.0f}% of {r['limit']:.1f}" if "limit" in r else ""
         lines.append(f"| {r['dtype']} | {r['what']} | {r['ours']:.1f} | {r['theirs']:.1f} | "
-                     f"{r['ours'] / r['theirs']:.2f}x | {lim} | {r.get('same', '')} |")
+                     f"{r['ratio']:.2f}x | {lim} | {r.get('same', '')} |")
     for r in rows:
         if r["what"] == "stream":
             lines += ["", f"Streaming cost ({r['dtype']}, batch 1, ms per decode step): " +
