@@ -12,7 +12,6 @@
 // Vectors are 8 floats (AVX2's width; also what AVX-512 builds use here): head dims are multiples of 8.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -20,10 +19,10 @@
 #include <limits>
 #include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "cpu_parallel.h"
 
 namespace ffi = xla::ffi;
 
@@ -248,13 +247,6 @@ struct Tile {
   }
 };
 
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::atomic<bool> failed{false};
-  int64_t items = 0;
-};
-
 ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_seg, ffi::Buffer<ffi::S32> kv_seg,
                            ffi::ResultBuffer<ffi::F32> out, float scale) {
@@ -273,36 +265,16 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
         "segments [B, T]");
   }
   const int64_t tiles = (z.t + TQ - 1) / TQ;
-  auto work = std::make_shared<Work>();
-  work->items = z.b * z.kv * tiles;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const int32_t *qsp = q_seg.typed_data(), *ksp = kv_seg.typed_data();
   float* op = out->typed_data();
-  auto drain = [=]() {
-    Tile tile;
-    for (int64_t it; (it = work->next.fetch_add(1)) < work->items;) {
+  return qcjax::parallel_for(pool, z.b * z.kv * tiles, "qcjax_causal_attention", [=]() {
+    return [=, tile = Tile()](int64_t it) mutable {  // one tile's scratch per thread
       // Last tiles first: they see the most keys, so the threads finish together.
       const int64_t ti = tiles - 1 - it / (z.b * z.kv), rest = it % (z.b * z.kv);
-      try {
-        if (!work->failed.load(std::memory_order_relaxed)) {
-          tile.run(z, qp, kp, vp, qsp, ksp, op, scale, rest / z.kv, rest % z.kv, ti * TQ);
-        }
-      } catch (const std::exception&) {  // nothing may unwind into XLA (an allocation failure)
-        work->failed.store(true);
-      }
-      work->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  try {
-    for (int64_t t = 1; t < std::min(threads, work->items); ++t) pool.Schedule(decltype(drain)(drain));
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("qcjax_causal_attention: ") + e.what());
-  }
-  drain();
-  while (work->done.load(std::memory_order_acquire) < work->items) std::this_thread::yield();
-  if (work->failed.load()) return ffi::Error::Internal("qcjax_causal_attention: out of memory for a tile");
-  return ffi::Error::Success();
+      tile.run(z, qp, kp, vp, qsp, ksp, op, scale, rest / z.kv, rest % z.kv, ti * TQ);
+    };
+  });
 }
 
 }  // namespace

@@ -4,20 +4,18 @@
 // Why: a decode step is a handful of rows against every weight, so its cost should be one read of the weights. XLA:CPU's
 // GEMM kernels for 1-8 rows read fp32 weights at ~10-13 GB/s and bf16 ones at ~1-13 GB/s on a machine that reads
 // ~25 GB/s (bench/RESULTS.md). Here each weight row is loaded once and multiplied into every x row while it is hot;
-// the N rows are shared out over XLA's intra-op threads.
+// the N rows are shared out over XLA's intra-op threads (cpu_parallel.h).
 //
 // fp32: GCC/Clang vector extensions, one register's lanes (16 floats with AVX-512, 8 with AVX2). bf16: AMX tiles
 // from 3 rows, AVX512-BF16 dot products below that, and where the CPU has neither, the weights widened to fp32 in
 // the loop against x widened once. Built with -march=native by the loader, so what the CPU lacks is compiled out.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <exception>
 #include <memory>
 #include <string>
-#include <thread>
 
 #if defined(__AVX512BF16__) || defined(__AMX_BF16__)
 #include <immintrin.h>
@@ -29,6 +27,7 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
+#include "cpu_parallel.h"
 
 namespace ffi = xla::ffi;
 
@@ -217,16 +216,6 @@ void amx_rows(const uint16_t* x, const uint16_t* xp, const uint16_t* w, float* y
 }
 #endif
 
-// Chunks of N are claimed from a shared counter by the calling thread and by helper tasks on XLA's intra-op pool.
-// The caller never waits for a chunk nobody has started: it takes every unclaimed chunk itself and then waits only
-// for chunks another thread is running. So nothing deadlocks when every pool thread is busy (helpers that start
-// late find no work and return), and the shared state lives as long as the last helper holding it.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t chunks = 0;
-};
-
 // One chunk of weight rows: on AMX when x was packed for it, else the vector loop (on x widened to float32 when
 // that was done).
 template <typename T>
@@ -247,8 +236,6 @@ ffi::Error run(ffi::ThreadPool pool, const T* x, const T* w, float* y, int64_t m
   // ~16 chunks per thread, so a helper that wakes late still gets its share (0.5B fp32 decode, alternated runs:
   // batch-1 steps 96-100 ms with 4 chunks per thread, 82-95 with 16); a multiple of 16 rows (AMX tiles).
   const int64_t chunk = std::max<int64_t>(16, ((n + 16 * threads - 1) / (16 * threads) + 15) / 16 * 16);
-  auto work = std::make_shared<Work>();
-  work->chunks = (n + chunk - 1) / chunk;
   std::shared_ptr<const std::vector<uint16_t>> packed;
   std::shared_ptr<const std::vector<float>> wide;
 #ifdef __AMX_BF16__
@@ -265,18 +252,11 @@ ffi::Error run(ffi::ThreadPool pool, const T* x, const T* w, float* y, int64_t m
     wide = v;
   }
 #endif
-  auto drain = [=]() {
-    for (int64_t c; (c = work->next.fetch_add(1)) < work->chunks;) {
+  return qcjax::parallel_for(pool, (n + chunk - 1) / chunk, "qcjax_rows_matmul", [=]() {
+    return [=](int64_t c) {
       chunk_rows(x, packed.get(), wide.get(), w, y, m, k, n, c * chunk, std::min(n, (c + 1) * chunk));
-      work->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < std::min(threads, work->chunks); ++t) {
-    pool.Schedule(decltype(drain)(drain));  // a copy: Schedule takes ownership
-  }
-  drain();
-  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
-  return ffi::Error::Success();
+    };
+  });
 }
 
 ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::ResultBuffer<ffi::F32> y) {

@@ -32,6 +32,7 @@ MAX_ROWS = 8
 ATTENTION_TARGET = "qcjax_causal_attention"  # qcjax/attention/cpu.py's kernel, built into the same library
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = (os.path.join(_HERE, "cpu_matmul.cc"), os.path.join(_HERE, "cpu_attention.cc"))
+_HEADERS = (os.path.join(_HERE, "cpu_parallel.h"),)  # included by the sources: part of the build key
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -55,7 +56,7 @@ def _build(march: str = "native") -> str:
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++, c++ or clang++; or set CXX)")
     sources = []
-    for path in _SOURCES:
+    for path in (*_SOURCES, *_HEADERS):
         with open(path, "rb") as f:
             sources.append(f.read())
     key = hashlib.sha256(b"\0".join([*sources, jaxlib.__version__.encode(), _cpu_flags().encode(), cxx.encode(),
