@@ -219,8 +219,8 @@ void amx_rows(const uint16_t* x, const uint16_t* xp, const uint16_t* w, float* y
 // One chunk of weight rows: on AMX when x was packed for it, else the vector loop (on x widened to float32 when
 // that was done).
 template <typename T>
-void chunk_rows(const T* x, const std::vector<uint16_t>* packed, const std::vector<float>* wide, const T* w, float* y,
-                int64_t m, int64_t k, int64_t n, int64_t n0, int64_t n1) {
+void chunk_rows(const T* x, [[maybe_unused]] const std::vector<uint16_t>* packed, const std::vector<float>* wide,
+                const T* w, float* y, int64_t m, int64_t k, int64_t n, int64_t n0, int64_t n1) {
 #ifdef __AMX_BF16__
   if constexpr (sizeof(T) == 2) {
     if (packed) return amx_rows(x, packed->data(), w, y, m, k, n, n0, n1);
