@@ -164,10 +164,11 @@ def main(argv=None):
                 sync()
                 theirs.append(a.prefill_len / (time.perf_counter() - t))
             bws.append(bandwidth())
+        ratios = [x / y for x, y in zip(ours[1:], theirs[1:])]
         rows.append(dict(dtype=dname, what=f"prefill 1x{a.prefill_len}", ours=med(ours[1:]), theirs=med(theirs[1:]),
-                         ratio=med([x / y for x, y in zip(ours[1:], theirs[1:])])))
+                         ratio=med(ratios)))
         log(f"[{dname}] prefill ours {rows[-1]['ours']:.1f} tok/s, transformers {rows[-1]['theirs']:.1f} tok/s, "
-            f"per-round ratios {', '.join(f'{x / y:.2f}' for x, y in zip(ours[1:], theirs[1:]))}")
+            f"per-round ratios {', '.join(f'{x:.2f}' for x in ratios)}")
 
         # -- decode, batch B
         n = a.new_tokens
@@ -202,15 +203,15 @@ def main(argv=None):
             ctx = a.decode_prompt + n / 2  # mean valid context over the timed steps
             kv_bytes = 2 * cfg.num_layers * b * ctx * cfg.num_kv_heads * cfg.dim_per_head * cache_dt.itemsize
             step_bytes = weight_bytes + kv_bytes
-            limits = [b * bw * 1e9 / step_bytes for bw in bw_here]
+            limits = [b * bw * 1e9 / step_bytes for bw in bw_here[1:]]  # timed rounds only, as ours and theirs
+            fracs = [x / lim for x, lim in zip(ours[1:], limits)]
             rows.append(dict(dtype=dname, what=f"decode batch {b}", ours=med(ours[1:]), theirs=med(theirs[1:]),
-                             ratio=med([x / y for x, y in zip(ours[1:], theirs[1:])]), limit=med(limits[1:]),
-                             frac=med([x / lim for x, lim in zip(ours[1:], limits[1:])]), same=f"{same}/{b}",
-                             bw=med(bw_here)))
+                             ratio=med([x / y for x, y in zip(ours[1:], theirs[1:])]), limit=med(limits),
+                             frac=med(fracs), same=f"{same}/{b}"))
             log(f"[{dname}] decode b={b}: ours {rows[-1]['ours']:.1f} tok/s, transformers {rows[-1]['theirs']:.1f}, "
-                f"bandwidth limit {rows[-1]['limit']:.1f} ({med(bw_here):.1f} GB/s, {step_bytes / 1e9:.2f} GB/step), "
-                f"per-round % of it {', '.join(f'{100 * x / lim:.0f}' for x, lim in zip(ours[1:], limits[1:]))}; "
-                f"greedy rows equal: {same}/{b}")
+                f"bandwidth limit {rows[-1]['limit']:.1f} ({med(bw_here[1:]):.1f} GB/s, {step_bytes / 1e9:.2f} "
+                f"GB/step), per-round % of it {', '.join(f'{100 * x:.0f}' for x in fracs)}; greedy rows equal: "
+                f"{same}/{b}")
 
         if dname == dtypes[0] and not a.no_stream:
             rows.append(stream_costs(S, cfg, params, a, cache_dt, dname, log))

@@ -21,8 +21,8 @@
 namespace qcjax {
 
 // Runs worker(i) for every i in [0, items), where each participating thread gets its own worker from make(): a
-// callable that may hold that thread's scratch buffers. An exception in a worker (an allocation failure) skips the
-// items not yet started and comes back as an Internal error naming `what`; nothing unwinds into XLA. It returns only
+// callable that may hold that thread's scratch buffers. An exception in make() or a worker (an allocation failure)
+// skips the items not yet started and comes back as an Internal error naming `what`; nothing unwinds into XLA. It returns only
 // when every item has ended, so the outputs are whole (or the error says they are not).
 template <typename Make>
 xla::ffi::Error parallel_for(xla::ffi::ThreadPool pool, int64_t items, const char* what, Make make) {
@@ -30,20 +30,24 @@ xla::ffi::Error parallel_for(xla::ffi::ThreadPool pool, int64_t items, const cha
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
     std::atomic<bool> failed{false};
+    std::string message;  // the first failure's, written before its item counts as done
   };
   auto shared = std::make_shared<Shared>();
   auto drain = [shared, items, make]() {
-    std::optional<decltype(make())> worker;
-    try {
-      worker.emplace(make());
-    } catch (const std::exception&) {  // its scratch failed to allocate: still claim (and skip) items, so all end
-      shared->failed.store(true);
-    }
+    std::optional<decltype(make())> worker;  // made on this thread's first item: a helper that finds none makes none
     for (int64_t i; (i = shared->next.fetch_add(1)) < items;) {
       try {
-        if (worker && !shared->failed.load(std::memory_order_relaxed)) (*worker)(i);
-      } catch (const std::exception&) {
-        shared->failed.store(true);
+        if (!shared->failed.load(std::memory_order_relaxed)) {
+          if (!worker) worker.emplace(make());
+          (*worker)(i);
+        }
+      } catch (const std::exception& e) {
+        if (!shared->failed.exchange(true)) {
+          try {
+            shared->message = e.what();
+          } catch (...) {  // no memory for the message either: it stays empty
+          }
+        }
       }
       shared->done.fetch_add(1, std::memory_order_release);
     }
@@ -55,7 +59,7 @@ xla::ffi::Error parallel_for(xla::ffi::ThreadPool pool, int64_t items, const cha
   }
   drain();
   while (shared->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
-  if (shared->failed.load()) return xla::ffi::Error::Internal(std::string(what) + ": out of memory for a work item");
+  if (shared->failed.load()) return xla::ffi::Error::Internal(std::string(what) + ": a work item failed: " + shared->message);
   return xla::ffi::Error::Success();
 }
 
