@@ -17,7 +17,8 @@ noise hits both alike):
                         faster median of a reduction over a 1 GiB (GPU: 4 GiB) fp32 array (torch and XLA),
                         measured right after our decode in the same round
 The ratio and the % columns are medians of per-round values: each round times ours and transformers (or ours and
-the bandwidth) back to back, so a slow moment of the machine, which lasts longer than a round, cancels out of them.
+the bandwidth) back to back, so a slow moment of the machine, which lasts longer than a round, cancels out of them;
+the side that goes first alternates from round to round.
 and, at batch 1 of the first dtype, what streaming costs: the loop in chunks of 1 and 8 steps vs one call, and a per-token host
 callback (io_callback) inside the loop. Greedy tokens of both sides are compared (fp32: they should match).
 """
@@ -50,8 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--prefill_len", type=int, default=512)
     p.add_argument("--decode_prompt", type=int, default=32)
     p.add_argument("--new_tokens", type=int, default=33, help="decode steps timed: new_tokens - 1")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds of each decode measure (after a warm-up)")
-    p.add_argument("--prefill_repeats", type=int, default=7, help="timed rounds of the prefill measure (cheaper)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds of each decode measure (after a warm-up)")
+    p.add_argument("--prefill_repeats", type=int, default=11, help="timed rounds of the prefill measure (cheaper)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--xla_flags", default=None,
                    help="XLA:CPU flags for our side (default: qcjax.sampler.CPU_XLA_FLAGS for the dtype, as infer.py "
@@ -64,6 +65,12 @@ def parse_args(argv=None):
 
 def med(xs):
     return statistics.median(xs)
+
+
+def in_order(r: int, ours, theirs) -> tuple:
+    """Round r's order: ours first in even rounds, transformers first in odd ones, so whatever the first (or
+    second) run of a round gains or loses from the one before it falls on both sides alike."""
+    return (ours, theirs) if r % 2 == 0 else (theirs, ours)
 
 
 def main(argv=None):
@@ -154,19 +161,25 @@ def main(argv=None):
         c = S.controls_for(p)
         ids = torch.tensor([prompt], device=dev)
         ours, theirs = [], []
-        for r in range(a.prefill_repeats + 1):
+        def prefill_ours():
             t = time.perf_counter()
             jax.block_until_ready(S.start(cfg, params, p, c, cache_dt))
             ours.append(a.prefill_len / (time.perf_counter() - t))
+
+        def prefill_theirs():
             with torch.inference_mode():
                 t = time.perf_counter()
                 hf(ids, logits_to_keep=1, use_cache=True)
                 sync()
                 theirs.append(a.prefill_len / (time.perf_counter() - t))
+
+        for r in range(a.prefill_repeats + 1):
+            for run in in_order(r, prefill_ours, prefill_theirs):
+                run()
             bws.append(bandwidth())
         ratios = [x / y for x, y in zip(ours[1:], theirs[1:])]
         rows.append(dict(dtype=dname, what=f"prefill 1x{a.prefill_len}", ours=med(ours[1:]), theirs=med(theirs[1:]),
-                         ratio=med(ratios)))
+                         ratio=med(ratios), rounds=ratios))
         log(f"[{dname}] prefill ours {rows[-1]['ours']:.1f} tok/s, transformers {rows[-1]['theirs']:.1f} tok/s, "
             f"per-round ratios {', '.join(f'{x:.2f}' for x in ratios)}")
 
@@ -178,26 +191,34 @@ def main(argv=None):
             c = S.controls_for(p)
             ids = torch.tensor(prompts, device=dev)
             ours, theirs, bw_here = [], [], []
-            for r in range(a.repeats + 1):
+            got = {}
+
+            def decode_ours():  # then the bandwidth, right after
                 st = S.start(cfg, params, p, c, cache_dt)
                 jax.block_until_ready(st)
                 t = time.perf_counter()
                 st = S.decode(cfg, p.kinds, params, st, c, jnp.int32(n))
-                out = np.asarray(st.out)
+                got["out"] = np.asarray(st.out)
                 ours.append(b * (n - 1) / (time.perf_counter() - t))
                 bw_here.append(bandwidth())
 
-                def gen(k):
-                    with torch.inference_mode():
-                        t = time.perf_counter()
-                        o = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                        max_new_tokens=k, min_new_tokens=k, pad_token_id=0)
-                        sync()
-                        return time.perf_counter() - t, o
+            def gen(k):
+                with torch.inference_mode():
+                    t = time.perf_counter()
+                    o = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=k, min_new_tokens=k, pad_token_id=0)
+                    sync()
+                    return time.perf_counter() - t, o
 
+            def decode_theirs():
                 t1, _ = gen(1)
-                tn, o = gen(n)
+                tn, got["theirs"] = gen(n)
                 theirs.append(b * (n - 1) / (tn - t1))
+
+            for r in range(a.repeats + 1):
+                for run in in_order(r, decode_ours, decode_theirs):
+                    run()
+            out, o = got["out"], got["theirs"]
             bws += bw_here
             same = int(np.sum(np.all(out[:b, :n] == o[:, a.decode_prompt:].cpu().numpy(), axis=1)))
             ctx = a.decode_prompt + n / 2  # mean valid context over the timed steps
@@ -205,9 +226,10 @@ def main(argv=None):
             step_bytes = weight_bytes + kv_bytes
             limits = [b * bw * 1e9 / step_bytes for bw in bw_here[1:]]  # timed rounds only, as ours and theirs
             fracs = [x / lim for x, lim in zip(ours[1:], limits)]
+            ratios = [x / y for x, y in zip(ours[1:], theirs[1:])]
             rows.append(dict(dtype=dname, what=f"decode batch {b}", ours=med(ours[1:]), theirs=med(theirs[1:]),
-                             ratio=med([x / y for x, y in zip(ours[1:], theirs[1:])]), limit=med(limits),
-                             frac=med(fracs), same=f"{same}/{b}"))
+                             ratio=med(ratios), limit=med(limits), frac=med(fracs), same=f"{same}/{b}",
+                             rounds=ratios, frac_rounds=fracs))
             log(f"[{dname}] decode b={b}: ours {rows[-1]['ours']:.1f} tok/s, transformers {rows[-1]['theirs']:.1f}, "
                 f"bandwidth limit {rows[-1]['limit']:.1f} ({med(bw_here[1:]):.1f} GB/s, {step_bytes / 1e9:.2f} "
                 f"GB/step), per-round % of it {', '.join(f'{100 * x:.0f}' for x in fracs)}; greedy rows equal: "
@@ -294,7 +316,8 @@ def report(a, rows, bws, flags, machine_name):
         + (f"Our fp32 matmul precision: {a.matmul_precision} (torch: fp32 without TF32). " if a.device == "gpu" else
          "XLA flags (ours): " + "; ".join(f"{d}: {' '.join(f) or 'none'}" for d, f in flags.items()) + ". ")
         + f"Medians of {a.prefill_repeats} prefill and {a.repeats} decode rounds (after a warm-up), ours and "
-        f"transformers back to back in each round; ratio and % are medians of per-round values; decode over "
+        f"transformers back to back in each round (the first side alternating); ratio and % are medians of "
+        f"per-round values (listed below the table); decode over "
         f"{a.new_tokens - 1} steps after a {a.decode_prompt}-token prompt.",
         "",
         "| dtype | measure | qcjax tok/s | transformers tok/s | ratio | % of bandwidth limit (qcjax) | greedy equal |",
@@ -306,6 +329,12 @@ def report(a, rows, bws, flags, machine_name):
         lim = f"{100 * r['frac']:.0f}% of {r['limit']:.1f}" if "limit" in r else ""
         lines.append(f"| {r['dtype']} | {r['what']} | {r['ours']:.1f} | {r['theirs']:.1f} | "
                      f"{r['ratio']:.2f}x | {lim} | {r.get('same', '')} |")
+    lines.append("")
+    for r in rows:
+        if "rounds" in r:
+            fr = ", ".join(f"{100 * x:.0f}" for x in r.get("frac_rounds", []))
+            lines.append(f"- {r['dtype']} {r['what']}, per-round ratios {', '.join(f'{x:.2f}' for x in r['rounds'])}"
+                         + (f"; % of the limit {fr}" if fr else ""))
     for r in rows:
         if r["what"] == "stream":
             lines += ["", f"Streaming cost ({r['dtype']}, batch 1, ms per decode step): " +
