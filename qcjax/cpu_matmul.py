@@ -30,6 +30,7 @@ TARGET = "qcjax_rows_matmul"
 # prompts through the AMX tiles measured slower end to end: 0.5B prefill 1x512 433 vs 686 tok/s, bench/RESULTS.md.)
 MAX_ROWS = 8
 ATTENTION_TARGET = "qcjax_causal_attention"  # qcjax/attention/cpu.py's kernel, built into the same library
+CACHE_ATTENTION_TARGET = "qcjax_cache_attention"  # qcjax/attention/cpu.py's decode-step kernel, same library
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = (os.path.join(_HERE, "cpu_matmul.cc"), os.path.join(_HERE, "cpu_attention.cc"))
 _HEADERS = (os.path.join(_HERE, "cpu_parallel.h"),)  # included by the sources: part of the build key
@@ -87,7 +88,8 @@ def _load(march: str = "native") -> tuple[ctypes.CDLL, str]:
     other builds' targets carry the march, e.g. qcjax_rows_matmul_x86-64-v3, qcjax_causal_attention_x86-64-v3)."""
     lib = ctypes.cdll.LoadLibrary(_build(march))
     suffix = "" if march == "native" else f"_{march}"
-    for target, symbol in ((TARGET, lib.QcjaxRowsMatmul), (ATTENTION_TARGET, lib.QcjaxCausalAttention)):
+    for target, symbol in ((TARGET, lib.QcjaxRowsMatmul), (ATTENTION_TARGET, lib.QcjaxCausalAttention),
+                           (CACHE_ATTENTION_TARGET, lib.QcjaxCacheAttention)):
         jax.ffi.register_ffi_target(target + suffix, jax.ffi.pycapsule(symbol), platform="cpu")
     return lib, TARGET + suffix
 

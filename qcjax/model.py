@@ -182,7 +182,7 @@ class Attention(nn.Module):
             ck, cv = layer_cache
             ck, cv = write_cache(ck, k, write_at), write_cache(cv, v, write_at)
             layer_cache = (ck, cv)
-            k, v = ck.astype(dt), cv.astype(dt)
+            k, v = ck, cv  # in the cache's dtype: `attend` widens them, or its CPU decode kernel reads them as they are
 
         # With a cache and q_len == kv_len this is a prefill into an empty cache (the sampler's: q_offset 0, as
         # self-attention requires); training never passes a cache.

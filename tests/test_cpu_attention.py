@@ -1,6 +1,7 @@
-"""The CPU prompt-attention kernel (qcjax/cpu_attention.cc through qcjax.attention.cpu): causal attention within
-segments, against a float64 reference, around its tile sizes, for every GQA ratio of the family; what the attention
-switch sends to it; its gradient."""
+"""The CPU attention kernels (qcjax/cpu_attention.cc through qcjax.attention.cpu), against float64 references: the
+prompt kernel (causal attention within segments) around its tile sizes, for every GQA ratio of the family, its
+gradient; the decode kernel (new queries against a cache) around its key block, bf16 caches, finished rows; what the
+attention switch sends to each."""
 from __future__ import annotations
 
 import jax
@@ -137,3 +138,108 @@ def test_older_instruction_sets_match_float64(march):
     got = jax.ffi.ffi_call(f"{cpu_matmul.ATTENTION_TARGET}_{march}", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q, k, v, seg, seg, scale=np.float32(0.125))
     assert_close(got, reference(q, k, v, seg, seg, 0.125), jnp.float32)
+
+
+# ---- the decode kernel: new queries against a cache (cpu.cache_attention) ----
+def cache_reference(q, k, v, q_seg, kv_seg, q_offset, scale):
+    """float64 numpy: query i of row b sees the cache slots j <= q_offset[b] + i of its own segment (zeros if none)."""
+    q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
+    q_seg, kv_seg, q_offset = np.asarray(q_seg), np.asarray(kv_seg), np.asarray(q_offset)
+    t, s = q.shape[1], k.shape[1]
+    see = (np.arange(s)[None, None, :] <= (q_offset[:, None] + np.arange(t)[None, :])[:, :, None]) & (
+        q_seg[:, :, None] == kv_seg[:, None, :])
+    group = q.shape[2] // k.shape[2]
+    out = np.zeros(q.shape)
+    for head in range(q.shape[2]):
+        sc = np.where(see, np.einsum("bid,bjd->bij", q[:, :, head], k[:, :, head // group]) * scale, -np.inf)
+        top = np.max(sc, axis=-1, keepdims=True)
+        p = np.where(see, np.exp(sc - np.where(np.isfinite(top), top, 0)), 0.0)
+        total = p.sum(-1, keepdims=True)
+        out[:, :, head] = np.einsum("bij,bjd->bid", p / np.where(total > 0, total, 1), v[:, :, head // group])
+    return out
+
+
+def decode_inputs(rng, offsets, slots, t=1, heads=14, kv_heads=2, head_dim=64, cache_dtype=jnp.float32):
+    """As the sampler's decode step: row b's t new queries at offsets[b]; its cache valid up to offsets[b] + t."""
+    b = len(offsets)
+    q, k, v = qkv(rng, b, t, slots, heads, kv_heads, head_dim)
+    offsets = jnp.asarray(offsets, jnp.int32)
+    kv_seg = (jnp.arange(slots)[None] < offsets[:, None] + t).astype(jnp.int32)
+    return q, k.astype(cache_dtype), v.astype(cache_dtype), jnp.ones((b, t), jnp.int32), kv_seg, offsets
+
+
+# around the key block (256 slots per work item), short caches (the calling thread alone) and long ones (shared)
+@pytest.mark.parametrize("slots, offsets", [(8, [0, 7]), (256, [254, 100]), (257, [256, 3]), (1000, [999, 511])])
+def test_cache_attention_matches_float64_around_the_key_block(slots, offsets):
+    q, k, v, q_seg, kv_seg, off = decode_inputs(np.random.default_rng(slots), offsets, slots)
+    got = cpu.cache_attention(q, k, v, q_seg, kv_seg, off, 0.125)
+    assert got.dtype == jnp.float32
+    assert_close(got, cache_reference(q, k, v, q_seg, kv_seg, off, 0.125), jnp.float32)
+
+
+@pytest.mark.parametrize("name", list(RATIOS))
+def test_cache_attention_every_gqa_ratio_of_the_family(name):
+    heads, kv_heads, head_dim = RATIOS[name]
+    args = decode_inputs(np.random.default_rng(heads), [300, 41], 384, 1, heads, kv_heads, head_dim)
+    scale = head_dim**-0.5
+    assert_close(cpu.cache_attention(*args, scale), cache_reference(*args, scale), jnp.float32)
+
+
+def test_cache_attention_several_new_queries_per_row():
+    args = decode_inputs(np.random.default_rng(7), [5, 290, 0], 300, t=3, heads=6, kv_heads=2, head_dim=16)
+    assert_close(cpu.cache_attention(*args, 0.25), cache_reference(*args, 0.25), jnp.float32)
+
+
+@pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16])
+def test_cache_attention_reads_a_bfloat16_cache_as_it_is(q_dtype):
+    q, k, v, q_seg, kv_seg, off = decode_inputs(np.random.default_rng(8), [700, 20], 800, cache_dtype=jnp.bfloat16)
+    q = q.astype(q_dtype)
+    text = jax.jit(lambda *a: cpu.cache_attention(*a, 0.125)).lower(q, k, v, q_seg, kv_seg, off).as_text()
+    assert "tensor<2x800x2x64xf32>" not in text  # the cache is never widened
+    got = cpu.cache_attention(q, k, v, q_seg, kv_seg, off, 0.125)
+    assert got.dtype == q_dtype
+    assert_close(got, cache_reference(q, k, v, q_seg, kv_seg, off, 0.125), q_dtype)
+
+
+def test_cache_attention_finished_rows_and_unseen_keys_as_the_reference():
+    # a finished row feeds segment 0 (it sees the empty slots up to its offset); a row whose segment has no key: zeros
+    q, k, v, _, kv_seg, off = decode_inputs(np.random.default_rng(9), [10, 30, 4], 40, heads=4, head_dim=8)
+    q_seg = jnp.asarray([[1], [0], [2]], jnp.int32)
+    got = np.asarray(cpu.cache_attention(q, k, v, q_seg, kv_seg, off, 0.3))
+    assert np.all(got[2] == 0)
+    assert_close(got, cache_reference(q, k, v, q_seg, kv_seg, off, 0.3), jnp.float32)
+
+
+def test_the_switch_sends_decode_steps_to_the_cache_kernel():
+    q, k, v, q_seg, kv_seg, off = decode_inputs(np.random.default_rng(10), [20, 3], 32, heads=4, head_dim=16,
+                                                cache_dtype=jnp.bfloat16)
+
+    def lowered(prompt, impl="xla"):
+        return jax.jit(lambda q, k, v: attend(q, k, v, q_seg, kv_seg, off, scale=0.25, impl=impl, prompt=prompt)
+                       ).lower(q, k, v).as_text()
+
+    assert cpu_matmul.CACHE_ATTENTION_TARGET in lowered(False)
+    assert cpu_matmul.CACHE_ATTENTION_TARGET not in lowered(False, impl="pallas_gpu")  # interpret mode: its kernel
+    got = attend(q, k, v, q_seg, kv_seg, off, scale=0.25, impl="xla")
+    want = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), q_seg, kv_seg, off, scale=0.25)
+    assert_close(got, want, jnp.float32)
+
+
+def test_cache_attention_bad_shapes_name_them():
+    q, k, v, q_seg, kv_seg, off = decode_inputs(np.random.default_rng(11), [3], 16, heads=4, kv_heads=3, head_dim=16)
+    with pytest.raises(ValueError, match=r"q \(1, 1, 4, 16\), k \(1, 16, 3, 16\)"):
+        cpu.cache_attention(q, k, v, q_seg, kv_seg, off, 0.25)
+    q, k, v, q_seg, kv_seg, off = decode_inputs(np.random.default_rng(11), [3], 16, heads=4, head_dim=16)
+    with pytest.raises(ValueError, match=r"q_offset \(2,\)"):
+        cpu.cache_attention(q, k, v, q_seg, kv_seg, jnp.zeros((2,), jnp.int32), 0.25)
+
+
+@pytest.mark.parametrize("march", sorted(ISA_LEVELS))
+def test_cache_attention_older_instruction_sets_match_float64(march):
+    if not ISA_LEVELS[march] <= _x86_flags():
+        pytest.skip(f"this CPU cannot run {march} code")
+    cpu_matmul._load(march)
+    q, k, v, q_seg, kv_seg, off = decode_inputs(np.random.default_rng(12), [600, 77], 700, cache_dtype=jnp.bfloat16)
+    got = jax.ffi.ffi_call(f"{cpu_matmul.CACHE_ATTENTION_TARGET}_{march}", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+        q, k, v, q_seg, kv_seg, off, scale=np.float32(0.125))
+    assert_close(got, cache_reference(q, k, v, q_seg, kv_seg, off, 0.125), jnp.float32)

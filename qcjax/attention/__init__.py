@@ -73,13 +73,18 @@ def attend(
     """Causal grouped-query attention within segments: query i sees keys j <= q_offset + i of its own segment.
 
     `prompt` marks self-attention over a prompt for inference. Under "xla" it then runs on one CPU device as the
-    C++ kernel (qcjax.attention.cpu) where that applies, else in causal query blocks (xla.PROMPT_QUERY_BLOCKS)."""
+    C++ kernel (qcjax.attention.cpu) where that applies, else in causal query blocks (xla.PROMPT_QUERY_BLOCKS).
+    Queries against a cache (q_len < kv_len, not a prompt) on one CPU device take the decode kernel
+    (`cpu.cache_attention`), which reads k/v in the cache's dtype; every other path widens k/v to q's dtype."""
     platform, kind = target_device()
     impl = resolve_impl(impl, platform, q.shape[-1])
     if q_offset is None:
         q_offset = jnp.zeros((q.shape[0],), jnp.int32)
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
+    if impl == "xla" and not prompt and cpu.cache_applies(q, k):  # decode steps read the cache in its own dtype
+        return cpu.cache_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
     if impl == "xla":
         if prompt and cpu.applies(q, k):
             return cpu.causal_attention(q, k, v, q_segment_ids, kv_segment_ids, scale)
