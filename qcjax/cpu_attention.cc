@@ -310,9 +310,7 @@ struct CacheBlock {
            float* l_out, float* acc_out) {
     const int64_t g = z.h / z.kv, d = z.d, rows = g * z.t, j0 = c * CK;
     const int64_t width = (CK + 7) / 8 * 8;
-    int64_t last = -1;  // the block's last key any query of the row may see
-    for (int64_t i = 0; i < z.t; ++i) last = std::max<int64_t>(last, int64_t(q_off[b]) + i);
-    const int64_t j1 = std::min<int64_t>({z.s, j0 + CK, last + 1});
+    const int64_t j1 = std::min<int64_t>({z.s, j0 + CK, int64_t(q_off[b]) + z.t});  // past the row's last query
     std::fill(m_out, m_out + rows, NEG_INF);
     std::fill(l_out, l_out + rows, 0.0f);
     std::fill(acc_out, acc_out + rows * d, 0.0f);
@@ -379,8 +377,8 @@ ffi::Error cache_attention(ffi::ThreadPool pool, const CacheShape& z, const floa
               ap + it * rows * z.d);
     };
   };
-  // A short cache is less work than waking a helper thread costs (0.5B fp32, 64 slots: steps ~4% slower shared
-  // out), so below ~2M multiply-adds the calling thread does it all.
+  // Below ~2M multiply-adds (a short cache) the calling thread does it all: less work than waking a helper. (Not
+  // shown to matter: 0.5B fp32 at 64 slots decoded at 0.96x XLA's attention both with and without this.)
   int64_t seen = 0;
   for (int64_t b = 0; b < z.b; ++b) seen = std::max<int64_t>(seen, std::min<int64_t>(z.s, int64_t(offp[b]) + z.t));
   if (2 * z.b * z.kv * seen * rows * z.d < (int64_t(1) << 21)) {

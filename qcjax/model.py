@@ -159,7 +159,7 @@ class Attention(nn.Module):
         """`only` [batch] (with a cache): keys and values for every position, queries and output for this one
         position per row (`DecoderLayer`)."""
         cfg = self.cfg
-        e, h, kvh, d, dt = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head, cfg.dtype
+        e, h, kvh, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
 
         def proj(name, heads, head_axis, inputs):
             return Linear(cfg, 1, (e, heads, d), ("embed", head_axis, "head_dim"),

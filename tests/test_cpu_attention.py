@@ -194,8 +194,6 @@ def test_cache_attention_several_new_queries_per_row():
 def test_cache_attention_reads_a_bfloat16_cache_as_it_is(q_dtype):
     q, k, v, q_seg, kv_seg, off = decode_inputs(np.random.default_rng(8), [700, 20], 800, cache_dtype=jnp.bfloat16)
     q = q.astype(q_dtype)
-    text = jax.jit(lambda *a: cpu.cache_attention(*a, 0.125)).lower(q, k, v, q_seg, kv_seg, off).as_text()
-    assert "tensor<2x800x2x64xf32>" not in text  # the cache is never widened
     got = cpu.cache_attention(q, k, v, q_seg, kv_seg, off, 0.125)
     assert got.dtype == q_dtype
     assert_close(got, cache_reference(q, k, v, q_seg, kv_seg, off, 0.125), q_dtype)
@@ -219,6 +217,8 @@ def test_the_switch_sends_decode_steps_to_the_cache_kernel():
                        ).lower(q, k, v).as_text()
 
     assert cpu_matmul.CACHE_ATTENTION_TARGET in lowered(False)
+    assert "tensor<2x32x2x16xf32>" not in lowered(False)  # the bf16 cache goes in as it is, never widened
+    assert "tensor<2x32x2x16xf32>" in lowered(False, impl="pallas_gpu")  # (other paths widen it)
     assert cpu_matmul.CACHE_ATTENTION_TARGET not in lowered(False, impl="pallas_gpu")  # interpret mode: its kernel
     got = attend(q, k, v, q_seg, kv_seg, off, scale=0.25, impl="xla")
     want = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), q_seg, kv_seg, off, scale=0.25)
