@@ -346,7 +346,8 @@ _LAYER_CACHE_AXES = CACHE_LOGICAL_AXES["k"][1:]  # ("cache_batch", "cache_length
 
 
 def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-             cache: SamplerCache, only: jax.Array | None = None) -> tuple[jax.Array, SamplerCache]:
+             cache: SamplerCache, only: jax.Array | None = None, rope_tables: tuple[jax.Array, jax.Array] | None = None
+             ) -> tuple[jax.Array, SamplerCache]:
     """`Qwen2.hidden_states` with a cache, over per-layer params: the same embedding, rotary tables, cache
     bookkeeping (new tokens at each row's length; padding, segment 0, does not count) and the model's own
     DecoderLayer and final norm, in a Python loop over layers. tokens/positions/segment_ids [B, T] ->
@@ -355,10 +356,15 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.A
     With `only` [B] the hidden states are [B, 1, E] at that position of each row: the last layer runs its queries,
     attention, o_proj and MLP on that position alone (every layer still writes every position's keys and values).
     A prompt's logits are read at one position, so the rest of its last layer was work nothing used: 1/24 of the
-    0.5B prefill."""
+    0.5B prefill.
+
+    rope_tables: `rope.prompt_cos_sin` [T, D] pair for positions 0..T-1 in every row, read instead of computed."""
     x = jnp.take(params["embed"], tokens, axis=0).astype(cfg.dtype)
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
-    cos, sin = rope.cos_sin(cfg, positions)
+    if rope_tables is None:
+        cos, sin = rope.cos_sin(cfg, positions)
+    else:
+        cos, sin = (jnp.broadcast_to(a[None], positions.shape + a.shape[-1:]) for a in rope_tables)
     q_offset = cache["lengths"]
     new_lengths = q_offset + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
     q_seg = (segment_ids != 0).astype(jnp.int32)
@@ -398,7 +404,8 @@ def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kinds", "batch", "cache_len", "cache_dtype", "out_len"))
 def prefill(cfg: ModelConfig, kinds: FilterKinds, params: Any, tokens: jax.Array, lengths: jax.Array,
-            controls: Controls, *, batch: int, cache_len: int, cache_dtype: Any, out_len: int) -> DecodeState:
+            controls: Controls, rope_tables: tuple[jax.Array, jax.Array], *, batch: int, cache_len: int,
+            cache_dtype: Any, out_len: int) -> DecodeState:
     """Run the right-padded prompts tokens [P, T] (row b's real tokens: its first lengths[b]) and draw every row's
     first token from its last prompt position. Returns the decode state for `batch` >= P rows (rows P.. are batch
     padding, done from the start) with a cache of `cache_len` slots.
@@ -406,14 +413,15 @@ def prefill(cfg: ModelConfig, kinds: FilterKinds, params: Any, tokens: jax.Array
     The prompts attend within a T-slot cache (self-attention: q_len == kv_len, the form the training kernels take),
     which is then widened to cache_len: measured at the 0.5B shapes, attending over a 1024-slot cache costs ~2x
     the 512 slots the prompt needs. Only the P prompt rows run through the model; the head runs on `batch` rows
-    (bf16 on the CPU is slow at 1 row, see `default_min_batch`)."""
+    (bf16 on the CPU is slow at 1 row, see `default_min_batch`). rope_tables: `rope.prompt_cos_sin(cfg, T)`."""
     p, t = tokens.shape
     shape = (p, t, cfg.num_kv_heads, cfg.dim_per_head)
     empty = jnp.zeros(shape, cache_dtype)
     cache = {"k": (empty,) * cfg.num_layers, "v": (empty,) * cfg.num_layers, "lengths": jnp.zeros((p,), jnp.int32)}
     segs = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (p, t))
-    last, cache = _forward(cfg, params, tokens, positions, segs, cache, only=jnp.maximum(lengths - 1, 0))  # [P, 1, E]
+    last, cache = _forward(cfg, params, tokens, positions, segs, cache, only=jnp.maximum(lengths - 1, 0),
+                           rope_tables=rope_tables)  # [P, 1, E]
     logits = _head(cfg, params, _pad_rows(last, batch))[:, 0]  # only the last position: [batch, V]
 
     def widen(x):  # [P, T, KV, D] -> [batch, cache_len, KV, D]
@@ -625,7 +633,9 @@ def start(cfg: ModelConfig, params: dict, p: Plan, controls: Controls, cache_dty
           ) -> DecodeState:
     """Prefill the plan's prompts into a fresh cache and draw each row's first token (params: `unstack_params`)."""
     return prefill(cfg, p.kinds, params, _place(p.tokens, ("cache_batch", None), mesh),
-                   _place(p.lengths, ("cache_batch",), mesh), controls, batch=p.batch, cache_len=p.cache_len,
+                   _place(p.lengths, ("cache_batch",), mesh), controls,
+                   tuple(_place(a, (None, None), mesh) for a in rope.prompt_cos_sin(cfg, p.tokens.shape[1])),
+                   batch=p.batch, cache_len=p.cache_len,
                    cache_dtype=jnp.dtype(cache_dtype), out_len=p.out_len)
 
 

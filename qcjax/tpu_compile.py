@@ -445,9 +445,10 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
         controls = jax.tree.map(place, jax.eval_shape(lambda: S.controls_for(p)))
         tokens, lengths = place(jax.ShapeDtypeStruct(p.tokens.shape, jnp.int32)), place(
             jax.ShapeDtypeStruct(p.lengths.shape, jnp.int32))
+        tables = (place(jax.ShapeDtypeStruct((p.tokens.shape[1], cfg.dim_per_head), jnp.float32), (None, None)),) * 2
         kw = dict(batch=p.batch, cache_len=p.cache_len, cache_dtype=jnp.dtype(cache_dtype), out_len=p.out_len)
-        pre, compiled = compile_program("prefill", S.prefill, (cfg, p.kinds, params, tokens, lengths, controls),
-                                        kw, topo.hbm_bytes)
+        pre, compiled = compile_program("prefill", S.prefill,
+                                        (cfg, p.kinds, params, tokens, lengths, controls, tables), kw, topo.hbm_bytes)
         programs = [pre]
         if compiled is not None:  # decode takes the state as prefill leaves it
             state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),

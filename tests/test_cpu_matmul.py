@@ -5,7 +5,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from qcjax import cpu_matmul
+from qcjax import cpu_matmul, rope
 from qcjax import sampler as S
 from qcjax.config import ModelConfig
 from qcjax.model import init_params
@@ -78,7 +78,7 @@ def test_decode_steps_use_the_kernel_and_prefill_keeps_xla():
     # every projection (7 per layer) and the tied head
     assert decode.count(f'custom_call_target="{cpu_matmul.TARGET}"') == 7 * CFG.num_layers + 1
     prefill = _compiled(S.prefill, CFG, plan.kinds, params, jnp.asarray(plan.tokens), jnp.asarray(plan.lengths), c,
-                        batch=plan.batch, cache_len=plan.cache_len, cache_dtype=jnp.float32, out_len=4)
+                        rope.prompt_cos_sin(CFG, plan.tokens.shape[1]), batch=plan.batch, cache_len=plan.cache_len, cache_dtype=jnp.float32, out_len=4)
     # the prompt rows (2 x 32 > MAX_ROWS) are XLA's GEMMs; the rows at each prompt's last position take the kernel:
     # the last layer's q, o and MLP projections (its k/v run on every position) and the head
     assert prefill.count(f'custom_call_target="{cpu_matmul.TARGET}"') == 5 + 1
@@ -90,7 +90,7 @@ def test_prefill_copies_no_weight():
     params = S.unstack_params(CFG, init_params(CFG, jax.random.key(0)))
     plan = S.plan(CFG, [[1, 2, 3, 4] * 5, [5, 6]], max_new_tokens=4)
     prefill = _compiled(S.prefill, CFG, plan.kinds, params, jnp.asarray(plan.tokens), jnp.asarray(plan.lengths),
-                        S.controls_for(plan), batch=plan.batch, cache_len=plan.cache_len, cache_dtype=jnp.float32,
+                        S.controls_for(plan), rope.prompt_cos_sin(CFG, plan.tokens.shape[1]), batch=plan.batch, cache_len=plan.cache_len, cache_dtype=jnp.float32,
                         out_len=4)
     copies = [line for line in prefill.splitlines() if "copy" in line.split("=")[0] and "kernel_out_in" in line]
     assert not copies, copies[:2]

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qcjax import sampler as S
+from qcjax import rope, sampler as S
 from qcjax.config import ModelConfig
 from qcjax.model import KERNEL_OUT_IN
 from qcjax.sampler import SamplingParams, generate
@@ -89,6 +89,24 @@ def test_the_prompts_last_layer_runs_only_at_each_rows_last_position():
     full, pruned = (forward(o).lower(tokens).compile().cost_analysis()["flops"] for o in (None, lengths - 1))
     e, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.dim_per_head
     assert full - pruned >= 2 * 15 * 2 * (3 * e * i + 2 * e * hd)
+
+
+def test_prefill_reads_the_rotary_tables_instead_of_computing_them():
+    # computed inside the program, XLA:CPU fused sin/cos into every layer's rotation (once per head and layer)
+    cfg, _, params = hf_and_params(CFG_TIED)
+    params = S.unstack_params(cfg, params)
+    cos, sin = rope.prompt_cos_sin(cfg, 16)
+    want = rope.cos_sin(cfg, jnp.arange(16)[None])
+    np.testing.assert_array_equal(cos, want[0][0])
+    np.testing.assert_array_equal(sin, want[1][0])
+    plan = S.plan(cfg, prompts_of(cfg, [16, 9]), max_new_tokens=4)
+    hlo = S.prefill.lower(cfg, plan.kinds, params, jnp.asarray(plan.tokens), jnp.asarray(plan.lengths),
+                          S.controls_for(plan), (cos, sin), batch=plan.batch, cache_len=plan.cache_len,
+                          cache_dtype=jnp.float32, out_len=plan.out_len).compile().as_text()
+    assert " sine(" not in hlo and " cosine(" not in hlo
+    assert " cosine(" in S.decode.lower(cfg, plan.kinds, params, S.start(cfg, params, plan, S.controls_for(plan),
+                                                                        jnp.float32),
+                                        S.controls_for(plan), jnp.int32(4)).compile().as_text()  # the check can fail
 
 
 def test_streamed_chunks_concatenate_to_the_one_shot_result():
