@@ -31,6 +31,7 @@ TARGET = "qcjax_rows_matmul"
 MAX_ROWS = 8
 ATTENTION_TARGET = "qcjax_causal_attention"  # qcjax/attention/cpu.py's kernel, built into the same library
 CACHE_ATTENTION_TARGET = "qcjax_cache_attention"  # qcjax/attention/cpu.py's decode-step kernel, same library
+CACHE_WRITE_TARGET = "qcjax_cache_write"  # the sampler's in-place cache write (qcjax.model.write_cache), same library
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = (os.path.join(_HERE, "cpu_matmul.cc"), os.path.join(_HERE, "cpu_attention.cc"))
 _HEADERS = (os.path.join(_HERE, "cpu_parallel.h"),)  # included by the sources: part of the build key
@@ -89,7 +90,8 @@ def _load(march: str = "native") -> tuple[ctypes.CDLL, str]:
     lib = ctypes.cdll.LoadLibrary(_build(march))
     suffix = "" if march == "native" else f"_{march}"
     for target, symbol in ((TARGET, lib.QcjaxRowsMatmul), (ATTENTION_TARGET, lib.QcjaxCausalAttention),
-                           (CACHE_ATTENTION_TARGET, lib.QcjaxCacheAttention)):
+                           (CACHE_ATTENTION_TARGET, lib.QcjaxCacheAttention),
+                           (CACHE_WRITE_TARGET, lib.QcjaxCacheWrite)):
         jax.ffi.register_ffi_target(target + suffix, jax.ffi.pycapsule(symbol), platform="cpu")
     return lib, TARGET + suffix
 

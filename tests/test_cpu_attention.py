@@ -243,3 +243,45 @@ def test_cache_attention_older_instruction_sets_match_float64(march):
     got = jax.ffi.ffi_call(f"{cpu_matmul.CACHE_ATTENTION_TARGET}_{march}", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q, k, v, q_seg, kv_seg, off, scale=np.float32(0.125))
     assert_close(got, cache_reference(q, k, v, q_seg, kv_seg, off, 0.125), jnp.float32)
+
+
+# ---- the in-place cache write ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_cache_write_is_dynamic_update_slice_per_row(dtype):
+    rng = np.random.default_rng(13)
+    cache = jnp.asarray(rng.standard_normal((4, 16, 2, 8)), dtype)
+    new = jnp.asarray(rng.standard_normal((4, 3, 2, 8)), dtype)
+    at = jnp.asarray([0, 5, 13, 15], jnp.int32)  # the last two start past S - T = 13: clamped, as XLA's
+    want = jnp.stack([jax.lax.dynamic_update_slice_in_dim(c, n, a, 0) for c, n, a in zip(cache, new, at)])
+    got = jax.jit(cpu.cache_write)(cache, new, at)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_cache_write_updates_a_donated_cache_in_place():
+    cache = jnp.zeros((2, 64, 2, 8), jnp.bfloat16)
+    step = jax.jit(lambda c, n, a: cpu.cache_write(c, n, a), donate_argnums=0)
+    hlo = step.lower(cache, jnp.ones((2, 1, 2, 8), jnp.bfloat16), jnp.zeros((2,), jnp.int32)).compile().as_text()
+    assert " copy(" not in hlo and "bitcast-convert" not in hlo and "f32[2,64,2,8]" not in hlo
+    for i in range(3):
+        where = cache.unsafe_buffer_pointer()
+        cache = step(cache, jnp.full((2, 1, 2, 8), i + 1, jnp.bfloat16), jnp.asarray([i, 2 * i], jnp.int32))
+        assert cache.unsafe_buffer_pointer() == where  # the same buffer, written in place
+    got = np.asarray(cache, np.float32)[:, :5, 0, 0]
+    np.testing.assert_array_equal(got, [[1, 2, 3, 0, 0], [1, 0, 2, 0, 3]])
+
+
+def test_the_models_bfloat16_cache_write_takes_the_kernel():
+    from qcjax.model import write_cache
+
+    cache, new, at = jnp.zeros((2, 64, 2, 8), jnp.bfloat16), jnp.ones((2, 1, 2, 8)), jnp.asarray([3, 9], jnp.int32)
+    hlo = jax.jit(write_cache).lower(cache, new, at).as_text()
+    assert cpu_matmul.CACHE_WRITE_TARGET in hlo and "bitcast_convert" not in hlo
+    got = np.asarray(write_cache(cache, new, at), np.float32)[:, :, 0, 0]
+    assert got.sum() == 2 and got[0, 3] == 1 and got[1, 9] == 1
+
+
+def test_cache_write_bad_shapes_name_them():
+    with pytest.raises(ValueError, match=r"cache \(2, 8, 2, 8\) bfloat16, new \(2, 9, 2, 8\) bfloat16"):
+        cpu.cache_write(jnp.zeros((2, 8, 2, 8), jnp.bfloat16), jnp.zeros((2, 9, 2, 8), jnp.bfloat16),
+                        jnp.zeros((2,), jnp.int32))

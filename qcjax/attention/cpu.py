@@ -106,3 +106,19 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax
                            vmap_method="sequential")(q.astype(jnp.float32), k, v, i32(q_segment_ids),
                                                      i32(kv_segment_ids), i32(q_offset), scale=np.float32(scale))
     return out.astype(q.dtype)
+
+
+def cache_write_applies(cache: jax.Array, new: jax.Array) -> bool:
+    """Whether `cache_write` takes this write: new positions into a longer cache, on one CPU device, kernel built."""
+    return new.shape[1] < cache.shape[1] and cpu_matmul.one_cpu() and cpu_matmul.available()
+
+
+def cache_write(cache: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
+    """cache [B, S, ...] with new [B, T, ...] (same dtype) written at each row's slot at [B] (clamped to [0, S - T],
+    as `jax.lax.dynamic_update_slice`), in place: the result aliases the cache, so a donated cache is not copied."""
+    if (new.ndim != cache.ndim or new.dtype != cache.dtype or new.shape[0] != cache.shape[0]
+            or new.shape[1] > cache.shape[1] or new.shape[2:] != cache.shape[2:] or at.shape != cache.shape[:1]):
+        raise ValueError(f"cache_write: cache {cache.shape} {cache.dtype}, new {new.shape} {new.dtype}, at {at.shape}: "
+                         "expected new [B, T <= S, ...] in the cache's dtype and at [B]")
+    return jax.ffi.ffi_call(cpu_matmul.CACHE_WRITE_TARGET, jax.ShapeDtypeStruct(cache.shape, cache.dtype),
+                            input_output_aliases={0: 0})(cache, new, at.astype(jnp.int32))
