@@ -459,7 +459,7 @@ ffi::Error CacheWrite(ffi::AnyBuffer cache, ffi::AnyBuffer update, ffi::Buffer<f
         "qcjax_cache_write: cache [B, S, ...] and update [B, T <= S, ...] of one dtype, at [B] int32");
   }
   const int64_t b = cd[0], s = cd[1], t = ud[1];
-  const size_t slot = cd[1] ? cache.size_bytes() / static_cast<size_t>(b * s) : 0;  // bytes per position
+  const size_t slot = b * s ? cache.size_bytes() / static_cast<size_t>(b * s) : 0;  // bytes per position
   char* dst = static_cast<char*>(out->untyped_data());
   if (dst != cache.untyped_data()) std::memcpy(dst, cache.untyped_data(), cache.size_bytes());  // not aliased
   const char* src = static_cast<const char*>(update.untyped_data());
