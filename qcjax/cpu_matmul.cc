@@ -76,14 +76,20 @@ inline float hsum(f32v v) {
 
 // Bytes ahead of the weight row being read to prefetch: with the hardware prefetcher alone the loop waited on memory.
 // AVX-512 (Sapphire Rapids, 0.5B shapes, 1-8 rows, 1 GiB weight): 1024 -> 2048 gained up to 1.3x, 4096 no more. AVX2
-// (Zen 3, same shapes): 1024 read 25-29 GB/s at one row, 2048 20-23, 4096 22, none 27 but 8 rows 16 vs 18-20.
-#ifndef PREFETCH
-#ifdef __AVX512F__
-#define PREFETCH 2048
+// (Zen 3, same shapes): 1024 (8 rows 15.2 GB/s vs 14.2 with none; bf16 one row 42-46 ms per 0.5B step vs 43-56 with
+// none), except for fp32 at one row, the plain stream the hardware prefetcher follows, where 1024 got in its way:
+// 256 (the 0.5B step's 169 calls alone, alternated processes: 79.1 / 79.5 / 77.8 ms at 1024, 75.0 / 77.6 / 72.3 at
+// 256, 76.9 / 69.8 / 73.4 with none; one row, one thread: 15.4 vs 14.7 GB/s, a plain sum 17.2).
+template <int R, typename T>
+constexpr int prefetch_bytes() {
+#ifdef PREFETCH
+  return PREFETCH;
+#elif defined(__AVX512F__)
+  return 2048;
 #else
-#define PREFETCH 1024
+  return R == 1 && sizeof(T) == 4 ? 256 : 1024;
 #endif
-#endif
+}
 
 // Weight rows [n0, n1) of w against R (<= 8) rows of x from x0 (same element type T: float or bfloat16 bits);
 // writes y[r, n]. Products are exact in float32 (bf16 x bf16 fits), sums are float32. On AVX2, U independent
@@ -102,7 +108,7 @@ void rows_block(const X* x0, const T* w, float* y0, int64_t k, int64_t n_total, 
 #ifdef __AVX512BF16__
     if constexpr (sizeof(T) == 2 && sizeof(X) == 2) {  // 32 bf16 pairs per instruction, no widening
       for (; i + 32 <= k; i += 32) {
-        __builtin_prefetch(wr + i + PREFETCH / sizeof(T));
+        __builtin_prefetch(wr + i + prefetch_bytes<R, T>() / sizeof(T));
         const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + i);
         for (int r = 0; r < R; ++r) {
           acc[r][0] = (f32v)_mm512_dpbf16_ps((__m512)acc[r][0], wv, (__m512bh)_mm512_loadu_si512(x0 + r * k + i));
@@ -111,8 +117,11 @@ void rows_block(const X* x0, const T* w, float* y0, int64_t k, int64_t n_total, 
     }
 #endif
     for (; i + U * L <= k; i += U * L) {
-      __builtin_prefetch(wr + i + PREFETCH / sizeof(T));
-      for (int b = 64; b < int(U * L * sizeof(T)); b += 64) __builtin_prefetch(wr + i + (b + PREFETCH) / sizeof(T));
+      if constexpr (prefetch_bytes<R, T>() > 0) {
+        __builtin_prefetch(wr + i + prefetch_bytes<R, T>() / sizeof(T));
+        for (int b = 64; b < int(U * L * sizeof(T)); b += 64)
+          __builtin_prefetch(wr + i + (b + prefetch_bytes<R, T>()) / sizeof(T));
+      }
       for (int u = 0; u < U; ++u) {
         const f32v wv = loadv(wr + i + u * L);
         for (int r = 0; r < R; ++r) acc[r][u] += wv * loadv(x0 + r * k + i + u * L);
