@@ -117,11 +117,9 @@ void rows_block(const X* x0, const T* w, float* y0, int64_t k, int64_t n_total, 
     }
 #endif
     for (; i + U * L <= k; i += U * L) {
-      if constexpr (prefetch_bytes<R, T>() > 0) {
-        __builtin_prefetch(wr + i + prefetch_bytes<R, T>() / sizeof(T));
-        for (int b = 64; b < int(U * L * sizeof(T)); b += 64)
-          __builtin_prefetch(wr + i + (b + prefetch_bytes<R, T>()) / sizeof(T));
-      }
+      __builtin_prefetch(wr + i + prefetch_bytes<R, T>() / sizeof(T));
+      for (int b = 64; b < int(U * L * sizeof(T)); b += 64)
+        __builtin_prefetch(wr + i + (b + prefetch_bytes<R, T>()) / sizeof(T));
       for (int u = 0; u < U; ++u) {
         const f32v wv = loadv(wr + i + u * L);
         for (int r = 0; r < R; ++r) acc[r][u] += wv * loadv(x0 + r * k + i + u * L);
