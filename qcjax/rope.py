@@ -10,16 +10,26 @@ import numpy as np
 from qcjax.config import ModelConfig
 
 
+def base_powers(base: float, dim: int) -> np.ndarray:
+    """base ** (2i / dim) for i < dim // 2, correctly rounded to float32 [dim // 2] (the exponents are exact in
+    float32; the float64 power is within one float64 step, far inside half a float32 step)."""
+    exponents = (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)).astype(np.float64)
+    return np.power(np.float64(base), exponents).astype(np.float32)
+
+
 def inv_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     """(inverse frequencies [head_dim // 2] float32, attention factor applied to cos and sin).
 
-    Computed on the host in float32 exactly as transformers does (`_compute_default_rope_parameters` and
-    `_compute_yarn_parameters`), so both implementations rotate by the same angles.
-    """
+    The same float32 steps as transformers (`_compute_default_rope_parameters`, `_compute_yarn_parameters`):
+    exponents 2i/dim in float32, base**exponent, then reciprocals and the YaRN blend in float32. The one place
+    float32 libraries disagree is the power: numpy's float32 `power` is off by one float32 step for 14 of the 64
+    frequencies at head_dim 128 on some hosts (SIMD builds), an angle error that grows with the position (1.8e-3
+    relative logit error at position 100000). So the power is taken in float64 and rounded once to float32: the
+    correctly rounded value on every host (`base_powers`; tests/test_rope.py checks it against exact arithmetic
+    and transformers)."""
     dim = cfg.dim_per_head
     base = cfg.rope_theta
-    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    pos_freqs = np.power(np.float32(base), exponents, dtype=np.float32)
+    pos_freqs = base_powers(base, dim)
     y = cfg.rope_scaling
     if y is None:
         return (np.float32(1.0) / pos_freqs).astype(np.float32), 1.0

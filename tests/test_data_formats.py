@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from qcjax import prompts
 from qcjax.data import formats as F
 from test_data_common import qwen_tok, ref_ids, tiny_spm
 
@@ -66,10 +67,33 @@ FILES = [("pkg/b.py", "from pkg import a\nprint(a.X)\n"), ("pkg/a.py", "X = 1")]
 
 def test_repo_layout_and_ids():
     docs, dropped = F.repo_docs(qwen_tok(), "me/proj", FILES, None, np.random.default_rng(0), fim_rate=0.0)
-    s = ("<|repo_name|>me/proj\n<|file_sep|>pkg/a.py\nX = 1\n<|file_sep|>pkg/b.py\nfrom pkg import a\nprint(a.X)\n"
+    s = ("<|repo_name|>me/proj\n<|file_sep|>pkg/a.py\nX = 1\n<|file_sep|>pkg/b.py\nfrom pkg import a\nprint(a.X)\n\n"
          "<|endoftext|>")
     assert dropped == 0 and len(docs) == 1 and docs[0].tokens.tolist() == ref_ids(s)
     assert F.render(F.repo_parts("me/proj", sorted(FILES))) == s
+
+
+def test_repo_layout_equals_qwens_worked_example():
+    """QwenLM/Qwen2.5-Coder examples/Qwen2.5-Coder.md, "Repository Level Code Infilling", written out by hand with
+    the file bodies shortened: every earlier file's content is followed by a newline, so a file that ends in one is
+    followed by a blank line before the next <|file_sep|>; the current file goes straight into FIM after its path."""
+    library = "class Library:\n    def __init__(self):\n        self.books = []\n"
+    student = "class Student:\n    def __init__(self, name, id):\n        self.name = name\n"
+    pre, suf = "from library import Library\n\ndef main():\n    # Student borrows a book", "\n    print(book)"
+    official = ("<|repo_name|>library-system\n"
+                "<|file_sep|>library.py\n"
+                "class Library:\n    def __init__(self):\n        self.books = []\n"
+                "\n"
+                "<|file_sep|>student.py\n"
+                "class Student:\n    def __init__(self, name, id):\n        self.name = name\n"
+                "\n"
+                "<|file_sep|>main.py\n"
+                "<|fim_prefix|>from library import Library\n\ndef main():\n    # Student borrows a book"
+                "<|fim_suffix|>\n    print(book)<|fim_middle|>")
+    files = [("library.py", library), ("student.py", student)]
+    assert F.render(prompts.repo_prompt("library-system", files, "main.py", pre, suf)) == official
+    training = F.render(F.repo_parts("library-system", files))
+    assert training == official[: official.index("<|file_sep|>main.py")] + "<|endoftext|>"
 
 
 def test_repo_last_file_in_fim_form():

@@ -76,7 +76,7 @@ def test_repo_prompt_puts_other_files_first_then_fim_in_the_current_one(tok, tmp
     pre, suf = P.split_at_cursor("from pkg.util import helper\n\nx = helper()\n", "3:5")
     assert (pre, suf) == ("from pkg.util import helper\n\nx = ", "helper()\n")
     ids = P.encode(tok, P.repo_prompt(name, files, "main.py", pre, suf))
-    want = (f"<|repo_name|>{name}\n<|file_sep|>pkg/util.py\ndef helper():\n    return 1\n"
+    want = (f"<|repo_name|>{name}\n<|file_sep|>pkg/util.py\ndef helper():\n    return 1\n\n"
             f"<|file_sep|>main.py\n<|fim_prefix|>{pre}<|fim_suffix|>{suf}<|fim_middle|>")
     assert ids == tok.encode_with_special(want)
 

@@ -250,8 +250,10 @@ def order_files(files: Sequence[tuple[str, str]], order: str, rng: np.random.Gen
 
 
 def repo_file_text(path: str, content: str) -> str:
-    """The text after <|file_sep|> for one file: path, newline, content, and a newline unless it ends with one."""
-    return f"{path}\n{content}" + ("" if content.endswith("\n") else "\n")
+    """The text after <|file_sep|> for one file: path, newline, content, newline. Qwen's repo-level layout
+    (QwenLM/Qwen2.5-Coder, examples/Qwen2.5-Coder.md: `<|file_sep|>{path}\n{content}\n<|file_sep|>...`) always adds
+    the newline, so a file that ends in one is followed by a blank line (its worked examples show exactly that)."""
+    return f"{path}\n{content}\n"
 
 
 def repo_parts(repo: str, files: Sequence[tuple[str, str]], fim_last: tuple[int, int] | None = None,
