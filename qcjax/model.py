@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
@@ -280,10 +281,13 @@ class Qwen2(nn.Module):
         """Final-norm hidden states [batch, seq, embed] (compute dtype) and the updated cache."""
         cfg = self.cfg
         b, t = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if positions is None:  # each row continues where its cache ends (0 without a cache)
+            start = jnp.zeros((b,), jnp.int32) if cache is None else cache["lengths"]
+            positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
+        elif cache is not None:
+            check_one_segment_per_row(segment_ids)
         x = jnp.take(self.embed, tokens, axis=0).astype(cfg.dtype)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         cos, sin = rope.cos_sin(cfg, positions)
@@ -310,6 +314,22 @@ class Qwen2(nn.Module):
         dt = self.cfg.dtype  # tied: contract with the [vocab, embed] table as stored (no per-call transpose)
         logits = _contract_out_in(hidden.astype(dt), self.embed.astype(dt), 1, jnp.float32)
         return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+
+def check_one_segment_per_row(segment_ids) -> None:
+    """With a cache each row holds one sequence: its new tokens are one segment (any non-zero id) followed by padding
+    (0). Packed rows would attend across documents in the cache, so they are refused here when the ids are concrete
+    (an eager call); inside jit the values are unknown and the caller (the sampler) builds them this way."""
+    if isinstance(segment_ids, jax.core.Tracer):
+        return
+    seg = np.asarray(segment_ids)
+    for row, ids in enumerate(seg):
+        nonzero = ids[ids != 0]
+        if nonzero.size and (np.any(nonzero != nonzero[0]) or np.any(np.diff((ids != 0).astype(np.int8)) > 0)):
+            raise ValueError(
+                f"segment_ids row {row} is {ids.tolist()}: with a KV cache a row holds one sequence (one non-zero "
+                "segment id, then padding 0); packed documents would see each other in the cache. Run packed rows "
+                "without a cache, or one document per row.")
 
 
 def head_kernel(cfg: ModelConfig, params) -> jax.Array:

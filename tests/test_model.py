@@ -144,6 +144,32 @@ def test_kv_cache_prefill_then_decode_equals_full_forward():
             np.testing.assert_allclose(logits[b, 0], ref[b, pos[b]], rtol=1e-5, atol=1e-5)
 
 
+def test_cache_positions_default_to_each_rows_cache_length():
+    """Without positions, a call with a cache continues each row where its cache ends (a decode step at position 0
+    would silently be a different model)."""
+    cfg = CASES["7b-28/4-untied"]
+    params = params_from_hf(cfg, hf_model(cfg))
+    full = np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 10))
+    ref = np.asarray(qcjax.logits(cfg, params, full))
+    model, lengths = Qwen2(cfg), np.array([6, 3])
+    segs = (np.arange(6)[None] < lengths[:, None]).astype(np.int32)
+    _, cache = model.apply({"params": params}, np.where(segs, full[:, :6], 0), None, segs,
+                           init_cache(cfg, 2, 16, jnp.float32))
+    for step in range(3):
+        pos = lengths + step
+        logits, cache = model.apply({"params": params}, full[np.arange(2), pos][:, None], cache=cache)
+        np.testing.assert_allclose(logits[:, 0], ref[np.arange(2), pos], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("segs", [[[1, 1, 2, 2]], [[0, 1, 1, 0]]], ids=["two-documents", "padding-first"])
+def test_cache_refuses_rows_that_are_not_one_sequence(segs):
+    cfg = CASES["3b-16/2-tied"]
+    params = params_from_hf(cfg, hf_model(cfg))
+    with pytest.raises(ValueError, match="segment_ids row 0 .* one sequence"):
+        Qwen2(cfg).apply({"params": params}, np.ones((1, 4), np.int32), None, np.array(segs, np.int32),
+                         init_cache(cfg, 1, 8, jnp.float32))
+
+
 def test_bf16_cache_write_is_exact_and_never_widened_to_fp32():
     """Each row's new keys land at its own offset, bit for bit, and the CPU program moves 16-bit values only (a bf16
     scatter on XLA:CPU otherwise converts the whole cache to fp32 and back on every decode step)."""
