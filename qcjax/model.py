@@ -175,7 +175,7 @@ class Attention(nn.Module):
         if only is not None:  # queries at one position per row: attended as a cache step at that position
             x_q, q_cos, q_sin, q_segment_ids = (jnp.take_along_axis(a, only.reshape((-1, 1) + (1,) * (a.ndim - 2)),
                                                                     axis=1) for a in (x, cos, sin, q_segment_ids))
-            q_offset = only
+            q_offset = q_offset + only  # the query's slot in the cache: the row's offset plus its index here
         q = proj("q_proj", h, "heads", x if only is None else x_q)  # [batch, seq (or 1), heads, head_dim]
         k = proj("k_proj", kvh, "kv_heads", x)  # [batch, seq, kv_heads, head_dim]
         v = proj("v_proj", kvh, "kv_heads", x)

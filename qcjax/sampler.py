@@ -39,6 +39,9 @@ from qcjax.model import (CACHE_LOGICAL_AXES, KERNEL_OUT_IN, DecoderLayer, Qwen2,
 from qcjax.sharding import constrain, logical_to_spec
 
 MIN_PREFILL_BUCKET = 16
+# Prompts longer than this prefill in chunks of it (`prefill_chunked`): a 32K-128K prompt needs one chunk's
+# activations, not the whole prompt's.
+DEFAULT_PREFILL_CHUNK = 4096
 KERNEL_LAYOUTS = ("in_out", "out_in")  # how the sampler stores projection kernels (`unstack_params`)
 
 
@@ -430,6 +433,13 @@ def prefill(cfg: ModelConfig, kinds: FilterKinds, params: Any, tokens: jax.Array
 
     cache = {"k": tuple(map(widen, cache["k"])), "v": tuple(map(widen, cache["v"])),
              "lengths": constrain(_pad_rows(cache["lengths"], batch), CACHE_LOGICAL_AXES["lengths"])}
+    return _first_token(kinds, cache, logits, controls, out_len)
+
+
+def _first_token(kinds: FilterKinds, cache: dict, logits: jax.Array, controls: Controls, out_len: int
+                 ) -> DecodeState:
+    """The decode state after a prefill: the filled cache and each row's first token drawn from logits [batch, V]."""
+    batch = logits.shape[0]
     state = DecodeState(
         cache=cache,
         last=jnp.zeros((batch,), jnp.int32),
@@ -439,6 +449,46 @@ def prefill(cfg: ModelConfig, kinds: FilterKinds, params: Any, tokens: jax.Array
         steps=jnp.zeros((), jnp.int32),
     )
     return _record(state, sample_tokens(logits, controls, state.num, kinds), controls)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kinds", "batch", "cache_len", "cache_dtype", "out_len", "chunk"))
+def prefill_chunked(cfg: ModelConfig, kinds: FilterKinds, params: Any, tokens: jax.Array, lengths: jax.Array,
+                    controls: Controls, *, batch: int, cache_len: int, cache_dtype: Any, out_len: int, chunk: int
+                    ) -> DecodeState:
+    """`prefill` for long prompts: the right-padded prompts tokens [P, T] run `chunk` positions at a time (T a
+    multiple of chunk) into the full `cache_len` cache, each chunk attending to the cache written so far, so the
+    activations are one chunk's whatever the prompt's length. The chunks run in a loop with a static trip count
+    inside this one program. Same result as `prefill` (tests/test_sampler.py: cache and first logits, ragged rows).
+
+    A row whose prompt ended in an earlier chunk feeds padding (segment 0: its length stays); the padding's keys
+    land past its length, at most one chunk beyond the longest prompt, inside the T <= cache_len slots."""
+    p, t = tokens.shape
+    if t % chunk or cache_len < t:
+        raise ValueError(f"prefill_chunked: prompt bucket {t} must be a multiple of chunk {chunk} and fit the cache "
+                         f"({cache_len} slots)")
+    tokens, lengths = _pad_rows(tokens, batch), _pad_rows(lengths, batch)  # batch-padding rows: length 0
+    empty = constrain(jnp.zeros((batch, cache_len, cfg.num_kv_heads, cfg.dim_per_head), cache_dtype),
+                      _LAYER_CACHE_AXES)
+    cache = {"k": (empty,) * cfg.num_layers, "v": (empty,) * cfg.num_layers,
+             "lengths": constrain(jnp.zeros((batch,), jnp.int32), CACHE_LOGICAL_AXES["lengths"])}
+    last_index = jnp.maximum(lengths - 1, 0)  # [batch] each row's last prompt position
+
+    def body(i, carry):
+        cache, last = carry
+        start = i * chunk
+        toks = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)  # [batch, chunk]
+        index = start + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+        segs = (index < lengths[:, None]).astype(jnp.int32)
+        positions = cache["lengths"][:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+        here = jnp.clip(last_index - start, 0, chunk - 1)
+        hidden, cache = _forward(cfg, params, toks, positions, segs, cache, only=here)  # [batch, 1, E]
+        mine = (last_index >= start) & (last_index < start + chunk)
+        return cache, jnp.where(mine[:, None, None], hidden, last)
+
+    last = jnp.zeros((batch, 1, cfg.hidden_size), cfg.dtype)
+    cache, last = jax.lax.fori_loop(0, t // chunk, body, (cache, last))
+    logits = _head(cfg, params, last)[:, 0]
+    return _first_token(kinds, cache, logits, controls, out_len)
 
 
 def decode_step(cfg: ModelConfig, kinds: FilterKinds, params: Any, s: DecodeState, c: Controls) -> DecodeState:
@@ -629,9 +679,23 @@ def controls_for(p: Plan, mesh=None) -> Controls:
     )
 
 
-def start(cfg: ModelConfig, params: dict, p: Plan, controls: Controls, cache_dtype: Any = jnp.bfloat16, mesh=None
-          ) -> DecodeState:
-    """Prefill the plan's prompts into a fresh cache and draw each row's first token (params: `unstack_params`)."""
+def check_prefill_chunk(chunk: int) -> int:
+    if not (isinstance(chunk, (int, np.integer)) and chunk >= MIN_PREFILL_BUCKET and chunk & (chunk - 1) == 0):
+        raise ValueError(f"prefill_chunk={chunk!r}: must be a power of two >= {MIN_PREFILL_BUCKET} (prompt buckets are "
+                         "powers of two, so a chunk divides every bucket it is smaller than)")
+    return int(chunk)
+
+
+def start(cfg: ModelConfig, params: dict, p: Plan, controls: Controls, cache_dtype: Any = jnp.bfloat16, mesh=None,
+          prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> DecodeState:
+    """Prefill the plan's prompts into a fresh cache and draw each row's first token (params: `unstack_params`).
+    Prompt buckets longer than `prefill_chunk` tokens prefill in chunks of that length (`prefill_chunked`)."""
+    chunk = check_prefill_chunk(prefill_chunk)
+    if p.tokens.shape[1] > chunk:
+        return prefill_chunked(cfg, p.kinds, params, _place(p.tokens, ("cache_batch", None), mesh),
+                               _place(p.lengths, ("cache_batch",), mesh), controls, batch=p.batch,
+                               cache_len=p.cache_len, cache_dtype=jnp.dtype(cache_dtype), out_len=p.out_len,
+                               chunk=chunk)
     return prefill(cfg, p.kinds, params, _place(p.tokens, ("cache_batch", None), mesh),
                    _place(p.lengths, ("cache_batch",), mesh), controls,
                    tuple(_place(a, (None, None), mesh) for a in rope.prompt_cos_sin(cfg, p.tokens.shape[1])),
@@ -667,6 +731,7 @@ def generate(
     chunk: int = 8,
     on_chunk: Callable[[list[list[int]]], Sequence[int] | None] | None = None,
     min_batch: int | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> list[Completion]:
     """Generate for a batch of token prompts, each with its own length, limit, filters, stop set and seed.
 
@@ -677,6 +742,7 @@ def generate(
     on_chunk the whole decode is one device call. mesh: run on a (data, fsdp, tensor) mesh: params by the
     logical-axis rules, the cache by CACHE_LOGICAL_AXES (kv heads over tensor, batch over data/fsdp).
     min_batch: pad the batch to at least this many rows (default: `default_min_batch`).
+    prefill_chunk: prompt buckets longer than this prefill in chunks of this many tokens (a power of two).
     """
     if min_batch is None:
         min_batch = default_min_batch(cfg)
@@ -684,7 +750,7 @@ def generate(
     with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
         params = unstack_params(cfg, params, mesh)
         controls = controls_for(p, mesh)
-        state = start(cfg, params, p, controls, cache_dtype, mesh)
+        state = start(cfg, params, p, controls, cache_dtype, mesh, prefill_chunk)
         forced: set[int] = set()
         if on_chunk is None:
             state = decode(cfg, p.kinds, params, state, controls, jnp.int32(p.out_len))

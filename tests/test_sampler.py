@@ -109,6 +109,51 @@ def test_prefill_reads_the_rotary_tables_instead_of_computing_them():
                                         S.controls_for(plan), jnp.int32(4)).compile().as_text()  # the check can fail
 
 
+def test_chunked_prefill_gives_the_one_shot_cache_and_first_logits(monkeypatch):
+    """A long prompt prefilled 16 tokens at a time, each chunk attending to the cache so far, fills the same cache
+    and gives the same last-position logits as the one-shot prefill, for ragged rows ending in different chunks."""
+    cfg, _, params = hf_and_params(CFG_UNTIED)
+    params = S.unstack_params(cfg, params)
+    plan = S.plan(cfg, prompts_of(cfg, [64, 37, 5, 16], seed=4), max_new_tokens=4)
+    controls = S.controls_for(plan)
+    kw = dict(batch=plan.batch, cache_len=plan.cache_len, cache_dtype=jnp.float32, out_len=plan.out_len)
+    tokens, lengths = jnp.asarray(plan.tokens), jnp.asarray(plan.lengths)
+    assert tokens.shape[1] == 64
+    first_token = S._first_token
+
+    def first_logits(fn, **extra):  # run unjitted; the state, and the logits its first tokens were drawn from
+        seen = {}
+
+        def spy(kinds, cache, logits, c, out_len):
+            seen["logits"] = np.asarray(logits)
+            return first_token(kinds, cache, logits, c, out_len)
+
+        monkeypatch.setattr(S, "_first_token", spy)
+        state = fn.__wrapped__(cfg, plan.kinds, params, tokens, lengths, controls, **extra, **kw)
+        return state, seen["logits"]
+
+    one, one_logits = first_logits(S.prefill, rope_tables=rope.prompt_cos_sin(cfg, 64))
+    chunked, chunked_logits = first_logits(S.prefill_chunked, chunk=16)
+    scale = np.max(np.abs(one_logits))
+    np.testing.assert_allclose(chunked_logits, one_logits, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_array_equal(chunked.cache["lengths"], one.cache["lengths"])
+    for name in ("k", "v"):
+        for a, b in zip(one.cache[name], chunked.cache[name]):
+            for row, n in enumerate(plan.lengths):  # the slots each row owns (beyond: padding's keys, unread)
+                np.testing.assert_allclose(b[row, :n], a[row, :n], rtol=1e-5, atol=1e-5 * float(np.max(np.abs(a))))
+    np.testing.assert_array_equal(chunked.out, one.out)
+
+
+def test_generate_with_chunked_prefill_equals_transformers():
+    cfg, model, params = hf_and_params(CFG_TIED)
+    prompts = prompts_of(cfg, [50, 21], seed=6)
+    got = generate(cfg, params, prompts, max_new_tokens=12, cache_dtype=jnp.float32, prefill_chunk=16)
+    for p, g in zip(prompts, got):
+        assert g.tokens == hf_greedy(model, p, 12)
+    with pytest.raises(ValueError, match="prefill_chunk=24: must be a power of two"):
+        generate(cfg, params, prompts, max_new_tokens=2, prefill_chunk=24)
+
+
 def test_streamed_chunks_concatenate_to_the_one_shot_result():
     cfg, _, params = hf_and_params(CFG_UNTIED)
     prompts = prompts_of(cfg, [7, 3])
