@@ -92,6 +92,10 @@ Generation stops at Qwen's FIM/chat stop tokens (<|endoftext|> <|fim_prefix|> <|
                      help="drop the oldest prompt tokens when prompt + --max_new_tokens exceed the context "
                           "(default: an error)")
     gen.add_argument("--chunk", type=int, default=8, help="decode steps between streamed updates (default 8)")
+    gen.add_argument("--prefill_chunk", type=int, default=None,
+                     help="prompts longer than this many tokens prefill in chunks of it, each attending to the cache "
+                          "so far (bounded activation memory for 32K-128K prompts); a power of two "
+                          "(default 4096)")
     gen.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     aot = p.add_argument_group("compile only (no TPU needed; libtpu)")
@@ -354,6 +358,15 @@ def _model_config(a):
         raise UsageError(f"{flag} {a.config or a.hf_dir or a.ckpt}: {e}") from None
 
 
+def _prefill_chunk(a: argparse.Namespace) -> int:
+    from qcjax import sampler as S
+
+    try:
+        return S.check_prefill_chunk(S.DEFAULT_PREFILL_CHUNK if a.prefill_chunk is None else a.prefill_chunk)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+
+
 def compile_only(a: argparse.Namespace, out=None) -> int:
     """Compile prefill and decode for a TPU slice and print the memory report; 0 fits, 1 does not."""
     from qcjax import tpu_compile as T
@@ -375,6 +388,7 @@ def compile_only(a: argparse.Namespace, out=None) -> int:
     try:
         report = T.compile_sampler(cfg, a.topology, batch=a.batch_size, context=context,
                                    max_new_tokens=a.max_new_tokens, mesh_shape=mesh, cache_dtype=a.cache_dtype,
+                                   prefill_chunk=_prefill_chunk(a),
                                    sampling=_sampling(a.temperature, a.top_k, a.top_p, a.min_p))
     except (T.TopologyError, T.CompileUnavailable, ValueError) as e:
         raise UsageError(str(e)) from None
@@ -438,12 +452,13 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
     cfg = cfg.replace(max_position_embeddings=a.context)
     params = S.unstack_params(cfg, params, mesh)
     cache_dtype = jnp.dtype(a.cache_dtype)
+    prefill_chunk = _prefill_chunk(a)
 
     def gen(batch: list[dict], on_chunk=None):
         return S.generate(cfg, params, [r["ids"] for r in batch], max_new_tokens=[r["max_new"] for r in batch],
                           sampling=[r["sampling"] for r in batch], stop_tokens=[r["stop_ids"] for r in batch],
                           seed=[r["seed"] for r in batch], cache_dtype=cache_dtype, mesh=mesh, chunk=a.chunk,
-                          on_chunk=on_chunk)
+                          on_chunk=on_chunk, prefill_chunk=prefill_chunk)
 
     t0 = time.perf_counter()
     produced = 0

@@ -412,10 +412,12 @@ def predict_train_bytes(cfg: ModelConfig, n_chips: int, rows_per_chip: int, seq_
 
 # ---- the sampler ---------------------------------------------------------------------------------------------------
 def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, context: int, max_new_tokens: int,
-                    mesh_shape: dict[str, int] | None = None, cache_dtype: Any = jnp.bfloat16, sampling=None
-                    ) -> CompileReport:
+                    mesh_shape: dict[str, int] | None = None, cache_dtype: Any = jnp.bfloat16, sampling=None,
+                    prefill_chunk: int | None = None) -> CompileReport:
     """Compile the sampler's prefill and decode for `batch` rows of `context` tokens (a prompt of context -
-    max_new_tokens, bucketed exactly as `sampler.plan` buckets it) on a TPU slice. cfg's dtypes are the run's."""
+    max_new_tokens, bucketed exactly as `sampler.plan` buckets it) on a TPU slice. cfg's dtypes are the run's.
+    Prompt buckets over `prefill_chunk` (default: the sampler's) compile the chunked prefill, as `sampler.start`
+    runs them."""
     from flax import linen as nn
 
     from qcjax import sampler as S
@@ -447,8 +449,14 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
             jax.ShapeDtypeStruct(p.lengths.shape, jnp.int32))
         tables = (place(jax.ShapeDtypeStruct((p.tokens.shape[1], cfg.dim_per_head), jnp.float32), (None, None)),) * 2
         kw = dict(batch=p.batch, cache_len=p.cache_len, cache_dtype=jnp.dtype(cache_dtype), out_len=p.out_len)
-        pre, compiled = compile_program("prefill", S.prefill,
-                                        (cfg, p.kinds, params, tokens, lengths, controls, tables), kw, topo.hbm_bytes)
+        chunk = S.check_prefill_chunk(prefill_chunk or S.DEFAULT_PREFILL_CHUNK)
+        if p.tokens.shape[1] > chunk:
+            pre, compiled = compile_program(f"prefill ({chunk}-token chunks)", S.prefill_chunked,
+                                            (cfg, p.kinds, params, tokens, lengths, controls), {**kw, "chunk": chunk},
+                                            topo.hbm_bytes)
+        else:
+            pre, compiled = compile_program("prefill", S.prefill, (cfg, p.kinds, params, tokens, lengths, controls,
+                                                                   tables), kw, topo.hbm_bytes)
         programs = [pre]
         if compiled is not None:  # decode takes the state as prefill leaves it
             state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),

@@ -130,6 +130,18 @@ def test_single_prompt_streams_in_chunks(hf_dir, tok):
     assert len(out.writes) > 2
 
 
+def test_long_prompt_prefilled_in_chunks_gives_transformers_greedy_text(hf_dir, tok):
+    hf, model = hf_dir
+    text = "def area(r):\n    return 3.14159 * r * r\n\n\ndef perimeter(r):\n    return 2 * 3.14159 * r\n\n\n"
+    ids = tok.encode(text)
+    assert len(ids) > 32  # a 64-token bucket: two 32-token chunks
+    want = hf_greedy_text(model, tok, ids)
+    out = Recorder()
+    a = infer.build_parser().parse_args(args(hf, "--prompt", text, "--prefill_chunk", "32"))
+    assert infer.run(a, out=out, log=open(os.devnull, "w")) == 0
+    assert "".join(out.writes) == want
+
+
 def test_file_cursor_and_ckpt_give_the_same_text_as_hf_dir(hf_dir, tok, tmp_path):
     hf, model = hf_dir
     src = tmp_path / "m.py"
@@ -190,6 +202,7 @@ def test_truncate_left_keeps_the_last_tokens(hf_dir, tok):
     (["--prompt", "x", "--temperature", "1", "--top_p", "0"], "--top_p=0.0"),
     (["--prompt", "x", "--temperature", "1", "--top_p", "1.5"], "--top_p=1.5"),
     (["--prompt", "x", "--prefix", "a", "--suffix", "b"], "exactly one input"),
+    (["--prompt", "x", "--prefill_chunk", "48"], r"--prefill_chunk=48: must be a power of two"),
     (["--cursor", "9:1", "--file", "FILE"], r"line 9 is outside .* \(lines 1\.\.3\)"),
     (["--cursor", "1:30", "--file", "FILE"], r"column 30 is outside line 1 .* \(columns 1\.\.13\)"),
 ])

@@ -154,6 +154,14 @@ def test_tiny_sampler_prefill_and_decode_compile_for_a_4_chip_slice():
 
 
 @needs_libtpu
+def test_a_prompt_longer_than_the_prefill_chunk_compiles_the_chunked_prefill():
+    out = cli("infer.py", "--config", "tiny", "--compile_only", "--topology", "v5e-4", "--batch", "1", "--context",
+              "2048", "--max_new_tokens", "64", "--prefill_chunk", "512")
+    assert out.returncode == 0, out.stderr
+    assert "prefill (512-token chunks): lowered" in out.stdout and "decode: lowered" in out.stdout
+
+
+@needs_libtpu
 def test_oversized_per_chip_batch_is_reported_as_not_fitting():
     out = cli("train.py", "--config=configs/tiny.py", "--compile_only", "--topology=v5e-4",
               "--config.batch_size=16384", "--config.per_device_batch=4096")
