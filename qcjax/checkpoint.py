@@ -9,15 +9,30 @@ A converted HF checkpoint is step 0 with params and config only.
 
 Restores go through abstract targets (ShapeDtypeStructs carrying the target sharding), so a checkpoint saved on one
 mesh restores onto any other mesh or one device, and params restore alone out of a full training checkpoint.
+
+What a restore may decide, and where it is decided (here, once):
+- A step Orbax has not committed is never listed (Orbax's own notion: its temporary directory, or no
+  commit_success.txt on object stores).
+- A committed step whose bytes cannot be read, or whose arrays do not match the checksums written with them at save
+  time (`checksums` in the config item: two 32-bit sums per array, computed on device), is *corrupt*
+  (CheckpointCorrupt); `restore_newest` then falls back to the previous step and says so.
+- A readable step that does not fit what is asked for (shapes, optimizer structure, process count) is a *mismatch*
+  (CheckpointMismatch): an error naming what differs, never a fallback.
+- Steps beyond `max_to_keep` are deleted by `Checkpointer` itself, each deletion logged; a `protect`ed step is kept.
+- Params with a non-finite value are never saved (NonFiniteParams).
 """
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import shutil
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -27,6 +42,99 @@ from qcjax.hf import release_free_memory
 PARAMS, OPT_STATE, DATA_ITER, CONFIG = "params", "opt_state", "data_iter", "config"
 RUN_FIELDS = ("dtype", "remat", "attention_impl")  # config fields a restore may change (param_dtype: `dtype=`)
 _METADATA_FILE = "_CHECKPOINT_METADATA"  # Orbax's per-step metadata (lists each item's handler)
+CHECKSUM_CASTS = ("bfloat16",)  # float params also get the checksum of their cast, so a cast restore is verified too
+
+log = logging.getLogger("qcjax.checkpoint")
+
+
+class CheckpointCorrupt(ValueError):
+    """A committed step whose bytes cannot be read back or differ from what was saved."""
+
+    def __init__(self, directory: str, step: int, reason: str):
+        super().__init__(f"checkpoint step {step} in {directory} is corrupt or unreadable: {reason}")
+        self.directory, self.step, self.reason = directory, step, reason
+
+
+class CheckpointMismatch(ValueError):
+    """A readable step that does not fit what the caller asks to restore (model shapes, optimizer structure,
+    process count): `differences` names each."""
+
+    def __init__(self, directory: str, step: int, differences: list[str]):
+        super().__init__(f"checkpoint step {step} in {directory} does not match this run: " + "; ".join(differences))
+        self.directory, self.step, self.differences = directory, step, differences
+
+
+class NonFiniteParams(FloatingPointError):
+    """Refused save: the params hold NaN or infinity."""
+
+
+# ---- checksums: two 32-bit sums per array, on device ----------------------------------------------------------------
+_M1, _M2, _M3 = np.uint32(0x9E3779B1), np.uint32(0x85EBCA77), np.uint32(0xC2B2AE3D)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 words (8-byte types: two words per element)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]).astype(jnp.uint32)
+
+
+def _digest(x: jax.Array) -> jax.Array:
+    """[2] uint32: sum(word * odd(index)) (any single changed word changes it) and a mixed sum. Sums mod 2**32
+    are exact and order-free, so the value does not depend on the sharding or the device count."""
+    u = _words(x)
+    idx, stride = jnp.zeros(u.shape, jnp.uint32), 1
+    for d in reversed(range(u.ndim)):
+        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, u.shape, d) * np.uint32(stride % 2**32)
+        stride *= u.shape[d]
+    h1 = jnp.sum(u * (idx * _M1 | np.uint32(1)), dtype=jnp.uint32)
+    m = u ^ (idx * _M2)
+    m = (m ^ (m >> 16)) * _M3
+    h2 = jnp.sum(m ^ (m >> 13), dtype=jnp.uint32)
+    return jnp.stack([h1, h2])
+
+
+@functools.partial(jax.jit, static_argnames=("casts",))
+def _digests(tree: Any, casts: tuple[str, ...] = ()) -> tuple[Any, jax.Array]:
+    def leaf(x):
+        out = {jnp.dtype(x.dtype).name: _digest(x)}
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            for dt in casts:
+                if jnp.dtype(dt) != x.dtype:
+                    out[jnp.dtype(dt).name] = _digest(x.astype(dt))
+        return out
+
+    floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats])) if floats else jnp.array(True)
+    return jax.tree.map(leaf, tree), finite
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A small replicated result on the host (every process has a copy)."""
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def checksums(tree: Any, casts: tuple[str, ...] = ()) -> tuple[dict[str, dict[str, str]], bool]:
+    """({path: {dtype: 16 hex digits}}, all float leaves finite) of a tree of arrays; `casts`: also the checksum
+    of each float leaf cast to these dtypes."""
+    digests, finite = _digests(tree, casts=tuple(casts))
+    out = {}
+    for path, per_dtype in jax.tree_util.tree_flatten_with_path(digests, is_leaf=lambda d: isinstance(d, dict)
+                                                                and all(isinstance(v, jax.Array) for v in d.values()))[0]:
+        out[_path_str(path)] = {dt: "".join(f"{int(w):08x}" for w in _host(h)) for dt, h in per_dtype.items()}
+    return out, bool(_host(finite))
+
+
+def _path_str(path) -> str:
+    """A tree path as text, attribute and dict keys alike (what Orbax's metadata tree and optax's states agree on)."""
+    parts = []
+    for k in path:
+        key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        parts.append(str(key))
+    return "/".join(parts)
 
 
 def _grain():
@@ -88,6 +196,52 @@ def _as_target(tree: Any) -> Any:
     return jax.tree.map(leaf, tree)
 
 
+def _shapes(tree: Any) -> list[tuple[str, tuple]]:
+    """[(path, shape)] of a tree's arrays (abstract, concrete or Orbax metadata), in path order."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return sorted((_path_str(p), tuple(x.shape)) for p, x in leaves if hasattr(x, "shape"))
+
+
+def _describe(name: str, have: list, want: list) -> str:
+    h, w = dict(have), dict(want)
+    shape = [f"{p}: {h[p]} in the checkpoint, {w[p]} now" for p in sorted(set(h) & set(w)) if h[p] != w[p]]
+    only_h, only_w = sorted(set(h) - set(w)), sorted(set(w) - set(h))
+    parts = shape[:3] + ([f"{len(shape) - 3} more shapes differ"] if len(shape) > 3 else [])
+    if only_h or only_w:
+        parts.append(f"{len(only_h)} arrays only in the checkpoint ({', '.join(only_h[:2])}{' ...' if len(only_h) > 2 else ''}), "
+                     f"{len(only_w)} only now ({', '.join(only_w[:2])}{' ...' if len(only_w) > 2 else ''})")
+    return f"{name}: " + "; ".join(parts)
+
+
+class _ReadErrors:
+    errors = (OSError, ValueError, KeyError, EOFError)  # what unreadable or undecodable bytes raise
+
+    def __init__(self, directory: str, step: int, what: str):
+        self.directory, self.step, self.what = directory, step, what
+        if what == CONFIG:  # a damaged JSON item can decode into the wrong types
+            self.errors = self.errors + (TypeError, AttributeError)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if kind is not None and issubclass(kind, self.errors) \
+                and not isinstance(e, (CheckpointCorrupt, CheckpointMismatch)):
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise CheckpointCorrupt(self.directory, self.step, f"reading its {self.what}: {kind.__name__}: {first}") \
+                from e
+        return False
+
+
+def _everywhere(ok: bool) -> bool:
+    """True when `ok` holds on every process (one small all-gather when there are several)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok, np.int32))))
+
+
 class Checkpointer:
     """A CheckpointManager over the qcjax layout: save / wait / latest_step / restore_params / restore_train_state.
 
@@ -109,8 +263,10 @@ class Checkpointer:
         self.directory = os.path.abspath(ckpt_dir)
         if read_only and not os.path.isdir(self.directory):
             raise FileNotFoundError(f"no checkpoint directory {self.directory}")
+        self.max_to_keep, self.read_only = max_to_keep, read_only
+        self._protected: int | None = None
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            max_to_keep=None,  # deletions are decided (and logged) by `prune`, which keeps the protected step
             save_interval_steps=0 if read_only else save_interval_steps,
             enable_async_checkpointing=async_,
             read_only=read_only,
@@ -130,20 +286,60 @@ class Checkpointer:
         extra_config: dict | None = None,
         force: bool = False,
     ) -> bool:
-        """Save a step (asynchronously unless async_=False); False when the save interval skips this step."""
-        args = {PARAMS: ocp.args.StandardSave(params), CONFIG: ocp.args.JsonSave(config_json(cfg, extra_config))}
+        """Save a step (asynchronously unless async_=False); False when the save interval skips this step.
+        Params holding a NaN or infinity are refused (NonFiniteParams). The config item records a checksum of
+        every array (verified by the restores) and the process count. Older steps beyond max_to_keep are deleted
+        first (`prune`), once every earlier save has been committed."""
+        if not force and not self._mngr.should_save(step):
+            return False
+        sums, finite = checksums(params, casts=CHECKSUM_CASTS)
+        if not finite:
+            raise NonFiniteParams(f"step {step}: the params hold NaN or infinite values; not saving them over "
+                                  f"{self.directory} (newest saved step: {self.latest_step()})")
+        record = {PARAMS: sums}
+        if opt_state is not None:
+            record[OPT_STATE] = checksums(opt_state)[0]
+        extra = {**(extra_config or {}), "checksums": record, "processes": jax.process_count()}
+        self.prune()
+        args = {PARAMS: ocp.args.StandardSave(params), CONFIG: ocp.args.JsonSave(config_json(cfg, extra))}
         if opt_state is not None:
             args[OPT_STATE] = ocp.args.StandardSave(opt_state)
         if data_iter is not None:
             args[DATA_ITER] = self._grain_args("CheckpointSave", data_iter)
-        return self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
+        return self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def protect(self, step: int | None) -> None:
+        """Never delete this step (the newest one known to be good) while this Checkpointer prunes."""
+        self._protected = step
+
+    def prune(self) -> list[int]:
+        """Delete committed steps beyond the newest max_to_keep (never the protected one), logging each; waits for
+        pending saves first, so only committed steps count. Returns the deleted steps."""
+        if self.max_to_keep is None or self.read_only:
+            return []
+        self._mngr.wait_until_finished()
+        deleted = []
+        newest = sorted(self.all_steps(), reverse=True)
+        for step in newest[self.max_to_keep:]:
+            if step == self._protected:
+                log.info("keeping checkpoint step %d in %s beyond keep_checkpoints=%d: the newest step known to "
+                         "train finitely", step, self.directory, self.max_to_keep)
+                continue
+            log.info("deleting checkpoint step %d in %s (keep_checkpoints=%d keeps %s)", step, self.directory,
+                     self.max_to_keep, newest[:self.max_to_keep])
+            self._mngr.delete(step)
+            deleted.append(step)
+        return deleted
 
     def wait(self) -> None:
         """Block until any async save has been committed."""
         self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        self._mngr.close()
+        try:
+            self.prune()  # waits for the last save
+        finally:
+            self._mngr.close()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -172,14 +368,20 @@ class Checkpointer:
         return os.path.join(self.directory, str(self._step(step)))
 
     def read_config(self, step: int | None = None) -> tuple[ModelConfig, dict]:
-        """(model config, the whole config item) of a step (default: the latest)."""
+        """(model config, the whole config item) of a step (default: the newest step whose config item reads, each
+        skipped one reported)."""
+        if step is None:
+            return self.restore_newest(lambda s: self.read_config(s))[1]
         step = self._step(step)
         if not os.path.isdir(os.path.join(self.directory, str(step), CONFIG)):
-            raise ValueError(f"{self.directory} step {step} has no {CONFIG!r} item: not a qcjax checkpoint")
-        meta = self._mngr.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
-        if "model" not in meta:
-            raise ValueError(f"{self.directory} step {step}: the config item has no 'model' entry")
-        return ModelConfig.from_dict(meta["model"]), meta
+            raise CheckpointCorrupt(self.directory, step, f"no {CONFIG!r} item (not a qcjax checkpoint, or its "
+                                    f"{CONFIG}/ directory was removed)")
+        with self._reading(step, CONFIG):
+            meta = self._mngr.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+        if not isinstance(meta, dict) or "model" not in meta:
+            raise CheckpointCorrupt(self.directory, step, f"the {CONFIG} item has no 'model' entry")
+        with self._reading(step, CONFIG):
+            return ModelConfig.from_dict(meta["model"]), meta
 
     def restore_params(
         self,
@@ -191,9 +393,14 @@ class Checkpointer:
         **run_overrides,
     ) -> tuple[ModelConfig, Any]:
         """(config, params) of a step, each param restored straight into its sharding on `mesh` (default: one
-        device), cast to `dtype` if given. Other items (optimizer state, data iterator) are not read."""
+        device), cast to `dtype` if given, and checked against the checksums saved with it. Other items (optimizer
+        state, data iterator) are not read. step None: the newest step that restores intact (a corrupt newer one
+        is reported and skipped); an explicit step that is corrupt raises CheckpointCorrupt."""
+        if step is None:
+            return self.restore_newest(lambda s: self.restore_params(s, mesh=mesh, dtype=dtype, expect=expect,
+                                                                     **run_overrides))[1]
         step = self._step(step)
-        cfg, _ = self.read_config(step)
+        cfg, meta = self.read_config(step)
         if expect is not None:
             from qcjax.hf import check_same_model
 
@@ -203,7 +410,9 @@ class Checkpointer:
             raise ValueError(f"restore may override only {RUN_FIELDS} (and param dtype via dtype=); got {bad}")
         cfg = cfg.replace(**run_overrides, **({"param_dtype": str(np.dtype(dtype))} if dtype else {}))
         target = param_targets(cfg, mesh)
-        out = self._mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
+        with self._reading(step, PARAMS):
+            out = self._mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
+        self._verify(step, meta, PARAMS, out[PARAMS])
         return cfg, out[PARAMS]
 
     def restore_train_state(
@@ -217,18 +426,110 @@ class Checkpointer:
         """Restore what the training loop saved. params / opt_state: targets (abstract ShapeDtypeStructs with
         shardings, or concrete arrays whose shape, dtype and sharding are taken); data_iter: a Grain iterator whose
         state is restored in place. Returns {"step", "config" (ModelConfig), "meta" (the config item), "params",
-        "opt_state", "data_iter"}."""
+        "opt_state", "data_iter"}. A step whose arrays differ in shape or structure from the targets, or which
+        another process count wrote (with data_iter), raises CheckpointMismatch before anything is read; one that
+        does not read back intact raises CheckpointCorrupt."""
         step = self._step(step)
         cfg, meta = self.read_config(step)
-        args = {PARAMS: ocp.args.StandardRestore(_as_target(params))}
+        params, opt_state = _as_target(params), _as_target(opt_state)
+        diffs = self.differences(step, meta, params=params, opt_state=opt_state,
+                                 processes=jax.process_count() if data_iter is not None else None)
+        if diffs:
+            raise CheckpointMismatch(self.directory, step, diffs)
+        args = {PARAMS: ocp.args.StandardRestore(params)}
         if opt_state is not None:
-            args[OPT_STATE] = ocp.args.StandardRestore(_as_target(opt_state))
+            args[OPT_STATE] = ocp.args.StandardRestore(opt_state)
         if data_iter is not None:
             args[DATA_ITER] = self._grain_args("CheckpointRestore", data_iter)
-        out = self._mngr.restore(step, args=ocp.args.Composite(**args))
+        with self._reading(step, "train state"):
+            out = self._mngr.restore(step, args=ocp.args.Composite(**args))
+        self._verify(step, meta, PARAMS, out[PARAMS])
+        if opt_state is not None:
+            self._verify(step, meta, OPT_STATE, out[OPT_STATE])
         return {"step": step, "config": cfg, "meta": meta, "params": out[PARAMS],
                 "opt_state": out.get(OPT_STATE) if opt_state is not None else None,
                 "data_iter": out.get(DATA_ITER) if data_iter is not None else None}
+
+    def restore_newest(self, attempt: Callable[[int], Any], steps: Sequence[int] | None = None
+                       ) -> tuple[int, Any, list[int]]:
+        """(step, attempt(step), corrupt steps) for the newest step (of `steps`, default all committed ones) that
+        `attempt` restores; a CheckpointCorrupt step is reported and the previous one tried. The processes agree:
+        a step corrupt on any of them is corrupt on all. Any other error (a mismatch) is raised. No step left:
+        FileNotFoundError naming the corrupt ones."""
+        corrupt = []
+        for step in sorted(self.all_steps() if steps is None else steps, reverse=True):
+            err = None
+            try:
+                result = attempt(step)
+            except CheckpointCorrupt as e:
+                err = e
+            if not _everywhere(err is None):
+                err = err or CheckpointCorrupt(self.directory, step, "unreadable on another process")
+            if err is None:
+                return step, result, corrupt
+            log.warning("%s; trying the previous step", err)
+            print(f"[qcjax] checkpoint step {step} is corrupt or unreadable ({err.reason}); falling back to an "
+                  "earlier one", file=sys.stderr)
+            corrupt.append(step)
+        if corrupt:
+            raise FileNotFoundError(f"{self.directory}: no intact checkpoint step; corrupt or unreadable: {corrupt}")
+        raise FileNotFoundError(f"{self.directory} holds no checkpoint steps")
+
+    def differences(self, step: int, meta: dict, *, params: Any = None, opt_state: Any = None,
+                    processes: int | None = None) -> list[str]:
+        """What keeps `step` from restoring into these targets: array shapes and tree structure per item (from
+        Orbax's metadata, so older checkpoints are checked too) and the process count that wrote the data
+        iterator. [] when it fits."""
+        diffs = []
+        with self._reading(step, "metadata"):
+            saved = self._mngr.item_metadata(step)
+        for name, target in ((PARAMS, params), (OPT_STATE, opt_state)):
+            if target is None:
+                continue
+            item = saved.get(name) if hasattr(saved, "get") else None
+            if item is None:
+                diffs.append(f"the checkpoint has no {name!r} item")
+                continue
+            have = _shapes(getattr(item, "tree", item))
+            want = _shapes(target)
+            if have != want:
+                diffs.append(_describe(name, have, want))
+        if processes is not None:
+            wrote = meta.get("processes") or self._iterator_processes(step)
+            if wrote is not None and wrote != processes:
+                diffs.append(f"process count: {wrote} in the checkpoint, {processes} now (the data iterator's "
+                             "position is saved per process)")
+        return diffs
+
+    def _iterator_processes(self, step: int) -> int | None:
+        d = os.path.join(self.directory, str(step), DATA_ITER)
+        names = os.listdir(d) if os.path.isdir(d) else []
+        counts = {int(n.rsplit("-of-", 1)[1].split(".")[0]) for n in names if "-of-" in n}
+        return counts.pop() if len(counts) == 1 else None
+
+    def _verify(self, step: int, meta: dict, name: str, tree: Any) -> None:
+        saved = (meta.get("checksums") or {}).get(name)
+        if saved is None:  # written before checksums existed, or by the converter
+            return
+        got, _ = checksums(tree)
+        bad, unchecked = [], 0
+        for path, per_dtype in got.items():
+            (dt, value), = per_dtype.items()
+            want = saved.get(path, {}).get(dt)
+            if want is None:
+                unchecked += 1
+            elif want != value:
+                bad.append(path)
+        if bad:
+            raise CheckpointCorrupt(self.directory, step, f"{len(bad)} array(s) of {name!r} differ from their "
+                                    f"checksum at save time ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+        if unchecked:
+            log.warning("checkpoint step %d: %d array(s) of %r restored in a dtype without a saved checksum; not "
+                        "verified", step, unchecked, name)
+
+    def _reading(self, step: int, what: str):
+        """Read errors (missing or unreadable files, undecodable bytes) become CheckpointCorrupt."""
+        return _ReadErrors(self.directory, step, what)
 
     @staticmethod
     def _grain_args(kind: str, it: Any) -> Any:

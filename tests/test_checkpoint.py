@@ -138,3 +138,23 @@ def test_bad_restores_name_the_problem(tmp_path, params):
         checkpoint.restore_params(tmp_path, expect=CFG.replace(num_layers=3))
     with pytest.raises(ValueError, match='"model"'):
         checkpoint.save(tmp_path / "x", 0, params, CFG, extra_config={"model": 1})
+
+
+def test_keep_checkpoints_never_deletes_the_protected_step(tmp_path, params):
+    ck = checkpoint.Checkpointer(str(tmp_path), max_to_keep=1, async_=False)
+    ck.save(1, params, CFG, force=True)
+    ck.protect(1)  # the newest step known to train finitely; later saves are not
+    ck.save(2, params, CFG, force=True)
+    ck.save(3, params, CFG, force=True)
+    ck.close()
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [1, 3]
+
+
+def test_checksums_do_not_depend_on_the_sharding(params):
+    mesh = make_mesh({"fsdp": 8})
+    one, _ = checkpoint.checksums(params)
+    eight, finite = checkpoint.checksums(on_mesh(params, mesh))
+    assert one == eight and finite
+    bumped = jax.tree.map(lambda x: x, params)
+    bumped["embed"] = params["embed"].at[3, 5].add(1e-3)
+    assert checkpoint.checksums(bumped)[0]["embed"] != one["embed"]

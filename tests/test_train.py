@@ -111,10 +111,57 @@ def test_half_written_checkpoint_is_never_restored(tmp_path, spm_dir, capsys):
                 os.remove(os.path.join(root, f))
     result = train(tiny(spm_dir, steps=12), str(tmp_path))
     err = capsys.readouterr().err
-    assert "checkpoint step 12 is incomplete or unreadable" in err and "resuming from checkpoint step 6" in err
+    assert "checkpoint step 12 is corrupt or unreadable" in err and "resuming from checkpoint step 6" in err
     assert result.resumed_from == 6
-    after = train_losses(tmp_path)  # metrics.jsonl is appended: the re-run steps 7-12 come last
+    after = train_losses(tmp_path)
     assert after[12] == before[12]
+    steps = [r["step"] for r in metrics(tmp_path) if "loss" in r]
+    assert steps == sorted(set(steps)) == list(range(1, 13))  # the re-run steps 7-12 are logged once
+
+
+def test_flipped_bytes_fall_back_to_the_previous_step(tmp_path, spm_dir, capsys):
+    from qcjax.train.loop import train
+
+    train(tiny(spm_dir, steps=12, keep_checkpoints=2), str(tmp_path))
+    before = train_losses(tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    # flip 64 bytes in the middle of the largest params data file of step 12: still readable, wrong values
+    files = [os.path.join(r, f) for r, _, fs in os.walk(ckpts / "12" / "params") for f in fs]
+    data = max(files, key=os.path.getsize)
+    with open(data, "r+b") as f:
+        f.seek(os.path.getsize(data) // 2)
+        chunk = f.read(64)
+        f.seek(os.path.getsize(data) // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    result = train(tiny(spm_dir, steps=12, keep_checkpoints=2), str(tmp_path))
+    err = capsys.readouterr().err
+    assert "checkpoint step 12 is corrupt or unreadable" in err and "differ from their checksum" in err
+    assert result.resumed_from == 6 and "moved the corrupt checkpoint step 12" in err
+    assert train_losses(tmp_path)[12] == before[12]  # steps 7-12 trained again, bitwise as before
+    assert any(p.name.startswith("unreadable-step-12-") for p in ckpts.iterdir())  # set aside, not deleted
+
+
+def test_a_changed_model_on_resume_stops_with_what_differs(tmp_path, spm_dir):
+    from qcjax.train.loop import ConfigError, train
+
+    train(tiny(spm_dir, steps=6), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"does not match this run.*model.num_layers: 0 in the checkpoint, 3 now"
+                                          r".*--config.init_from="):
+        train(tiny(spm_dir, steps=12, **{"model.num_layers": 3}), str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["6"]  # nothing moved
+
+
+def test_nonfinite_params_are_never_saved(tmp_path, spm_dir):
+    import jax.numpy as jnp
+
+    from qcjax.checkpoint import Checkpointer, NonFiniteParams
+    from qcjax.config import get_config
+
+    ckpt = Checkpointer(str(tmp_path / "c"), async_=False)
+    with pytest.raises(NonFiniteParams, match="NaN or infinite"):
+        ckpt.save(1, {"w": jnp.array([1.0, jnp.nan])}, get_config("tiny"), force=True)
+    ckpt.close()
+    assert not (tmp_path / "c" / "1").exists()
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, spm_dir):
@@ -132,6 +179,8 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, spm_dir):
     ({"batch_size": 6}, "not divisible by the data-parallel size"),
     ({"seq_len": 8192}, "exceeds the model's max_position_embeddings=4096; set model.yarn_factor"),
     ({"grad_accum": 3}, "not divisible by grad_accum=3"),
+    ({"optimizer.lr": float("inf")}, r"optimizer.lr=inf: must be a finite number > 0"),
+    ({"optimizer.lr": 0.0}, r"optimizer.lr=0.0: must be a finite number > 0"),
 ])
 def test_bad_config_fails_before_compiling(tmp_path, spm_dir, override, message):
     from qcjax.train.loop import ConfigError, train

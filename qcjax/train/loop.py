@@ -7,6 +7,7 @@ directory (an unreadable or half-written step is reported and the previous one i
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -34,6 +35,11 @@ log = logging.getLogger("qcjax.train")
 
 class ConfigError(ValueError):
     """A bad training config, reported before anything is compiled."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on as asked (a corrupt run directory, a workdir in use, ...); the message says what to
+    do. train.py prints it as one line and exits 2."""
 
 
 # ---- config -> model / optimizer / step configs ------------------------------------------------------------------
@@ -102,6 +108,9 @@ def validate(c: ConfigDict, cfg: ModelConfig, n_processes: int = 1, devices=None
         raise ConfigError(f"task={c.task!r}: expected pretrain, sft or dpo")
     if c.steps <= 0:
         raise ConfigError(f"steps={c.steps}: must be positive")
+    lr = c.optimizer.lr
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"optimizer.lr={lr!r}: must be a finite number > 0")
     try:
         mesh = make_mesh({k: int(v) for k, v in c.mesh.items()}, devices=devices)
     except ValueError as e:
@@ -282,11 +291,14 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
         train_it = make_iterator(c, tok, c.seed)
 
-        state, resumed, broken = _resume(ckpt, abstract_p, p_shard, tx, o_shard, train_it)
-        if broken:  # set the unreadable steps aside so that they are never listed (or overwritten) again
+        state, resumed, broken = _resume(c, ckpt, prog, train_it)
+        if broken:  # set the corrupt steps aside so that they are never listed (or overwritten) again
             ckpt.close()
             _set_aside(ckpt.directory, broken)
             ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
+        ckpt.protect(resumed)  # the newest good step stays until a newer one has trained finitely
+        if jax.process_index() == 0:
+            _truncate_metrics(workdir, resumed or 0)
         ref_params = None
         if state is None:
             params = _initial_params(c, cfg, mesh, p_shard)
@@ -349,6 +361,8 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
                 if done % c.checkpoint_every == 0 or done == c.steps:
                     ckpt.save(done, state["params"], cfg, opt_state=state["opt_state"], data_iter=train_it,
                               extra_config=train_meta, force=True)
+                    if int(jax.device_get(m["nonfinite_in_row"])) == 0:  # this step's update was finite
+                        ckpt.protect(done)
             if prev is not None:
                 _check_nonfinite(prev, c.steps, c.max_nonfinite_in_row)
         finally:
@@ -380,28 +394,82 @@ def _initial_params(c: ConfigDict, cfg: ModelConfig, mesh, p_shard):
     return restore_params(c.init_from, mesh=mesh, dtype=cfg.param_dtype)[1]
 
 
-def _resume(ckpt, abstract_p, p_shard, tx, o_shard, train_it):
-    """(state, step, unreadable steps) from the newest readable checkpoint of the run; state None: fresh run."""
-    steps = sorted(ckpt.all_steps(), reverse=True)
-    broken = []
-    for step in steps:
+def _resume(c: ConfigDict, ckpt, prog: TrainProgram, train_it):
+    """(state, step, corrupt steps) from the newest intact checkpoint of the run; state None: a fresh run.
+    Corrupt steps (unreadable, or not matching their checksums) fall back to the previous one; a step that does
+    not fit this config stops the run with what differs (ConfigError)."""
+    from qcjax.checkpoint import CheckpointMismatch
+
+    if not ckpt.all_steps():
+        return None, None, []
+    target_p = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), prog.abstract_params,
+                            prog.param_shardings)
+    target_o = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            jax.eval_shape(prog.tx.init, prog.abstract_params), prog.opt_shardings)
+    corrupt: list[int] = []
+
+    def attempt(step):
         try:
-            target_p = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_p, p_shard)
-            abstract_o = jax.eval_shape(tx.init, abstract_p)
-            target_o = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_o,
-                                    o_shard)
-            out = ckpt.restore_train_state(step, params=target_p, opt_state=target_o, data_iter=train_it)
-        except Exception as e:  # noqa: BLE001 - any failure means this step cannot be trusted
-            log.warning("checkpoint step %d in %s is incomplete or unreadable (%s: %s); trying an earlier one",
-                        step, ckpt.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            print(f"[qcjax] checkpoint step {step} is incomplete or unreadable; falling back to an earlier one",
-                  file=sys.stderr)
-            broken.append(step)
-            continue
-        print(f"[qcjax] resuming from checkpoint step {step} in {ckpt.directory}", file=sys.stderr)
-        state = {"step": jnp.asarray(step, jnp.int32), "params": out["params"], "opt_state": out["opt_state"]}
-        return state, step, broken
-    return None, None, broken
+            return ckpt.restore_train_state(step, params=target_p, opt_state=target_o, data_iter=train_it)
+        except CheckpointMismatch as e:
+            raise ConfigError(_mismatch_message(c, ckpt.directory, e)) from None
+
+    try:
+        step, out, corrupt = ckpt.restore_newest(attempt)
+    except FileNotFoundError as e:
+        raise RunError(f"{e}. Nothing was moved or deleted; to start this run over, move {ckpt.directory} away "
+                       "(or use a new --workdir)") from None
+    print(f"[qcjax] resuming from checkpoint step {step} in {ckpt.directory}", file=sys.stderr)
+    state = {"step": jnp.asarray(step, jnp.int32), "params": out["params"], "opt_state": out["opt_state"]}
+    return state, step, corrupt
+
+
+def _mismatch_message(c: ConfigDict, directory: str, e) -> str:
+    """What differs between a checkpoint and this run's config, and how to proceed."""
+    from qcjax.checkpoint import read_config
+
+    then = {}
+    try:
+        then = read_config(directory, e.step)[1].get("train") or {}
+    except (OSError, ValueError):
+        pass
+    now = c.to_dict()
+    fields = [f"{sec}.{k}: {then[sec][k]!r} in the checkpoint, {v!r} now"
+              for sec in ("model", "optimizer") if isinstance(then.get(sec), dict)
+              for k, v in now[sec].items() if k in then[sec] and then[sec][k] != v]
+    fix = ("rerun with the settings the run was started with")
+    if any(d.startswith("process count") for d in e.differences):
+        fix = "rerun on the process count that wrote it"
+    return (f"{e}" + (f" (config: {'; '.join(fields)})" if fields else "") +
+            f". To resume, {fix}; to start a new run from these weights, use a new --workdir with "
+            f"--config.init_from={directory}")
+
+
+def _truncate_metrics(workdir: str, step: int) -> None:
+    """metrics.jsonl keeps the rows up to `step` (where the run resumes): the steps after it are trained again and
+    logged again, so every step has one row after any number of resumes. Rewritten atomically."""
+    path = os.path.join(workdir, mt.METRICS_FILE)
+    if not os.path.exists(path):
+        return
+    keep, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                ok = int(row["step"]) <= step
+            except (ValueError, KeyError, TypeError):  # a line cut off by a kill
+                ok = False
+            if ok:
+                keep.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+        log.info("metrics.jsonl: dropped %d rows after step %d (those steps run again from the checkpoint)",
+                 dropped, step)
 
 
 def _set_aside(directory: str, steps: list[int]) -> None:
@@ -409,7 +477,9 @@ def _set_aside(directory: str, steps: list[int]) -> None:
         for step in steps:
             dst = os.path.join(directory, f"unreadable-step-{step}-{int(time.time())}")
             os.replace(os.path.join(directory, str(step)), dst)
-            print(f"[qcjax] moved the unreadable checkpoint step {step} to {dst}", file=sys.stderr)
+            log.warning("moved the corrupt checkpoint step %d to %s (kept for inspection; delete it when done)",
+                        step, dst)
+            print(f"[qcjax] moved the corrupt checkpoint step {step} to {dst}", file=sys.stderr)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
