@@ -20,7 +20,25 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config file (optionally :stage).")
+
+
+def _one_line_error(e: BaseException, what: str = "") -> None:
+    """Print a bad flag or config as one line and exit 2 (--debug on the command line: the traceback instead)."""
+    if "--debug" in sys.argv:
+        raise e
+    text = str(e.args[0]) if e.args else str(e)
+    text = " ".join(text.replace("\\n", "\n").replace("\\'", "'").split())
+    if isinstance(e, (KeyError, AttributeError)):  # ml_collections: "'name'" and maybe a "Did you mean" line
+        field, _, rest = text.strip("\"'").partition("'")
+        text = f"unknown field '{field}'" + (f" ({rest.strip()})" if rest.strip() else "")
+    print(f"train.py: error: {what}{text} (--debug shows the traceback)", file=sys.stderr)
+    sys.exit(2)
+
+
+try:  # the config file and its --config.FIELD overrides load here (a misspelt field raises now)
+    _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config file (optionally :stage).")
+except (KeyError, AttributeError, ValueError, TypeError, OSError) as e:
+    _one_line_error(e, "config: ")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, metrics.jsonl, tensorboard.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods / SLURM / GKE).")
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for manual multi-process runs.")
@@ -28,6 +46,7 @@ _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes, for m
 _PID = flags.DEFINE_integer("process_id", None, "This process's index, for manual multi-process runs.")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the train step for --topology and report per-chip "
                                   "memory; train nothing (needs libtpu, no TPU).")
+_DEBUG = flags.DEFINE_bool("debug", False, "On an error, show the full traceback instead of the one-line message.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice for --compile_only: v5p-128, v5e-16, v6e-256, v4-32, "
                                 "2xv5p-128 (two slices), v5p:4x4x8 (a chip grid).")
 
@@ -73,13 +92,23 @@ def main(argv):
         jax.distributed.initialize()
     logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
-    from qcjax.train.loop import ConfigError, train
+    from qcjax.train.loop import ConfigError, RunError, train
 
     try:
         result = train(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, FloatingPointError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+    except (ConfigError, RunError, FloatingPointError, OSError) as e:
+        if _DEBUG.value:
+            raise
+        hint = " (--debug shows the traceback)" if isinstance(e, OSError) else ""
+        text = " ".join(str(e).split())  # one line (some library messages span several)
+        print(f"train.py: error: {type(e).__name__ + ': ' if isinstance(e, OSError) else ''}{text}{hint}",
+              file=sys.stderr)
         sys.exit(2)
+    if result.stopped_at is not None:
+        if jax.process_index() == 0:
+            print(f"stopped at step {result.stopped_at} (checkpoint saved); rerun the same command to resume",
+                  file=sys.stderr)
+        sys.exit(130)  # interrupted (saved): schedulers see that the run has not finished
     if jax.process_index() == 0:
         m = result.last_metrics
         summary = ", ".join(f"{k}={m[k]:.4g}" for k in ("loss", "eval_loss", "eval_perplexity", "tokens_per_s")
@@ -87,5 +116,24 @@ def main(argv):
         print(f"done: step {result.final_step}; {summary}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad flag or a config file that fails to load reported in one line (exit 2); --debug
+    keeps the full report."""
+    try:
+        return flags.FLAGS(argv)
+    except (KeyError, AttributeError, OSError) as e:  # an unknown --config.FIELD, a config file that is not there
+        _one_line_error(e, "config: ")
+    except flags.Error as e:
+        if "--debug" in argv:
+            raise
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        cause = next((ln for ln in reversed(lines) if ln.startswith(("ValueError", "KeyError", "AttributeError",
+                                                                      "TypeError", "FileNotFoundError", "[Errno"))),
+                     lines[-1] if lines else str(e))
+        head = lines[0] if lines and lines[0] != cause else ""
+        print(f"train.py: error: {head + ' ' if head else ''}{cause} (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

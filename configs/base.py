@@ -23,6 +23,8 @@ def source(kind: str, path: str = "", **fields) -> dict:
 
 
 def get_config(stage: str = "file") -> ConfigDict:
+    if stage not in STAGES:
+        raise ValueError(f"unknown config stage {stage!r}: expected one of {', '.join(STAGES)}")
     c = ConfigDict()
     c.stage = stage
 

@@ -198,10 +198,21 @@ def test_cloud_url_workdir_is_refused_not_written_locally(tmp_path, spm_dir, mon
     assert not os.path.exists(tmp_path / "gs:")
 
 
-def test_unknown_config_field_is_a_clear_cli_error(tmp_path, spm_dir):
-    cmd = _train_cmd(tmp_path, spm_dir, 2) + ["--config.optimizer.learning_rate=1e-3"]
+@pytest.mark.parametrize("flag, message", [
+    ("--config.optimizer.learning_rate=1e-3", "config: unknown field 'learning_rate'"),
+    ("--config.stepz=5", "config: unknown field 'stepz' (Did you mean \"steps\""),
+    ("--config=CONFIGS/tiny.py:stf", "unknown config stage 'stf': expected one of file, repo, sft, dpo"),
+    ("--config=CONFIGS/nope.py", "No such file or directory: 'CONFIGS/nope.py'"),
+    ("--config.optimizer.lr=abc", "--config.optimizer.lr=abc: could not convert string to float"),
+])
+def test_bad_config_on_the_command_line_is_one_line_and_exit_2(tmp_path, spm_dir, flag, message):
+    configs = os.path.join(ROOT, "configs")
+    cmd = _train_cmd(tmp_path, spm_dir, 2) + [flag.replace("CONFIGS", configs)]
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
-    assert out.returncode != 0 and "learning_rate" in out.stderr
+    assert out.returncode == 2
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("train.py: error:") and message.replace("CONFIGS", configs) in line, out.stderr
+    assert not os.path.exists(tmp_path / "checkpoints")
 
 
 def _free_port():
@@ -339,3 +350,51 @@ def test_readme_main_job_trains_the_tiny_config_then_samples(tmp_path):
     sample = subprocess.run(infer_cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert sample.stdout.strip(), "infer.py printed no text"
+
+
+def test_a_second_trainer_on_the_workdir_exits_at_once_naming_the_owner(tmp_path, spm_dir):
+    from qcjax.train.lock import LOCK_FILE, WorkdirLock
+    from qcjax.train.loop import RunError, train
+
+    with WorkdirLock(str(tmp_path)):  # this process is the live owner
+        with pytest.raises(RunError, match=rf"in use by another trainer \(pid {os.getpid()} on .*delete .*{LOCK_FILE}"):
+            train(tiny(spm_dir, steps=2), str(tmp_path))
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    import socket
+
+    from qcjax.train.lock import LOCK_FILE, WorkdirLock
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    with WorkdirLock(str(tmp_path)) as lock:
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid() and lock.held
+
+
+def test_sigterm_saves_the_step_reached_and_the_rerun_resumes_bitwise(tmp_path, spm_dir):
+    """A preemption notice mid-run: the run saves the step it reached, exits 130 with a rerun hint, and the rerun
+    ends with the losses of an uninterrupted run."""
+    straight = tmp_path / "straight"
+    run = [sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/tiny.py", "--config.steps=20",
+           "--config.seq_len=64", "--config.checkpoint_every=100", "--config.eval_every=0", "--config.log_every=1",
+           "--config.tokenizer=" + spm_dir]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    assert subprocess.run(run + [f"--workdir={straight}"], cwd=ROOT, env=env, capture_output=True).returncode == 0
+    work = tmp_path / "stopped"
+    proc = subprocess.Popen(run + [f"--workdir={work}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.exists(work / "metrics.jsonl")
+                                          and (work / "metrics.jsonl").read_text().count("\n") >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err
+    [reached] = [int(s) for s in os.listdir(work / "checkpoints") if s.isdigit()]
+    assert 5 <= reached < 20 and f"stopped at step {reached} (checkpoint saved)" in err
+    assert max(r["step"] for r in metrics(work)) == reached
+    out = subprocess.run(run + [f"--workdir={work}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and f"resuming from checkpoint step {reached}" in out.stderr
+    assert train_losses(work) == train_losses(straight)  # bit for bit, one row per step

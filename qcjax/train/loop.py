@@ -219,10 +219,12 @@ def setup_tokenizer(c: ConfigDict, workdir: str):
         path = os.path.join(out, "spm.model")
         if not os.path.exists(path):
             if jax.process_index() == 0:
-                tmp = out + ".tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                train_spm(tmp, vocab_size=vocab, seed=c.seed)
-                os.replace(tmp, out)
+                tmp = f"{out}.tmp-{os.getpid()}"  # unique: never another trainer's half-written files
+                try:
+                    train_spm(tmp, vocab_size=vocab, seed=c.seed)
+                    os.replace(tmp, out)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
             else:
                 while not os.path.exists(path):
                     time.sleep(0.5)
@@ -259,6 +261,7 @@ class RunResult:
     final_step: int
     last_metrics: dict
     resumed_from: int | None
+    stopped_at: int | None = None  # the step a SIGTERM/SIGINT stopped the run at (saved); None: ran to the end
 
 
 def _progress(total: int, initial: int):
@@ -269,15 +272,80 @@ def _progress(total: int, initial: int):
     return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stdout, dynamic_ncols=True)
 
 
+class StopRequests:
+    """SIGTERM (a TPU VM's preemption notice, `kill`) or SIGINT (Ctrl-C) asks the run to save at the next step
+    boundary and stop; a second SIGINT interrupts at once. Multi-process runs agree on the step through JAX's
+    preemption sync point (SIGTERM) or an all-gather of the flag at logging steps (SIGINT)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopRequests":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, sig, frame):
+        import signal
+
+        if sig == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = sig
+        print(f"\n[qcjax] {signal.Signals(sig).name}: saving a checkpoint at the end of this step, then stopping "
+              "(Ctrl-C again to stop at once, losing the steps since the last checkpoint)", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def reached(self, step: int, gather: bool) -> bool:
+        """Whether every process stops after `step` (all processes call it at every step, with the same `gather`:
+        whether to all-gather the SIGINT flag now, a host round trip kept to logging steps)."""
+        if jax.process_count() == 1:
+            return self.signal is not None
+        from jax.experimental import multihost_utils
+
+        try:
+            if multihost_utils.reached_preemption_sync_point(step):
+                return True
+        except RuntimeError:  # no preemption service (jax.distributed started without it)
+            pass
+        return gather and bool(np.any(multihost_utils.process_allgather(np.array(self.signal is not None))))
+
+
 def train(c: ConfigDict, workdir: str) -> RunResult:
-    """Run (or resume) training as configured, in `workdir` (checkpoints/, metrics.jsonl, tensorboard/)."""
-    from qcjax.checkpoint import Checkpointer
+    """Run (or resume) training as configured, in `workdir` (checkpoints/, metrics.jsonl, tensorboard/). One
+    trainer per workdir (a lock file); SIGTERM/SIGINT save at the next step boundary and stop (`stopped_at`)."""
+    from qcjax.train.lock import WorkdirBusy, WorkdirLock
 
     for what, path in (("--workdir", workdir), ("init_from", c.init_from)):
         if "://" in str(path):  # os.path would silently make a local "gs:/..." directory on every host
             raise ConfigError(f"{what}={path}: cloud URLs are not supported yet; mount the bucket (gcsfuse, "
                               "docs/running.md) and pass the mounted path")
     os.makedirs(workdir, exist_ok=True)
+    lock = WorkdirLock(workdir)
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except WorkdirBusy as e:
+            raise RunError(str(e)) from None
+    try:
+        with StopRequests() as stop:
+            return _train(c, workdir, stop)
+    finally:
+        lock.release()
+
+
+def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
+    from qcjax.checkpoint import Checkpointer
+
     tok, tok_path = setup_tokenizer(c, workdir)
     cfg = model_config(c, vocab_hint=tok.vocab_size)
     if tok.vocab_size > cfg.vocab_size:
@@ -322,6 +390,7 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
         start = int(state["step"])
         bar = _progress(c.steps, start)
         last: dict = {}
+        stopped_at = None
         window_t, window_steps = time.perf_counter(), 0
         prev = None
         try:
@@ -358,11 +427,17 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
                     ev = _evaluate(eval_fn, state["params"], eval_it, c.eval_steps, mesh)
                     writer.write(done, ev, prefix="eval_")
                     last.update({f"eval_{k}": v for k, v in ev.items()})
-                if done % c.checkpoint_every == 0 or done == c.steps:
+                stopping = stop.reached(done, gather=done % c.log_every == 0)
+                if done % c.checkpoint_every == 0 or done == c.steps or stopping:
                     ckpt.save(done, state["params"], cfg, opt_state=state["opt_state"], data_iter=train_it,
                               extra_config=train_meta, force=True)
                     if int(jax.device_get(m["nonfinite_in_row"])) == 0:  # this step's update was finite
                         ckpt.protect(done)
+                if stopping and done < c.steps:
+                    stopped_at = done
+                    log.warning("stopped at step %d on request; checkpoint saved: rerun the same command to resume",
+                                done)
+                    break
             if prev is not None:
                 _check_nonfinite(prev, c.steps, c.max_nonfinite_in_row)
         finally:
@@ -370,7 +445,7 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
                 bar.close()
             ckpt.close()  # waits for the last async save
             writer.close()
-    return RunResult(final_step=int(state["step"]), last_metrics=last, resumed_from=resumed)
+    return RunResult(final_step=int(state["step"]), last_metrics=last, resumed_from=resumed, stopped_at=stopped_at)
 
 
 def _check_nonfinite(in_row, step: int, limit: int) -> None:

@@ -1,0 +1,86 @@
+"""One trainer per run directory: an atomically created lock file that names its owner.
+
+    with WorkdirLock(workdir):      # raises WorkdirBusy at once when another live trainer holds it
+        train(...)
+
+The lock is `workdir/LOCK`, created with O_CREAT|O_EXCL (atomic on local disks and NFS v3+), holding the owner's
+host, pid and start time as JSON. A lock whose owner is on this host and no longer running is stale: it is taken
+over, and the takeover is logged. A lock held from another host cannot be checked from here; the error says how to
+remove it by hand once that trainer is known to be gone. Only process 0 of a multi-host run takes the lock.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+
+LOCK_FILE = "LOCK"
+log = logging.getLogger("qcjax.train")
+
+
+class WorkdirBusy(RuntimeError):
+    """Another trainer holds the run directory."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+class WorkdirLock:
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.held = False
+
+    def acquire(self) -> "WorkdirLock":
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and owner.get("host") == self.me["host"] and isinstance(owner.get("pid"), int) \
+                        and not _alive(owner["pid"]):
+                    log.warning("taking over the stale lock %s of pid %d (no longer running, since %s)", self.path,
+                                owner["pid"], owner.get("since"))
+                    try:
+                        os.remove(self.path)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                who = (f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since')}" if owner
+                       else "an unknown owner (unreadable lock file)")
+                raise WorkdirBusy(f"{os.path.dirname(self.path)} is in use by another trainer ({who}); wait for it "
+                                  f"to finish, use another --workdir, or delete {self.path} if that trainer is gone")
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+            self.held = True
+            return self
+        raise WorkdirBusy(f"could not take the lock {self.path}: another trainer took it at the same moment")
+
+    def _owner(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                owner = json.load(f)
+            return owner if isinstance(owner, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            if (self._owner() or {}).get("pid") == self.me["pid"]:
+                os.remove(self.path)
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
