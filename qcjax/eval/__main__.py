@@ -1,0 +1,5 @@
+import sys
+
+from qcjax.eval.cli import main
+
+sys.exit(main())

