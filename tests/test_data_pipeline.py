@@ -249,6 +249,38 @@ def test_missing_field_is_skipped_and_counted(tmp_path, caplog):
     assert "m.jsonl:2: missing field 'text'" in caplog.text and "m.jsonl:3: invalid JSON" in caplog.text
 
 
+def test_a_record_over_the_size_cap_is_skipped_before_tokenizing(tmp_path, caplog, monkeypatch):
+    tok = tiny_spm()
+    p = write_jsonl(tmp_path / "m.jsonl", [{"text": "a = 1\n"}, {"text": "x" * 5001}, {"text": "b = 2\n"}])
+    seen = []
+    encode = type(tok).encode
+    monkeypatch.setattr(type(tok), "encode", lambda self, text, *a, **k: seen.append(len(text)) or encode(self, text,
+                                                                                                         *a, **k))
+    it = make_iterator("pretrain", cfg_for(p, num_epochs=1, shuffle=False, fim_rate=0.0, max_record_chars=5000),
+                       tok, T, 2)
+    with caplog.at_level(logging.WARNING, "qcjax.data"):
+        drain(it)
+    st = iterator_stats(it)
+    assert st["records"] == 3 and st["bad_records"] == 1 and st["docs"] == 2
+    assert "m.jsonl:2: record holds 5,001 characters, over data.max_record_chars=5,000" in caplog.text
+    assert max(seen) < 5000  # never tokenized
+
+
+def test_a_repo_file_over_the_size_cap_is_left_out_and_counted(tmp_path):
+    tok = tiny_spm()
+    files = [{"path": "a.py", "content": "a = 1\n"}, {"path": "big.py", "content": "y = 0\n" * 1000},
+             {"path": "c.py", "content": "c = 3\n"}]
+    p = write_jsonl(tmp_path / "r.jsonl", [{"repo": "r", "files": files}])
+    src = SourceConfig("jsonl", str(p), format="repo")
+    it = make_iterator("pretrain", cfg_for(src, num_epochs=1, shuffle=False, fim_rate=0.0, max_record_chars=1000),
+                       tok, 256, 2)
+    rows = drain(it)
+    st = iterator_stats(it)
+    assert st["skipped_files"] == 1 and st["bad_records"] == 0
+    text = tok.decode([t for b in rows for t in np.asarray(b["tokens"]).ravel().tolist() if t > 0])
+    assert "a.py" in text and "c.py" in text and "big.py" not in text
+
+
 def test_missing_field_fails_when_configured(tmp_path):
     p = write_jsonl(tmp_path / "m.jsonl", [{"text": "a\n"}, {"body": "x"}])
     it = make_iterator("pretrain", cfg_for(p, num_epochs=1, shuffle=False, on_bad_record="fail"), tiny_spm(), T, 2)

@@ -87,6 +87,9 @@ class DataConfig:
     shuffle: shuffle each source (per epoch, by seed).
     num_epochs: passes over every source; None = repeat forever.
     on_bad_record: "skip" (count and log) or "fail" (raise, naming the file and field).
+    max_record_chars: a record whose text fields hold more characters is a bad record (skipped and counted, or
+      raised with on_bad_record="fail") before it is tokenized; in the "repo" format the cap is per file, and a
+      longer file is left out (counted in skipped_files). Bounds the memory one record can take (0 = no cap).
     eval_fraction: fraction of every source held out as the "eval" split (a fixed random subset, the same for
       every seed; at least one record when > 0; 0 = no eval split).
     read_threads: reading and tokenizing threads per source.
@@ -111,6 +114,7 @@ class DataConfig:
     shuffle: bool = True
     num_epochs: int | None = None
     on_bad_record: str = "skip"
+    max_record_chars: int = 1_000_000
     eval_fraction: float = 0.01
     read_threads: int = 2
     prefetch: int = 64
@@ -170,7 +174,7 @@ class DataConfig:
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1], got {v}")
-        for name in ("pack_bins", "read_threads", "prefetch", "num_workers"):
+        for name in ("pack_bins", "read_threads", "prefetch", "num_workers", "max_record_chars"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.repo_budget is not None and self.repo_budget < 8:

@@ -61,6 +61,17 @@ class RecordError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # Records -> documents (runs in Grain's reading threads / workers: module level, picklable).
 
+def _chars(x: Any) -> int:
+    """Characters in the strings of a JSON-like value (the location field excluded)."""
+    if isinstance(x, str):
+        return len(x)
+    if isinstance(x, dict):
+        return sum(_chars(v) for k, v in x.items() if k != WHERE)
+    if isinstance(x, (list, tuple)):
+        return sum(_chars(v) for v in x)
+    return 0
+
+
 def _where(rec: dict) -> str:
     return str(rec.get(WHERE, "record"))
 
@@ -123,16 +134,40 @@ class FormatRecord(grain.transforms.RandomMap):
         self.repo_fim_rate = self.fim_rate if cfg.repo_fim_rate is None else cfg.repo_fim_rate
 
     def random_map(self, rec: dict, rng: np.random.Generator) -> dict:
+        skipped = int(rec.get("skipped_files", 0))
         try:
             if BAD in rec:
                 raise RecordError(rec[BAD])
+            rec, over = self._capped(rec)
+            skipped += over
             docs, dropped, *meta = self._docs(rec, rng)
         except RecordError as e:
             if self.cfg.on_bad_record == "fail":
                 raise RecordError(f"data source {self.src.label}: {e}") from None
             return {"docs": [], "bad": f"{self.src.label}: {e}", "dropped_files": 0, "skipped_files": 0}
         return {"docs": docs, "meta": meta[0] if meta else None, "bad": None, "dropped_files": dropped,
-                "skipped_files": int(rec.get("skipped_files", 0))}
+                "skipped_files": skipped}
+
+    def _capped(self, rec: dict) -> tuple[dict, int]:
+        """(the record, files left out) under data.max_record_chars: a repo record loses its longer files, any
+        other record over the cap is a RecordError (before tokenizing: one huge line must not take the memory)."""
+        cap = self.cfg.max_record_chars
+        if not cap:
+            return rec, 0
+        if self.src.format == "repo" and isinstance(rec.get("files"), (list, tuple)):
+            def size(f):
+                content = f.get("content") if isinstance(f, dict) else f[1] if isinstance(f, (list, tuple)) \
+                    and len(f) == 2 else None
+                return len(content) if isinstance(content, str) else 0
+
+            keep = [f for f in rec["files"] if size(f) <= cap]
+            if len(keep) < len(rec["files"]):
+                return {**rec, "files": keep}, len(rec["files"]) - len(keep)
+            return rec, 0
+        n = _chars(rec)
+        if n > cap:
+            raise RecordError(f"{_where(rec)}: record holds {n:,} characters, over data.max_record_chars={cap:,}")
+        return rec, 0
 
     def _docs(self, rec: dict, rng: np.random.Generator) -> tuple:
         """(docs, files left out[, per-doc meta])."""
