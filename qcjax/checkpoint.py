@@ -225,7 +225,9 @@ class _ReadErrors:
         return self
 
     def __exit__(self, kind, e, tb):
-        if kind is not None and issubclass(kind, self.errors) \
+        # Orbax wraps a failed TensorStore read of an array in a bare Exception ("Encountered error while reading
+        # array index"): that exact type, never a subclass, is a read failure too.
+        if kind is not None and (issubclass(kind, self.errors) or kind is Exception) \
                 and not isinstance(e, (CheckpointCorrupt, CheckpointMismatch)):
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             raise CheckpointCorrupt(self.directory, self.step, f"reading its {self.what}: {kind.__name__}: {first}") \

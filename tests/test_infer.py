@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -156,6 +157,38 @@ def test_file_cursor_and_ckpt_give_the_same_text_as_hf_dir(hf_dir, tok, tmp_path
         a = infer.build_parser().parse_args(args(hf, "--file", str(src), "--cursor", "2:12")[2:] + src_flags)
         assert infer.run(a, out=out, log=open(os.devnull, "w")) == 0
         assert "".join(out.writes) == want, src_flags
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_step(hf_dir, tok, tmp_path, capsys, damage):
+    hf, model = hf_dir
+    from qcjax.checkpoint import save
+
+    cfg, params = qcjax.load_hf(hf)
+    save(str(tmp_path / "ckpt"), 1, params, cfg, async_=False).close()
+    noise = jax.tree.map(lambda x: x + 1, params)
+    save(str(tmp_path / "ckpt"), 2, noise, cfg, async_=False).close()
+    files = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "ckpt" / "2" / "params") for f in fs]
+    data = max(files, key=os.path.getsize)
+    with open(data, "r+b") as f:
+        if damage == "truncate":
+            f.truncate(os.path.getsize(data) // 2)
+        else:
+            f.seek(os.path.getsize(data) // 2)
+            chunk = f.read(64)
+            f.seek(os.path.getsize(data) // 2)
+            f.write(bytes(b ^ 0xFF for b in chunk))
+    text = "import numpy as np\n"
+    out = Recorder()
+    a = infer.build_parser().parse_args(args(hf, "--prompt", text)[2:] + ["--ckpt", str(tmp_path / "ckpt"),
+                                                                          "--tokenizer", tok.path])
+    assert infer.run(a, out=out, log=open(os.devnull, "w")) == 0
+    assert "".join(out.writes) == hf_greedy_text(model, tok, tok.encode(text))  # step 1's weights
+    assert "checkpoint step 2 is corrupt or unreadable" in capsys.readouterr().err
+    a = infer.build_parser().parse_args(args(hf, "--prompt", text)[2:] + ["--ckpt", str(tmp_path / "ckpt"), "--step",
+                                                                          "2", "--tokenizer", tok.path])
+    with pytest.raises(infer.UsageError, match="step 2 .* is corrupt or unreadable"):  # asked for by number
+        infer.run(a, out=Recorder(), log=open(os.devnull, "w"))
 
 
 def test_jsonl_batch_one_object_per_prompt_with_per_row_limits_and_stop_strings(hf_dir, tok, tmp_path):
