@@ -110,3 +110,30 @@ def test_usage_errors(hf_dir, tmp_path, capsys, extra, msg):
     assert cli.main(["humaneval", *extra, "--quiet", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and msg in err, err
+
+
+def test_fim_command_infills_with_the_fim_prompt(hf_dir, tok, tmp_path):
+    from qcjax import prompts as P
+    from qcjax.eval import fim as F
+
+    out = tmp_path / "fim"
+    argv = ["fim", "--kind", "multi-line", "--task_ids", "HumanEval/2,HumanEval/23", "--hf_dir", hf_dir,
+            "--dtype", "float32", "--cache_dtype", "float32", "--max_new_tokens", "10", "--out", str(out), "--quiet"]
+    assert cli.main(argv) == 0
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    problems = load_problems("humaneval")
+    tasks = F.build_tasks([p for p in problems if p.task_id in ("HumanEval/2", "HumanEval/23")], "multi-line")
+    assert [r["task_id"] for r in recs] == [t.task_id for t in tasks]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n_tasks"] == len(tasks) and s["max_new_tokens"] == 10
+    cfg, params = qcjax.load_hf(hf_dir, dtype="float32")
+    cfg = cfg.replace(param_dtype="float32", dtype="float32")
+    for t, r in zip(tasks, recs):
+        ids = P.encode(tok, P.fim_prompt(t.prefix, t.suffix))
+        (c,) = S.generate(cfg, params, [ids], max_new_tokens=10, stop_tokens=sorted(FIM_STOP_IDS),
+                          cache_dtype="float32")
+        full = tok.decode(c.tokens)
+        assert full.startswith(r["completion"])  # it may have stopped early, once more text could not count
+        assert r["prediction"] == F.postprocess(full, "multi-line", t.middle)
+        assert (r["prefix"], r["middle"], r["suffix"]) == (t.prefix, t.middle, t.suffix)
+    assert cli.main(argv[:3] + ["--n", "2"] + argv[3:]) == 2

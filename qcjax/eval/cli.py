@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fim", help="fill-in-the-middle on HumanEval's canonical solutions (exact match, edit "
                                    "similarity, execution)")
     f.add_argument("--kind", required=True, choices=("single-line", "multi-line"))
-    f.add_argument("--max_span", type=int, default=3, help="multi-line: longest span of lines as the middle")
+    f.add_argument("--max_span", type=int, default=None,
+                   help="multi-line: only spans of at most this many lines (default: all, as Bavarian et al.)")
     _model_flags(f)
     _sandbox_flags(f, "results/fim")
+    f.set_defaults(max_new_tokens=None)  # by --kind: 64 single-line (as Qwen's fim-bench), 256 multi-line
     return ap
 
 
@@ -247,9 +249,51 @@ def cmd_generate(a, log) -> int:
 
 
 def cmd_fim(a, log) -> int:
-    from qcjax.eval import fim as FIM
+    from qcjax import prompts as P
+    from qcjax.eval import fim as F
+    from qcjax.eval import generate as G
+    from qcjax.eval.score import write_results
 
-    return FIM.run_cli(a, log, UsageError, _problems, _isolation, _Progress, _ks, _limits)
+    limits = _limits(a)
+    if a.max_new_tokens is None:
+        a.max_new_tokens = F.DEFAULT_MAX_NEW[a.kind]
+    if a.max_new_tokens < 1 or a.batch_size < 1:
+        raise UsageError("--max_new_tokens and --batch_size must be >= 1")
+    if a.max_span is not None and a.max_span < 1:
+        raise UsageError(f"--max_span={a.max_span}: must be >= 1")
+    if a.n != 1 or a.temperature != 0:
+        raise UsageError("fim scores one greedy infill per task: leave --n and --temperature at their defaults")
+    problems = _problems("humaneval", a, "--task_ids")
+    tasks = F.build_tasks(problems, a.kind, a.max_span)
+    iso = _isolation(a, log)
+    model = G.load(a, UsageError, log)
+    ids = [P.encode(model.tok, P.fim_prompt(t.prefix, t.suffix)) for t in tasks]
+    t0 = time.perf_counter()
+    bar = _Progress(a, "generate", "task")
+    try:
+        raws = G.complete(model, ids, n=1, a=a, stop_strings=[], task_ids=[t.task_id for t in tasks], progress=bar,
+                          is_done=lambda i, text: F.is_complete(text, a.kind, tasks[i].middle), tabs=False)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    finally:
+        bar.close()
+    gen_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    bar = _Progress(a, "sandbox", "prog")
+    bar.total(len(tasks))
+    try:
+        records = F.score(tasks, [r[0] for r in raws], a.kind, problems, limits, iso, workers=a.workers,
+                          on_result=bar.step)
+    finally:
+        bar.close()
+    summary = F.summarize(records, a.kind, model=a.hf_dir or a.ckpt, max_new_tokens=a.max_new_tokens,
+                          isolation=iso.describe(), machine=machine(), workers=a.workers, timeout_s=a.timeout,
+                          generate_s=round(gen_s, 2), sandbox_s=round(time.perf_counter() - t1, 2))
+    rpath, spath = write_results(a.out, records, summary)
+    if not a.quiet:
+        print(F.format_table(summary))
+        print(f"wrote {rpath} and {spath}", file=log)
+    return 0
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import zlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from qcjax.eval.problems import Problem, base_prompt, instruct_message
 
@@ -34,10 +34,10 @@ def stop_strings(benchmark: str, mode: str = "base") -> list[str]:
     return list(QWEN_EOS) + list(QWEN_DIRECT_EOS[benchmark]) + list(QWEN_FENCE_EOS)
 
 
-def truncate(text: str, stops: Sequence[str]) -> str:
-    """Cut at the earliest stop string; tabs to four spaces (Qwen's post-processing)."""
+def truncate(text: str, stops: Sequence[str], tabs: bool = True) -> str:
+    """Cut at the earliest stop string; tabs to four spaces (Qwen's post-processing; tabs=False keeps them)."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=len(text))
-    return text[:cut].replace("\t", "    ")
+    return text[:cut].replace("\t", "    ") if tabs else text[:cut]
 
 
 @dataclasses.dataclass
@@ -132,9 +132,11 @@ def sample_seed(seed: int, task_id: str, j: int) -> int:
 
 
 def complete(model: Model, prompts: Sequence[Sequence[int]], n: int, a, stop_strings: Sequence[str],
-             task_ids: Sequence[str] | None = None, progress=None) -> list[list[str]]:
+             task_ids: Sequence[str] | None = None, progress=None,
+             is_done: Callable[[int, str], bool] | None = None, tabs: bool = True) -> list[list[str]]:
     """n completions for each prompt (text cut at the stop strings), as [prompt][sample]. a: temperature, top_p,
-    max_new_tokens, batch_size, seed. Rows stop early once their text holds a stop string."""
+    max_new_tokens, batch_size, seed. Rows stop early once their text holds a stop string or is_done(prompt index,
+    text so far) says more text cannot matter. tabs: replace tabs by four spaces (Qwen's EvalPlus scripts)."""
     from qcjax import sampler as S
 
     ctx = model.cfg.max_position_embeddings
@@ -159,15 +161,17 @@ def complete(model: Model, prompts: Sequence[Sequence[int]], n: int, a, stop_str
             done = []
             for k, toks in enumerate(new):
                 got[k] += toks
-                if stop_strings and any(s in model.tok.decode(got[k]) for s in stop_strings):
+                text = model.tok.decode(got[k])
+                if any(s in text for s in stop_strings) or (is_done is not None and is_done(batch[k][0], text)):
                     done.append(k)
             return done
 
         comps = S.generate(model.cfg, model.params, ids, max_new_tokens=max_new, sampling=sampling,
                            stop_tokens=model.stop_ids, seed=[sample_seed(a.seed, task_ids[i], j) for i, j in batch],
-                           cache_dtype=model.cache_dtype, on_chunk=on_chunk if stop_strings else None)
+                           cache_dtype=model.cache_dtype,
+                           on_chunk=on_chunk if stop_strings or is_done is not None else None)
         for (i, j), c in zip(batch, comps):
-            out[i][j] = truncate(model.tok.decode(c.tokens), stop_strings)
+            out[i][j] = truncate(model.tok.decode(c.tokens), stop_strings, tabs)
         if progress is not None:
             progress.step(n=len(batch))
     return out
