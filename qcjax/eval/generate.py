@@ -43,7 +43,7 @@ def truncate(text: str, stops: Sequence[str], tabs: bool = True) -> str:
 @dataclasses.dataclass
 class Model:
     cfg: Any
-    params: Any  # unstacked (qcjax.sampler.unstack_params), ready for generate
+    params: Any  # ready for qcjax.sampler.generate
     tok: Any
     cache_dtype: Any
     stop_ids: list[int]
@@ -111,7 +111,11 @@ def load(a, usage_error, log) -> Model:
     if not a.quiet:
         print(f"loaded {src} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {a.dtype}) in "
               f"{time.perf_counter() - t:.1f} s", file=log)
-    params = S.unstack_params(cfg, params)
+    # generate() takes the model's stacked params; a sampler that keeps its own per-layer layout
+    # (`unstack_params`) gets it done once here rather than on every batch.
+    prep = getattr(S, "unstack_params", None)
+    if prep is not None:
+        params = prep(cfg, params)
     return Model(cfg, params, tok, jnp.dtype(a.cache_dtype), sorted(tok.fim_stop_ids))
 
 
