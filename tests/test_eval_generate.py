@@ -137,3 +137,22 @@ def test_fim_command_infills_with_the_fim_prompt(hf_dir, tok, tmp_path):
         assert r["prediction"] == F.postprocess(full, "multi-line", t.middle)
         assert (r["prefix"], r["middle"], r["suffix"]) == (t.prefix, t.middle, t.suffix)
     assert cli.main(argv[:3] + ["--n", "2"] + argv[3:]) == 2
+
+
+def test_instruct_mode_prompts_in_chatml_and_extracts_code(hf_dir, tok, tmp_path, monkeypatch):
+    from qcjax import prompts as P
+    from qcjax.eval.problems import instruct_message
+
+    seen = []
+    real = S.generate
+
+    def spy(cfg, params, prompts, **kw):
+        seen.extend(prompts)
+        return real(cfg, params, prompts, **kw)
+
+    monkeypatch.setattr(S, "generate", spy)
+    recs, s = _run(hf_dir, tmp_path / "i", "--task_ids", "HumanEval/2", "--mode", "instruct", "--k", "1")
+    p = load_problems("humaneval")[2]
+    assert seen == [P.encode(tok, P.chat_prompt(instruct_message(p)))]
+    assert tok.decode(seen[0]).endswith("<|im_start|>assistant\n")
+    assert recs[0]["prompt"] == instruct_message(p) and s["stop_strings"] == G.stop_strings("humaneval", "instruct")

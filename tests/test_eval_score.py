@@ -153,3 +153,16 @@ def test_samples_for_unknown_tasks_are_a_usage_error(tmp_path, capsys):
     assert cli.main(["score", "--problems", "humaneval", "--samples", samples, "--quiet",
                      "--out", str(tmp_path / "o")]) == 2
     assert "'Nope/1'" in capsys.readouterr().err
+
+
+def test_require_isolation_refuses_without_namespaces(tmp_path, capsys, monkeypatch):
+    from qcjax.eval.sandbox import Isolation
+
+    monkeypatch.setattr(cli, "detect_isolation", lambda: Isolation("rlimits", "test: no namespaces"))
+    samples = _write(tmp_path / "s.jsonl", [{"task_id": "HumanEval/0", "completion": "    pass\n"}])
+    argv = ["score", "--problems", "humaneval", "--samples", samples, "--out", str(tmp_path / "o"), "--quiet"]
+    assert cli.main(argv + ["--require_isolation"]) == 1
+    err = capsys.readouterr().err
+    assert "--require_isolation" in err and "rlimits" in err and not (tmp_path / "o").exists()
+    assert cli.main(argv) == 0  # without the flag it runs, and says which isolation it had
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["isolation"] == "rlimits (test: no namespaces)"

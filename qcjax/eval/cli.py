@@ -22,10 +22,11 @@ class UsageError(Exception):
 
 
 # ---- flags ---------------------------------------------------------------------------------------------------------
-def _sandbox_flags(p: argparse.ArgumentParser, out: str) -> None:
+def _sandbox_flags(p: argparse.ArgumentParser, out: str, k: bool = True) -> None:
     g = p.add_argument_group("sandbox and results")
     g.add_argument("--out", default=out, help=f"directory for results.jsonl and summary.json (default {out})")
-    g.add_argument("--k", default="1,10", help="pass@k for these k (comma-separated; default 1,10)")
+    if k:
+        g.add_argument("--k", default="1,10", help="pass@k for these k (comma-separated; default 1,10)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="programs run in parallel (default: min(8, CPUs))")
     g.add_argument("--timeout", type=float, default=10.0, help="seconds per program, wall clock (default 10)")
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max_span", type=int, default=None,
                    help="multi-line: only spans of at most this many lines (default: all, as Bavarian et al.)")
     _model_flags(f)
-    _sandbox_flags(f, "results/fim")
+    _sandbox_flags(f, "results/fim", k=False)
     f.set_defaults(max_new_tokens=None)  # by --kind: 64 single-line (as Qwen's fim-bench), 256 multi-line
     return ap
 
