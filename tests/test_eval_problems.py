@@ -110,6 +110,9 @@ def test_evalplus_file_base_and_plus(plus_file, iso):
     assert _verdict(add, sloppy, False, iso) == (True, "passed")
     passed, reason = _verdict(add, sloppy, True, iso)
     assert not passed and reason == "failed: AssertionError: input 2: wrong output"
+    # a completion's own helpers named like the test's do not replace the test
+    helpers = sloppy + "\n\ndef _check():\n    pass\n\n\ndef _close(a, b, atol):\n    return True\n"
+    assert _verdict(add, helpers, True, iso) == (False, "failed: AssertionError: input 2: wrong output")
     # floats: close within 1e-6 passes; an int of the same value, or a value 1e-3 off, does not
     assert _verdict(third, "    return x * (1 / 3)\n", True, iso)[0]
     assert _verdict(third, "    return x / 3 + 1e-9\n", True, iso)[0]

@@ -59,18 +59,19 @@ class Problem:
         return self.prompt + self.canonical_solution
 
 
-# The differential test (EvalPlus format). Runs inside the sandbox; standard library only.
-_DIFF_TEST = '''import copy as _copy, json as _json, math as _math
-_ATOL = {atol!r}
-_DATASET = {dataset!r}
-_ENTRY = {entry!r}
+# The differential test (EvalPlus format). Runs inside the sandbox; standard library only. Its names start with
+# _qcjax_ so that a completion's own helpers (e.g. a `_check` or `_close`) do not replace them by accident.
+_DIFF_TEST = '''import copy as _qcjax_copy, json as _qcjax_json, math as _qcjax_math
+_qcjax_ATOL = {atol!r}
+_qcjax_DATASET = {dataset!r}
+_qcjax_ENTRY = {entry!r}
 
 
-def _tuples(x):
-    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+def _qcjax_tuples(x):
+    return tuple(_qcjax_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-def _mbpp_inputs(num, inputs):  # evalplus/data/mbpp.py mbpp_deserialize_inputs: JSON lists back to what they mean
+def _qcjax_mbpp_inputs(num, inputs):  # evalplus/data/mbpp.py mbpp_deserialize_inputs: JSON lists back to what they mean
     if num in (2, 116, 132, 143, 222, 261, 273, 394, 399, 421, 424, 429, 470, 560, 579, 596, 616, 630, 726, 740,
                744, 809):
         return [[tuple(a) for a in inp] for inp in inputs]
@@ -97,39 +98,39 @@ def _mbpp_inputs(num, inputs):  # evalplus/data/mbpp.py mbpp_deserialize_inputs:
     if num == 252:
         return [[complex(inp[0])] for inp in inputs]
     if num in (580, 615, 791):
-        return [_tuples(inp) for inp in inputs]
+        return [_qcjax_tuples(inp) for inp in inputs]
     return inputs
 
 
-_INPUTS = _json.loads({inputs})
-if _DATASET == "mbpp":
-    _INPUTS = _mbpp_inputs({mbpp_num!r}, _INPUTS)
+_qcjax_INPUTS = _qcjax_json.loads({inputs})
+if _qcjax_DATASET == "mbpp":
+    _qcjax_INPUTS = _qcjax_mbpp_inputs({mbpp_num!r}, _qcjax_INPUTS)
 # evalplus/eval/_special_oracle.py
-_NOT_NONE = ("check_str", "text_match_three", "text_starta_endb")
-_SET_EQ = ("similar_elements", "find_char_long", "common_in_nested_lists", "extract_singly", "larg_nnum",
+_qcjax_NOT_NONE = ("check_str", "text_match_three", "text_starta_endb")
+_qcjax_SET_EQ = ("similar_elements", "find_char_long", "common_in_nested_lists", "extract_singly", "larg_nnum",
            "intersection_array", "find_dissimilar", "Diff")
 
 
-def _expected():
+def _qcjax_expected():
     ns = {{"__name__": "__reference__"}}
     exec(compile({ref}, "<reference>", "exec"), ns)
     f = ns[{entry!r}]
     out = []
-    for args in _INPUTS:
+    for args in _qcjax_INPUTS:
         try:
-            y = f(*_copy.deepcopy(args))
-            out.append((True, (y is not None) if _DATASET == "mbpp" and _ENTRY in _NOT_NONE else y))
+            y = f(*_qcjax_copy.deepcopy(args))
+            out.append((True, (y is not None) if _qcjax_DATASET == "mbpp" and _qcjax_ENTRY in _qcjax_NOT_NONE else y))
         except Exception:
             out.append((False, None))  # an input the reference rejects is not a test
     return out
 
 
-_EXPECTED = _expected()
+_qcjax_EXPECTED = _qcjax_expected()
 
 {code}
 
 
-def _is_floats(x):
+def _qcjax_is_floats(x):
     if isinstance(x, float):
         return True
     if isinstance(x, (list, tuple)) and x:
@@ -137,62 +138,62 @@ def _is_floats(x):
     return False
 
 
-def _close(a, b, atol):
+def _qcjax_close(a, b, atol):
     if isinstance(b, (list, tuple)):
-        return isinstance(a, (list, tuple)) and len(a) == len(b) and all(_close(x, y, atol) for x, y in zip(a, b))
+        return isinstance(a, (list, tuple)) and len(a) == len(b) and all(_qcjax_close(x, y, atol) for x, y in zip(a, b))
     try:  # numpy.allclose(a, b, rtol=1e-7, atol=atol): |a - b| <= atol + rtol * |b|
         return abs(a - b) <= atol + 1e-7 * abs(b) or (a != a and b != b)
     except TypeError:
         return False
 
 
-def _poly(xs, x):
-    return sum(c * _math.pow(x, i) for i, c in enumerate(xs))
+def _qcjax_poly(xs, x):
+    return sum(c * _qcjax_math.pow(x, i) for i, c in enumerate(xs))
 
 
-def _surface_Area(base_edge, height):
-    slant_height = _math.sqrt((base_edge / 2) ** 2 + height ** 2)
+def _qcjax_surface_Area(base_edge, height):
+    slant_height = _qcjax_math.sqrt((base_edge / 2) ** 2 + height ** 2)
     return round(base_edge ** 2 + 4 * (base_edge * slant_height) / 2)
 
 
-def _digit_distance_nums(num1, num2):
+def _qcjax_digit_distance_nums(num1, num2):
     a, b = str(num1), str(num2)
     n = max(len(a), len(b))
     return sum(abs(int(x) - int(y)) for x, y in zip(a.zfill(n), b.zfill(n)))
 
 
-def _check():
-    f = globals()[_ENTRY]
-    for i, (args, (ok, exp)) in enumerate(zip(_INPUTS, _EXPECTED)):
+def _qcjax_check():
+    f = globals()[_qcjax_ENTRY]
+    for i, (args, (ok, exp)) in enumerate(zip(_qcjax_INPUTS, _qcjax_EXPECTED)):
         if not ok:
             continue
-        got = f(*_copy.deepcopy(args))
-        if _DATASET == "humaneval" and _ENTRY == "find_zero":
-            assert abs(_poly(args[0], got)) <= _ATOL, "input %d: |poly(xs, x)| too large" % i
+        got = f(*_qcjax_copy.deepcopy(args))
+        if _qcjax_DATASET == "humaneval" and _qcjax_ENTRY == "find_zero":
+            assert abs(_qcjax_poly(args[0], got)) <= _qcjax_ATOL, "input %d: |poly(xs, x)| too large" % i
             continue
         same = got == exp
-        if _DATASET == "mbpp":
-            if _ENTRY == "are_equivalent":
+        if _qcjax_DATASET == "mbpp":
+            if _qcjax_ENTRY == "are_equivalent":
                 same = True
-            elif _ENTRY == "sum_div":
+            elif _qcjax_ENTRY == "sum_div":
                 same = same or got == 0
-            elif _ENTRY == "surface_Area":
-                same = same or abs(got - _surface_Area(*args)) <= _ATOL
-            elif _ENTRY == "digit_distance_nums":
-                same = same or got == _digit_distance_nums(*args)
-            elif _ENTRY in _SET_EQ:
+            elif _qcjax_ENTRY == "surface_Area":
+                same = same or abs(got - _qcjax_surface_Area(*args)) <= _qcjax_ATOL
+            elif _qcjax_ENTRY == "digit_distance_nums":
+                same = same or got == _qcjax_digit_distance_nums(*args)
+            elif _qcjax_ENTRY in _qcjax_SET_EQ:
                 same = set(got) == set(exp)
-            elif _ENTRY in _NOT_NONE:
+            elif _qcjax_ENTRY in _qcjax_NOT_NONE:
                 same = got == exp if isinstance(got, bool) else exp == (got is not None)
-        atol = _ATOL if _ATOL or not _is_floats(exp) else 1e-6
+        atol = _qcjax_ATOL if _qcjax_ATOL or not _qcjax_is_floats(exp) else 1e-6
         if not same and atol:
             assert type(got) == type(exp), "input %d: wrong output type" % i
-            assert _close(got, exp, atol), "input %d: wrong output" % i
+            assert _qcjax_close(got, exp, atol), "input %d: wrong output" % i
         else:
             assert same, "input %d: wrong output" % i
 
 
-_check()
+_qcjax_check()
 '''
 
 
