@@ -156,3 +156,30 @@ def test_instruct_mode_prompts_in_chatml_and_extracts_code(hf_dir, tok, tmp_path
     assert seen == [P.encode(tok, P.chat_prompt(instruct_message(p)))]
     assert tok.decode(seen[0]).endswith("<|im_start|>assistant\n")
     assert recs[0]["prompt"] == instruct_message(p) and s["stop_strings"] == G.stop_strings("humaneval", "instruct")
+
+
+def test_repo_fim_command_prompts_with_the_other_files(hf_dir, tok, tmp_path, monkeypatch):
+    from qcjax import prompts as P
+    from qcjax.eval import repofim as R
+
+    repo = tmp_path / "proj"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "util.py").write_text("def helper():\n    return 1\n")
+    (repo / "pkg" / "main.py").write_text("from pkg.util import helper\n\nprint(helper())\n")
+    (repo / "notes.txt").write_text("notes\n")
+    seen = []
+    real = S.generate
+    monkeypatch.setattr(S, "generate", lambda cfg, params, prompts, **kw: seen.extend(prompts) or
+                        real(cfg, params, prompts, **kw))
+    out = tmp_path / "out"
+    argv = ["repo-fim", "--repo", str(repo), "--held_out", "1", "--seed", "3", "--hf_dir", hf_dir, "--dtype",
+            "float32", "--cache_dtype", "float32", "--max_new_tokens", "6", "--out", str(out), "--quiet"]
+    assert cli.main(argv) == 0
+    recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    name, files = P.read_repo(str(repo))
+    tasks, context = R.build_tasks(files, 1, 3)
+    assert [r["task_id"] for r in recs] == [t.task_id for t in tasks]
+    t = tasks[0]
+    assert seen == [P.encode(tok, P.repo_prompt(name, context, t.path, t.prefix, t.suffix))]
+    assert recs[0]["context_files"] == len(context) == 2 and not recs[0]["file_trimmed"]
+    assert cli.main(argv[:2] + [str(tmp_path / "nope")] + argv[3:]) == 2

