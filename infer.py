@@ -450,7 +450,7 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
         raise UsageError(f"tokenizer {tok.path} has {tok.vocab_size} ids but the model only {cfg.vocab_size} "
                          "embedding rows: wrong tokenizer for this checkpoint")
     cfg = cfg.replace(max_position_embeddings=a.context)
-    params = S.unstack_params(cfg, params, mesh)
+    params = S.place_params(cfg, params, mesh)
     cache_dtype = jnp.dtype(a.cache_dtype)
     prefill_chunk = _prefill_chunk(a)
 

@@ -71,7 +71,7 @@ def prefill(a, t: int) -> None:
     from qcjax.model import init_params
 
     cfg = qcjax.get_config("0.5b").replace(param_dtype=a.dtype, dtype=a.dtype)
-    params = S.unstack_params(cfg, init_params(cfg, jax.random.key(0)))
+    params = init_params(cfg, jax.random.key(0))
     prompt = np.random.default_rng(t).integers(0, 150000, t).tolist()
     plan = S.plan(cfg, [prompt], max_new_tokens=1, min_batch=S.default_min_batch(cfg))
     controls = S.controls_for(plan)

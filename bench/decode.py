@@ -10,8 +10,8 @@ and bf16 as is). Reported per dtype (medians over --repeats, ours and transforme
 noise hits both alike):
   prefill tok/s         batch 1 x --prefill_len tokens (ours: prefill + first token; transformers: a forward
                         pass with logits_to_keep=1, as generate's prefill)
-  decode tok/s          batch B, --new_tokens after a --decode_prompt-token prompt, prefill excluded (ours: the
-                        while_loop decode; transformers: generate(N) - generate(1))
+  decode tok/s          batch B, --new_tokens after a --decode_prompt-token prompt, prefill excluded (ours: one
+                        decode call of new_tokens - 1 steps; transformers: generate(N) - generate(1))
   % of bandwidth limit  decode tok/s / (B x read bandwidth / bytes per step); bytes per step = every weight
                         (the tied embedding is read by the head) + the valid KV cache; read bandwidth = the
                         faster median of a reduction over a 1 GiB (GPU: 4 GiB) fp32 array (torch and XLA),
@@ -148,7 +148,6 @@ def main(argv=None):
         sd = {k: v for k, v in hf.state_dict().items()}
         params = hf_to_params(cfg, lambda n: sd[n].float().cpu().numpy(), set(sd), nn.meta.unbox(abstract_params(cfg)),
                               place=lambda path, x: jnp.asarray(x))
-        params = S.unstack_params(cfg, params)
         del sd
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
         log(f"[{dname}] built both models in {time.perf_counter() - t:.0f} s; weights {weight_bytes / 1e9:.2f} GB")
@@ -197,7 +196,7 @@ def main(argv=None):
                 st = S.start(cfg, params, p, c, cache_dt)
                 jax.block_until_ready(st)
                 t = time.perf_counter()
-                st = S.decode(cfg, p.kinds, params, st, c, jnp.int32(n))
+                st = S.decode(cfg, p.kinds, params, st, c, steps=n - 1)
                 got["out"] = np.asarray(st.out)
                 ours.append(b * (n - 1) / (time.perf_counter() - t))
                 bw_here.append(bandwidth())
@@ -278,12 +277,12 @@ def stream_costs(S, cfg, params, a, cache_dt, dname, log) -> dict:
             jax.block_until_ready(st)
             t = time.perf_counter()
             if chunk is None:
-                st = S.decode(cfg, p.kinds, params, st, c, jnp.int32(n))
+                st = S.decode(cfg, p.kinds, params, st, c, steps=n - 1)
             elif chunk == "cb":
                 st = cb(params, st, c)
             else:
                 while not bool(st.done[0]):
-                    st = S.decode(cfg, p.kinds, params, st, c, st.steps + chunk)
+                    st = S.decode(cfg, p.kinds, params, st, c, steps=chunk)
                     np.asarray(st.out), np.asarray(st.num)
             np.asarray(st.out)
             res[m].append((time.perf_counter() - t) / (n - 1) * 1e3)

@@ -53,7 +53,7 @@ def run(a, dtype: str, prompt_len: int) -> None:
     from qcjax.model import init_params
 
     cfg = qcjax.get_config(a.model).replace(param_dtype=dtype, dtype=dtype)
-    params = S.unstack_params(cfg, init_params(cfg, jax.random.key(0)))
+    params = init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(prompt_len)
     prompts = [rng.integers(0, 150000, prompt_len).tolist() for _ in range(a.batch)]
     plan = S.plan(cfg, prompts, max_new_tokens=a.steps + 1, min_batch=S.default_min_batch(cfg))
@@ -70,7 +70,7 @@ def run(a, dtype: str, prompt_len: int) -> None:
         try:
             state = jax.block_until_ready(jax.tree.map(jnp.copy, prefilled))  # decode donates its state
             t0 = time.perf_counter()
-            state = S.decode(configs[name], plan.kinds, params, state, controls, jnp.int32(a.steps + 1))
+            state = S.decode(configs[name], plan.kinds, params, state, controls, steps=a.steps)
             out = np.asarray(state.out)
             return (time.perf_counter() - t0) / a.steps, out
         finally:

@@ -18,7 +18,6 @@ from jax.ad_checkpoint import checkpoint_name
 
 from qcjax import cpu_matmul, rope
 from qcjax.attention import attend, target_device
-from qcjax.attention import cpu as cpu_attention
 from qcjax.config import ModelConfig
 from qcjax.sharding import constrain
 
@@ -90,20 +89,8 @@ def _param(module: nn.Module, name: str, shape, names, init=None):
     return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.dtype(cfg.param_dtype))
 
 
-# An inference-only alternative to a projection's "kernel" [in..., out...]: the same weights stored [out..., in...]
-# (HF's order). The sampler stores bf16 kernels this way on XLA:CPU, where a decode step's matmuls read them ~1.2-2x
-# faster (qcjax.sampler.default_kernel_layout); checkpoints, training and the HF mapping always use "kernel".
-KERNEL_OUT_IN = "kernel_out_in"
-
-
-def out_in_order(seq, n_in: int) -> tuple:
-    """A kernel's dims (or shape, or axis names) [in..., out...] in KERNEL_OUT_IN's order [out..., in...]."""
-    return tuple(seq[n_in:]) + tuple(seq[:n_in])
-
-
 class Linear(nn.Module):
-    """A projection `x . kernel [+ bias]` with named kernel axes (kernel layout [in..., out...], or [out..., in...]
-    when the params hold KERNEL_OUT_IN instead)."""
+    """A projection `x . kernel [+ bias]` with named kernel axes (kernel layout [in..., out...])."""
 
     cfg: ModelConfig
     n_in: int  # leading kernel dims contracted with x's trailing dims
@@ -114,15 +101,8 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x):
         dt, n = self.cfg.dtype, self.n_in
-        if self.has_variable("params", KERNEL_OUT_IN):
-            w = self.get_variable("params", KERNEL_OUT_IN)  # [out..., in...]
-            want = out_in_order(self.kernel_shape, n)
-            if tuple(w.shape) != want:
-                raise ValueError(f"{self.name}.{KERNEL_OUT_IN} has shape {tuple(w.shape)}, expected {want}")
-            y = _contract_out_in(x.astype(dt), w.astype(dt), n)
-        else:
-            w = _param(self, "kernel", self.kernel_shape, self.kernel_axes)
-            y = _project(x.astype(dt), w, n)
+        w = _param(self, "kernel", self.kernel_shape, self.kernel_axes)
+        y = _project(x.astype(dt), w, n)
         if self.bias_axes is not None:
             shape = self.kernel_shape[-len(self.bias_axes):]
             y = y + _param(self, "bias", shape, self.bias_axes, nn.initializers.zeros).astype(dt)
@@ -140,20 +120,19 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.cfg.dtype)
 
 
-def write_cache(cache: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
-    """cache [batch, len, kv_heads, head_dim] with new [batch, t, kv_heads, head_dim] written at each row's offset
-    at [batch]. Per-row offsets make this a scatter, which XLA:CPU runs for a bf16 cache by converting the whole
-    cache to fp32 and back every step. So on the CPU a 16-bit cache is written in place by a kernel
-    (`attention.cpu.cache_write`, one CPU device, decode steps; 0.5B bf16 after a 4096-token prompt 97 -> 68 ms per
-    step), or else scattered as uint16 bits (the same bytes, no conversion, though XLA:CPU copies the whole cache
-    for each bitcast; bench/RESULTS.md). A float32 cache's scatter runs in place already (the kernel: no faster)."""
+def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, at: jax.Array) -> jax.Array:
+    """The stacked cache [layers, batch, len, kv_heads, head_dim] with new [batch, t, kv_heads, head_dim] written
+    into `layer` at each row's offset at [batch]: one scatter of the new entries, in place on the cache the layer
+    scan carries (the rest of the cache is never copied). Positions past the end are dropped. On the CPU a 16-bit
+    cache is scattered as uint16 bits: XLA:CPU runs a bf16 scatter by converting the whole cache to fp32 and back."""
     dtype, new = cache.dtype, new.astype(cache.dtype)
+    b, t = new.shape[:2]
     as_bits = dtype.itemsize == 2 and target_device()[0] == "cpu"
-    if as_bits and cpu_attention.cache_write_applies(cache, new):
-        return cpu_attention.cache_write(cache, new, at)
     if as_bits:
         cache, new = jax.lax.bitcast_convert_type(cache, jnp.uint16), jax.lax.bitcast_convert_type(new, jnp.uint16)
-    out = jax.vmap(lambda c, n, a: jax.lax.dynamic_update_slice_in_dim(c, n, a, 0))(cache, new, at)
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None]  # [batch, 1]
+    slots = at.astype(jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [batch, t]
+    out = cache.at[layer, rows, slots].set(new, mode="drop")
     return jax.lax.bitcast_convert_type(out, dtype) if as_bits else out
 
 
@@ -161,9 +140,10 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, q_segment_ids, kv_segment_ids, q_offset, layer_cache, only=None):
-        """`only` [batch] (with a cache): keys and values for every position, queries and output for this one
-        position per row (`DecoderLayer`)."""
+    def __call__(self, x, cos, sin, q_segment_ids, kv_segment_ids, q_offset, cache=None, layer=None):
+        """x [batch, seq, embed] -> [batch, seq, embed]. With `cache` (the stacked (k, v), [layers, batch, len,
+        kv_heads, head_dim] each) the new keys and values are written into `layer` at each row's q_offset and the
+        queries attend to that layer's cache; returns the updated cache too."""
         cfg = self.cfg
         e, h, kvh, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
 
@@ -171,32 +151,27 @@ class Attention(nn.Module):
             return Linear(cfg, 1, (e, heads, d), ("embed", head_axis, "head_dim"),
                           bias_axes=(head_axis, "head_dim"), name=name)(inputs)
 
-        write_at, q_cos, q_sin = q_offset, cos, sin
-        if only is not None:  # queries at one position per row: attended as a cache step at that position
-            x_q, q_cos, q_sin, q_segment_ids = (jnp.take_along_axis(a, only.reshape((-1, 1) + (1,) * (a.ndim - 2)),
-                                                                    axis=1) for a in (x, cos, sin, q_segment_ids))
-            q_offset = q_offset + only  # the query's slot in the cache: the row's offset plus its index here
-        q = proj("q_proj", h, "heads", x if only is None else x_q)  # [batch, seq (or 1), heads, head_dim]
+        q = proj("q_proj", h, "heads", x)  # [batch, seq, heads, head_dim]
         k = proj("k_proj", kvh, "kv_heads", x)  # [batch, seq, kv_heads, head_dim]
         v = proj("v_proj", kvh, "kv_heads", x)
-        q = constrain(rope.apply_rope(q, q_cos, q_sin), ("act_batch", "act_length", "act_heads", "act_head_dim"))
+        q = constrain(rope.apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", "act_head_dim"))
         k = constrain(rope.apply_rope(k, cos, sin), ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
         q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
 
-        if layer_cache is not None:  # write the new keys/values at each sequence's own offset, attend to the cache
-            ck, cv = layer_cache
-            ck, cv = write_cache(ck, k, write_at), write_cache(cv, v, write_at)
-            layer_cache = (ck, cv)
-            k, v = ck, cv  # in the cache's dtype: `attend` widens them, or its CPU decode kernel reads them as they are
+        if cache is not None:  # write the new keys/values at each sequence's own offset, attend to the layer's cache
+            ck, cv = (write_cache(c, n, layer, q_offset) for c, n in zip(cache, (k, v)))
+            cache = (ck, cv)
+            # in the cache's dtype: `attend` widens them, or its CPU decode kernel reads them as they are
+            k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache)
 
         # With a cache and q_len == kv_len this is a prefill into an empty cache (the sampler's: q_offset 0, as
         # self-attention requires); training never passes a cache.
         out = attend(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale=d**-0.5, impl=cfg.attention_impl,
-                     prompt=layer_cache is not None and q.shape[1] == k.shape[1])
+                     prompt=cache is not None and q.shape[1] == k.shape[1])
         out = checkpoint_name(out, "attn_out")
         o = Linear(cfg, 2, (h, d, e), ("heads", "head_dim", "embed"), name="o_proj")(out)
-        return o, layer_cache
+        return o, cache
 
 
 class MLP(nn.Module):
@@ -217,21 +192,17 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, cos, sin, q_segment_ids, kv_segment_ids, q_offset, only=None):
-        """x [batch, seq, embed] -> [batch, seq, embed], or with `only` [batch] (and a cache) [batch, 1, embed]: the
-        output at that one position per row. The cache still gets every position's keys and values; the queries,
-        attention, o_proj and MLP run on the one row (the sampler's last layer over a prompt, whose other positions'
-        outputs nothing reads)."""
-        attn_out, layer_cache = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="input_norm")(x), cos, sin, q_segment_ids, kv_segment_ids, q_offset, layer_cache,
-            only
+    def __call__(self, carry, layer, cos, sin, q_segment_ids, kv_segment_ids, q_offset):
+        """carry (x [batch, seq, embed], the stacked cache or None) -> the same after this layer (`layer`: its index
+        in the stack, which the cache is written and read at). Scanned over the layers by `Qwen2`."""
+        x, cache = carry
+        attn_out, cache = Attention(self.cfg, name="attn")(
+            RMSNorm(self.cfg, name="input_norm")(x), cos, sin, q_segment_ids, kv_segment_ids, q_offset, cache, layer
         )
-        if only is not None:
-            x = jnp.take_along_axis(x, only[:, None, None], axis=1)  # [batch, 1, embed]
         x = x + attn_out
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="post_attn_norm")(x))
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
-        return x, layer_cache
+        return (x, cache), None
 
 
 _REMAT_POLICIES = {
@@ -302,7 +273,8 @@ class Qwen2(nn.Module):
             q_seg = (segment_ids != 0).astype(jnp.int32)
             kv_seg = (jnp.arange(cache["k"].shape[2])[None, :] < new_lengths[:, None]).astype(jnp.int32)
             layer_caches = (cache["k"], cache["v"])
-        x, layer_caches = self.layers(x, layer_caches, cos, sin, q_seg, kv_seg, q_offset)
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, layer_caches), _ = self.layers((x, layer_caches), layers, cos, sin, q_seg, kv_seg, q_offset)
         if cache is not None:
             cache = {"k": layer_caches[0], "v": layer_caches[1], "lengths": new_lengths}
         return self.final_norm(x), cache

@@ -1,12 +1,14 @@
-"""Sampling from Qwen2: a jitted prefill, a decode loop inside `lax.while_loop`, sampling filters, stop handling.
+"""Sampling from Qwen2: a jitted prefill, decode in fixed-length chunks of steps, sampling filters, stop handling.
 
     done = generate(cfg, params, [[151644, 872], [1, 2, 3]], max_new_tokens=64,
                     sampling=SamplingParams(temperature=0.7, top_p=0.95), stop_tokens=FIM_STOP_IDS)
     done[0].tokens, done[0].finish_reason
 
-The core is pure: `prefill` and `decode` are jitted functions of plain pytrees (params, a `DecodeState`, `Controls`).
-The host (`generate`) only buckets shapes, builds arrays and, between decode chunks, hands new tokens to a callback
-(streaming) which may finish rows early (stop strings are host-side: they need text).
+The core is pure: `prefill` and `decode` are jitted functions of plain pytrees (params, a `DecodeState`, `Controls`)
+that run the model's own forward (`Qwen2.hidden_states`, layers scanned over the one stacked copy of the weights, as
+in training). `decode` runs a static number of steps (no data-dependent loop, so no step waits on the host); the
+host (`generate`) buckets shapes, builds arrays and, between decode chunks, checks whether every row is done and
+hands new tokens to a callback (streaming) which may finish rows early (stop strings are host-side: they need text).
 
 Shapes are bucketed so a session compiles a handful of programs: the prompt length (prefill) and the batch to powers
 of two, the cache length and output buffer to powers of two. Each row of a batch has its own prompt length, sampling
@@ -31,18 +33,14 @@ from jax.sharding import NamedSharding
 
 from flax import linen as nn
 
-from qcjax import cpu_matmul, rope
 from qcjax.config import ModelConfig
-from qcjax.hf import LAYER_MAPPING
-from qcjax.model import (CACHE_LOGICAL_AXES, KERNEL_OUT_IN, DecoderLayer, Qwen2, RMSNorm, abstract_params,
-                         out_in_order)
-from qcjax.sharding import constrain, logical_to_spec
+from qcjax.model import CACHE_LOGICAL_AXES, Qwen2, abstract_params, init_cache
+from qcjax.sharding import constrain, logical_to_spec, param_shardings
 
 MIN_PREFILL_BUCKET = 16
 # Prompts longer than this prefill in chunks of it (`prefill_chunked`): a 32K-128K prompt needs one chunk's
 # activations, not the whole prompt's.
 DEFAULT_PREFILL_CHUNK = 4096
-KERNEL_LAYOUTS = ("in_out", "out_in")  # how the sampler stores projection kernels (`unstack_params`)
 
 
 # ---- what the user asks for ---------------------------------------------------------------------------------------
@@ -132,7 +130,7 @@ class Controls(NamedTuple):
 class DecodeState(NamedTuple):
     """Everything the decode loop carries (donated from step to step)."""
 
-    cache: dict  # SamplerCache: {"k","v": num_layers x [B, cache_len, KV, D], "lengths": [B]}
+    cache: dict  # the model's cache: {"k","v": [layers, B, cache_len, KV, D], "lengths": [B]}
     last: jax.Array  # [B] int32: the newest token, the next step's input
     out: jax.Array  # [B, N] int32 generated tokens (the stop token included), -1 beyond num
     num: jax.Array  # [B] int32 tokens generated so far
@@ -251,142 +249,36 @@ def sample_tokens(logits: jax.Array, controls: Controls, counts: jax.Array, kind
     return jnp.where(f.temperature > 0, categorical(x, u), greedy)
 
 
-# ---- the forward pass over per-layer params (pure) -----------------------------------------------------------------
-def default_kernel_layout(cfg: ModelConfig, mesh=None) -> str:
-    """How the sampler stores projection kernels: "out_in" ([out..., in...], `qcjax.model.KERNEL_OUT_IN`) on the CPU
-    when the CPU decode kernel will run (`qcjax.cpu_matmul`, which reads weights in that order: built, and no
-    multi-device `mesh`) or the compute is 16-bit, else "in_out" (the model's own layout). Without the kernel,
-    measured on XLA:CPU at the 0.5B shapes, alternated in one process, same greedy tokens (bench/kernel_layout.py,
-    bench/RESULTS.md): bf16 decode batch 8 +23-30%, batch 1 +9-24%, prefill +4-8%; fp32 batch 1 got slower
-    (0.61-0.69x) and batch 8 no faster. (The kernel takes <= 8 rows: fp32 decode batches above 8 run XLA's dots
-    on the "out_in" layout.)"""
-    if jax.default_backend() != "cpu":
-        return "in_out"
-    kernel = cpu_matmul.available() and (mesh is None or mesh.size == 1)
-    return "out_in" if jnp.dtype(cfg.dtype).itemsize == 2 or kernel else "in_out"
+# ---- the model, as the sampler runs it (pure) -----------------------------------------------------------------------
+def place_params(cfg: ModelConfig, params: Any, mesh=None) -> Any:
+    """The model's params (stacked layers, as trained and checkpointed) placed on `mesh` by the logical-axis rules;
+    as they are without a mesh. The sampler runs on this one copy: nothing is unstacked or transposed."""
+    if mesh is None:
+        return params
+    return jax.device_put(params, param_shardings(abstract_params(cfg), mesh))
 
 
-def _projection_in_dims() -> dict[tuple[str, ...], int]:
-    """(module path in a layer) -> how many leading kernel dims are inputs, from the HF mapping's "linear:N" rows."""
-    return {path[1:-1]: int(kind.split(":")[1]) for _, path, kind in LAYER_MAPPING if kind.startswith("linear:")}
-
-
-def _with_out_in_kernels(layer: dict, move: Callable[[Any, int], Any]) -> dict:
-    """A copy of one layer's tree with each projection's "kernel" replaced by KERNEL_OUT_IN = move(kernel, n_in)."""
-    layer = jax.tree.map(lambda x: x, layer, is_leaf=lambda x: not isinstance(x, dict))  # copy the dicts
-    for path, n_in in _projection_in_dims().items():
-        mod = functools.reduce(lambda d, k: d[k], path, layer)
-        mod[KERNEL_OUT_IN] = move(mod.pop("kernel"), n_in)
-    return layer
-
-
-def _transpose_out_in(x: jax.Array, n_in: int) -> jax.Array:
-    return jnp.transpose(x, out_in_order(range(x.ndim), n_in))
-
-
-def unstack_params(cfg: ModelConfig, params: Any, mesh=None, kernel_layout: str | None = None) -> dict:
-    """The sampler's param layout: the model's stacked "layers" subtree split into one tree per layer, with the
-    projection kernels in `kernel_layout` ("in_out" or "out_in"; None: `default_kernel_layout`).
-
-    Why per layer: the model scans over layers, and inside a scan XLA:CPU copies every layer's weights out of the
-    stacked array before each matmul (a dynamic slice cannot feed a dot in place): a decode step then moves ~3x the
-    weight bytes. Measured at the 0.5B shapes (24 x [896, 4864] fp32): scan 163 ms, static slices of the stacked
-    array 664 ms, separate per-layer arrays 92 ms. Params already in this layout are returned as they are (placed
-    on `mesh` if given). The math is the model's own: `_forward` applies the model's DecoderLayer to each layer.
-    """
-    if isinstance(params["layers"], (list, tuple)):
-        layout = "out_in" if KERNEL_OUT_IN in params["layers"][0]["mlp"]["up_proj"] else "in_out"
-        if kernel_layout is not None and kernel_layout != layout:
-            raise ValueError(f"kernel_layout={kernel_layout!r}, but these params are already unstacked with "
-                             f"{layout!r} kernels; unstack the model's stacked params instead")
-        return params if mesh is None else jax.device_put(params, sampler_param_shardings(cfg, mesh, layout))
-    layout = kernel_layout or default_kernel_layout(cfg, mesh)
-    if layout not in KERNEL_LAYOUTS:
-        raise ValueError(f"kernel_layout={layout!r}: expected one of {KERNEL_LAYOUTS}")
-    out = {k: v for k, v in params.items() if k != "layers"}
-    layers = []
-    for i in range(cfg.num_layers):
-        layer = jax.tree.map(lambda x: x[i], params["layers"])
-        layers.append(_with_out_in_kernels(layer, _transpose_out_in) if layout == "out_in" else layer)
-    out["layers"] = tuple(layers)
-    if mesh is not None:
-        out = jax.device_put(out, sampler_param_shardings(cfg, mesh, layout))
-    return out
-
-
-def sampler_param_shardings(cfg: ModelConfig, mesh, kernel_layout: str = "in_out") -> dict:
-    """Per-layer shardings by the logical-axis rules (the stacked rule minus its leading "layers" axis); an
-    "out_in" kernel takes its axis names in the same order as its dims. Pass the layout the params were unstacked
-    with (the default is the model's own, as the TPU compile path builds them; `unstack_params` picks its own)."""
-    boxed = abstract_params(cfg)
-    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
-
-    def place(names, shape):
-        return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
-
-    out = {k: jax.tree.map(lambda b: place(b.names, b.value.shape), v, is_leaf=is_box)
-           for k, v in boxed.items() if k != "layers"}
-
-    def unstacked(b):  # a stacked param's box -> one layer's
-        return b.replace(value=jax.ShapeDtypeStruct(b.value.shape[1:], b.value.dtype), names=b.names[1:])
-
-    def flip(b, n):  # an [in..., out...] kernel's box -> its [out..., in...] form
-        shape, names = out_in_order(b.value.shape, n), out_in_order(b.names, n)
-        return b.replace(value=jax.ShapeDtypeStruct(shape, b.value.dtype), names=names)
-
-    layer = jax.tree.map(unstacked, boxed["layers"], is_leaf=is_box)
-    if kernel_layout == "out_in":
-        layer = _with_out_in_kernels(layer, flip)
-    layer = jax.tree.map(lambda b: place(b.names, b.value.shape), layer, is_leaf=is_box)
-    out["layers"] = (layer,) * cfg.num_layers
-    return out
-
-
-# The KV cache in the sampler: the model's cache (init_cache) with one array per layer instead of a stacked one, for
-# the reason of `unstack_params` (a layer slice of a stacked array is a copy per step on XLA:CPU).
-SamplerCache = dict  # {"k","v": tuple of num_layers [B, cache_len, KV, D], "lengths": [B] int32}
-_LAYER_CACHE_AXES = CACHE_LOGICAL_AXES["k"][1:]  # ("cache_batch", "cache_length", "act_kv_heads", "act_head_dim")
-
-
-def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-             cache: SamplerCache, only: jax.Array | None = None, rope_tables: tuple[jax.Array, jax.Array] | None = None
-             ) -> tuple[jax.Array, SamplerCache]:
-    """`Qwen2.hidden_states` with a cache, over per-layer params: the same embedding, rotary tables, cache
-    bookkeeping (new tokens at each row's length; padding, segment 0, does not count) and the model's own
-    DecoderLayer and final norm, in a Python loop over layers. tokens/positions/segment_ids [B, T] ->
-    final-norm hidden states [B, T, E] and the updated cache.
-
-    With `only` [B] the hidden states are [B, 1, E] at that position of each row: the last layer runs its queries,
-    attention, o_proj and MLP on that position alone (every layer still writes every position's keys and values).
-    A prompt's logits are read at one position, so the rest of its last layer was work nothing used: 1/24 of the
-    0.5B prefill.
-
-    rope_tables: `rope.prompt_cos_sin` [T, D] pair for positions 0..T-1 in every row, read instead of computed."""
-    x = jnp.take(params["embed"], tokens, axis=0).astype(cfg.dtype)
-    x = constrain(x, ("act_batch", "act_length", "act_embed"))
-    if rope_tables is None:
-        cos, sin = rope.cos_sin(cfg, positions)
-    else:
-        cos, sin = (jnp.broadcast_to(a[None], positions.shape + a.shape[-1:]) for a in rope_tables)
-    q_offset = cache["lengths"]
-    new_lengths = q_offset + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
-    q_seg = (segment_ids != 0).astype(jnp.int32)
-    kv_seg = (jnp.arange(cache["k"][0].shape[1])[None, :] < new_lengths[:, None]).astype(jnp.int32)
-    layer = DecoderLayer(cfg)
-    ks, vs = [], []
-    for i, lp in enumerate(params["layers"]):
-        last = only if i == len(params["layers"]) - 1 else None
-        x, (k, v) = layer.apply({"params": lp}, x, (cache["k"][i], cache["v"][i]), cos, sin, q_seg, kv_seg, q_offset,
-                                last)
-        ks.append(constrain(k, _LAYER_CACHE_AXES))
-        vs.append(constrain(v, _LAYER_CACHE_AXES))
-    hidden = RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
-    return hidden, {"k": tuple(ks), "v": tuple(vs), "lengths": new_lengths}
+def _hidden(cfg: ModelConfig, params: Any, tokens: jax.Array, segment_ids: jax.Array, cache: dict
+            ) -> tuple[jax.Array, dict]:
+    """The model's own forward with a cache (`Qwen2.hidden_states`: layers scanned over the stacked params, each
+    row continuing at its cache length; padding, segment 0, is written past the length and never counted).
+    tokens/segment_ids [B, T] -> final-norm hidden states [B, T, E] and the updated cache."""
+    return Qwen2(cfg).apply({"params": params}, tokens, None, segment_ids, cache, method=Qwen2.hidden_states)
 
 
 def _head(cfg: ModelConfig, params: dict, hidden: jax.Array) -> jax.Array:
     """The model's own head: hidden [B, T, E] -> float32 logits [B, T, V]."""
     return Qwen2(cfg).apply({"params": params}, hidden, method=Qwen2.head)
+
+
+def _empty_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> dict:
+    cache = init_cache(cfg, batch, length, dtype)  # {"k","v": [layers, batch, length, kv_heads, head_dim]}
+    return {k: constrain(v, CACHE_LOGICAL_AXES[k]) for k, v in cache.items()}
+
+
+def _at(hidden: jax.Array, index: jax.Array) -> jax.Array:
+    """hidden [B, T, E] at one position per row index [B] -> [B, 1, E]."""
+    return jnp.take_along_axis(hidden, index[:, None, None], axis=1)
 
 
 # ---- prefill and decode (pure, jitted) -----------------------------------------------------------------------------
@@ -407,31 +299,25 @@ def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kinds", "batch", "cache_len", "cache_dtype", "out_len"))
 def prefill(cfg: ModelConfig, kinds: FilterKinds, params: Any, tokens: jax.Array, lengths: jax.Array,
-            controls: Controls, rope_tables: tuple[jax.Array, jax.Array], *, batch: int, cache_len: int,
-            cache_dtype: Any, out_len: int) -> DecodeState:
+            controls: Controls, *, batch: int, cache_len: int, cache_dtype: Any, out_len: int) -> DecodeState:
     """Run the right-padded prompts tokens [P, T] (row b's real tokens: its first lengths[b]) and draw every row's
     first token from its last prompt position. Returns the decode state for `batch` >= P rows (rows P.. are batch
     padding, done from the start) with a cache of `cache_len` slots.
 
     The prompts attend within a T-slot cache (self-attention: q_len == kv_len, the form the training kernels take),
-    which is then widened to cache_len: measured at the 0.5B shapes, attending over a 1024-slot cache costs ~2x
-    the 512 slots the prompt needs. Only the P prompt rows run through the model; the head runs on `batch` rows
-    (bf16 on the CPU is slow at 1 row, see `default_min_batch`). rope_tables: `rope.prompt_cos_sin(cfg, T)`."""
+    which is then widened to cache_len. Only the P prompt rows run through the model; the head runs on one
+    position of each of the `batch` rows."""
     p, t = tokens.shape
-    shape = (p, t, cfg.num_kv_heads, cfg.dim_per_head)
-    empty = jnp.zeros(shape, cache_dtype)
-    cache = {"k": (empty,) * cfg.num_layers, "v": (empty,) * cfg.num_layers, "lengths": jnp.zeros((p,), jnp.int32)}
     segs = (jnp.arange(t)[None, :] < lengths[:, None]).astype(jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (p, t))
-    last, cache = _forward(cfg, params, tokens, positions, segs, cache, only=jnp.maximum(lengths - 1, 0),
-                           rope_tables=rope_tables)  # [P, 1, E]
-    logits = _head(cfg, params, _pad_rows(last, batch))[:, 0]  # only the last position: [batch, V]
+    hidden, cache = _hidden(cfg, params, tokens, segs, _empty_cache(cfg, p, t, cache_dtype))
+    last = _at(hidden, jnp.maximum(lengths - 1, 0))  # [P, 1, E]
+    logits = _head(cfg, params, _pad_rows(last, batch))[:, 0]  # [batch, V]
 
-    def widen(x):  # [P, T, KV, D] -> [batch, cache_len, KV, D]
-        x = jnp.pad(x, ((0, batch - p), (0, cache_len - t), (0, 0), (0, 0)))
-        return constrain(x, _LAYER_CACHE_AXES)
+    def widen(name):  # [L, P, T, KV, D] -> [L, batch, cache_len, KV, D]
+        x = jnp.pad(cache[name], ((0, 0), (0, batch - p), (0, cache_len - t), (0, 0), (0, 0)))
+        return constrain(x, CACHE_LOGICAL_AXES[name])
 
-    cache = {"k": tuple(map(widen, cache["k"])), "v": tuple(map(widen, cache["v"])),
+    cache = {"k": widen("k"), "v": widen("v"),
              "lengths": constrain(_pad_rows(cache["lengths"], batch), CACHE_LOGICAL_AXES["lengths"])}
     return _first_token(kinds, cache, logits, controls, out_len)
 
@@ -467,23 +353,18 @@ def prefill_chunked(cfg: ModelConfig, kinds: FilterKinds, params: Any, tokens: j
         raise ValueError(f"prefill_chunked: prompt bucket {t} must be a multiple of chunk {chunk} and fit the cache "
                          f"({cache_len} slots)")
     tokens, lengths = _pad_rows(tokens, batch), _pad_rows(lengths, batch)  # batch-padding rows: length 0
-    empty = constrain(jnp.zeros((batch, cache_len, cfg.num_kv_heads, cfg.dim_per_head), cache_dtype),
-                      _LAYER_CACHE_AXES)
-    cache = {"k": (empty,) * cfg.num_layers, "v": (empty,) * cfg.num_layers,
-             "lengths": constrain(jnp.zeros((batch,), jnp.int32), CACHE_LOGICAL_AXES["lengths"])}
+    cache = _empty_cache(cfg, batch, cache_len, cache_dtype)
     last_index = jnp.maximum(lengths - 1, 0)  # [batch] each row's last prompt position
 
     def body(i, carry):
         cache, last = carry
         start = i * chunk
         toks = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)  # [batch, chunk]
-        index = start + jnp.arange(chunk, dtype=jnp.int32)[None, :]
-        segs = (index < lengths[:, None]).astype(jnp.int32)
-        positions = cache["lengths"][:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
-        here = jnp.clip(last_index - start, 0, chunk - 1)
-        hidden, cache = _forward(cfg, params, toks, positions, segs, cache, only=here)  # [batch, 1, E]
+        segs = ((start + jnp.arange(chunk, dtype=jnp.int32))[None, :] < lengths[:, None]).astype(jnp.int32)
+        hidden, cache = _hidden(cfg, params, toks, segs, cache)
+        here = _at(hidden, jnp.clip(last_index - start, 0, chunk - 1))  # [batch, 1, E]
         mine = (last_index >= start) & (last_index < start + chunk)
-        return cache, jnp.where(mine[:, None, None], hidden, last)
+        return cache, jnp.where(mine[:, None, None], here, last)
 
     last = jnp.zeros((batch, 1, cfg.hidden_size), cfg.dtype)
     cache, last = jax.lax.fori_loop(0, t // chunk, body, (cache, last))
@@ -494,22 +375,18 @@ def prefill_chunked(cfg: ModelConfig, kinds: FilterKinds, params: Any, tokens: j
 def decode_step(cfg: ModelConfig, kinds: FilterKinds, params: Any, s: DecodeState, c: Controls) -> DecodeState:
     """One token for every row: feed `last`, draw the next. Finished rows feed padding (their cache stays put)."""
     running = (~s.done).astype(jnp.int32)[:, None]  # [B, 1] segment ids: 0 = padding
-    positions = s.cache["lengths"][:, None]
-    hidden, cache = _forward(cfg, params, s.last[:, None], positions, running, s.cache)
+    hidden, cache = _hidden(cfg, params, s.last[:, None], running, s.cache)
     s = s._replace(cache=cache, steps=s.steps + 1)
     return _record(s, sample_tokens(_head(cfg, params, hidden)[:, 0], c, s.num, kinds), c)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kinds"), donate_argnames=("state",))
-def decode(cfg: ModelConfig, kinds: FilterKinds, params: Any, state: DecodeState, controls: Controls,
-           until: jax.Array) -> DecodeState:
-    """Decode steps in a while_loop until state.steps == until or every row is done (until is traced: any chunk
-    size reuses one program)."""
-    return jax.lax.while_loop(
-        lambda s: (s.steps < until) & ~jnp.all(s.done),
-        lambda s: decode_step(cfg, kinds, params, s, controls),
-        state,
-    )
+@functools.partial(jax.jit, static_argnames=("cfg", "kinds", "steps"), donate_argnames=("state",))
+def decode(cfg: ModelConfig, kinds: FilterKinds, params: Any, state: DecodeState, controls: Controls, *,
+           steps: int) -> DecodeState:
+    """`steps` decode steps: a loop with a static trip count, so no step waits on the host (a data-dependent loop
+    condition is copied to the host every iteration on GPU). Rows that finish ride along as padding; the host
+    checks for the end between calls (`generate`)."""
+    return jax.lax.fori_loop(0, steps, lambda _, s: decode_step(cfg, kinds, params, s, controls), state)
 
 
 # ---- the CPU path ------------------------------------------------------------------------------------------------------
@@ -688,7 +565,7 @@ def check_prefill_chunk(chunk: int) -> int:
 
 def start(cfg: ModelConfig, params: dict, p: Plan, controls: Controls, cache_dtype: Any = jnp.bfloat16, mesh=None,
           prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> DecodeState:
-    """Prefill the plan's prompts into a fresh cache and draw each row's first token (params: `unstack_params`).
+    """Prefill the plan's prompts into a fresh cache and draw each row's first token (params: `place_params`).
     Prompt buckets longer than `prefill_chunk` tokens prefill in chunks of that length (`prefill_chunked`)."""
     chunk = check_prefill_chunk(prefill_chunk)
     if p.tokens.shape[1] > chunk:
@@ -697,9 +574,7 @@ def start(cfg: ModelConfig, params: dict, p: Plan, controls: Controls, cache_dty
                                cache_len=p.cache_len, cache_dtype=jnp.dtype(cache_dtype), out_len=p.out_len,
                                chunk=chunk)
     return prefill(cfg, p.kinds, params, _place(p.tokens, ("cache_batch", None), mesh),
-                   _place(p.lengths, ("cache_batch",), mesh), controls,
-                   tuple(_place(a, (None, None), mesh) for a in rope.prompt_cos_sin(cfg, p.tokens.shape[1])),
-                   batch=p.batch, cache_len=p.cache_len,
+                   _place(p.lengths, ("cache_batch",), mesh), controls, batch=p.batch, cache_len=p.cache_len,
                    cache_dtype=jnp.dtype(cache_dtype), out_len=p.out_len)
 
 
@@ -728,18 +603,18 @@ def generate(
     seed: int | Sequence[int] = 0,
     cache_dtype: Any = jnp.bfloat16,
     mesh=None,
-    chunk: int = 8,
+    chunk: int = 16,
     on_chunk: Callable[[list[list[int]]], Sequence[int] | None] | None = None,
     min_batch: int | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> list[Completion]:
     """Generate for a batch of token prompts, each with its own length, limit, filters, stop set and seed.
 
-    params: the model's params (stacked layers) or `unstack_params` output (do that once when calling often).
+    params: the model's params (stacked layers, on `mesh` already or placed there by `place_params`).
     stop_tokens: ids shared by every row, or one collection per row. on_chunk(new_tokens) is called after
     prefill and then every `chunk` decode steps with each row's tokens since the last call (stop tokens
-    included); it may return row indices to finish now (e.g. a stop string appeared in the text). Without
-    on_chunk the whole decode is one device call. mesh: run on a (data, fsdp, tensor) mesh: params by the
+    included); it may return row indices to finish now (e.g. a stop string appeared in the text). The host checks
+    for the end once per chunk either way (a finished batch wastes at most chunk - 1 steps). mesh: run on a (data, fsdp, tensor) mesh: params by the
     logical-axis rules, the cache by CACHE_LOGICAL_AXES (kv heads over tensor, batch over data/fsdp).
     min_batch: pad the batch to at least this many rows (default: `default_min_batch`).
     prefill_chunk: prompt buckets longer than this prefill in chunks of this many tokens (a power of two).
@@ -748,15 +623,16 @@ def generate(
         min_batch = default_min_batch(cfg)
     p = plan(cfg, prompts, max_new_tokens, sampling, stop_tokens, seed, min_batch)
     with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-        params = unstack_params(cfg, params, mesh)
+        params = place_params(cfg, params, mesh)
         controls = controls_for(p, mesh)
         state = start(cfg, params, p, controls, cache_dtype, mesh, prefill_chunk)
         forced: set[int] = set()
-        if on_chunk is None:
-            state = decode(cfg, p.kinds, params, state, controls, jnp.int32(p.out_len))
-        else:
-            seen = np.zeros(p.n, np.int64)
-            while True:
+        steps = max(1, int(chunk))
+        seen = np.zeros(p.n, np.int64)
+        while True:  # one host check per chunk of `steps` decode steps
+            if on_chunk is None:
+                done = np.asarray(jax.device_get(state.done))
+            else:
                 out, num, done = jax.device_get((state.out, state.num, state.done))
                 new = [out[i, seen[i]: num[i]].tolist() for i in range(p.n)]
                 seen = num[: p.n].astype(np.int64)
@@ -767,9 +643,9 @@ def generate(
                     mask[sorted(finish)] = True
                     done = done | mask
                     state = state._replace(done=_place(done, ("cache_batch",), mesh))
-                if done.all():
-                    break
-                state = decode(cfg, p.kinds, params, state, controls, state.steps + max(1, int(chunk)))
+            if done.all():
+                break
+            state = decode(cfg, p.kinds, params, state, controls, steps=steps)
         out, num = jax.device_get((state.out, state.num))
     return completions(p, out, num, forced)
 

@@ -413,7 +413,7 @@ def predict_train_bytes(cfg: ModelConfig, n_chips: int, rows_per_chip: int, seq_
 # ---- the sampler ---------------------------------------------------------------------------------------------------
 def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, context: int, max_new_tokens: int,
                     mesh_shape: dict[str, int] | None = None, cache_dtype: Any = jnp.bfloat16, sampling=None,
-                    prefill_chunk: int | None = None) -> CompileReport:
+                    prefill_chunk: int | None = None, decode_steps: int = 16) -> CompileReport:
     """Compile the sampler's prefill and decode for `batch` rows of `context` tokens (a prompt of context -
     max_new_tokens, bucketed exactly as `sampler.plan` buckets it) on a TPU slice. cfg's dtypes are the run's.
     Prompt buckets over `prefill_chunk` (default: the sampler's) compile the chunked prefill, as `sampler.start`
@@ -422,7 +422,7 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
 
     from qcjax import sampler as S
     from qcjax.model import abstract_params
-    from qcjax.sharding import logical_to_spec
+    from qcjax.sharding import logical_to_spec, param_shardings
 
     topo = parse_topology(topology) if isinstance(topology, str) else topology
     if batch < 1:
@@ -439,15 +439,11 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
                                                                                                     mesh)))
 
     with jax.set_mesh(mesh):
-        shapes = nn.meta.unbox(abstract_params(cfg))
-        layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), shapes["layers"])
-        shapes = {**{k: v for k, v in shapes.items() if k != "layers"}, "layers": (layer,) * cfg.num_layers}
-        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
-                              S.sampler_param_shardings(cfg, mesh))
+        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              nn.meta.unbox(abstract_params(cfg)), param_shardings(abstract_params(cfg), mesh))
         controls = jax.tree.map(place, jax.eval_shape(lambda: S.controls_for(p)))
         tokens, lengths = place(jax.ShapeDtypeStruct(p.tokens.shape, jnp.int32)), place(
             jax.ShapeDtypeStruct(p.lengths.shape, jnp.int32))
-        tables = (place(jax.ShapeDtypeStruct((p.tokens.shape[1], cfg.dim_per_head), jnp.float32), (None, None)),) * 2
         kw = dict(batch=p.batch, cache_len=p.cache_len, cache_dtype=jnp.dtype(cache_dtype), out_len=p.out_len)
         chunk = S.check_prefill_chunk(prefill_chunk or S.DEFAULT_PREFILL_CHUNK)
         if p.tokens.shape[1] > chunk:
@@ -455,14 +451,14 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
                                             (cfg, p.kinds, params, tokens, lengths, controls), {**kw, "chunk": chunk},
                                             topo.hbm_bytes)
         else:
-            pre, compiled = compile_program("prefill", S.prefill, (cfg, p.kinds, params, tokens, lengths, controls,
-                                                                   tables), kw, topo.hbm_bytes)
+            pre, compiled = compile_program("prefill", S.prefill, (cfg, p.kinds, params, tokens, lengths, controls),
+                                            kw, topo.hbm_bytes)
         programs = [pre]
         if compiled is not None:  # decode takes the state as prefill leaves it
             state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                                  compiled.out_info)
-            until = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
-            programs.append(compile_program("decode", S.decode, (cfg, p.kinds, params, state, controls, until), None,
+            programs.append(compile_program(f"decode ({decode_steps} steps a call)", S.decode,
+                                            (cfg, p.kinds, params, state, controls), {"steps": decode_steps},
                                             topo.hbm_bytes)[0])
     setup = [f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, params "
              f"{cfg.param_dtype}, compute {cfg.dtype}, KV cache {jnp.dtype(cache_dtype).name}",

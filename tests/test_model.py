@@ -170,20 +170,23 @@ def test_cache_refuses_rows_that_are_not_one_sequence(segs):
                          init_cache(cfg, 1, 8, jnp.float32))
 
 
-def test_bf16_cache_write_is_exact_and_never_widened_to_fp32():
-    """Each row's new keys land at its own offset, bit for bit, and the CPU program moves 16-bit values only (a bf16
-    scatter on XLA:CPU otherwise converts the whole cache to fp32 and back on every decode step)."""
+def test_bf16_cache_write_is_exact_in_place_and_never_widened_to_fp32():
+    """Each row's new keys land in the given layer at the row's own offset, bit for bit (past the end: dropped), in
+    the buffer passed in, and the CPU program moves 16-bit values only (a bf16 scatter on XLA:CPU otherwise converts
+    the whole cache to fp32 and back on every decode step)."""
     rng = np.random.default_rng(0)
-    cache = jnp.asarray(rng.normal(size=(3, 16, 2, 8)), jnp.bfloat16)  # [batch, len, kv_heads, head_dim]
+    cache = jnp.asarray(rng.normal(size=(2, 3, 16, 2, 8)), jnp.bfloat16)  # [layers, batch, len, kv_heads, head_dim]
     new = jnp.asarray(rng.normal(size=(3, 2, 2, 8)), jnp.bfloat16)
-    at = np.array([0, 5, 14])
+    at = np.array([0, 5, 15])
     want = np.array(cache)
     for b in range(3):
-        want[b, at[b]: at[b] + 2] = np.array(new)[b]
-    write = jax.jit(write_cache)
-    np.testing.assert_array_equal(np.array(write(cache, new, at)).view(np.uint16), want.view(np.uint16))
-    hlo = write.lower(cache, new, at).compile().as_text()
-    assert "f32[3,16,2,8]" not in hlo, "the compiled write widens the cache to fp32"
+        n = min(2, 16 - at[b])
+        want[1, b, at[b]: at[b] + n] = np.array(new)[b, :n]
+    write = jax.jit(write_cache, donate_argnums=0)
+    hlo = write.lower(cache, new, 1, at).compile().as_text()
+    assert "f32[2,3,16,2,8]" not in hlo, "the compiled write widens the cache to fp32"
+    assert "copy(" not in hlo.split("ENTRY")[1], "the compiled write copies the cache"
+    np.testing.assert_array_equal(np.array(write(cache, new, 1, at)).view(np.uint16), want.view(np.uint16))
 
 
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "minimal"])

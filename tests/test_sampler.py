@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qcjax import rope, sampler as S
+from qcjax import sampler as S
 from qcjax.config import ModelConfig
-from qcjax.model import KERNEL_OUT_IN
 from qcjax.sampler import SamplingParams, generate
 
 from conftest import hf_model, params_from_hf
@@ -65,55 +64,53 @@ def test_greedy_batch_of_different_lengths_equals_transformers_per_prompt():
         assert g.tokens == hf_greedy(model, p, n)
 
 
-def test_the_prompts_last_layer_runs_only_at_each_rows_last_position():
-    cfg, _, params = hf_and_params(CFG_TIED)
-    params = S.unstack_params(cfg, params)
-    lengths = jnp.asarray([16, 9])
-    tokens = jnp.asarray(prompts_of(cfg, [16, 16]))
-    segs = (jnp.arange(16)[None] < lengths[:, None]).astype(jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
-    empty = jnp.zeros((2, 16, cfg.num_kv_heads, cfg.dim_per_head), jnp.float32)
-    cache = {"k": (empty,) * cfg.num_layers, "v": (empty,) * cfg.num_layers, "lengths": jnp.zeros(2, jnp.int32)}
-
-    def forward(only):
-        return jax.jit(lambda t: S._forward(cfg, params, t, positions, segs, cache, only))
-
-    full_hidden, full_cache = forward(None)(tokens)
-    hidden, pruned_cache = forward(lengths - 1)(tokens)
-    assert hidden.shape == (2, 1, cfg.hidden_size)
-    want = jnp.take_along_axis(full_hidden, (lengths - 1)[:, None, None], axis=1)
-    np.testing.assert_allclose(hidden, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
-    for a, b in zip(jax.tree.leaves(full_cache), jax.tree.leaves(pruned_cache)):
-        np.testing.assert_array_equal(a, b)  # every position's keys and values, as before
-    # the work skipped: the last layer's q/o projections and MLP on 15 of each row's 16 positions
-    full, pruned = (forward(o).lower(tokens).compile().cost_analysis()["flops"] for o in (None, lengths - 1))
-    e, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.dim_per_head
-    assert full - pruned >= 2 * 15 * 2 * (3 * e * i + 2 * e * hd)
-
-
-def test_prefill_reads_the_rotary_tables_instead_of_computing_them():
-    # computed inside the program, XLA:CPU fused sin/cos into every layer's rotation (once per head and layer)
-    cfg, _, params = hf_and_params(CFG_TIED)
-    params = S.unstack_params(cfg, params)
-    cos, sin = rope.prompt_cos_sin(cfg, 16)
-    want = rope.cos_sin(cfg, jnp.arange(16)[None])
-    np.testing.assert_array_equal(cos, want[0][0])
-    np.testing.assert_array_equal(sin, want[1][0])
+def _decode_hlo(cfg, params, lowered_only=False):
     plan = S.plan(cfg, prompts_of(cfg, [16, 9]), max_new_tokens=4)
-    hlo = S.prefill.lower(cfg, plan.kinds, params, jnp.asarray(plan.tokens), jnp.asarray(plan.lengths),
-                          S.controls_for(plan), (cos, sin), batch=plan.batch, cache_len=plan.cache_len,
-                          cache_dtype=jnp.float32, out_len=plan.out_len).compile().as_text()
-    assert " sine(" not in hlo and " cosine(" not in hlo
-    assert " cosine(" in S.decode.lower(cfg, plan.kinds, params, S.start(cfg, params, plan, S.controls_for(plan),
-                                                                        jnp.float32),
-                                        S.controls_for(plan), jnp.int32(4)).compile().as_text()  # the check can fail
+    c = S.controls_for(plan)
+    state = jax.eval_shape(lambda: S.start(cfg, params, plan, c, jnp.float32))
+    lowered = S.decode.lower(cfg, plan.kinds, params, state, c, steps=4)
+    return lowered.as_text() if lowered_only else lowered.compile()
+
+
+def test_decode_runs_a_static_number_of_steps_with_no_data_dependent_loop():
+    cfg, _, params = hf_and_params(CFG_TIED)
+    hlo = _decode_hlo(cfg, params).as_text()
+    whiles = [line for line in hlo.splitlines() if " while(" in line]
+    assert whiles  # the step loop and the layer scan inside it
+    assert all('"known_trip_count"' in line for line in whiles), [w for w in whiles if "known_trip_count" not in w]
+
+
+def _abstract_params(cfg):
+    from qcjax.model import init_params
+
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def test_decode_program_does_not_grow_with_depth():
+    """The layers are scanned over the stacked params, as in training: 32 layers lower to the program of 2."""
+    size = {n: len(_decode_hlo(CFG_TIED.replace(num_layers=n), _abstract_params(CFG_TIED.replace(num_layers=n)),
+                               lowered_only=True)) for n in (2, 32)}
+    assert size[32] <= 1.02 * size[2], size
+
+
+def test_decode_holds_the_weights_once():
+    """The decode program takes the stacked weights as they are and copies none of them whole: its temporaries stay
+    below one layer's weights plus the cache (the step's activations are tiny here)."""
+    cfg = CFG_TIED.replace(num_layers=8, intermediate_size=1024)
+    params = _abstract_params(cfg)
+    mem = _decode_hlo(cfg, params).memory_analysis()
+    nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))  # noqa: E731
+    one_layer = nbytes(params["layers"]) // cfg.num_layers
+    plan = S.plan(cfg, prompts_of(cfg, [16, 9]), max_new_tokens=4)
+    cache = 2 * cfg.num_layers * plan.batch * plan.cache_len * cfg.num_kv_heads * cfg.dim_per_head * 4
+    assert mem.argument_size_in_bytes >= nbytes(params) + cache
+    assert mem.temp_size_in_bytes < one_layer + cache, (mem.temp_size_in_bytes, one_layer, cache)
 
 
 def test_chunked_prefill_gives_the_one_shot_cache_and_first_logits(monkeypatch):
     """A long prompt prefilled 16 tokens at a time, each chunk attending to the cache so far, fills the same cache
     and gives the same last-position logits as the one-shot prefill, for ragged rows ending in different chunks."""
     cfg, _, params = hf_and_params(CFG_UNTIED)
-    params = S.unstack_params(cfg, params)
     plan = S.plan(cfg, prompts_of(cfg, [64, 37, 5, 16], seed=4), max_new_tokens=4)
     controls = S.controls_for(plan)
     kw = dict(batch=plan.batch, cache_len=plan.cache_len, cache_dtype=jnp.float32, out_len=plan.out_len)
@@ -132,7 +129,7 @@ def test_chunked_prefill_gives_the_one_shot_cache_and_first_logits(monkeypatch):
         state = fn.__wrapped__(cfg, plan.kinds, params, tokens, lengths, controls, **extra, **kw)
         return state, seen["logits"]
 
-    one, one_logits = first_logits(S.prefill, rope_tables=rope.prompt_cos_sin(cfg, 64))
+    one, one_logits = first_logits(S.prefill)
     chunked, chunked_logits = first_logits(S.prefill_chunked, chunk=16)
     scale = np.max(np.abs(one_logits))
     np.testing.assert_allclose(chunked_logits, one_logits, rtol=1e-5, atol=1e-5 * scale)
@@ -301,8 +298,7 @@ def test_greedy_ties_pick_the_first_maximum_like_torch():
 CFG_TP = CFG_UNTIED.replace(num_heads=16, num_kv_heads=8, hidden_size=128)  # heads and kv heads split 8 ways
 
 
-@pytest.mark.parametrize("layout", S.KERNEL_LAYOUTS)
-def test_tensor_parallel_mesh_of_8_devices_gives_the_same_tokens_as_one_device(layout):
+def test_tensor_parallel_mesh_of_8_devices_gives_the_same_tokens_as_one_device():
     from qcjax.sharding import make_mesh
 
     cfg, _, params = hf_and_params(CFG_TP)
@@ -310,13 +306,12 @@ def test_tensor_parallel_mesh_of_8_devices_gives_the_same_tokens_as_one_device(l
     one = generate(cfg, params, prompts, max_new_tokens=32, cache_dtype=jnp.float32)
     mesh = make_mesh({"tensor": 8})
     with jax.set_mesh(mesh):
-        placed = S.unstack_params(cfg, params, mesh, kernel_layout=layout)
+        placed = S.place_params(cfg, params, mesh)
     many = generate(cfg, placed, prompts, max_new_tokens=32, cache_dtype=jnp.float32, mesh=mesh)
-    attn = placed["layers"][0]["attn"]  # heads over tensor, wherever the layout puts the heads axis
-    name, heads_first = ("kernel", False) if layout == "in_out" else (KERNEL_OUT_IN, True)
+    attn = placed["layers"]["attn"]  # stacked [layers, ...]: heads over tensor
     spec = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))  # noqa: E731
-    assert spec(attn["q_proj"][name]) == (("tensor", None, None) if heads_first else (None, "tensor", None))
-    assert spec(attn["o_proj"][name]) == ((None, "tensor", None) if heads_first else ("tensor", None, None))
+    assert spec(attn["q_proj"]["kernel"]) == (None, None, "tensor", None)
+    assert spec(attn["o_proj"]["kernel"]) == (None, "tensor", None, None)
     assert len(set(one[0].tokens)) > 3
     assert [c.tokens for c in many] == [c.tokens for c in one]
 
@@ -328,54 +323,11 @@ def test_cache_is_sharded_kv_heads_over_tensor_and_batch_over_data():
     mesh = make_mesh({"data": 2, "tensor": 4})
     p = S.plan(cfg, prompts_of(cfg, [3, 5]), max_new_tokens=4)
     with jax.set_mesh(mesh):
-        params = S.unstack_params(cfg, params, mesh)
+        params = S.place_params(cfg, params, mesh)
         state = S.start(cfg, params, p, S.controls_for(p, mesh), jnp.bfloat16, mesh)
-    k = state.cache["k"][0]
+    k = state.cache["k"]  # [layers, batch, length, kv_heads, head_dim]
     assert k.dtype == jnp.bfloat16
-    assert tuple(k.sharding.spec) + (None,) * (4 - len(k.sharding.spec)) == ("data", None, "tensor", None)
-
-
-# ---- kernel layout ----------------------------------------------------------------------------------------------
-def test_out_in_kernels_are_the_hf_weights_and_give_transformers_greedy_tokens():
-    cfg, model, params = hf_and_params(CFG_UNTIED)
-    flipped = S.unstack_params(cfg, params, kernel_layout="out_in")
-    hf_layer = model.model.layers[1]
-    np.testing.assert_array_equal(flipped["layers"][1]["mlp"]["down_proj"][KERNEL_OUT_IN],
-                                  hf_layer.mlp.down_proj.weight.detach().numpy())  # HF stores [out, in]
-    q = flipped["layers"][1]["attn"]["q_proj"][KERNEL_OUT_IN]  # [heads, head_dim, embed]
-    np.testing.assert_array_equal(q.reshape(cfg.hidden_size, -1), hf_layer.self_attn.q_proj.weight.detach().numpy())
-    prompt = prompts_of(cfg, [11], seed=3)[0]
-    [got] = generate(cfg, flipped, [prompt], max_new_tokens=NEW, cache_dtype=jnp.float32)
-    assert got.tokens == hf_greedy(model, prompt, NEW)
-
-
-def test_on_the_cpu_kernels_are_stored_out_in_for_bf16_or_for_the_decode_kernel(monkeypatch):
-    cfg, _, params = hf_and_params(CFG_TIED)
-    bf16 = cfg.replace(dtype="bfloat16")
-    assert S.default_kernel_layout(bf16) == "out_in"
-    assert KERNEL_OUT_IN in S.unstack_params(bf16, params)["layers"][0]["mlp"]["up_proj"]
-    monkeypatch.setattr(S.cpu_matmul, "available", lambda: True)
-    assert S.default_kernel_layout(cfg) == "out_in"
-    monkeypatch.setattr(S.cpu_matmul, "available", lambda: False)  # fp32 without the kernel: the model's layout
-    assert S.default_kernel_layout(cfg) == "in_out"
-    assert "kernel" in S.unstack_params(cfg, params)["layers"][0]["mlp"]["up_proj"]
-
-
-def test_asking_for_another_layout_of_already_unstacked_params_is_an_error():
-    cfg, _, params = hf_and_params(CFG_UNTIED)
-    flipped = S.unstack_params(cfg, params, kernel_layout="out_in")
-    assert S.unstack_params(cfg, flipped) is flipped
-    with pytest.raises(ValueError, match="kernel_layout='in_out', but these params are already unstacked"):
-        S.unstack_params(cfg, flipped, kernel_layout="in_out")
-
-
-def test_a_misshapen_out_in_kernel_names_the_projection_and_both_shapes():
-    cfg, _, params = hf_and_params(CFG_UNTIED)
-    flipped = S.unstack_params(cfg, params, kernel_layout="out_in")
-    mlp = flipped["layers"][0]["mlp"]
-    mlp["up_proj"] = {KERNEL_OUT_IN: mlp["up_proj"][KERNEL_OUT_IN].T}
-    with pytest.raises(ValueError, match=r"up_proj.kernel_out_in has shape \(64, 96\), expected \(96, 64\)"):
-        generate(cfg, flipped, [[1, 2, 3]], max_new_tokens=2)
+    assert tuple(k.sharding.spec) + (None,) * (5 - len(k.sharding.spec)) == (None, "data", None, "tensor", None)
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def test_tiny_sampler_prefill_and_decode_compile_for_a_4_chip_slice():
     out = cli("infer.py", "--config", "tiny", "--compile_only", "--topology", "v5p-8", "--batch", "4", "--context",
               "512", "--max_new_tokens", "64", "--temperature", "0.7", "--top_p", "0.9")
     assert out.returncode == 0, out.stderr
-    assert "prefill: lowered" in out.stdout and "decode: lowered" in out.stdout
+    assert "prefill: lowered" in out.stdout and "decode (16 steps a call): lowered" in out.stdout
     assert "prompt bucket 512, cache 512 slots, 64 new tokens" in out.stdout and out.stdout.rstrip().endswith("fits")
 
 
@@ -158,7 +158,7 @@ def test_a_prompt_longer_than_the_prefill_chunk_compiles_the_chunked_prefill():
     out = cli("infer.py", "--config", "tiny", "--compile_only", "--topology", "v5e-4", "--batch", "1", "--context",
               "2048", "--max_new_tokens", "64", "--prefill_chunk", "512")
     assert out.returncode == 0, out.stderr
-    assert "prefill (512-token chunks): lowered" in out.stdout and "decode: lowered" in out.stdout
+    assert "prefill (512-token chunks): lowered" in out.stdout and "decode (16 steps a call): lowered" in out.stdout
 
 
 @needs_libtpu

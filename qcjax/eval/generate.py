@@ -84,7 +84,6 @@ def load(a, usage_error, log) -> Model:
     import jax.numpy as jnp
 
     import qcjax
-    from qcjax import sampler as S
     from qcjax.tokenizer import load_tokenizer
 
     flag, src = ("--hf_dir", a.hf_dir) if a.hf_dir else ("--ckpt", a.ckpt)
@@ -111,11 +110,6 @@ def load(a, usage_error, log) -> Model:
     if not a.quiet:
         print(f"loaded {src} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {a.dtype}) in "
               f"{time.perf_counter() - t:.1f} s", file=log)
-    # generate() takes the model's stacked params; a sampler that keeps its own per-layer layout
-    # (`unstack_params`) gets it done once here rather than on every batch.
-    prep = getattr(S, "unstack_params", None)
-    if prep is not None:
-        params = prep(cfg, params)
     return Model(cfg, params, tok, jnp.dtype(a.cache_dtype), sorted(tok.fim_stop_ids))
 
 
