@@ -58,7 +58,9 @@ Generation stops at Qwen's FIM/chat stop tokens (<|endoftext|> <|fim_prefix|> <|
     src.add_argument("--cache_dtype", default="bfloat16", choices=("bfloat16", "float32"),
                      help="KV cache dtype (default bfloat16)")
     src.add_argument("--mesh", default=None,
-                     help="run on a device mesh, e.g. 'tensor=8' or 'data=2,tensor=4' (default: one device)")
+                     help="run on a device mesh, e.g. 'tensor=8' or 'data=2,tensor=4' (default: on several TPU/GPU "
+                          "devices, tensor parallel up to the model's KV heads, then data parallel over the batch; "
+                          "on the CPU, one device)")
 
     inp = p.add_argument_group("input")
     inp.add_argument("--prompt", help="prompt text (backslash escapes such as \\n are not interpreted)")
@@ -411,6 +413,7 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
     mode = _check_mode(a)
     sampling = _sampling(a.temperature, a.top_k, a.top_p, a.min_p)
     tok = _tokenizer(a)
+    import jax
     import jax.numpy as jnp
 
     from qcjax import sampler as S
@@ -445,6 +448,14 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
         r["stop_ids"] = sorted(default_stops | r["extra_ids"])
 
     mesh = _mesh(a.mesh)
+    if mesh is None and jax.device_count() > 1 and jax.default_backend() != "cpu":
+        from qcjax.sharding import make_mesh
+
+        shape = S.serving_mesh_shape(_model_config(a), jax.device_count(), len(reqs))
+        mesh = make_mesh(shape)
+        if not a.quiet:
+            print(f"mesh: {', '.join(f'{k}={v}' for k, v in shape.items())} over {jax.device_count()} devices (the "
+                  "serving default; --mesh to choose)", file=log)
     cfg, params = _load_model(a, mesh, log)
     if tok.vocab_size > cfg.vocab_size:
         raise UsageError(f"tokenizer {tok.path} has {tok.vocab_size} ids but the model only {cfg.vocab_size} "

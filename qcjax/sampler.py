@@ -418,6 +418,18 @@ def configure_cpu_xla(dtype: str, flags: Sequence[str] | None = None) -> tuple[s
     return flags
 
 
+def serving_mesh_shape(cfg: ModelConfig, n_devices: int, batch: int = 1) -> dict[str, int]:
+    """The mesh sampling takes by default on `n_devices`: tensor parallel over the largest divisor of the device
+    count that divides the KV heads (each device holds whole KV heads of the cache and 1/t of every weight, so a
+    decode step reads each weight once over the slice), then data parallel over the batch rows (the largest divisor
+    of what is left that is <= batch), and fsdp over the rest (weights sharded further, gathered per layer)."""
+    n = int(n_devices)
+    t = max(d for d in range(1, n + 1) if n % d == 0 and cfg.num_kv_heads % d == 0)
+    rest = n // t
+    d = max(x for x in range(1, rest + 1) if rest % x == 0 and x <= max(1, int(batch)))
+    return {"data": d, "fsdp": rest // d, "tensor": t}
+
+
 def default_min_batch(cfg: ModelConfig) -> int:
     """Rows to pad a batch to. On the CPU, bf16 decode at batch 1 takes a path where XLA converts every weight to
     fp32 on each call (~1 GB/s); from 2 rows the bf16 x bf16 -> fp32 kernel reads bf16 weights directly

@@ -416,6 +416,7 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
                     prefill_chunk: int | None = None, decode_steps: int = 16) -> CompileReport:
     """Compile the sampler's prefill and decode for `batch` rows of `context` tokens (a prompt of context -
     max_new_tokens, bucketed exactly as `sampler.plan` buckets it) on a TPU slice. cfg's dtypes are the run's.
+    mesh_shape None: the serving mesh (`sampler.serving_mesh_shape`: tensor parallel up to the KV heads first).
     Prompt buckets over `prefill_chunk` (default: the sampler's) compile the chunked prefill, as `sampler.start`
     runs them."""
     from flax import linen as nn
@@ -430,7 +431,7 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
     if not 1 <= max_new_tokens < context:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, context={context}): the prompt gets the "
                          "rest of the context")
-    mesh = topology_mesh(topo, mesh_shape)
+    mesh = topology_mesh(topo, mesh_shape or S.serving_mesh_shape(cfg, len(compile_devices(topo)), batch))
     p = S.plan(cfg, [[0] * (context - max_new_tokens)] * batch, max_new_tokens, sampling or S.GREEDY, min_batch=1)
 
     def place(x, names=None):

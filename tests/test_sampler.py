@@ -351,3 +351,15 @@ def test_bad_prompts_are_clear_errors():
         S.plan(cfg, [[1] * 60], max_new_tokens=8)
     with pytest.raises(ValueError, match=r"outside \[0, 320\)"):
         S.plan(cfg, [[1, 999]], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("preset, devices, batch, want", [
+    ("32b", 8, 8, {"data": 1, "fsdp": 1, "tensor": 8}),  # 8 KV heads: one per chip
+    ("7b", 8, 8, {"data": 2, "fsdp": 1, "tensor": 4}),  # 4 KV heads, then the batch
+    ("0.5b", 8, 1, {"data": 1, "fsdp": 4, "tensor": 2}),  # 2 KV heads; one row: the rest shards the weights
+    ("0.5b", 8, 16, {"data": 4, "fsdp": 1, "tensor": 2}),
+])
+def test_the_serving_mesh_is_tensor_parallel_up_to_the_kv_heads_then_data(preset, devices, batch, want):
+    from qcjax.config import get_config
+
+    assert S.serving_mesh_shape(get_config(preset), devices, batch) == want
