@@ -93,7 +93,9 @@ Generation stops at Qwen's FIM/chat stop tokens (<|endoftext|> <|fim_prefix|> <|
     gen.add_argument("--truncate_left", action="store_true",
                      help="drop the oldest prompt tokens when prompt + --max_new_tokens exceed the context "
                           "(default: an error)")
-    gen.add_argument("--chunk", type=int, default=8, help="decode steps between streamed updates (default 8)")
+    gen.add_argument("--chunk", type=int, default=16,
+                     help="decode steps per device call: between calls the host streams new text and checks stops "
+                          "(default 16)")
     gen.add_argument("--prefill_chunk", type=int, default=None,
                      help="prompts longer than this many tokens prefill in chunks of it, each attending to the cache "
                           "so far (bounded activation memory for 32K-128K prompts); a power of two "
@@ -105,6 +107,9 @@ Generation stops at Qwen's FIM/chat stop tokens (<|endoftext|> <|fim_prefix|> <|
                      help="compile prefill and decode for --topology and report per-chip memory; generate nothing "
                           "(exit status 1 when they do not fit)")
     aot.add_argument("--topology", help="TPU slice: v5p-8, v5e-4, v6e-8, v4-8, 2xv5p-128, v5p:4x4x8")
+    aot.add_argument("--yarn", action="store_true",
+                     help="with --config: the preset with Qwen's 128K YaRN scaling (factor 4 over 32K), as the "
+                          "released config.json's rope_scaling sets it for long context")
     return p
 
 
@@ -377,6 +382,11 @@ def compile_only(a: argparse.Namespace, out=None) -> int:
     if not a.topology:
         raise UsageError("--compile_only needs --topology, e.g. --topology v5p-8")
     cfg = _model_config(a)
+    if a.yarn:
+        if not a.config:
+            raise UsageError("--yarn goes with --config (a preset); an HF directory's config.json says its own "
+                             "rope_scaling")
+        cfg = cfg.with_yarn()
     cfg = cfg.replace(param_dtype=a.dtype, dtype=a.dtype)
     context = a.max_context or cfg.max_position_embeddings
     mesh = None
@@ -390,7 +400,7 @@ def compile_only(a: argparse.Namespace, out=None) -> int:
     try:
         report = T.compile_sampler(cfg, a.topology, batch=a.batch_size, context=context,
                                    max_new_tokens=a.max_new_tokens, mesh_shape=mesh, cache_dtype=a.cache_dtype,
-                                   prefill_chunk=_prefill_chunk(a),
+                                   prefill_chunk=_prefill_chunk(a), decode_steps=max(1, a.chunk),
                                    sampling=_sampling(a.temperature, a.top_k, a.top_p, a.min_p))
     except (T.TopologyError, T.CompileUnavailable, ValueError) as e:
         raise UsageError(str(e)) from None

@@ -262,6 +262,7 @@ class ProgramReport:
     compile_s: float
     error: str = ""  # the compiler's out-of-memory message
     needed: int | None = None  # bytes the compiler said it needed, when it failed
+    bytes_accessed: float | None = None  # XLA's cost analysis: HBM bytes one call reads and writes, per chip
 
     @property
     def fits(self) -> bool:
@@ -283,7 +284,19 @@ def compile_program(name: str, jitted, args: Sequence[Any], kwargs: dict | None,
         report = ProgramReport(name, None, t1 - t0, time.perf_counter() - t1,
                                error=msg.strip().splitlines()[0][:500], needed=_oom_bytes(msg))
         return report, None
-    return ProgramReport(name, memory_report(compiled, hbm), t1 - t0, time.perf_counter() - t1), compiled
+    return ProgramReport(name, memory_report(compiled, hbm), t1 - t0, time.perf_counter() - t1,
+                         bytes_accessed=_bytes_accessed(compiled)), compiled
+
+
+def _bytes_accessed(compiled) -> float | None:
+    """XLA's estimate of the bytes a call of the compiled program accesses (per chip), when it gives one."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    value = cost.get("bytes accessed") if isinstance(cost, dict) else None
+    return float(value) if value is not None else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,6 +324,8 @@ class CompileReport:
             lines.append(f"{p.name}: lowered in {p.lower_s:.1f} s, compiled in {p.compile_s:.1f} s")
             if p.memory is not None:
                 lines += ["  " + s for s in p.memory.format().splitlines()]
+                if p.bytes_accessed:
+                    lines.append(f"  XLA cost analysis: {format_bytes(p.bytes_accessed)} accessed per call per chip")
             else:
                 need = f" (needs {format_bytes(p.needed)})" if p.needed else ""
                 lines.append(f"  DOES NOT FIT: the compiler ran out of the {format_bytes(t.hbm_bytes)} HBM per chip"

@@ -212,3 +212,12 @@ def test_train_cli_without_libtpu_exits_2_with_the_install_hint():
             "runpy.run_path('train.py', run_name='__main__')")
     out = subprocess.run([sys.executable, "-c", hide], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "needs libtpu, which is not installed: pip install" in out.stderr, out.stderr
+
+
+@needs_libtpu
+def test_yarn_preset_compiles_a_chunked_128k_prefill_for_batch_1():
+    out = cli("infer.py", "--config", "tiny", "--yarn", "--compile_only", "--topology", "v5e-4", "--batch", "1",
+              "--max_context", "16384", "--max_new_tokens", "64", "--prefill_chunk", "4096")
+    assert out.returncode == 0, out.stderr
+    assert "prompt bucket 16384, cache 16384 slots" in out.stdout and "prefill (4096-token chunks)" in out.stdout
+    assert "XLA cost analysis:" in out.stdout and out.stdout.rstrip().endswith("fits")
