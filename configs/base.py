@@ -58,7 +58,7 @@ def get_config(stage: str = "file") -> ConfigDict:
     c.dpo = ConfigDict(dict(
         beta=0.1, label_smoothing=0.0, loss_type="sigmoid", reference="frozen",
     ))
-    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
 
     # Data: qcjax.data.config.DataConfig fields (docs/data.md); sources default to the built-in stdlib corpus.
     c.data = ConfigDict(dict(
@@ -111,6 +111,8 @@ HELP = {
     "mesh.data": "data-parallel replicas (params replicated across them); -1: the rest of the devices",
     "mesh.fsdp": "fully sharded data parallel: params, gradients and optimizer state sharded, rows split; -1: the "
                  "rest of the devices",
+    "mesh.context": "context (sequence) parallel: each row's tokens split, keys and values gathered for attention; for "
+                    "long rows (the 32K repo stage of 14B/32B); seq_len must divide by it",
     "mesh.tensor": "tensor parallel: attention heads and MLP width split; -1: the rest of the devices",
     "log_every": "steps between metric lines (metrics.jsonl, TensorBoard, the progress bar)",
     "eval_every": "steps between evaluations on the held-out split (and at the last step); 0 disables them",

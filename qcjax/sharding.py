@@ -14,7 +14,10 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# context: sequence (context) parallelism - activations split along the sequence, keys and values gathered for
+# attention (all-gather, as MaxText's context_parallel_strategy="all_gather"); for long rows (the 32K repo stage)
+# whose saved activations do not fit one chip.
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # logical name -> mesh axes (a tuple shards one dimension over several axes). Every name the model uses is here:
 # an unmapped name would be passed through verbatim as a mesh axis name.
@@ -30,7 +33,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     # activations
     ("act_batch", ("data", "fsdp")),
-    ("act_length", None),
+    ("act_length", "context"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
@@ -44,11 +47,11 @@ _RULES = dict(LOGICAL_RULES)
 
 
 def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one size may be -1 (the rest). Default: everything on fsdp."""
+    """A (data, fsdp, context, tensor) mesh; one size may be -1 (the rest). Default: everything on fsdp."""
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
     if shape is None:
-        shape = {"data": 1, "fsdp": -1, "tensor": 1}
+        shape = {"data": 1, "fsdp": -1, "context": 1, "tensor": 1}
     if not isinstance(shape, dict):
         shape = dict(zip(MESH_AXES, shape))
     unknown = set(shape) - set(MESH_AXES)

@@ -124,6 +124,8 @@ def validate(c: ConfigDict, cfg: ModelConfig, n_processes: int = 1, devices=None
                           f"divisible by the data-parallel size data x fsdp = {dp}")
     if c.batch_size % n_processes:
         raise ConfigError(f"batch_size={c.batch_size} is not divisible by the {n_processes} processes")
+    if c.seq_len % mesh.shape["context"]:
+        raise ConfigError(f"seq_len={c.seq_len} is not divisible by mesh.context={mesh.shape['context']}")
     if c.seq_len > cfg.max_position_embeddings:
         raise ConfigError(
             f"seq_len={c.seq_len} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}"
