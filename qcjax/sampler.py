@@ -711,3 +711,38 @@ class TextStream:
         out = self.text[self._shown: upto]
         self._shown = max(self._shown, upto)
         return out
+
+
+# ---- continuous batching (used by qcjax.serve; added for the server, issue 26) ---------------------------------------
+# A server keeps one decode state of fixed shape (slots x cache length) alive across requests: `idle_state` makes it
+# with every slot free (done), `insert_rows` puts a fresh prefill's rows into free slots between decode chunks. Both
+# are pure and compile once per shape, so any mix of requests runs on the programs compiled at warm-up.
+@functools.partial(jax.jit, static_argnames=("cfg", "slots", "cache_len", "cache_dtype", "out_len"))
+def idle_state(cfg: ModelConfig, *, slots: int, cache_len: int, cache_dtype: Any, out_len: int) -> DecodeState:
+    """A decode state with `slots` rows, all free (done: `decode` runs them as padding), an empty cache of
+    `cache_len` slots and an `out_len` output buffer."""
+    return DecodeState(
+        cache=_empty_cache(cfg, slots, cache_len, cache_dtype) | {
+            "lengths": constrain(jnp.zeros((slots,), jnp.int32), CACHE_LOGICAL_AXES["lengths"])},
+        last=jnp.zeros((slots,), jnp.int32),
+        out=jnp.full((slots, out_len), -1, jnp.int32),
+        num=jnp.zeros((slots,), jnp.int32),
+        done=jnp.ones((slots,), bool),
+        steps=jnp.zeros((), jnp.int32),
+    )
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def insert_rows(state: DecodeState, new: DecodeState, slots: jax.Array) -> DecodeState:
+    """Write the rows of `new` (a prefill's state: P rows, a cache of T <= the state's cache length, the same output
+    length) into rows `slots` [P] of `state`; a slot index >= the state's rows drops that row (batch padding). The
+    other rows are untouched: a request joins running decodes. The slot's cache beyond T keeps its previous
+    occupant's keys, which the attention mask hides (only positions < the row's length are read)."""
+    t = new.cache["k"].shape[2]
+    cache = {name: constrain(state.cache[name].at[:, slots, :t].set(new.cache[name], mode="drop"),
+                             CACHE_LOGICAL_AXES[name]) for name in ("k", "v")}
+    cache["lengths"] = constrain(state.cache["lengths"].at[slots].set(new.cache["lengths"], mode="drop"),
+                                 CACHE_LOGICAL_AXES["lengths"])
+    rows = lambda a, b: a.at[slots].set(b, mode="drop")  # noqa: E731
+    return state._replace(cache=cache, last=rows(state.last, new.last), out=rows(state.out, new.out),
+                          num=rows(state.num, new.num), done=rows(state.done, new.done))

@@ -1,0 +1,229 @@
+"""Serve a Qwen2.5-Coder checkpoint over an OpenAI-compatible HTTP API: completions with fill-in-the-middle (`suffix`),
+chat, streaming, continuous batching.
+
+    python -m qcjax.serve --hf_dir Qwen2.5-Coder-1.5B                    # http://127.0.0.1:8000/v1
+    python -m qcjax.serve --ckpt runs/sft/checkpoints --max_batch 8 --max_len 4096 --api_key KEY
+
+Bad flags are a one-line error naming the flag (exit status 2). The server compiles every program it needs before it
+listens (warm-up), so no request waits on a compilation.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+PROG = "python -m qcjax.serve"
+
+
+class UsageError(ValueError):
+    """Bad flags or input: `python -m qcjax.serve: error: ...`, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""endpoints:
+  POST /v1/completions       prompt (+ suffix: fill in the middle), max_tokens, temperature, top_p, n, stop, seed,
+                             stream, echo
+  POST /v1/chat/completions  messages (ChatML), the same sampling fields, stream
+  GET  /v1/models, GET /health (slots, queue, compile counts; no key needed)
+
+Generation stops at Qwen's FIM/chat stop tokens, a request's stop strings, or max_tokens (default 16 for
+completions, the rest of the context for chat). Requests beyond --max_batch running ones wait in a queue of
+--max_queue, then get HTTP 429. docs/serving.md: editor set-up (FIM completion), examples.""")
+    m = p.add_argument_group("model (as infer.py)")
+    src = m.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf_dir", help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)")
+    src.add_argument("--ckpt", help="qcjax (Orbax) checkpoint directory")
+    m.add_argument("--step", type=int, default=None, help="checkpoint step for --ckpt (default: the latest)")
+    m.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json / SentencePiece .model / directory / 'qwen' (default: the checkpoint's)")
+    m.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="param and compute dtype (default bfloat16)")
+    m.add_argument("--cache_dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="KV cache dtype (default bfloat16)")
+    m.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. 'tensor=8' (default: on several TPU/GPU devices, tensor parallel up to the "
+                        "KV heads, then data over the slots; on the CPU, one device)")
+    m.add_argument("--served_model_name", default=None,
+                   help="the model name clients send (default: the checkpoint directory's name)")
+
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--api_key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $QCJAX_API_KEY if set, else none)")
+
+    e = p.add_argument_group("engine")
+    e.add_argument("--max_batch", type=int, default=16,
+                   help="slots: sequences decoded together over one KV cache (default 16)")
+    e.add_argument("--max_len", type=int, default=8192,
+                   help="tokens per slot, prompt + completion (default 8192, at most the model's context)")
+    e.add_argument("--max_queue", type=int, default=64,
+                   help="requests that may wait for a slot; more get HTTP 429 (default 64)")
+    e.add_argument("--chunk", type=int, default=8,
+                   help="decode steps per device call; new requests join between calls (default 8)")
+    e.add_argument("--prefill_batch", type=int, default=4,
+                   help="prompts prefilled together at most (a power of two; default 4)")
+    e.add_argument("--prefill_tokens", type=int, default=4096,
+                   help="padded prompt tokens per batched prefill at most (a single prompt always runs; default 4096)")
+    e.add_argument("--prefill_chunk", type=int, default=4096,
+                   help="prompts longer than this prefill in chunks of it (a power of two; default 4096)")
+    e.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="server log level (default info)")
+    return p
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """Flag checks that need no model: one-line errors naming the flag."""
+    src = a.hf_dir or a.ckpt
+    if not os.path.isdir(src):
+        raise UsageError(f"--{'hf_dir' if a.hf_dir else 'ckpt'} {src}: not a directory")
+    if not 0 <= a.port < 65536:
+        raise UsageError(f"--port={a.port}: must be in [0, 65535]")
+    for flag, lo in (("max_batch", 1), ("max_len", 2), ("max_queue", 0), ("chunk", 1), ("prefill_tokens", 16)):
+        if getattr(a, flag) < lo:
+            raise UsageError(f"--{flag}={getattr(a, flag)}: must be >= {lo}")
+    if a.prefill_batch < 1 or a.prefill_batch & (a.prefill_batch - 1):
+        raise UsageError(f"--prefill_batch={a.prefill_batch}: must be a power of two >= 1")
+    if a.prefill_chunk < 16 or a.prefill_chunk & (a.prefill_chunk - 1):
+        raise UsageError(f"--prefill_chunk={a.prefill_chunk}: must be a power of two >= 16")
+    if a.api_key is not None and not a.api_key.strip():
+        raise UsageError("--api_key is empty")
+
+
+def load_tokenizer(a: argparse.Namespace):
+    from qcjax.tokenizer import load_tokenizer as load
+
+    candidates = [a.tokenizer] if a.tokenizer else [a.hf_dir or a.ckpt]
+    if a.ckpt and not a.tokenizer:  # a trained run: the tokenizer train.py recorded, or run_dir/tokenizer
+        from qcjax.checkpoint import read_config
+
+        try:
+            candidates.append(read_config(a.ckpt, a.step)[1].get("tokenizer"))
+        except (OSError, ValueError, KeyError):
+            pass
+        candidates.append(os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), "tokenizer"))
+    errors = []
+    for c in [c for c in candidates if c]:
+        try:
+            return load(c)
+        except (OSError, ValueError) as e:
+            errors.append(str(e))
+    raise UsageError(f"--tokenizer: cannot load a tokenizer ({errors[0] if errors else 'none found'}); pass "
+                     "--tokenizer PATH")
+
+
+def load_model(a: argparse.Namespace, mesh):
+    import qcjax
+
+    try:
+        if a.hf_dir:
+            cfg, params = qcjax.load_hf(a.hf_dir, dtype=a.dtype, mesh=mesh)
+        else:
+            from qcjax.checkpoint import restore_params
+
+            cfg, params = restore_params(a.ckpt, step=a.step, mesh=mesh, dtype=a.dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--{'hf_dir' if a.hf_dir else 'ckpt'}: cannot load the model from {a.hf_dir or a.ckpt}: "
+                         f"{e}") from None
+    return cfg.replace(param_dtype=a.dtype, dtype=a.dtype), params
+
+
+def make_mesh(a: argparse.Namespace, cfg_source):
+    import jax
+
+    from qcjax import sampler as S
+    from qcjax.sharding import make_mesh as mk
+
+    if a.mesh is not None:
+        from qcjax.convert import parse_mesh
+
+        try:
+            return mk(parse_mesh(a.mesh))
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise UsageError(f"--mesh {a.mesh!r}: {e} (expected e.g. 'tensor=8')") from None
+    if jax.device_count() > 1 and jax.default_backend() != "cpu":
+        return mk(S.serving_mesh_shape(cfg_source(), jax.device_count(), a.max_batch))
+    return None
+
+
+def build(a: argparse.Namespace, log=print):
+    """(engine, app) from parsed flags: the tokenizer, the model, the engine (warmed up and started), the app."""
+    import jax.numpy as jnp
+
+    from qcjax.config import ModelConfig
+    from qcjax.serve.api import create_app
+    from qcjax.serve.engine import Engine
+
+    check_args(a)
+    tok = load_tokenizer(a)
+
+    def cfg_only():
+        if a.hf_dir:
+            return ModelConfig.from_hf_json(a.hf_dir)
+        from qcjax.checkpoint import read_config
+
+        return read_config(a.ckpt, a.step)[0]
+
+    try:
+        context = cfg_only().max_position_embeddings
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--{'hf_dir' if a.hf_dir else 'ckpt'} {a.hf_dir or a.ckpt}: {e}") from None
+    if a.max_len > context:
+        raise UsageError(f"--max_len={a.max_len}: more than the model's context of {context}")
+    mesh = make_mesh(a, cfg_only)
+    t = time.perf_counter()
+    cfg, params = load_model(a, mesh)
+    if tok.vocab_size > cfg.vocab_size:
+        raise UsageError(f"--tokenizer: {tok.vocab_size} ids but the model has {cfg.vocab_size} embedding rows "
+                         "(wrong tokenizer for this checkpoint)")
+    log(f"loaded {a.hf_dir or a.ckpt} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {a.dtype}) in "
+        f"{time.perf_counter() - t:.1f} s")
+    engine = Engine(cfg, params, slots=a.max_batch, max_len=a.max_len, cache_dtype=jnp.dtype(a.cache_dtype),
+                    mesh=mesh, chunk=a.chunk, max_queue=a.max_queue, prefill_batch=a.prefill_batch,
+                    prefill_tokens=a.prefill_tokens, prefill_chunk=a.prefill_chunk)
+    log(f"warming up: compiling every program for {a.max_batch} slots x {a.max_len} tokens ...")
+    log(f"warm-up done in {engine.warmup():.1f} s ({engine.stats()['compiles']} compiles)")
+    engine.start()
+    name = a.served_model_name or os.path.basename(os.path.normpath(a.hf_dir or a.ckpt))
+    key = a.api_key if a.api_key is not None else os.environ.get("QCJAX_API_KEY") or None
+    return engine, create_app(engine, tok, name, key), name
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    from absl import logging as absl_logging
+
+    from qcjax.sampler import configure_cpu_xla
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    configure_cpu_xla(a.dtype)  # before JAX starts
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        engine, app, name = build(a, say)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    say(f"serving '{name}' on http://{a.host}:{a.port}/v1 ({a.max_batch} slots, {a.max_len} tokens each)")
+    try:
+        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
