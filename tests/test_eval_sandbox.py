@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from qcjax.eval.sandbox import BASE_UID, Isolation, Limits, detect_isolation, run_program, run_programs
+from qcjax.eval.sandbox import (BASE_UID, Isolation, Limits, detect_isolation, rlimits_isolation, run_program,
+                                run_programs)
 
 FAST = Limits(timeout_s=3.0, memory_bytes=1 << 30)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,6 +277,14 @@ def test_rlimits_fallback_still_judges_programs():
     assert _run("assert 2 * 2 == 5\n", iso).reason == "failed: AssertionError"
     assert _run("while True:\n    pass\n", iso, Limits(timeout_s=1.0)).reason == "timeout"
     assert _run("import os\nos._exit(0)\n", iso).reason.startswith("exited early")
+
+
+def test_rlimits_fallback_programs_can_import_the_standard_library():
+    # As root without namespaces the fallback drops to another uid only when that uid can read the interpreter's
+    # library (here Python may live under a 0700 /root: every import but the preloaded ones would fail).
+    iso = rlimits_isolation("test: no namespaces")
+    r = _run("import typing, decimal, fractions, collections\nassert fractions.Fraction(1, 2) * 2 == 1\n", iso)
+    assert (r.passed, r.reason) == (True, "passed")
 
 
 def test_same_results_with_one_and_two_workers(iso):

@@ -362,6 +362,45 @@ def _unshare_cmd(root: bool) -> tuple[str, ...] | None:
     return tuple(cmd)
 
 
+def _others_can_read(paths: Sequence[str]) -> bool:
+    """Whether a uid other than the owner can enter every directory on the way to `paths` and read them."""
+    for p in paths:
+        p = os.path.realpath(p)
+        parts = p.strip("/").split("/")
+        for k in range(1, len(parts) + 1):
+            try:
+                mode = os.stat("/" + "/".join(parts[:k])).st_mode
+            except OSError:
+                return False
+            if not mode & 0o001 or (k == len(parts) and not mode & 0o004):
+                return False
+    return True
+
+
+def rlimits_isolation(why: str, python: str | None = None) -> Isolation:
+    """The fallback without namespaces: rlimits and the process-group kill; as root, programs also run as an
+    unprivileged uid, unless that uid could not read the interpreter's own library (e.g. Python installed under a
+    0700 /root: without a mount namespace there is no way to expose it, and every import would fail)."""
+    python = python or sys.executable
+    root = os.geteuid() == 0
+    lib = [p for p in sys.path if p and os.path.isdir(p)] if python == sys.executable else []
+    if python != sys.executable:
+        try:
+            out = subprocess.run([python, "-I", "-c", "import sys, json; print(json.dumps(sys.path))"],
+                                 capture_output=True, text=True, timeout=30, env={})
+            lib = [p for p in json.loads(out.stdout) if p and os.path.isdir(p)]
+        except (OSError, ValueError, subprocess.SubprocessError):
+            lib = ["/nonexistent"]
+    drop = root and _others_can_read(lib)
+    if drop:
+        note = f"programs run as uid {BASE_UID}+slot"
+    elif root:
+        note = "programs run as root (the interpreter's files are not readable by other uids)"
+    else:
+        note = "programs keep the evaluator's uid"
+    return Isolation("rlimits", f"{why}; rlimits, process-group kill; {note}", drop_uid=drop, python=python)
+
+
 def detect_isolation(python: str | None = None, refresh: bool = False) -> Isolation:
     """Probe (once per process) whether programs can run in namespaces here: a program must fail to write outside
     its directory, to reach a listener on 127.0.0.1 and to see the evaluator's processes, and succeed otherwise."""
@@ -371,8 +410,6 @@ def detect_isolation(python: str | None = None, refresh: bool = False) -> Isolat
             return _detected[python]
         root = os.geteuid() == 0
         uid_note = f"programs run as uid {BASE_UID}+slot" if root else "programs keep the evaluator's uid"
-        fallback = Isolation("rlimits", f"no namespaces: {{why}}; rlimits, process-group kill; {uid_note}",
-                             drop_uid=root, python=python)
         cmd = _unshare_cmd(root)
         why = "no `unshare` binary" if cmd is None else ""
         if sys.platform != "linux":
@@ -403,7 +440,7 @@ def detect_isolation(python: str | None = None, refresh: bool = False) -> Isolat
                 lst.close()
                 shutil.rmtree(outside_dir, ignore_errors=True)
         if iso is None:
-            iso = dataclasses.replace(fallback, detail=fallback.detail.format(why=why))
+            iso = rlimits_isolation(f"no namespaces: {why}", python)
         _detected[python] = iso
         return iso
 
