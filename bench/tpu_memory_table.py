@@ -232,6 +232,30 @@ def gib(b: float) -> str:
     return f"{b / 2**30:.1f}"
 
 
+CONTEXT_POINTS = os.path.join(ROOT, "bench", "tpu_memory_context.jsonl")
+
+
+def context_section() -> list[str]:
+    """Rows compiled with a context (sequence-parallel) mesh axis, from bench/tpu_memory_context.jsonl (one JSON
+    object per compile: the command it ran and the compiler's per-chip total)."""
+    if not os.path.exists(CONTEXT_POINTS):
+        return []
+    with open(CONTEXT_POINTS) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    out = ["", "## Context parallelism: the repo stage (32K tokens) on more slices", "",
+           "With `mesh.context` > 1 each row's 32K tokens are split over `context` chips (activations sharded along "
+           "the sequence, keys and values gathered for attention) and those chips also shard the weights as fsdp "
+           "does. Compiled the same way as the table above (bf16 compute, fp32 params and Adam state, remat full, "
+           "the stage's global batch):", "",
+           "| size | stage | slice | mesh | total per chip (GiB) | HBM (GiB) | fits | command |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['size']} | {r['stage']} | {r['slice']} | {r['mesh']} | {r['total_gib']:.2f} | "
+                   f"{r['hbm_gib']:.2f} | {'yes' if r['fits'] else 'no'} ({100 * r['total_gib'] / r['hbm_gib']:.0f}%) "
+                   f"| `{r['command']}` |")
+    return out
+
+
 def render(results: dict, defaults: dict, points: Points, args) -> str:
     import jax
 
@@ -316,7 +340,9 @@ def render(results: dict, defaults: dict, points: Points, args) -> str:
         lines += ["", "## What does not fit", "",
                   "With FSDP alone, activations are not sharded below one row per chip: the saved residual stream of "
                   "a 32K-token row stays on one chip whatever the slice size. These cells fit on no slice of the "
-                  "generation up to the largest tried: " + "; ".join(nofit) + "."]
+                  "generation up to the largest tried: " + "; ".join(nofit) + "."
+                  + (" (With a context axis they do: see below.)" if os.path.exists(CONTEXT_POINTS) else "")]
+    lines += context_section()
     n = len(points.done)
     secs = sum(r.get("wall_s", 0) for r in points.done.values())
     lines += [

@@ -24,7 +24,7 @@ MESH_AXES = ("data", "fsdp", "context", "tensor")
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     # params
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "context")),  # context devices also hold a share of the weights (as fsdp), as in MaxText
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),

@@ -117,7 +117,7 @@ def test_size_configs_use_the_settings_docs_tpu_memory_found():
 def test_tiny_train_step_compiles_for_a_4_chip_slice():
     out = cli("train.py", "--config=configs/tiny.py", "--compile_only", "--topology=v5e-4")
     assert out.returncode == 0, out.stderr
-    assert "v5e-4: 4 chips (TPU v5 lite" in out.stdout and "mesh data=1 fsdp=4 tensor=1" in out.stdout
+    assert "v5e-4: 4 chips (TPU v5 lite" in out.stdout and "mesh data=1 fsdp=4 context=1 tensor=1" in out.stdout
     assert "train step: lowered in" in out.stdout and out.stdout.rstrip().endswith("fits")
     assert "could not determine TPU" not in out.stderr  # libtpu's start-up noise is silenced
 
@@ -126,7 +126,7 @@ def test_tiny_train_step_compiles_for_a_4_chip_slice():
 def test_tiny_train_step_compiles_for_two_slices_with_data_parallelism_over_dcn():
     out = cli("train.py", "--config=configs/tiny.py", "--compile_only", "--topology=2xv5e-4", "--config.mesh.data=2")
     assert out.returncode == 0, out.stderr
-    assert "2 slices" in out.stdout and "mesh data=2 fsdp=4 tensor=1" in out.stdout, out.stdout
+    assert "2 slices" in out.stdout and "mesh data=2 fsdp=4 context=1 tensor=1" in out.stdout, out.stdout
     assert out.stdout.rstrip().endswith("fits")
 
 
