@@ -333,3 +333,48 @@ def test_help_explains_and_bad_flags_are_one_line_errors(hf_dir, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("python -m qcjax.serve: error: ") and flag in err and "\n" not in err, err
+
+
+@pytest.mark.slow
+def test_the_cli_serves_fim_completions_until_interrupted(hf_dir, tok):
+    """`python -m qcjax.serve` as users run it, in its own process: warm-up, listen, answer a FIM request with
+    generate's text, stop on SIGINT."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"QCJAX_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "qcjax.serve", "--hf_dir", hf_dir, "--dtype", "float32",
+                             "--cache_dtype", "float32", "--max_batch", "2", "--max_len", "32", "--prefill_batch", "1",
+                             "--port", str(port), "--log_level", "warning"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1", max_retries=0, timeout=60)
+        deadline = time.time() + 300
+        while True:
+            try:
+                [model] = client.models.list().data
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+                time.sleep(0.5)
+        assert model.id == os.path.basename(hf_dir)
+        r = client.completions.create(model=model.id, prompt="def add(a, b):\n    ", suffix="\n", max_tokens=8,
+                                      temperature=0)
+        cfg, params = qcjax.load_hf(hf_dir, dtype="float32")
+        [want] = S.generate(cfg.replace(dtype="float32"), params, [P.encode(tok, P.fim_prompt("def add(a, b):\n    ",
+                                                                                              "\n"))],
+                            max_new_tokens=8, stop_tokens=tok.fim_stop_ids, cache_dtype=jnp.float32)
+        assert r.choices[0].text == tok.decode(want.tokens)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        finally:
+            proc.kill() if proc.poll() is None else None
+    err = proc.stderr.read()
+    assert "warm-up done" in err and "serving" in err, err
