@@ -80,3 +80,30 @@ def test_yarn_logits_at_far_positions_match_transformers(start):
     cfg = small(4, 2, 128, False).replace(max_position_embeddings=32768).with_yarn()
     ours, ref = _far_logits(cfg, start)
     assert_close_logits(ours, ref)
+
+
+@pytest.mark.parametrize("yarn, start", [(False, 30_000), (True, 100_000)])
+def test_greedy_decoding_of_a_prompt_placed_far_out_equals_transformers(yarn, start):
+    """A prompt at positions start.. through the KV cache, then token by token, each step at the next position:
+    the tokens transformers picks when it reruns the whole sequence at the same positions."""
+    import jax
+    import jax.numpy as jnp
+
+    cfg = small(4, 2, 128, False).replace(max_position_embeddings=32768)
+    cfg = cfg.with_yarn() if yarn else cfg
+    model = hf_model(cfg)
+    params = params_from_hf(cfg, model)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 12))
+    new = 10
+    run = jax.jit(lambda t, p, c: qcjax.model.Qwen2(cfg).apply({"params": params}, t, p, None, c))
+    logits, cache = run(jnp.asarray(tokens), jnp.arange(start, start + 12)[None], qcjax.model.init_cache(cfg, 1, 32,
+                                                                                                 jnp.float32))
+    ours = [int(jnp.argmax(logits[0, -1]))]
+    for i in range(new - 1):
+        logits, cache = run(jnp.asarray([[ours[-1]]]), jnp.asarray([[start + 12 + i]]), cache)
+        ours.append(int(jnp.argmax(logits[0, -1])))
+    seq = tokens
+    for _ in range(new):
+        ref = hf_logits(model, seq, np.arange(start, start + seq.shape[1])[None])
+        seq = np.concatenate([seq, [[int(np.argmax(ref[0, -1]))]]], axis=1)
+    assert len(set(ours)) > 2 and ours == seq[0, 12:].tolist()
