@@ -320,12 +320,7 @@ def _load_model(a, mesh, log):
 
     t = time.perf_counter()
     try:
-        if a.hf_dir:
-            cfg, params = qcjax.load_hf(a.hf_dir, dtype=a.dtype, mesh=mesh)
-        else:
-            from qcjax.checkpoint import restore_params
-
-            cfg, params = restore_params(a.ckpt, step=a.step, mesh=mesh, dtype=a.dtype)
+        cfg, params = qcjax.load(a.hf_dir or a.ckpt, mesh=mesh, dtype=a.dtype, step=None if a.hf_dir else a.step)
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"cannot load the model from {a.hf_dir or a.ckpt}: {e}") from None
     cfg = cfg.replace(param_dtype=a.dtype, dtype=a.dtype)
@@ -350,16 +345,13 @@ def _mesh(spec: str | None):
 # ---- compile only ---------------------------------------------------------------------------------------------------
 def _model_config(a):
     """The model config alone (no weights): a preset, an HF config.json, or a qcjax checkpoint's config."""
-    from qcjax.config import ModelConfig, get_config
+    from qcjax.config import get_config
+    from qcjax.loader import load_config
 
     try:
         if a.config:
             return get_config(a.config)
-        if a.hf_dir:
-            return ModelConfig.from_hf_json(a.hf_dir)
-        from qcjax.checkpoint import read_config
-
-        return read_config(a.ckpt, a.step)[0]
+        return load_config(a.hf_dir or a.ckpt, None if a.hf_dir else a.step)
     except (OSError, ValueError, KeyError) as e:
         flag = "--config" if a.config else "--hf_dir" if a.hf_dir else "--ckpt"
         raise UsageError(f"{flag} {a.config or a.hf_dir or a.ckpt}: {e}") from None

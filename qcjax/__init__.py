@@ -1,6 +1,6 @@
 """qcjax: Qwen2.5-Coder in JAX/Flax.
 
-    cfg, params = qcjax.load_hf("path/to/Qwen2.5-Coder-0.5B")
+    cfg, params = qcjax.load("path/to/Qwen2.5-Coder-0.5B")   # an HF directory or a qcjax checkpoint
     logits = qcjax.logits(cfg, params, tokens)          # [batch, seq, vocab] float32
     done = qcjax.generate(cfg, params, [token_ids], max_new_tokens=64)   # list of Completion (qcjax.sampler)
 """
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from qcjax.config import ModelConfig, get_config
 from qcjax.hf import load_hf
+from qcjax.loader import load
 from qcjax.model import Qwen2, init_params
 from qcjax.sampler import SamplingParams, generate
 
@@ -30,4 +31,4 @@ def logits(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None) -
     return _logits(cfg, params, tokens, positions, segment_ids)
 
 
-__all__ = ["ModelConfig", "get_config", "load_hf", "logits", "Qwen2", "init_params", "generate", "SamplingParams"]
+__all__ = ["ModelConfig", "get_config", "load", "load_hf", "logits", "Qwen2", "init_params", "generate", "SamplingParams"]

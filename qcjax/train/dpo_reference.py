@@ -65,13 +65,13 @@ def precompute(c: ConfigDict, input_path: str, output_path: str, batch_size: int
     """Write `output_path` (atomically); returns counts {"pairs", "skipped"}."""
     from tqdm import tqdm
 
-    from qcjax.train.loop import _initial_params, model_config, setup_tokenizer, validate
+    from qcjax.train.loop import initial_params, model_config, setup_tokenizer, validate
 
     tok, _ = setup_tokenizer(c, os.path.dirname(os.path.abspath(output_path)))
     cfg = model_config(c, vocab_hint=tok.vocab_size)
     mesh = validate(c, cfg)
     with jax.set_mesh(mesh):
-        params = _initial_params(c, cfg, mesh, param_shardings(abstract_params(cfg), mesh))
+        params = initial_params(c, cfg, mesh, param_shardings(abstract_params(cfg), mesh))
         score = jax.jit(lambda p, t, s, m: sequence_logprobs(cfg, p, t, s, m, c.loss_chunk))
         tmp = output_path + ".tmp"
         counts = {"pairs": 0, "skipped": 0}

@@ -43,21 +43,18 @@ class RunError(RuntimeError):
 
 
 # ---- config -> model / optimizer / step configs ------------------------------------------------------------------
-def is_hf_dir(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "config.json"))
-
-
 def model_config(c: ConfigDict, vocab_hint: int | None = None) -> ModelConfig:
     """The model config: from the init checkpoint when there is one, else the preset; then run-time fields."""
     m = c.model
     run = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl)
     if c.init_from:
-        if is_hf_dir(c.init_from):
-            cfg = ModelConfig.from_hf_json(c.init_from)
-        else:
-            from qcjax.checkpoint import read_config
+        from qcjax.loader import load_config
 
-            cfg = read_config(c.init_from)[0]
+        cfg = load_config(c.init_from)
+        for name in ("num_layers", "vocab_size"):  # the checkpoint decides the shapes; a different ask is an error
+            if m[name] and m[name] != getattr(cfg, name):
+                raise ConfigError(f"model.{name}={m[name]} conflicts with init_from={c.init_from} "
+                                  f"({name}={getattr(cfg, name)}): drop the override, or start without init_from")
         return cfg.replace(**run)
     shape = {}
     if m.num_layers:
@@ -232,6 +229,8 @@ def setup_tokenizer(c: ConfigDict, workdir: str):
                     time.sleep(0.5)
         return load_tokenizer(path), path
     if spec == "":
+        from qcjax.loader import is_hf_dir
+
         if not (c.init_from and is_hf_dir(c.init_from)):
             raise ConfigError("config.tokenizer is empty and init_from is not an HF directory with a tokenizer: "
                               "set --config.tokenizer=PATH (tokenizer.json, a SentencePiece .model, or 'qwen')")
@@ -371,12 +370,12 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
             _truncate_metrics(workdir, resumed or 0)
         ref_params = None
         if state is None:
-            params = _initial_params(c, cfg, mesh, p_shard)
+            params = initial_params(c, cfg, mesh, p_shard)
             if c.task == "dpo" and c.dpo.reference == "frozen":
                 ref_params = jax.tree.map(jnp.copy, params)
             state = jax.jit(lambda p: init_state(p, tx), out_shardings=prog.state_shardings)(params)
         elif c.task == "dpo" and c.dpo.reference == "frozen":
-            ref_params = _initial_params(c, cfg, mesh, p_shard)
+            ref_params = initial_params(c, cfg, mesh, p_shard)
 
         step_fn = prog.step_fn
         eval_fn = jax.jit(eval_step)
@@ -459,16 +458,13 @@ def _check_nonfinite(in_row, step: int, limit: int) -> None:
                                  "stopping. Lower the learning rate or check the data.")
 
 
-def _initial_params(c: ConfigDict, cfg: ModelConfig, mesh, p_shard):
+def initial_params(c: ConfigDict, cfg: ModelConfig, mesh, p_shard):
+    """The starting params: `init_from` (an HF directory or a qcjax checkpoint, `qcjax.load`) or a seeded init."""
     if not c.init_from:
         return jax.jit(lambda: init_params(cfg, jax.random.key(c.seed)), out_shardings=p_shard)()
-    if is_hf_dir(c.init_from):
-        from qcjax.hf import load_hf
+    from qcjax.loader import load
 
-        return load_hf(c.init_from, dtype=cfg.param_dtype, mesh=mesh)[1]
-    from qcjax.checkpoint import restore_params
-
-    return restore_params(c.init_from, mesh=mesh, dtype=cfg.param_dtype)[1]
+    return load(c.init_from, mesh=mesh, dtype=cfg.param_dtype)[1]
 
 
 def _resume(c: ConfigDict, ckpt, prog: TrainProgram, train_it):
