@@ -100,6 +100,8 @@ class ModelConfig:
             bad("hidden_size", f"not divisible by num_heads={self.num_heads}; set head_dim")
         if self.remat not in REMAT_POLICIES:
             bad("remat", f"expected one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            bad("attention_impl", f"expected one of {ATTENTION_IMPLS}")
         for f in ("param_dtype", "dtype"):
             try:
                 jnp.dtype(getattr(self, f))

@@ -71,3 +71,5 @@ def test_bad_field_names_the_field():
         PRESETS["tiny"].replace(num_heads=5)
     with pytest.raises(ValueError, match="remat"):
         PRESETS["tiny"].replace(remat="sometimes")
+    with pytest.raises(ValueError, match=r"attention_impl='bogus': expected one of \('auto', 'xla'"):
+        PRESETS["tiny"].replace(attention_impl="bogus")
