@@ -155,3 +155,24 @@ def test_load_errors(tmp_path):
         bad.write_text(text)
         with pytest.raises(ValueError, match=msg):
             P.load_problems(str(bad))
+
+
+def test_plain_prompt_tests_and_mbpp_style_records(tmp_path, iso):
+    path = tmp_path / "plain.jsonl"
+    rows = [{"prompt": "def sq(x):\n", "tests": ["assert sq(2) == 4", "assert sq(-3) == 9"],
+             "canonical_solution": "    return x * x\n"},
+            {"task_id": "mine/1", "prompt": "def dbl(s):\n", "tests": "assert dbl('ab') == 'abab'\n"},
+            {"text": "Write a function halve(x) returning x // 2.", "test_list": ["assert halve(9) == 4"],
+             "test_setup_code": "import math"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ps = P.load_problems(str(path))
+    assert [p.task_id for p in ps] == ["plain/0", "mine/1", "plain/2"]
+    assert [p.entry_point for p in ps] == ["sq", "dbl", ""]
+    programs = [ps[0].program(ps[0].canonical_code()), ps[0].program("def sq(x):\n    return x + x\n"),
+                ps[1].program("def dbl(s):\n    return s * 2\n"), ps[1].program("def dbl(s):\n    return s\n"),
+                ps[2].program("def halve(x):\n    return math.floor(x / 2)\n"), ps[2].program("")]
+    got = [r.passed for r in run_programs(programs, LIM, iso, workers=2)]
+    assert got == [True, False, True, False, True, False]
+    path.write_text(json.dumps({"prompt": "def f():\n", "tests": []}) + "\n")
+    with pytest.raises(ValueError, match="line 1: field 'tests'"):
+        P.load_problems(str(path))

@@ -23,9 +23,10 @@ class UsageError(Exception):
 
 
 # ---- flags ---------------------------------------------------------------------------------------------------------
-def _sandbox_flags(p: argparse.ArgumentParser, out: str, k: bool = True) -> None:
+def _sandbox_flags(p: argparse.ArgumentParser, out: str | None, k: bool = True) -> None:
     g = p.add_argument_group("sandbox and results")
-    g.add_argument("--out", default=out, help=f"directory for results.jsonl and summary.json (default {out})")
+    if out is not None:
+        g.add_argument("--out", default=out, help=f"directory for results.jsonl and summary.json (default {out})")
     if k:
         g.add_argument("--k", default="1,10", help="pass@k for these k (comma-separated; default 1,10)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -40,7 +41,8 @@ def _sandbox_flags(p: argparse.ArgumentParser, out: str, k: bool = True) -> None
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def _model_flags(p: argparse.ArgumentParser, n_default: int = 1) -> None:
+def _model_flags(p: argparse.ArgumentParser, n_default: int = 1, n_flag: str = "--n",
+                 temperature: float = 0.0) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf_dir", help="a Hugging Face model directory (config.json + safetensors + tokenizer)")
     src.add_argument("--ckpt", help="a qcjax checkpoint directory (train.py's checkpoints/)")
@@ -49,8 +51,9 @@ def _model_flags(p: argparse.ArgumentParser, n_default: int = 1) -> None:
     g.add_argument("--tokenizer", default=None, help="tokenizer.json / directory / 'qwen' (default: the model's)")
     g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     g.add_argument("--cache_dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    g.add_argument("--n", type=int, default=n_default, help=f"samples per problem (default {n_default})")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument(n_flag, dest="n", type=int, default=n_default, help=f"samples per problem (default {n_default})")
+    g.add_argument("--temperature", type=float, default=temperature,
+                   help=f"0 = greedy (default {temperature:g})")
     g.add_argument("--top_p", type=float, default=0.95, help="nucleus filter when sampling (default 0.95, as Qwen's "
                                                               "EvalPlus scripts)")
     g.add_argument("--max_new_tokens", type=int, default=768, help="per completion (default 768, as Qwen's scripts)")

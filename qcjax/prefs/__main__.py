@@ -1,0 +1,5 @@
+import sys
+
+from qcjax.prefs.cli import main
+
+sys.exit(main())
