@@ -232,8 +232,11 @@ class ModelConfig:
             "attention_dropout": 0.0,
             "torch_dtype": self.param_dtype,
         }
-        if self.vocab_size > 151643:  # <|endoftext|> (tiny test vocabularies don't have it)
-            d["bos_token_id"] = d["eos_token_id"] = 151643
+        from qcjax.tokenizer import ENDOFTEXT, SPECIAL_TOKENS
+
+        eot = SPECIAL_TOKENS[ENDOFTEXT]
+        if self.vocab_size > eot:  # <|endoftext|> (tiny test vocabularies don't have it)
+            d["bos_token_id"] = d["eos_token_id"] = eot
         if self.rope_scaling is not None:
             y = self.rope_scaling
             scaling = {

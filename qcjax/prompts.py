@@ -11,11 +11,12 @@ import sys
 from collections.abc import Sequence
 
 from qcjax.data import formats as F
-from qcjax.data.sources import _list_files, _read_text
+from qcjax.data.config import QWEN_DEFAULT_SYSTEM
+from qcjax.data.sources import list_files, read_text
 from qcjax.tokenizer import ENDOFTEXT, FILE_SEP, FIM_MIDDLE, Tokenizer
 
 # What Qwen2.5(-Coder)-Instruct's chat template inserts when the conversation has no system turn.
-DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+DEFAULT_SYSTEM = QWEN_DEFAULT_SYSTEM  # Qwen's chat template's default system turn (one definition: data/config.py)
 
 
 def _until_middle(parts: list[F.Part]) -> list[F.Part]:
@@ -77,11 +78,11 @@ def read_repo(repo_dir: str, current: str | None = None, max_file_bytes: int = 1
         raise ValueError(f"--repo {repo_dir}: not a directory")
     cur = os.path.realpath(current) if current else None
     files = []
-    for rel in _list_files(repo_dir, ()):
+    for rel in list_files(repo_dir, ()):
         full = os.path.join(repo_dir, rel)
         if cur is not None and os.path.realpath(full) == cur:
             continue
-        text = _read_text(full, max_file_bytes)
+        text = read_text(full, max_file_bytes)
         if text is not None:
             files.append((rel.replace(os.sep, "/"), text))
     name = os.path.basename(os.path.realpath(repo_dir))

@@ -195,7 +195,7 @@ class ParquetSource:
 _SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", "node_modules", ".tox", ".venv", "venv"}
 
 
-def _list_files(root: str, extensions: Sequence[str]) -> list[str]:
+def list_files(root: str, extensions: Sequence[str]) -> list[str]:
     """Relative paths of the files under root (sorted, hidden and cache directories skipped)."""
     out = []
     for d, dirs, files in os.walk(root):
@@ -207,7 +207,7 @@ def _list_files(root: str, extensions: Sequence[str]) -> list[str]:
     return out
 
 
-def _read_text(path: str, max_bytes: int) -> str | None:
+def read_text(path: str, max_bytes: int) -> str | None:
     """UTF-8 text of a file, or None for binary / non-UTF-8 / huge files."""
     try:
         if os.path.getsize(path) > max_bytes:
@@ -244,7 +244,7 @@ class RepoTreeSource:
             if entry.startswith(".") or entry in _SKIP_DIRS or any(fnmatch.fnmatch(entry, p) for p in ex):
                 continue
             if os.path.isdir(full):
-                files = [os.path.join(entry, f) for f in _list_files(full, extensions)]
+                files = [os.path.join(entry, f) for f in list_files(full, extensions)]
             elif os.path.isfile(full) and (not extensions or entry.endswith(tuple(extensions))):
                 files = [entry]
             else:
@@ -263,7 +263,7 @@ class RepoTreeSource:
         if self.level == "file":
             repo, rel = self.files[i]
             path = os.path.join(self.root, rel)
-            text = _read_text(path, self.max_file_bytes)
+            text = read_text(path, self.max_file_bytes)
             if text is None:
                 return {BAD: f"{path}: not UTF-8 text (binary, undecodable or over {self.max_file_bytes} bytes)",
                         WHERE: path}
@@ -271,7 +271,7 @@ class RepoTreeSource:
         name, rels = self.repos[i]
         files, skipped = [], 0
         for rel in rels:
-            text = _read_text(os.path.join(self.root, rel), self.max_file_bytes)
+            text = read_text(os.path.join(self.root, rel), self.max_file_bytes)
             if text is None:
                 skipped += 1
                 continue
