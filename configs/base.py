@@ -72,6 +72,7 @@ def get_config(stage: str = "file") -> ConfigDict:
     c.eval_steps = 4
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
+    c.resume_data = "exact"
     c.max_nonfinite_in_row = 5
     c.peak_flops_per_device = 0.0
     return c
@@ -118,7 +119,11 @@ HELP = {
     "eval_every": "steps between evaluations on the held-out split (and at the last step); 0 disables them",
     "eval_steps": "batches per evaluation (the same held-out batches every time)",
     "checkpoint_every": "steps between checkpoints (and at the last step); saves are asynchronous",
-    "keep_checkpoints": "checkpoints kept in the run directory (older ones are deleted)",
+    "keep_checkpoints": "checkpoints kept in the run directory (older ones are deleted, each deletion logged; never the "
+                        "newest step that trained finitely)",
+    "resume_data": "exact: resume the data iterator where it stopped (needs the process count that saved it); "
+                   "reseed: restore params and optimizer on any process count and restart the data order with seed "
+                   "+ step (documented, not bitwise)",
     "max_nonfinite_in_row": "stop the run after this many skipped (non-finite loss or gradient) steps in a row",
     "peak_flops_per_device": "peak FLOP/s of one device, for the MFU metric; 0 = look the device up (unknown on "
                              "CPU: no MFU)",

@@ -247,6 +247,19 @@ def test_two_processes_train_with_fsdp_across_them_save_and_resume(tmp_path, spm
     cfg, params = restore_params(str(tmp_path / "checkpoints"))  # the 2-process checkpoint, on one process
     assert params["embed"].shape == (cfg.vocab_size, cfg.hidden_size)
 
+    # the run continues on one process (8 devices instead of 2 x 4): refused by default, naming the process counts
+    # and the flag; with resume_data=reseed the params and optimizer state resume and the data order restarts
+    one = _train_cmd(tmp_path, spm_dir, 7) + ["--config.checkpoint_every=3"]
+    out = subprocess.run(one, env=_env(devices=8), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "process count: 2 in the checkpoint, 1 now" in out.stderr and "--config.resume_data=reseed" in out.stderr
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "5"]  # nothing moved
+    out = subprocess.run(one + ["--config.resume_data=reseed"], env=_env(devices=8), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resuming from checkpoint step 5" in out.stderr and "resume_data=reseed" in out.stderr
+    assert sorted(train_losses(tmp_path)) == [1, 2, 3, 4, 5, 6, 7]
+
 
 def _write_jsonl(path, rows):
     with open(path, "w") as f:

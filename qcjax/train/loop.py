@@ -360,7 +360,13 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
         train_it = make_iterator(c, tok, c.seed)
 
+        if c.get("resume_data", "exact") not in ("exact", "reseed"):
+            raise ConfigError(f"resume_data={c.resume_data!r}: expected exact or reseed")
         state, resumed, broken = _resume(c, ckpt, prog, train_it)
+        if resumed and c.get("resume_data", "exact") == "reseed":  # a fresh order for the rest of the run
+            log.warning("resume_data=reseed: the data iterator restarts with seed %d + step %d (the params and "
+                        "optimizer state are the checkpoint's)", c.seed, resumed)
+            train_it = make_iterator(c, tok, c.seed + resumed)
         if broken:  # set the corrupt steps aside so that they are never listed (or overwritten) again
             ckpt.close()
             _set_aside(ckpt.directory, broken)
@@ -481,9 +487,12 @@ def _resume(c: ConfigDict, ckpt, prog: TrainProgram, train_it):
                             jax.eval_shape(prog.tx.init, prog.abstract_params), prog.opt_shardings)
     corrupt: list[int] = []
 
+    reseed = c.get("resume_data", "exact") == "reseed"
+
     def attempt(step):
-        try:
-            return ckpt.restore_train_state(step, params=target_p, opt_state=target_o, data_iter=train_it)
+        try:  # resume_data="reseed": the iterator's saved position is not read (the caller re-derives it)
+            return ckpt.restore_train_state(step, params=target_p, opt_state=target_o,
+                                            data_iter=None if reseed else train_it)
         except CheckpointMismatch as e:
             raise ConfigError(_mismatch_message(c, ckpt.directory, e)) from None
 
@@ -512,7 +521,9 @@ def _mismatch_message(c: ConfigDict, directory: str, e) -> str:
               for k, v in now[sec].items() if k in then[sec] and then[sec][k] != v]
     fix = ("rerun with the settings the run was started with")
     if any(d.startswith("process count") for d in e.differences):
-        fix = "rerun on the process count that wrote it"
+        fix = ("rerun on the process count that wrote it, or add --config.resume_data=reseed to resume the params "
+               "and optimizer here with the data order re-derived from the step (not the exact batches an "
+               "unchanged run would see)")
     return (f"{e}" + (f" (config: {'; '.join(fields)})" if fields else "") +
             f". To resume, {fix}; to start a new run from these weights, use a new --workdir with "
             f"--config.init_from={directory}")
