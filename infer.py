@@ -168,6 +168,15 @@ def _request(tok, a, mode, log) -> dict:
     """The single prompt of a non-batch run: {"ids", "strings"}."""
     from qcjax import prompts as P
 
+    for flag in ("prompt", "prefix", "suffix", "system"):  # the shell passes bytes; undecodable ones arrive escaped
+        value = getattr(a, flag, None)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UsageError(f"--{flag} is not valid UTF-8 text (check the terminal's or the file's "
+                                 "encoding)") from None
+
     if mode in ("prompt", "prompt_file"):
         if mode == "prompt":
             text = a.prompt
@@ -237,7 +246,12 @@ def _jsonl_requests(tok, a) -> list[dict]:
                     raise UsageError("'prompt' must be a non-empty string")
                 ids = tok.encode_with_special(d["prompt"])
             elif "chat" in d or "messages" in d:
+                if "messages" in d and not isinstance(d["messages"], list):
+                    raise UsageError("'messages' must be a list of {'role', 'content'} objects ('chat' also takes "
+                                     "a string)")
                 system = d.get("system", P.DEFAULT_SYSTEM)
+                if system is not None and not isinstance(system, str):
+                    raise UsageError("'system' must be a string or null")
                 ids = P.encode(tok, P.chat_prompt(d.get("chat", d.get("messages")), system))
             else:
                 pre, suf = d.get("prefix"), d.get("suffix")
@@ -249,12 +263,12 @@ def _jsonl_requests(tok, a) -> list[dict]:
                 raise UsageError("'stop' must be a list of strings")
             extra_ids, strings = _stops(tok, a.stop + stop)
             max_new = d.get("max_new_tokens", a.max_new_tokens)
-            if not isinstance(max_new, int) or max_new < 1:
+            if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
                 raise UsageError(f"max_new_tokens={max_new!r}: must be an integer >= 1")
             sp = _sampling(d.get("temperature", a.temperature), d.get("top_k", a.top_k), d.get("top_p", a.top_p),
                            d.get("min_p", a.min_p), where="")
             seed = d.get("seed", a.seed + len(reqs))
-            if not isinstance(seed, int) or not 0 <= seed < 2**32:
+            if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
                 raise UsageError(f"seed={seed!r}: must be an integer in [0, 2**32)")
         except ValueError as e:
             raise UsageError(f"{where}{e}") from None

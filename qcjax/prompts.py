@@ -40,12 +40,17 @@ def repo_prompt(repo: str, files: Sequence[tuple[str, str]], path: str, prefix: 
     return _until_middle(F.repo_parts(repo, [*files, cur], fim_last=(len(prefix), len(prefix))))
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # the roles Qwen2.5's chat template renders
+
+
 def chat_prompt(message: str | Sequence[dict], system: str | None = DEFAULT_SYSTEM) -> list[F.Part]:
     """ChatML turns (a string is one user turn) followed by the generation header <|im_start|>assistant\\n."""
     msgs = [{"role": "user", "content": message}] if isinstance(message, str) else list(message)
     for k, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"chat message {k} must be {{'role': str, 'content': str}}, got {m!r}")
+        if m["role"] not in CHAT_ROLES:
+            raise ValueError(f"chat message {k} has role {m['role']!r}; ChatML roles: {', '.join(CHAT_ROLES)}")
     return F.chat_parts(msgs, system) + F.generation_prompt_parts()
 
 

@@ -215,6 +215,28 @@ def test_jsonl_batch_one_object_per_prompt_with_per_row_limits_and_stop_strings(
     assert got[3]["completion"] == hf_greedy_text(model, tok, chat_ids, 7)
 
 
+@pytest.mark.parametrize("line, match", [
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, r"line 1: chat message 0 has role 'wizard'; ChatML roles"),
+    ({"messages": "hi"}, r"line 1: 'messages' must be a list"),
+    ({"prompt": "x", "max_new_tokens": True}, r"line 1: max_new_tokens=True: must be an integer >= 1"),
+    ({"prompt": "x", "seed": False}, r"line 1: seed=False: must be an integer"),
+])
+def test_bad_jsonl_requests_name_the_line_and_field(hf_dir, tmp_path, capsys, line, match):
+    import re
+
+    hf, _ = hf_dir
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps(line) + "\n")
+    assert infer.main(args(hf, "--prompts_jsonl", str(inp))) == 2
+    assert re.search(match, capsys.readouterr().err), match
+
+
+def test_a_prompt_that_is_not_utf8_is_a_one_line_error(hf_dir, capsys):
+    hf, _ = hf_dir
+    assert infer.main(args(hf, "--prompt", "caf\udce9")) == 2  # how Python hands over an undecodable argv byte
+    assert "--prompt is not valid UTF-8 text" in capsys.readouterr().err
+
+
 def test_truncate_left_keeps_the_last_tokens(hf_dir, tok):
     hf, model = hf_dir
     text = "def f():\n    pass\n" * 20
