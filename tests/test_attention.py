@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qcjax.attention import IMPLS, attend, gpu, resolve_impl, tpu
+from qcjax.attention import attend, gpu, resolve_impl, tpu
 from qcjax.attention.xla import xla_attention
 from qcjax.config import ATTENTION_IMPLS, get_config
 from qcjax.sharding import make_mesh
@@ -89,10 +89,13 @@ def assert_matches_reference(ours, q, k, v, seg, do, dtype, what: str) -> None:
 
 
 # ---- the switch ------------------------------------------------------------------------------------------------
-def test_impl_names_are_the_config_schema_names():
-    assert IMPLS == ATTENTION_IMPLS
-    for name in IMPLS:
+def test_every_config_name_resolves_to_an_implementation_the_switch_runs():
+    for name in ATTENTION_IMPLS:
         assert get_config("tiny", attention_impl=name).attention_impl == name
+        for platform in ("cpu", "tpu", "gpu"):
+            assert resolve_impl(name, platform) in set(ATTENTION_IMPLS) - {"auto"}
+    with pytest.raises(ValueError, match="attention impl 'flash' unknown"):
+        resolve_impl("flash", "cpu")
 
 
 @pytest.mark.parametrize("platform,expected", [("cpu", "xla"), ("tpu", "pallas_tpu"), ("gpu", "pallas_gpu")])

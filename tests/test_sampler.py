@@ -363,3 +363,19 @@ def test_the_serving_mesh_is_tensor_parallel_up_to_the_kv_heads_then_data(preset
     from qcjax.config import get_config
 
     assert S.serving_mesh_shape(get_config(preset), devices, batch) == want
+
+
+def test_text_stream_holds_back_a_split_stop_string_and_a_partial_utf8_character():
+    """Byte-level ids: 0xC3 0xA9 is 'é' only once both bytes are in, and the stop string "\\n\\n" arrives split
+    over two chunks; nothing shown is ever taken back and the text ends right before the stop string."""
+    decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")  # noqa: E731
+    ts = S.TextStream(decode, stop_ids=[0], stop_strings=["\n\n"])
+    shown = [ts.feed(list(b"ab\n"))]  # the newline may start the stop string: held
+    shown.append(ts.feed([0xC3]))  # half a character: held, and still the newline
+    shown.append(ts.feed([0xA9]))  # the character is whole: newline and 'é' go out
+    shown.append(ts.feed(list(b"\n")))  # may start the stop string again
+    shown.append(ts.feed(list(b"\nzz")))  # it does: cut before it
+    assert shown == ["ab", "", "\né", "", ""] and ts.stopped and ts.text == "ab\né"
+    assert ts.flush() == "" and "".join(shown) == ts.text
+    ts = S.TextStream(decode, stop_ids=[0], stop_strings=["\n\n"])
+    assert ts.feed(list(b"x\n")) == "x" and ts.feed([0, 65]) == "\n" and ts.stopped  # a stop id ends it too
