@@ -255,3 +255,25 @@ def _get(tree, path):
     for k in path:
         tree = tree[k.key]
     return tree
+
+
+def test_remat_policies_save_what_they_name():
+    """The residuals the layer scan stacks for the backward pass: "full" keeps only each layer's input; "minimal"
+    also the named q/k/v, attention output and MLP hidden activations (checked by shape: a policy that saved nothing
+    more, or everything, would fail)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    cfg = qcjax.get_config("tiny", vocab_size=256, dtype="float32", param_dtype="float32")
+    params = qcjax.init_params(cfg, jax.random.key(0))
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    L, B, T, E = cfg.num_layers, 2, 16, cfg.hidden_size
+    H, KV, D, I = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head, cfg.intermediate_size
+
+    def stacked(remat):
+        c = cfg.replace(remat=remat)
+        res = saved_residuals(lambda p: jnp.sum(Qwen2(c).apply({"params": p}, tokens)), params)
+        return sorted(tuple(a.shape) for a, why in res if "output of scan" in why and a.ndim >= 4)
+
+    assert stacked("full") == [(L, B, T, E)]
+    assert stacked("minimal") == sorted([(L, B, T, E), (L, B, T, H, D), (L, B, T, KV, D), (L, B, T, KV, D),
+                                         (L, B, T, H, D), (L, B, T, I)])
