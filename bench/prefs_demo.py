@@ -55,11 +55,13 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--pairs_per_problem", type=int, default=4)
     p.add_argument("--dpo_steps", type=int, default=60)
-    p.add_argument("--dpo_lr", type=float, default=1e-3)
+    p.add_argument("--dpo_lr", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--eval_n", type=int, default=4, help="sampled pass@1 from this many samples per held-out problem")
     p.add_argument("--baseline", action="store_true", help="also SFT on round 1's chosen completions")
+    p.add_argument("--baseline_steps", type=int, default=60)
+    p.add_argument("--baseline_lr", type=float, default=1e-3)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     a = p.parse_args()
 
@@ -111,7 +113,7 @@ def main() -> None:
 
         base_dir = os.path.join(w, "sft_on_chosen")
         chosen = os.path.join(w, "prefs", "round_1", "pairs.chosen.jsonl")
-        c = tiny_config(spm, chosen, a.dpo_steps, a.dpo_lr, a.seed, a.batch, 64)
+        c = tiny_config(spm, chosen, a.baseline_steps, a.baseline_lr, a.seed, a.batch, 64)
         c.init_from = os.path.join(sft_dir, "checkpoints")
         train(c, base_dir)
         path = os.path.join(w, "sft_on_chosen_eval.json")

@@ -5,7 +5,7 @@ Start from the released weights with --config.init_from=/path/to/Qwen2.5-Coder-1
 from configs import base
 
 # Per stage: (model.remat, per_device_batch), the setting docs/tpu-memory.md verified on the smallest v5p and
-# v6e slices that fit (bench/tpu_memory_table.py).
+# v6e slices that fit (tools/tpu_memory_table.py).
 FIT = {"file": ("full", 1), "repo": ("full", 1), "sft": ("full", 1), "dpo": ("full", 1)}
 
 

@@ -11,7 +11,7 @@
 # ~12 s per test case (compiles; 16 cases), ~25-35 s per model and per batch size in bench/decode.py.
 # Exit status: 0 if every step that ran passed.
 #
-#     bash bench/gpu_checks.sh [OUT_DIR] [BUDGET_S]
+#     bash tools/gpu_checks.sh [OUT_DIR] [BUDGET_S]
 set -u
 out=$(realpath -m "${1:-gpu_out}")
 budget=${2:-560}
