@@ -275,33 +275,42 @@ class Engine:
             self._finish(i, "cancelled")
         if freed:
             self._set_done_from_host()
-        admitted = self._admit()
-        if admitted:
-            self._collect()
+        self._admit()
         if any(self._req):
             self._decode()
             self._collect()
 
     def _admit(self) -> int:
-        """Prefill as many waiting requests as fit (FIFO: free slots, prefill_batch rows, prefill_tokens) into free
-        slots."""
-        free = [i for i, r in enumerate(self._req) if r is None]
-        with self._cv:
-            take: list[Request] = []
-            longest = 0
-            for r in self._waiting:
-                n = len(take) + 1
-                lng = max(longest, len(r.tokens))
-                rows, bucket = 1 << (n - 1).bit_length(), S.prefill_bucket(lng)
-                if n > len(free) or rows > self.prefill_batch or (n > 1 and rows * bucket > self.prefill_tokens):
-                    break
-                take.append(r)
-                longest = lng
-            for r in take:
-                self._waiting.popleft()
-        if take:
+        """Prefill waiting requests into free slots (FIFO) before the next decode chunk: batches of up to
+        prefill_batch prompts and prefill_tokens padded tokens each, until the slots, the queue or this round's
+        prefill_tokens budget run out (at least one batch per round, so a long prompt always gets in). New requests
+        get their first token now; running ones wait at most one round's prefill budget."""
+        admitted, spent = 0, 0
+        while spent < self.prefill_tokens:
+            free = [i for i, r in enumerate(self._req) if r is None]
+            with self._cv:
+                take: list[Request] = []
+                longest = 0
+                for r in self._waiting:
+                    n = len(take) + 1
+                    lng = max(longest, len(r.tokens))
+                    rows, bucket = 1 << (n - 1).bit_length(), S.prefill_bucket(lng)
+                    if n > len(free) or rows > self.prefill_batch or (n > 1 and rows * bucket > self.prefill_tokens):
+                        break
+                    take.append(r)
+                    longest = lng
+                if admitted and take and spent + (1 << (len(take) - 1).bit_length()) * S.prefill_bucket(longest) \
+                        > self.prefill_tokens:
+                    take = []  # over this round's budget: after the next decode chunk
+                for r in take:
+                    self._waiting.popleft()
+            if not take:
+                break
             self._prefill_into(take, free[: len(take)])
-        return len(take)
+            self._collect()  # their first tokens go out now
+            admitted += len(take)
+            spent += (1 << (len(take) - 1).bit_length()) * S.prefill_bucket(longest)
+        return admitted
 
     def _prefill_into(self, reqs: list[Request], slots: list[int]) -> None:
         p = S.plan(self.cfg, [r.tokens for r in reqs], [r.max_new for r in reqs], [r.sampling for r in reqs],
