@@ -240,8 +240,8 @@ def test_missing_problems_file_is_one_line(tmp_path, capsys):
 def test_a_round_trains_dpo_on_the_pairs_and_resumes(tmp_path, hf_dir, capsys):
     w = tmp_path / "loop"
     argv = ["--hf_dir", hf_dir, "--problems", _problems_file(tmp_path), "--k", "6", "--rounds", "1",
-            "--workdir", str(w), "--config", os.path.join(ROOT, "configs", "tiny.py") + ":dpo",
-            "--config.steps=2", "--config.batch_size=2", "--config.seq_len=32", "--config.log_every=1",
+            "--workdir", str(w), "--config", os.path.join(ROOT, "configs", "prefs.py") + ":tiny",
+            "--config.steps=2", "--config.batch_size=8", "--config.seq_len=32", "--config.log_every=1",
             "--config.checkpoint_every=2", "--eval_problems", _problems_file(tmp_path), *MODEL]
     assert cli.main(argv) == 0
     rd = w / "round_1"
@@ -271,7 +271,7 @@ def test_the_documented_train_py_command_trains_on_the_pairs(tmp_path, hf_dir):
                      *MODEL]) == 0
     assert out.read_text().strip()
     text = open(os.path.join(ROOT, "docs", "eval.md")).read()
-    line = text[text.index("    python train.py --config=configs/1.5b.py:dpo"):]
+    line = text[text.index("    python train.py --config=configs/prefs.py:1.5b"):]
     line = line[:line.index("\n\n")].replace("\\\n", " ")
     argv = shlex.split(line)[2:]  # after "python train.py"
     argv = [a.replace("configs/", os.path.join(ROOT, "configs") + "/").replace("=D", "=" + hf_dir)

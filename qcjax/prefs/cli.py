@@ -2,13 +2,14 @@
 
     python -m qcjax.prefs --hf_dir D | --ckpt C --problems problems.jsonl --k 8 --temperature 0.8 --out pairs.jsonl
     python -m qcjax.prefs --ckpt C --problems train.jsonl --rounds 2 --workdir runs/prefs \\
-        --config configs/tiny.py:dpo --config.steps=60 [--eval_problems held_out.jsonl]
+        --config configs/prefs.py:tiny --config.steps=60 [--eval_problems held_out.jsonl]
 
 One pass: K samples per problem from the jitted sampler, each program run against the problem's tests in the
 evaluation sandbox, then pairs (chosen passes, rejected fails, same prompt) in the DPO format train.py reads. Writes
 pairs.jsonl plus, beside it, <stem>.samples.jsonl (every sample: completion, passed, reason), <stem>.chosen.jsonl
 (passing completions as SFT text records) and <stem>.summary.json. Train on the pairs with
-`--config.data.dpo_style=raw` (base prompts are plain text; --mode instruct pairs are ChatML: the default style).
+--config=configs/prefs.py:SIZE (the size's DPO stage, raw layout: base prompts are plain text); --mode instruct
+pairs are ChatML, the size files' own :dpo style.
 
 --rounds N: each round samples from the latest model, makes pairs and trains DPO on them (the given --config, its
 init_from set to that model), in <workdir>/round_<r>/; a finished round is never redone, so rerunning the same
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rounds", type=int, default=0, help="rounds of sample -> pairs -> DPO (needs --workdir, --config)")
     r.add_argument("--workdir", default=None, help="--rounds: one subdirectory per round; rerun to resume")
     r.add_argument("--config", default=None,
-                   help="DPO training config, e.g. configs/tiny.py:dpo; any field as --config.FIELD=VALUE")
+                   help="DPO training config, e.g. configs/prefs.py:tiny; any field as --config.FIELD=VALUE")
     r.add_argument("--eval_problems", default=None, help="held-out problems: pass@1 before and after each round")
     r.add_argument("--eval_n", type=int, default=0,
                    help="also sampled pass@1 from this many samples per held-out problem at --temperature "
