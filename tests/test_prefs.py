@@ -176,10 +176,11 @@ MODEL = ["--dtype", "float32", "--cache_dtype", "float32", "--max_new_tokens", "
          "--workers", "2", "--quiet"]
 
 
-def test_one_pass_writes_pairs_train_py_reads(tmp_path, hf_dir):
+def test_one_pass_writes_pairs_with_reference_logps_that_train_py_reads(tmp_path, hf_dir):
     out = tmp_path / "pairs.jsonl"
     assert cli.main(["--hf_dir", hf_dir, "--problems", _problems_file(tmp_path), "--k", "6", "--out", str(out),
-                     "--pairs_per_problem", "3", *MODEL]) == 0
+                     "--pairs_per_problem", "3", "--ref_logps", "--config",
+                     os.path.join(ROOT, "configs", "prefs.py") + ":tiny", *MODEL]) == 0
     samples = [json.loads(x) for x in (tmp_path / "pairs.samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 * 6
     for s in samples:  # the sandbox's verdict is the parity rule, whatever the model wrote
@@ -198,15 +199,18 @@ def test_one_pass_writes_pairs_train_py_reads(tmp_path, hf_dir):
     for p in pairs:
         assert by[p["task_id"], p["chosen_sample"]]["passed"] and not by[p["task_id"], p["rejected_sample"]]["passed"]
         assert p["prompt"] == PARITY[int(p["task_id"].split("/")[1])]["prompt"].strip() + "\n"
+        # --ref_logps: the completion tokens' summed log-probs under the sampling model (+ <|endoftext|>)
+        assert -1e4 < p["ref_chosen_logp"] < 0 and -1e4 < p["ref_rejected_logp"] < 0
     # the DPO pipeline reads the file as it is (raw style: prompt + completion + <|endoftext|>)
     from qcjax.data.config import DataConfig, SourceConfig
     from qcjax.data.pipeline import make_dpo_iterator
     from qcjax.tokenizer import load_tokenizer
 
     cfg = DataConfig(sources=(SourceConfig("jsonl", str(out), format="dpo"),), dpo_style="raw", num_epochs=1,
-                     eval_fraction=0.0)
+                     eval_fraction=0.0, dpo_ref_logps=True)
     batch = next(iter(make_dpo_iterator(cfg, load_tokenizer(hf_dir), seq_len=64, batch_size=2, seed=0)))
     assert batch["chosen_tokens"].shape == (2, 64) and batch["chosen_loss_mask"].sum() > 0
+    assert set(batch["ref_chosen_logp"].tolist()) <= {p["ref_chosen_logp"] for p in pairs}
 
 
 @pytest.mark.parametrize("argv, msg", [
