@@ -6,7 +6,7 @@
 
 A fixed set of `slots` rows shares one decode state (`qcjax.sampler.DecodeState`: the model's stacked KV cache with a
 length per row). One engine thread owns every device call. Between decode chunks (`sampler.decode`, `chunk` steps at
-a time) it frees the slots of cancelled requests, prefills waiting requests in one batch (`sampler.plan` buckets the
+a time) it frees the slots of cancelled requests, prefills waiting requests in batches (`sampler.plan` buckets the
 prompt length, `sampler.start` runs `prefill` / `prefill_chunked`) and writes them into free slots
 (`sampler.insert_rows`), so new requests join running ones without waiting for them. Requests beyond the free slots
 wait in a bounded queue; beyond that `submit` raises `QueueFull` (the API's 429).
