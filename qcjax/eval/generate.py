@@ -77,7 +77,7 @@ def _tokenizer_source(a) -> str:
 
 
 def load(a, usage_error, log) -> Model:
-    """Weights (qcjax.load_hf / qcjax.checkpoint.restore_params) and tokenizer (qcjax.tokenizer.load_tokenizer);
+    """Weights (qcjax.load: an HF directory or a qcjax checkpoint) and tokenizer (qcjax.tokenizer.load_tokenizer);
     bad paths raise usage_error(one line naming the flag)."""
     import time
 
@@ -95,12 +95,7 @@ def load(a, usage_error, log) -> Model:
         raise usage_error(f"tokenizer: {e}" + ("" if a.tokenizer else " (pass --tokenizer PATH)")) from e
     t = time.perf_counter()
     try:
-        if a.hf_dir:
-            cfg, params = qcjax.load_hf(a.hf_dir, dtype=a.dtype)
-        else:
-            from qcjax.checkpoint import restore_params
-
-            cfg, params = restore_params(a.ckpt, step=a.step, dtype=a.dtype)
+        cfg, params = qcjax.load(src, dtype=a.dtype, step=None if a.hf_dir else a.step)
     except (OSError, ValueError, KeyError) as e:
         raise usage_error(f"{flag} {src}: cannot load the model: {e}") from e
     cfg = cfg.replace(param_dtype=a.dtype, dtype=a.dtype)

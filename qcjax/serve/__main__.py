@@ -121,12 +121,7 @@ def load_model(a: argparse.Namespace, mesh):
     import qcjax
 
     try:
-        if a.hf_dir:
-            cfg, params = qcjax.load_hf(a.hf_dir, dtype=a.dtype, mesh=mesh)
-        else:
-            from qcjax.checkpoint import restore_params
-
-            cfg, params = restore_params(a.ckpt, step=a.step, mesh=mesh, dtype=a.dtype)
+        cfg, params = qcjax.load(a.hf_dir or a.ckpt, mesh=mesh, dtype=a.dtype, step=None if a.hf_dir else a.step)
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"--{'hf_dir' if a.hf_dir else 'ckpt'}: cannot load the model from {a.hf_dir or a.ckpt}: "
                          f"{e}") from None
