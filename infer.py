@@ -546,16 +546,13 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    if a.compile_only:
-        from qcjax.tpu_compile import quiet_libtpu
-
-        quiet_libtpu(cpu_only=True)  # before JAX starts
     from absl import logging as absl_logging
 
-    from qcjax.sampler import configure_cpu_xla
+    from qcjax import platform
 
+    platform.quiet_libtpu(cpu_only=a.compile_only)  # before JAX starts
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's read-only/restore notices are not for stderr here
-    configure_cpu_xla(a.dtype)  # before JAX starts (a no-op when it already has, e.g. called from tests)
+    platform.configure_xla(a.dtype)  # before JAX starts (a no-op when it already has, e.g. called from tests)
     try:
         return run(a)
     except UsageError as e:

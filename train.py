@@ -75,10 +75,10 @@ def compile_only(c, topology: str | None) -> int:
 
 def main(argv):
     del argv
-    if _COMPILE_ONLY.value:
-        from qcjax.tpu_compile import quiet_libtpu
+    from qcjax import platform
 
-        quiet_libtpu(cpu_only=True)  # before JAX starts
+    platform.quiet_libtpu(cpu_only=_COMPILE_ONLY.value)  # before JAX starts
+    if _COMPILE_ONLY.value:
         sys.exit(compile_only(_CONFIG.value, _TOPOLOGY.value))
     import jax
     from absl import logging as absl_logging

@@ -1,13 +1,12 @@
-"""The CPU prompt-attention kernel (qcjax.attention.cpu) against XLA's prompt attention, in one process, alternated.
+"""The CPU prompt-attention kernel (qcjax.cpu.attention) against XLA's prompt attention, in one process, alternated.
 
     python bench/cpu_attention.py [--lengths 512,2048] [--dtype float32] [--rounds 5]          # the sampler's prefill
     python bench/cpu_attention.py --alone [--lengths 512,2048] [--dtype float32] [--rounds 5]  # attention alone
 
 Default: the sampler's prefill of one random prompt of each length (0.5B architecture, random weights), with the
 kernel and without it (XLA's attention in PROMPT_QUERY_BLOCKS causal blocks, what runs where the kernel does not
-apply). Both programs are compiled once, before timing: the kernel is chosen at trace time, so the "xla" program is
-traced with it switched off under a config that differs only in naming attention_impl="xla" (which "auto" means on
-the CPU). Prints tok/s medians, the ratio, and whether the first tokens agree.
+apply). Both programs are compiled once, before timing: attention_impl="cpu" (what "auto" picks on the CPU) and
+attention_impl="xla" (XLA only). Prints tok/s medians, the ratio, and whether the first tokens agree.
 
 --alone times the attention alone: 24 layers' worth of random q/k/v of the 0.5B shapes (14 query heads, 2 KV heads,
 head_dim 64) in one jitted program per variant, with causal GFLOP/s (2 x 2 x T^2/2 x head_dim x heads per layer,
@@ -29,12 +28,13 @@ def main(argv=None):
     p.add_argument("--alone", action="store_true", help="time the attention alone, not the sampler's prefill")
     a = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from qcjax import cpu_matmul, sampler as S
+    from qcjax import platform as switch
+    from qcjax.cpu import build
 
-    S.configure_cpu_xla(a.dtype)
+    switch.configure_xla(a.dtype)
     import jax
 
-    if not cpu_matmul.available():
+    if not build.available():
         raise SystemExit("the CPU kernels are unavailable here (see the warning above)")
     print(f"jax {jax.__version__}, {a.dtype}, {jax.devices()[0].device_kind}; medians of {a.rounds} alternated rounds")
     for t in [int(v) for v in a.lengths.split(",")]:
@@ -66,22 +66,18 @@ def prefill(a, t: int) -> None:
     import numpy as np
 
     import qcjax
-    from qcjax import sampler as S
-    from qcjax.attention import cpu
+    from qcjax import platform as switch, sampler as S
     from qcjax.model import init_params
 
     cfg = qcjax.get_config("0.5b").replace(param_dtype=a.dtype, dtype=a.dtype)
     params = init_params(cfg, jax.random.key(0))
     prompt = np.random.default_rng(t).integers(0, 150000, t).tolist()
-    plan = S.plan(cfg, [prompt], max_new_tokens=1, min_batch=S.default_min_batch(cfg))
+    plan = S.plan(cfg, [prompt], max_new_tokens=1, min_batch=switch.min_batch(cfg.dtype))
     controls = S.controls_for(plan)
-    applies = cpu.applies
     first = {}
-    configs = {"kernel": cfg, "xla": cfg.replace(attention_impl="xla")}
-    for name, c in configs.items():  # trace and compile each with the kernel on / off
-        cpu.applies = applies if name == "kernel" else (lambda q, k: False)
+    configs = {"kernel": cfg.replace(attention_impl="cpu"), "xla": cfg.replace(attention_impl="xla")}
+    for name, c in configs.items():  # trace and compile each
         first[name] = np.asarray(S.start(c, params, plan, controls, jnp.dtype(a.dtype)).out)
-    cpu.applies = applies
     med = timed({name: (lambda c=c: S.start(c, params, plan, controls, jnp.dtype(a.dtype)))
                  for name, c in configs.items()}, a.rounds)
     rate = {k: t / v for k, v in med.items()}
@@ -94,8 +90,8 @@ def attention_alone(a, t: int) -> None:
     import jax
     import jax.numpy as jnp
 
-    from qcjax.attention import cpu
     from qcjax.attention.xla import PROMPT_QUERY_BLOCKS, xla_attention
+    from qcjax.cpu import attention as cpu
 
     layers, h, kvh, d = 24, 14, 2, 64
     keys = jax.random.split(jax.random.key(t), 3)

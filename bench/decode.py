@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--prefill_repeats", type=int, default=11, help="timed rounds of the prefill measure (cheaper)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--xla_flags", default=None,
-                   help="XLA:CPU flags for our side (default: qcjax.sampler.CPU_XLA_FLAGS for the dtype, as infer.py "
+                   help="XLA:CPU flags for our side (default: qcjax.platform.CPU_XLA_FLAGS for the dtype, as infer.py "
                         "applies them); 'none' for none. Each dtype runs in its own process (flags are per process)")
     p.add_argument("--rows_json", default=None, help=argparse.SUPPRESS)  # child process: write rows here
     p.add_argument("--no_stream", action="store_true", help="skip the streaming-cost measurement")
@@ -96,10 +96,10 @@ def main(argv=None):
             flags[d] = got["flags"]
         report(a, rows, bws, flags, got["machine"])
         return
-    from qcjax import sampler as S
+    from qcjax import platform as switch, sampler as S
 
     flags = None if a.xla_flags is None else (() if a.xla_flags == "none" else tuple(a.xla_flags.split()))
-    flags = S.configure_cpu_xla(dtypes[0], flags)
+    flags = switch.configure_xla(dtypes[0], flags)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -156,7 +156,7 @@ def main(argv=None):
 
         # -- prefill, batch 1 x prefill_len
         prompt = rng.integers(0, 150000, a.prefill_len).tolist()
-        p = S.plan(cfg, [prompt], max_new_tokens=1, min_batch=S.default_min_batch(cfg))
+        p = S.plan(cfg, [prompt], max_new_tokens=1, min_batch=switch.min_batch(cfg.dtype))
         c = S.controls_for(p)
         ids = torch.tensor([prompt], device=dev)
         ours, theirs = [], []
@@ -186,7 +186,7 @@ def main(argv=None):
         n = a.new_tokens
         for b in batches:
             prompts = [rng.integers(0, 150000, a.decode_prompt).tolist() for _ in range(b)]
-            p = S.plan(cfg, prompts, max_new_tokens=n, min_batch=S.default_min_batch(cfg))
+            p = S.plan(cfg, prompts, max_new_tokens=n, min_batch=switch.min_batch(cfg.dtype))
             c = S.controls_for(p)
             ids = torch.tensor(prompts, device=dev)
             ours, theirs, bw_here = [], [], []

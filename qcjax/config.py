@@ -11,8 +11,9 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from qcjax.platform import ATTENTION_IMPLS  # the attention switch's names (qcjax.platform, qcjax/attention)
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
-ATTENTION_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu", "cudnn")  # the attention switch (see qcjax/attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +65,8 @@ class ModelConfig:
     dtype: compute dtype of matmuls and activations; RMSNorm, RoPE, softmax and logits stay float32.
     remat: what the backward pass recomputes instead of storing: none | full | dots | dots_no_batch | minimal
       (minimal keeps the q/k/v projections, the attention output and the MLP hidden activation).
-    attention_impl: auto | xla | pallas_tpu | pallas_gpu | cudnn (auto: Pallas on TPU/GPU, XLA on CPU;
-      see qcjax/attention/__init__.py).
+    attention_impl: auto | xla | pallas_tpu | pallas_gpu | cudnn | cpu (auto: Pallas on TPU/GPU, the qcjax.cpu
+      kernels on the CPU where built, else XLA; see qcjax/platform.py and qcjax/attention/__init__.py).
     """
 
     vocab_size: int

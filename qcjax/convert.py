@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from qcjax import platform
+
+    platform.quiet_libtpu()  # before JAX starts
     progress = not args.no_progress
     try:
         if args.command == "hf-to-orbax":

@@ -16,8 +16,8 @@ import numpy as np
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from qcjax import cpu_matmul, rope
-from qcjax.attention import attend, target_device
+from qcjax import platform, rope
+from qcjax.attention import attend
 from qcjax.config import ModelConfig
 from qcjax.sharding import constrain
 
@@ -62,20 +62,14 @@ _project.defvjp(_project_fwd, _project_bwd)
 
 def _contract_out_in(x: jax.Array, w: jax.Array, n_in: int, out_dtype=None) -> jax.Array:
     """x [..., in...] contracted with w [out..., in...] (same dtype) over the `n_in` input dims, accumulated in
-    float32 -> [..., out...] in out_dtype (x's dtype). A decode step's few rows on the CPU go through
-    `qcjax.cpu_matmul` (one read of the weight); anything else is XLA's dot_general."""
+    float32 -> [..., out...] in out_dtype (x's dtype): as [rows, in] . [out, in]^T, the platform switch's "matmul"
+    (on one CPU device a decode step's few rows take qcjax.cpu's kernel; elsewhere XLA's dot_general)."""
     lead, out = x.shape[:x.ndim - n_in], w.shape[:w.ndim - n_in]
-    rows = math.prod(lead)
-    if not cpu_matmul.one_cpu():  # sharded: XLA partitions the dot over the named dims
+    if not platform.one_device():  # sharded: XLA partitions the dot over the named dims
         return _contract(x, w, range(x.ndim - n_in, x.ndim), range(w.ndim - n_in, w.ndim), out_dtype)
-    # As [rows, in] . [out, in]^T: given the attention's 3-D kernels ([heads, head_dim, hidden], [hidden, heads,
-    # head_dim]) XLA:CPU transposed each into a copy on every call (fp32 0.5B prefill: ~150 of ~3000 ms).
-    x2, w2 = x.reshape(rows, -1), w.reshape(math.prod(out), -1)
-    if x.dtype == w.dtype and cpu_matmul.applies(rows, x.dtype):
-        y = cpu_matmul.rows_matmul(x2, w2).astype(out_dtype or x.dtype)
-    else:
-        y = _contract(x2, w2, (1,), (1,), out_dtype)
-    return y.reshape(lead + out)
+    x2, w2 = x.reshape(math.prod(lead), -1), w.reshape(math.prod(out), -1)
+    y = platform.dispatch("matmul", lambda a, b: _contract(a, b, (1,), (1,), jnp.float32), x2, w2)
+    return y.astype(out_dtype or x.dtype).reshape(lead + out)
 
 
 def _dot(eq: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
@@ -120,20 +114,20 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.cfg.dtype)
 
 
-def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, at: jax.Array) -> jax.Array:
-    """The stacked cache [layers, batch, len, kv_heads, head_dim] with new [batch, t, kv_heads, head_dim] written
-    into `layer` at each row's offset at [batch]: one scatter of the new entries, in place on the cache the layer
-    scan carries (the rest of the cache is never copied). Positions past the end are dropped. On the CPU a 16-bit
-    cache is scattered as uint16 bits: XLA:CPU runs a bf16 scatter by converting the whole cache to fp32 and back."""
-    dtype, new = cache.dtype, new.astype(cache.dtype)
+def scatter_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, at: jax.Array) -> jax.Array:
+    """The stacked cache [layers, batch, len, kv_heads, head_dim] with new [batch, t, kv_heads, head_dim] (the
+    cache's dtype) written into `layer` at each row's offset at [batch]: one scatter of the new entries, in place on
+    the cache the layer scan carries (the rest of the cache is never copied). Positions past the end are dropped."""
     b, t = new.shape[:2]
-    as_bits = dtype.itemsize == 2 and target_device()[0] == "cpu"
-    if as_bits:
-        cache, new = jax.lax.bitcast_convert_type(cache, jnp.uint16), jax.lax.bitcast_convert_type(new, jnp.uint16)
     rows = jnp.arange(b, dtype=jnp.int32)[:, None]  # [batch, 1]
     slots = at.astype(jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [batch, t]
-    out = cache.at[layer, rows, slots].set(new, mode="drop")
-    return jax.lax.bitcast_convert_type(out, dtype) if as_bits else out
+    return cache.at[layer, rows, slots].set(new, mode="drop")
+
+
+def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, at: jax.Array) -> jax.Array:
+    """`scatter_cache` through the platform switch's "cache_write" (on the CPU a 16-bit cache is scattered as
+    uint16 bits: XLA:CPU runs a bf16 scatter by converting the whole cache to fp32 and back)."""
+    return platform.dispatch("cache_write", scatter_cache, cache, new.astype(cache.dtype), layer, at)
 
 
 class Attention(nn.Module):

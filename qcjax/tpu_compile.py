@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import importlib.util
 import math
-import os
 import re
 import time
 from typing import Any, Sequence
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from qcjax import platform
 from qcjax.config import ModelConfig
 
 GiB = 2**30
@@ -152,21 +152,6 @@ def parse_topology(name: str) -> Topology:
     return Topology(name=name, generation=gen_name, grid=grid, slices=slices)
 
 
-def quiet_libtpu(cpu_only: bool = False) -> None:
-    """Tell libtpu, on a host without TPUs, what it would otherwise look up and warn about at start-up (harmless
-    "could not determine TPU accelerator type / worker hostnames" lines). cpu_only (the --compile_only CLIs, which
-    run nothing): JAX does not even try to start a TPU backend. Call before JAX starts its backends."""
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes on this host may hold libtpu too
-    if not any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio/0")):  # never on a real TPU host
-        os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-        if cpu_only and not os.environ.get("JAX_PLATFORMS"):
-            from jax._src import xla_bridge
-
-            if not xla_bridge.backends_are_initialized():
-                jax.config.update("jax_platforms", "cpu")
-
-
 def has_libtpu() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
@@ -183,7 +168,7 @@ def compile_devices(topo: Topology) -> tuple:
 def _compile_devices(topo: Topology) -> tuple:
     from jax.experimental.topologies import get_topology_desc
 
-    quiet_libtpu()
+    platform.quiet_libtpu()
     desc = get_topology_desc(platform="tpu", topology_name=topo.topology_name, chip_config_name=topo.gen.chip_config,
                              chips_per_host_bounds=topo.host_bounds, num_slices=topo.slices, wrap=topo.wrap)
     return tuple(sorted(desc.devices, key=lambda d: (getattr(d, "slice_index", 0) or 0, d.id)))

@@ -98,10 +98,18 @@ def test_every_config_name_resolves_to_an_implementation_the_switch_runs():
         resolve_impl("flash", "cpu")
 
 
-@pytest.mark.parametrize("platform,expected", [("cpu", "xla"), ("tpu", "pallas_tpu"), ("gpu", "pallas_gpu")])
+@pytest.mark.parametrize("platform,expected", [("tpu", "pallas_tpu"), ("gpu", "pallas_gpu")])
 def test_auto_picks_the_platform_kernel(platform, expected):
     assert resolve_impl("auto", platform) == expected
     assert resolve_impl("xla", "tpu") == "xla"  # config can force any impl
+
+
+def test_auto_on_the_cpu_takes_the_cpu_kernels_unless_they_are_off(monkeypatch):
+    from qcjax.cpu import build
+
+    assert resolve_impl("auto", "cpu") == ("cpu" if build.available() else "xla")
+    monkeypatch.setenv("QCJAX_CPU_KERNELS", "0")  # read when a program is built, not frozen for the process
+    assert resolve_impl("auto", "cpu") == "xla"
 
 
 def test_unknown_impl_names_the_choices():
@@ -109,7 +117,7 @@ def test_unknown_impl_names_the_choices():
         resolve_impl("flash")
 
 
-def test_auto_on_cpu_is_the_reference():
+def test_training_attention_on_the_cpu_is_the_reference():
     rng = np.random.default_rng(0)
     q, k, v = qkv(rng, 2, 33, 33, 4, 2, 16)
     seg = jnp.asarray(packed_segments(rng, 2, 33))

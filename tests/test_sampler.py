@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qcjax import sampler as S
+from qcjax import decoding, sampler as S, sampling
 from qcjax.config import ModelConfig
 from qcjax.sampler import SamplingParams, generate
 
@@ -64,6 +64,26 @@ def test_greedy_batch_of_different_lengths_equals_transformers_per_prompt():
         assert g.tokens == hf_greedy(model, p, n)
 
 
+def test_greedy_with_the_cpu_kernels_off_equals_transformers(monkeypatch):
+    """Without a C++ compiler, on ARM or with QCJAX_CPU_KERNELS=0 every operation runs as XLA: that path equals
+    transformers too (prefill and decode), and its programs call none of qcjax's kernels."""
+    cfg, model, params = hf_and_params(CFG_TIED)
+    monkeypatch.setenv("QCJAX_CPU_KERNELS", "0")
+    jax.clear_caches()  # programs this process built with the kernels on would be reused
+    try:
+        assert "qcjax_" not in _decode_hlo(cfg, params, lowered_only=True)
+        plan = S.plan(cfg, prompts_of(cfg, [16, 9]), max_new_tokens=4)
+        assert "qcjax_" not in S.prefill.lower(cfg, plan.kinds, params, plan.tokens, plan.lengths, S.controls_for(plan),
+                                               batch=plan.batch, cache_len=plan.cache_len, cache_dtype=jnp.float32,
+                                               out_len=plan.out_len).as_text()
+        prompts = prompts_of(cfg, [5, 16, 1, 12], seed=1)
+        got = generate(cfg, params, prompts, max_new_tokens=NEW, cache_dtype=jnp.float32)
+        for p, g in zip(prompts, got):
+            assert g.tokens == hf_greedy(model, p, NEW)
+    finally:
+        jax.clear_caches()
+
+
 def _decode_hlo(cfg, params, lowered_only=False):
     plan = S.plan(cfg, prompts_of(cfg, [16, 9]), max_new_tokens=4)
     c = S.controls_for(plan)
@@ -116,7 +136,7 @@ def test_chunked_prefill_gives_the_one_shot_cache_and_first_logits(monkeypatch):
     kw = dict(batch=plan.batch, cache_len=plan.cache_len, cache_dtype=jnp.float32, out_len=plan.out_len)
     tokens, lengths = jnp.asarray(plan.tokens), jnp.asarray(plan.lengths)
     assert tokens.shape[1] == 64
-    first_token = S._first_token
+    first_token = decoding._first_token
 
     def first_logits(fn, **extra):  # run unjitted; the state, and the logits its first tokens were drawn from
         seen = {}
@@ -125,7 +145,7 @@ def test_chunked_prefill_gives_the_one_shot_cache_and_first_logits(monkeypatch):
             seen["logits"] = np.asarray(logits)
             return first_token(kinds, cache, logits, c, out_len)
 
-        monkeypatch.setattr(S, "_first_token", spy)
+        monkeypatch.setattr(decoding, "_first_token", spy)
         state = fn.__wrapped__(cfg, plan.kinds, params, tokens, lengths, controls, **extra, **kw)
         return state, seen["logits"]
 
@@ -274,7 +294,7 @@ def test_top_p_wider_than_the_probe_uses_the_exact_bisection():
     logits = np.random.default_rng(8).normal(0, 0.05, v)  # nearly flat: top_p 0.5 keeps ~1000 > 256 tokens
     sp = SamplingParams(temperature=1.0, top_p=0.5)
     want = _allowed(logits, sp)
-    assert np.count_nonzero(want) > S._TOP_P_PROBE
+    assert np.count_nonzero(want) > sampling._TOP_P_PROBE
     x = S.filter_logits(jnp.asarray(logits, jnp.float32)[None], S.Filters(
         jnp.ones(1), jnp.zeros(1, jnp.int32), jnp.full(1, 0.5), jnp.zeros(1)), S.FilterKinds.of([sp], v))
     np.testing.assert_array_equal(np.isfinite(np.asarray(x[0])), want > 0)
@@ -291,7 +311,7 @@ def test_categorical_never_draws_a_zero_probability_token():
 
 def test_greedy_ties_pick_the_first_maximum_like_torch():
     x = jnp.asarray([[1.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0]])
-    assert S.first_argmax(x).tolist() == [1, 0]
+    assert S.sample_tokens(x, None, None, S.FilterKinds()).tolist() == [1, 0]  # an all-greedy batch
 
 
 # ---- the mesh -------------------------------------------------------------------------------------------------------

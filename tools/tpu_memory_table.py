@@ -67,10 +67,10 @@ def point_config(p: dict):
 
 def compile_point(p: dict) -> dict:
     """In this process: compile one point; the memory report as a dict."""
-    from qcjax import tpu_compile as T
+    from qcjax import platform, tpu_compile as T
     from qcjax.train.loop import ConfigError
 
-    T.quiet_libtpu(cpu_only=True)
+    platform.quiet_libtpu(cpu_only=True)
     try:
         r = T.compile_train(point_config(p), p["topology"])
     except ConfigError as e:
@@ -378,7 +378,7 @@ def main(argv=None) -> int:
         print(json.dumps(compile_point(json.loads(a.point))))
         return 0
     a.argv = [x for x in (argv if argv is not None else sys.argv[1:])]
-    from qcjax.tpu_compile import quiet_libtpu
+    from qcjax.platform import quiet_libtpu
 
     quiet_libtpu(cpu_only=True)
     points, cal = Points(a.cache), Calibration()

@@ -1,13 +1,16 @@
 """The attention switch: the one function the model calls for attention, whatever the backend.
 
 Implementations (`impl`, also `ModelConfig.attention_impl`):
-- "xla": the reference (plain jnp, any platform; qcjax.attention.xla). A prompt's attention for inference
-  (`prompt=True`, the sampler's prefill) on one CPU device runs as our C++ kernel instead (qcjax.attention.cpu).
+- "xla": the reference (plain jnp, any platform; qcjax.attention.xla), and nothing else. A prompt's attention for
+  inference (`prompt=True`, the sampler's prefill) runs in causal query blocks (xla.PROMPT_QUERY_BLOCKS).
+- "cpu": the C++ kernels of the optional qcjax.cpu package for prompts and decode steps on one CPU device, the
+  reference elsewhere (training included).
 - "pallas_tpu": training: jax's splash attention (qcjax.attention.tpu); cache decode: our Mosaic kernel.
 - "pallas_gpu": training: our Triton flash attention (qcjax.attention.gpu); cache decode: our Triton kernel.
 - "cudnn": training: cuDNN flash attention through jax.nn.dot_product_attention (packed segments become a dense
   [batch, 1, q_len, kv_len] mask, so prefer "pallas_gpu" for packed rows); cache decode: our Triton kernel.
-- "auto": "pallas_tpu" on TPU, "pallas_gpu" on GPU, "xla" on CPU. cuDNN is not auto-picked: it has not been
+- "auto": the platform switch's pick (qcjax.platform.AUTO): "pallas_tpu" on TPU, "pallas_gpu" on GPU, "cpu" on the
+  CPU ("xla" where the CPU kernels are off or could not be built). cuDNN is not auto-picked: it has not been
   measured faster here (bench/attention.py measures both; see bench/RESULTS.md).
 
 The call is training/prefill ("self": q_len == kv_len; q_offset must then be 0) or cache decode (q_len < kv_len:
@@ -23,23 +26,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qcjax.attention import cpu, decode, gpu, tpu
+from qcjax import platform as switch
+from qcjax.attention import decode, gpu, tpu
 from qcjax.attention.sharded import shard_kernel
 from qcjax.attention.xla import PROMPT_QUERY_BLOCKS, attention_mask, xla_attention
-from qcjax.config import ATTENTION_IMPLS
+from qcjax.platform import ATTENTION_IMPLS, target_device
 
-IMPLS = ATTENTION_IMPLS  # ("auto", "xla", "pallas_tpu", "pallas_gpu", "cudnn"): the names live in the config schema
-_AUTO = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}
-_NEEDS = {"pallas_tpu": ("tpu",), "pallas_gpu": ("gpu", "cuda", "rocm"), "cudnn": ("gpu", "cuda")}
-
-
-def target_device() -> tuple[str, str]:
-    """(platform, device_kind) the attention is compiled for: the current mesh's devices, else the default's."""
-    dev = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    if dev is not None:
-        return dev.platform, dev.device_kind
-    d = jax.devices()[0]
-    return d.platform, d.device_kind
+IMPLS = ATTENTION_IMPLS  # ("auto", "xla", "pallas_tpu", "pallas_gpu", "cudnn", "cpu"): named in qcjax.platform
 
 
 def resolve_impl(impl: str, platform: str | None = None, head_dim: int | None = None) -> str:
@@ -47,12 +40,10 @@ def resolve_impl(impl: str, platform: str | None = None, head_dim: int | None = 
     "xla" on TPU for head dims the TPU kernels do not tile (e.g. 16 in the tiny CPU configs), so every config runs."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r} unknown; choose one of {IMPLS}")
-    if impl == "auto":
-        chosen = _AUTO.get(platform or target_device()[0], "xla")
-        if chosen == "pallas_tpu" and head_dim is not None and head_dim not in tpu.HEAD_DIMS:
-            return "xla"
-        return chosen
-    return impl
+    chosen = switch.choose("attention", impl, platform)
+    if impl == "auto" and chosen == "pallas_tpu" and head_dim is not None and head_dim not in tpu.HEAD_DIMS:
+        return "xla"
+    return chosen
 
 
 def attend(
@@ -72,27 +63,30 @@ def attend(
 ) -> jnp.ndarray:  # [batch, q_len, heads, head_dim]
     """Causal grouped-query attention within segments: query i sees keys j <= q_offset + i of its own segment.
 
-    `prompt` marks self-attention over a prompt for inference. Under "xla" it then runs on one CPU device as the
-    C++ kernel (qcjax.attention.cpu) where that applies, else in causal query blocks (xla.PROMPT_QUERY_BLOCKS).
-    Queries against a cache (q_len < kv_len, not a prompt) on one CPU device take the decode kernel
-    (`cpu.cache_attention`), which reads k/v in the cache's dtype; every other path widens k/v to q's dtype."""
+    `prompt` marks self-attention over a prompt for inference: "xla" then runs it in causal query blocks
+    (xla.PROMPT_QUERY_BLOCKS), "cpu" as its C++ kernel where that applies. k/v may come in the cache's dtype: the
+    CPU decode kernel reads them as they are; every other path widens them to q's dtype."""
     platform, kind = target_device()
     impl = resolve_impl(impl, platform, q.shape[-1])
     if q_offset is None:
         q_offset = jnp.zeros((q.shape[0],), jnp.int32)
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} KV heads")
-    if impl == "xla" and not prompt and cpu.cache_applies(q, k):  # decode steps read the cache in its own dtype
-        return cpu.cache_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale)
+    if impl == "cpu":
+        kernels = switch.plugin("attention", "cpu")
+        if platform != "cpu" or kernels is None:
+            raise ValueError(f"attention impl 'cpu' needs a CPU target and the qcjax.cpu kernels (built, "
+                             f"QCJAX_CPU_KERNELS not 0); the target is {platform}"
+                             + ("" if kernels is not None else ", kernels unavailable") + "; use 'auto' or 'xla'")
+        return kernels.fn(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale=scale, prompt=prompt)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     if impl == "xla":
-        if prompt and cpu.applies(q, k):
-            return cpu.causal_attention(q, k, v, q_segment_ids, kv_segment_ids, scale)
         return xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale=scale,
                              query_blocks=PROMPT_QUERY_BLOCKS if prompt else 1)
     interpret = platform == "cpu" if interpret is None else interpret
-    if not interpret and platform not in _NEEDS[impl]:
-        raise ValueError(f"attention impl {impl!r} needs a {'/'.join(_NEEDS[impl])} device; the target is {platform}")
+    needs = switch.NEEDS[impl]
+    if not interpret and platform not in needs:
+        raise ValueError(f"attention impl {impl!r} needs a {'/'.join(needs)} device; the target is {platform}")
     on_tpu = impl == "pallas_tpu"
 
     if q.shape[1] != k.shape[1]:  # cache decode: the new tokens against the whole cache

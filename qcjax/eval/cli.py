@@ -378,10 +378,11 @@ def main(argv=None) -> int:
         if a.command in ("humaneval", "mbpp", "fim", "repo-fim"):
             from absl import logging as absl_logging
 
-            from qcjax.sampler import configure_cpu_xla
+            from qcjax import platform
 
+            platform.quiet_libtpu()  # before JAX starts
             absl_logging.set_verbosity(absl_logging.ERROR)
-            configure_cpu_xla(a.dtype)  # before JAX starts
+            platform.configure_xla(a.dtype)
         cmd = {"score": cmd_score, "humaneval": cmd_generate, "mbpp": cmd_generate, "fim": cmd_fim,
                "repo-fim": cmd_repo_fim}[a.command]
         return cmd(a, log)

@@ -379,10 +379,11 @@ def main(argv=None) -> int:
         from absl import logging as absl_logging
 
         from qcjax.eval.cli import _problems
-        from qcjax.sampler import configure_cpu_xla
+        from qcjax import platform
 
+        platform.quiet_libtpu()  # before JAX starts
         absl_logging.set_verbosity(absl_logging.ERROR)
-        configure_cpu_xla(a.dtype)
+        platform.configure_xla(a.dtype)
         _check(a)
         if overrides and not a.config:
             raise UsageError(f"{overrides[0]}: --config.FIELD needs --config")

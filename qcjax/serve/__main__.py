@@ -198,10 +198,11 @@ def main(argv=None) -> int:
 
     from absl import logging as absl_logging
 
-    from qcjax.sampler import configure_cpu_xla
+    from qcjax import platform
 
+    platform.quiet_libtpu()  # before JAX starts
     absl_logging.set_verbosity(absl_logging.ERROR)
-    configure_cpu_xla(a.dtype)  # before JAX starts
+    platform.configure_xla(a.dtype)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         engine, app, name = build(a, say)

@@ -1,7 +1,7 @@
 // Causal self-attention over a prompt on the CPU (flash-style): out[b, i, h] = softmax_j(q_i . k_j * scale) v_j over
 // keys j <= i of query i's own segment, grouped-query (query head h reads KV head h / (H / KV)). float32 in and out.
-// Compiled with cpu_matmul.cc into one library by qcjax/cpu_matmul.py; called through jax.ffi by
-// qcjax/attention/cpu.py.
+// Compiled with matmul.cc into one library by qcjax/cpu/build.py; called through jax.ffi by
+// qcjax/cpu/attention.py.
 //
 // Why: XLA:CPU runs the reference attention (qcjax/attention/xla.py) as dozens of small ops per layer: scores
 // materialised, masked, reduced and normalised in separate passes, with transposes between (0.5B fp32, 512 tokens:
@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
-#include "cpu_parallel.h"
+#include "parallel.h"
 
 namespace ffi = xla::ffi;
 
@@ -443,34 +443,6 @@ ffi::Error CacheAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::An
   }
 }
 
-// The sampler's cache write: new [B, T, ...] into cache [B, S, ...] at each row's slot at[b] (clamped to [0, S - T],
-// as XLA's dynamic_update_slice), in place (the result aliases the cache). XLA:CPU runs a 16-bit cache's per-row
-// write by widening the whole cache to float32 and back, or (scattered as uint16 bits) with the bitcasts
-// materialised as whole-cache copies: 0.5B bf16, a 4096-token prompt, ~60 ms of a ~120 ms step.
-ffi::Error CacheWrite(ffi::AnyBuffer cache, ffi::AnyBuffer update, ffi::Buffer<ffi::S32> at,
-                      ffi::Result<ffi::AnyBuffer> out) {
-  auto cd = cache.dimensions(), ud = update.dimensions(), ad = at.dimensions(), od = out->dimensions();
-  bool ok = cd.size() >= 2 && ud.size() == cd.size() && ad.size() == 1 && od.size() == cd.size() &&
-            cache.element_type() == update.element_type() && out->element_type() == cache.element_type() &&
-            ud[0] == cd[0] && ad[0] == cd[0] && ud[1] <= cd[1] && std::equal(cd.begin(), cd.end(), od.begin()) &&
-            std::equal(cd.begin() + 2, cd.end(), ud.begin() + 2);
-  if (!ok) {
-    return ffi::Error::InvalidArgument(
-        "qcjax_cache_write: cache [B, S, ...] and update [B, T <= S, ...] of one dtype, at [B] int32");
-  }
-  const int64_t b = cd[0], s = cd[1], t = ud[1];
-  const size_t slot = b * s ? cache.size_bytes() / static_cast<size_t>(b * s) : 0;  // bytes per position
-  char* dst = static_cast<char*>(out->untyped_data());
-  if (dst != cache.untyped_data()) std::memcpy(dst, cache.untyped_data(), cache.size_bytes());  // not aliased
-  const char* src = static_cast<const char*>(update.untyped_data());
-  const int32_t* ap = at.typed_data();
-  for (int64_t r = 0; r < b; ++r) {
-    const int64_t start = std::clamp<int64_t>(ap[r], 0, s - t);
-    std::memcpy(dst + (r * s + start) * slot, src + r * t * slot, t * slot);
-  }
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QcjaxCausalAttention, CausalAttention,
@@ -495,10 +467,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QcjaxCacheAttention, CacheAttention,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(QcjaxCacheWrite, CacheWrite,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::AnyBuffer>());

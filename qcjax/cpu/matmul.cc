@@ -1,10 +1,10 @@
 // Few-row matmul for decoding on the CPU: y[M, N] = x[M, K] . w[N, K]^T, x and w both float32 or both bfloat16,
-// y float32 (float32 accumulation). Compiled and loaded by qcjax/cpu_matmul.py; called through jax.ffi.
+// y float32 (float32 accumulation). Compiled and loaded by qcjax/cpu/build.py; called through jax.ffi (qcjax/cpu/matmul.py).
 //
 // Why: a decode step is a handful of rows against every weight, so its cost should be one read of the weights. XLA:CPU's
 // GEMM kernels for 1-8 rows read fp32 weights at ~10-13 GB/s and bf16 ones at ~1-13 GB/s on a machine that reads
 // ~25 GB/s (bench/RESULTS.md). Here each weight row is loaded once and multiplied into every x row while it is hot;
-// the N rows are shared out over XLA's intra-op threads (cpu_parallel.h).
+// the N rows are shared out over XLA's intra-op threads (parallel.h).
 //
 // fp32: GCC/Clang vector extensions, one register's lanes (16 floats with AVX-512, 8 with AVX2). bf16: AMX tiles
 // from 3 rows, AVX512-BF16 dot products below that, and where the CPU has neither, the weights widened to fp32 in
@@ -27,7 +27,7 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
-#include "cpu_parallel.h"
+#include "parallel.h"
 
 namespace ffi = xla::ffi;
 

@@ -1,4 +1,4 @@
-// How qcjax's CPU kernels (cpu_matmul.cc, cpu_attention.cc) share work out over XLA's intra-op threads.
+// How qcjax's CPU kernels (matmul.cc, attention.cc) share work out over XLA's intra-op threads.
 //
 // Items [0, n) are claimed from a shared counter by the calling thread and by helper tasks on XLA's pool. The
 // caller never waits for an item nobody has started: it takes every unclaimed item itself, then waits only for items

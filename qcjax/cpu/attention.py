@@ -1,5 +1,7 @@
-"""Attention on one CPU device as C++ kernels (qcjax/cpu_attention.cc) through jax.ffi: a prompt's causal
-self-attention (`causal_attention`) and the sampler's decode steps against the KV cache (`cache_attention`).
+"""Attention on one CPU device as C++ kernels (attention.cc) through jax.ffi: a prompt's causal self-attention
+(`causal_attention`) and the sampler's decode steps against the KV cache (`cache_attention`). `attend` is the
+platform switch's "cpu" attention (qcjax.platform; what "auto" picks on the CPU): each call takes a kernel where one
+applies and XLA's reference (qcjax.attention.xla) otherwise, training included.
 
 XLA:CPU runs the reference (qcjax.attention.xla) as many small ops per layer: the scores are written, masked,
 reduced and normalised in separate passes, with transposes between. The kernel keeps each tile's scores in cache
@@ -8,9 +10,9 @@ group of query heads: 24 layers of the 0.5B shapes 1.6x faster at 512 tokens, 2.
 bench/cpu_attention.py, bench/RESULTS.md). The sampler's prefill takes it (`attend(..., prompt=True)`); training
 keeps XLA's attention (the kernel's backward would be the reference's anyway).
 
-It is built into the same library as the decode matmul (qcjax.cpu_matmul: compiled on first use, cached, off
-without a compiler or with QCJAX_CPU_MATMUL=0). Computes in float32; bfloat16 q/k/v are widened for it and the
-output rounded back.
+Built with the decode matmul into one library (qcjax.cpu.build: compiled on first use, cached, off without a
+compiler or with QCJAX_CPU_KERNELS=0). Computes in float32; bfloat16 q/k/v are widened for it and the output
+rounded back.
 
 Decode steps: XLA:CPU ran the reference over every slot of the cache, widening a bf16 cache to a float32 copy per
 layer per step (0.5B, a 4096-token prompt: bf16 steps 58 -> 194 ms, fp32 75 -> 148 ms against a 32-token one).
@@ -24,8 +26,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qcjax import cpu_matmul
-from qcjax.attention.xla import xla_attention
+from qcjax import platform
+from qcjax.attention.xla import PROMPT_QUERY_BLOCKS, xla_attention
+from qcjax.cpu import build
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
+           q_offset: jax.Array, *, scale: float, prompt: bool) -> jax.Array:
+    """The "cpu" attention implementation, with `qcjax.attention.attend`'s arguments (k/v in the cache's dtype):
+    decode steps against a cache take `cache_attention`, a prompt's self-attention `causal_attention`, where they
+    apply; everything else (training, a sharded mesh, shapes the kernels do not take) XLA's reference."""
+    if not prompt and cache_applies(q, k):  # decode steps read the cache in its own dtype
+        return cache_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale)
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if prompt and applies(q, k):
+        return causal_attention(q, k, v, q_segment_ids, kv_segment_ids, scale)
+    return xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale=scale,
+                         query_blocks=PROMPT_QUERY_BLOCKS if prompt else 1)
 
 
 def applies(q: jax.Array, k: jax.Array) -> bool:
@@ -33,7 +50,7 @@ def applies(q: jax.Array, k: jax.Array) -> bool:
     attention stays with XLA, which partitions it), head_dim a multiple of 8, float32 or bfloat16, kernel built."""
     return (q.shape[1] == k.shape[1] and q.shape[-1] % 8 == 0
             and jnp.dtype(q.dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-            and cpu_matmul.one_cpu() and cpu_matmul.available())
+            and platform.one_device() and build.available())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -52,11 +69,11 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
                          f"{(b, t)}")
     if d % 8:
         raise ValueError(f"causal_attention: head_dim {d} is not a multiple of 8")
-    if not cpu_matmul.available():
+    if not build.available():
         raise RuntimeError("causal_attention: the CPU kernel is unavailable (see the warning); check applies() first")
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     i32 = lambda x: x.astype(jnp.int32)  # noqa: E731
-    out = jax.ffi.ffi_call(cpu_matmul.ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
+    out = jax.ffi.ffi_call(build.ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                            vmap_method="sequential")(f32(q), f32(k), f32(v), i32(q_segment_ids),
                                                      i32(kv_segment_ids), scale=np.float32(scale))
     return out.astype(q.dtype)
@@ -81,7 +98,7 @@ def cache_applies(q: jax.Array, k: jax.Array) -> bool:
     head_dim a multiple of 8, q float32 or bfloat16, the cache float32 or bfloat16, kernel built."""
     dtypes = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
     return (q.shape[1] < k.shape[1] and q.shape[-1] % 8 == 0 and jnp.dtype(q.dtype) in dtypes
-            and jnp.dtype(k.dtype) in dtypes and cpu_matmul.one_cpu() and cpu_matmul.available())
+            and jnp.dtype(k.dtype) in dtypes and platform.one_device() and build.available())
 
 
 def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
@@ -99,26 +116,10 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax
                          f"{q_offset.shape}: expected {(b, t)}, {(b, k.shape[1])} and {(b,)}")
     if d % 8:
         raise ValueError(f"cache_attention: head_dim {d} is not a multiple of 8")
-    if not cpu_matmul.available():
+    if not build.available():
         raise RuntimeError("cache_attention: the CPU kernel is unavailable (see the warning); check cache_applies()")
     i32 = lambda x: x.astype(jnp.int32)  # noqa: E731
-    out = jax.ffi.ffi_call(cpu_matmul.CACHE_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
+    out = jax.ffi.ffi_call(build.CACHE_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                            vmap_method="sequential")(q.astype(jnp.float32), k, v, i32(q_segment_ids),
                                                      i32(kv_segment_ids), i32(q_offset), scale=np.float32(scale))
     return out.astype(q.dtype)
-
-
-def cache_write_applies(cache: jax.Array, new: jax.Array) -> bool:
-    """Whether `cache_write` takes this write: new positions into a longer cache, on one CPU device, kernel built."""
-    return new.shape[1] < cache.shape[1] and cpu_matmul.one_cpu() and cpu_matmul.available()
-
-
-def cache_write(cache: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
-    """cache [B, S, ...] with new [B, T, ...] (same dtype) written at each row's slot at [B] (clamped to [0, S - T],
-    as `jax.lax.dynamic_update_slice`), in place: the result aliases the cache, so a donated cache is not copied."""
-    if (new.ndim != cache.ndim or new.dtype != cache.dtype or new.shape[0] != cache.shape[0]
-            or new.shape[1] > cache.shape[1] or new.shape[2:] != cache.shape[2:] or at.shape != cache.shape[:1]):
-        raise ValueError(f"cache_write: cache {cache.shape} {cache.dtype}, new {new.shape} {new.dtype}, at {at.shape}: "
-                         "expected new [B, T <= S, ...] in the cache's dtype and at [B]")
-    return jax.ffi.ffi_call(cpu_matmul.CACHE_WRITE_TARGET, jax.ShapeDtypeStruct(cache.shape, cache.dtype),
-                            input_output_aliases={0: 0})(cache, new, at.astype(jnp.int32))

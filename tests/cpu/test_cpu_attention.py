@@ -1,4 +1,4 @@
-"""The CPU attention kernels (qcjax/cpu_attention.cc through qcjax.attention.cpu), against float64 references: the
+"""The CPU attention kernels (qcjax/cpu/attention.cc through qcjax.cpu.attention), against float64 references: the
 prompt kernel (causal attention within segments) around its tile sizes, for every GQA ratio of the family, its
 gradient; the decode kernel (new queries against a cache) around its key block, bf16 caches, finished rows; what the
 attention switch sends to each."""
@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qcjax import cpu_matmul
-from qcjax.attention import attend, cpu
+from qcjax.attention import attend
+from qcjax.cpu import attention as cpu, build
 from qcjax.attention.xla import xla_attention
 
 from test_attention import RATIOS, assert_close, packed_segments, qkv
 from test_cpu_matmul import ISA_LEVELS, _x86_flags
 
-pytestmark = pytest.mark.skipif(not cpu_matmul.available(), reason="the CPU kernels did not build here")
+pytestmark = pytest.mark.skipif(not build.available(), reason="the CPU kernels did not build here")
 
 
 def reference(q, k, v, q_seg, kv_seg, scale):
@@ -109,16 +109,18 @@ def test_the_switch_sends_only_prompts_to_the_kernel():
     q, k, v = qkv(rng, 1, 32, 32, 4, 2, 16)
     seg = jnp.ones((1, 32), jnp.int32)
 
-    def lowered(prompt):
-        return jax.jit(lambda q, k, v: attend(q, k, v, seg, seg, scale=0.25, impl="xla", prompt=prompt)
+    def lowered(prompt, impl):
+        return jax.jit(lambda q, k, v: attend(q, k, v, seg, seg, scale=0.25, impl=impl, prompt=prompt)
                        ).lower(q, k, v).as_text()
 
-    assert cpu_matmul.ATTENTION_TARGET in lowered(True)
-    assert cpu_matmul.ATTENTION_TARGET not in lowered(False)  # training: XLA's attention
+    for impl in ("auto", "cpu"):  # "auto" picks the CPU kernels on the CPU
+        assert build.ATTENTION_TARGET in lowered(True, impl)
+        assert build.ATTENTION_TARGET not in lowered(False, impl)  # training: XLA's attention
+    assert build.ATTENTION_TARGET not in lowered(True, "xla")  # "xla" means XLA and nothing else
     q8, k8, v8 = qkv(rng, 1, 32, 32, 4, 2, 12)  # head_dim not a multiple of 8: XLA's blocks
     assert not cpu.applies(q8, k8)
-    assert cpu_matmul.ATTENTION_TARGET not in jax.jit(
-        lambda q, k, v: attend(q, k, v, seg, seg, scale=0.25, impl="xla", prompt=True)).lower(q8, k8, v8).as_text()
+    assert build.ATTENTION_TARGET not in jax.jit(
+        lambda q, k, v: attend(q, k, v, seg, seg, scale=0.25, impl="cpu", prompt=True)).lower(q8, k8, v8).as_text()
 
 
 def test_bad_shapes_name_both():
@@ -131,11 +133,11 @@ def test_bad_shapes_name_both():
 def test_older_instruction_sets_match_float64(march):
     if not ISA_LEVELS[march] <= _x86_flags():
         pytest.skip(f"this CPU cannot run {march} code")
-    cpu_matmul._load(march)
+    build._load(march)
     rng = np.random.default_rng(6)
     q, k, v = qkv(rng, 1, 75, 75, 14, 2, 64)
     seg = jnp.asarray(segments(rng, 1, 75))
-    got = jax.ffi.ffi_call(f"{cpu_matmul.ATTENTION_TARGET}_{march}", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+    got = jax.ffi.ffi_call(f"{build.ATTENTION_TARGET}_{march}", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q, k, v, seg, seg, scale=np.float32(0.125))
     assert_close(got, reference(q, k, v, seg, seg, 0.125), jnp.float32)
 
@@ -212,15 +214,16 @@ def test_the_switch_sends_decode_steps_to_the_cache_kernel():
     q, k, v, q_seg, kv_seg, off = decode_inputs(np.random.default_rng(10), [20, 3], 32, heads=4, head_dim=16,
                                                 cache_dtype=jnp.bfloat16)
 
-    def lowered(prompt, impl="xla"):
+    def lowered(prompt, impl="auto"):
         return jax.jit(lambda q, k, v: attend(q, k, v, q_seg, kv_seg, off, scale=0.25, impl=impl, prompt=prompt)
                        ).lower(q, k, v).as_text()
 
-    assert cpu_matmul.CACHE_ATTENTION_TARGET in lowered(False)
+    assert build.CACHE_ATTENTION_TARGET in lowered(False)
     assert "tensor<2x32x2x16xf32>" not in lowered(False)  # the bf16 cache goes in as it is, never widened
-    assert "tensor<2x32x2x16xf32>" in lowered(False, impl="pallas_gpu")  # (other paths widen it)
-    assert cpu_matmul.CACHE_ATTENTION_TARGET not in lowered(False, impl="pallas_gpu")  # interpret mode: its kernel
-    got = attend(q, k, v, q_seg, kv_seg, off, scale=0.25, impl="xla")
+    for impl in ("xla", "pallas_gpu"):  # XLA only / interpret mode: their own attention, the cache widened
+        assert "tensor<2x32x2x16xf32>" in lowered(False, impl)
+        assert build.CACHE_ATTENTION_TARGET not in lowered(False, impl)
+    got = attend(q, k, v, q_seg, kv_seg, off, scale=0.25, impl="cpu")
     want = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), q_seg, kv_seg, off, scale=0.25)
     assert_close(got, want, jnp.float32)
 
@@ -238,40 +241,8 @@ def test_cache_attention_bad_shapes_name_them():
 def test_cache_attention_older_instruction_sets_match_float64(march):
     if not ISA_LEVELS[march] <= _x86_flags():
         pytest.skip(f"this CPU cannot run {march} code")
-    cpu_matmul._load(march)
+    build._load(march)
     q, k, v, q_seg, kv_seg, off = decode_inputs(np.random.default_rng(12), [600, 77], 700, cache_dtype=jnp.bfloat16)
-    got = jax.ffi.ffi_call(f"{cpu_matmul.CACHE_ATTENTION_TARGET}_{march}", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+    got = jax.ffi.ffi_call(f"{build.CACHE_ATTENTION_TARGET}_{march}", jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q, k, v, q_seg, kv_seg, off, scale=np.float32(0.125))
     assert_close(got, cache_reference(q, k, v, q_seg, kv_seg, off, 0.125), jnp.float32)
-
-
-# ---- the in-place cache write ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_cache_write_is_dynamic_update_slice_per_row(dtype):
-    rng = np.random.default_rng(13)
-    cache = jnp.asarray(rng.standard_normal((4, 16, 2, 8)), dtype)
-    new = jnp.asarray(rng.standard_normal((4, 3, 2, 8)), dtype)
-    at = jnp.asarray([0, 5, 13, 15], jnp.int32)  # the last two start past S - T = 13: clamped, as XLA's
-    want = jnp.stack([jax.lax.dynamic_update_slice_in_dim(c, n, a, 0) for c, n, a in zip(cache, new, at)])
-    got = jax.jit(cpu.cache_write)(cache, new, at)
-    assert got.dtype == dtype
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
-
-
-def test_cache_write_updates_a_donated_cache_in_place():
-    cache = jnp.zeros((2, 64, 2, 8), jnp.bfloat16)
-    step = jax.jit(lambda c, n, a: cpu.cache_write(c, n, a), donate_argnums=0)
-    hlo = step.lower(cache, jnp.ones((2, 1, 2, 8), jnp.bfloat16), jnp.zeros((2,), jnp.int32)).compile().as_text()
-    assert " copy(" not in hlo and "bitcast-convert" not in hlo and "f32[2,64,2,8]" not in hlo
-    for i in range(3):
-        where = cache.unsafe_buffer_pointer()
-        cache = step(cache, jnp.full((2, 1, 2, 8), i + 1, jnp.bfloat16), jnp.asarray([i, 2 * i], jnp.int32))
-        assert cache.unsafe_buffer_pointer() == where  # the same buffer, written in place
-    got = np.asarray(cache, np.float32)[:, :5, 0, 0]
-    np.testing.assert_array_equal(got, [[1, 2, 3, 0, 0], [1, 0, 2, 0, 3]])
-
-
-def test_cache_write_bad_shapes_name_them():
-    with pytest.raises(ValueError, match=r"cache \(2, 8, 2, 8\) bfloat16, new \(2, 9, 2, 8\) bfloat16"):
-        cpu.cache_write(jnp.zeros((2, 8, 2, 8), jnp.bfloat16), jnp.zeros((2, 9, 2, 8), jnp.bfloat16),
-                        jnp.zeros((2,), jnp.int32))

@@ -1,16 +1,17 @@
-"""The CPU decode matmul (qcjax.cpu_matmul): the C++ kernel against float64 numpy, and where the model uses it."""
+"""The CPU decode matmul (qcjax.cpu.matmul): the C++ kernel against float64 numpy, and where the model uses it."""
 import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
 
-from qcjax import cpu_matmul
+from qcjax import platform
+from qcjax.cpu import build, matmul
 from qcjax import sampler as S
 from qcjax.config import ModelConfig
 from qcjax.model import init_params
 
-pytestmark = pytest.mark.skipif(not cpu_matmul.available(), reason="no C++ compiler to build the CPU kernel")
+pytestmark = pytest.mark.skipif(not build.available(), reason="no C++ compiler to build the CPU kernel")
 
 
 def _exact(a) -> np.ndarray:
@@ -33,7 +34,7 @@ def test_rows_matmul_matches_float64(dtype, m, k, n):
     rng = np.random.default_rng(m * k + n)
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)
     w = jnp.asarray(rng.normal(size=(n, k)), dtype)
-    got = jax.jit(cpu_matmul.rows_matmul)(x, w)
+    got = jax.jit(matmul.rows_matmul)(x, w)
     assert got.dtype == jnp.float32 and got.shape == (m, n)
     _assert_is_the_matmul(got, x, w)
 
@@ -42,22 +43,26 @@ def test_rows_matmul_gradient_is_the_matmuls():
     rng = np.random.default_rng(0)
     x, w = jnp.asarray(rng.normal(size=(2, 48)), jnp.float32), jnp.asarray(rng.normal(size=(24, 48)), jnp.float32)
     loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))  # noqa: E731
-    got = jax.grad(loss(cpu_matmul.rows_matmul), argnums=(0, 1))(x, w)
+    got = jax.grad(loss(matmul.rows_matmul), argnums=(0, 1))(x, w)
     want = jax.grad(loss(lambda x, w: x @ w.T), argnums=(0, 1))(x, w)
     for g, r in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
 
 
+def _rows(m, dtype=jnp.float32):
+    return jnp.zeros((m, 16), dtype), jnp.zeros((4, 16), dtype)
+
+
 def test_a_multi_device_mesh_keeps_xla():
-    assert cpu_matmul.applies(8, jnp.float32) and not cpu_matmul.applies(9, jnp.float32)
+    assert matmul.applies(*_rows(8)) and not matmul.applies(*_rows(9))
     mesh = jax.make_mesh((len(jax.devices()),), ("tensor",))
     with jax.set_mesh(mesh):
-        assert cpu_matmul.applies(1, jnp.bfloat16) == (mesh.size == 1)
+        assert matmul.applies(*_rows(1, jnp.bfloat16)) == (mesh.size == 1)
 
 
 def test_bad_shapes_name_both():
     with pytest.raises(ValueError, match=r"x \(2, 8\) float32 and w \(4, 9\) float32"):
-        cpu_matmul.rows_matmul(jnp.zeros((2, 8)), jnp.zeros((4, 9)))
+        matmul.rows_matmul(jnp.zeros((2, 8)), jnp.zeros((4, 9)))
 
 
 CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -75,28 +80,29 @@ def test_the_tied_head_of_a_decode_step_takes_the_kernel():
     c = S.controls_for(plan)
     state = S.start(CFG, params, plan, c, jnp.float32)
     decode = _compiled(S.decode, CFG, plan.kinds, params, state, c, steps=4)
-    assert decode.count(f'custom_call_target="{cpu_matmul.TARGET}"') == 1
+    assert decode.count(f'custom_call_target="{build.MATMUL_TARGET}"') == 1
 
 
 def test_a_build_failure_warns_and_keeps_xla(monkeypatch):
     def fail(march="native"):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(cpu_matmul, "_build", fail)
-    cpu_matmul._library.cache_clear()
-    cpu_matmul._load.cache_clear()
+    monkeypatch.setattr(build, "_build", fail)
+    build._library.cache_clear()
+    build._load.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="CPU decode kernel is unavailable.*no C\\+\\+ compiler"):
-            assert not cpu_matmul.available()
-        assert not cpu_matmul.applies(1, jnp.float32)
+        with pytest.warns(UserWarning, match="CPU kernels are unavailable.*no C\\+\\+ compiler"):
+            assert not build.available()
+        assert not matmul.applies(*_rows(1))
+        assert platform.choose("attention", platform="cpu") == "xla"  # "auto" falls back to XLA
     finally:
         monkeypatch.undo()
-        cpu_matmul._library.cache_clear()
-    assert cpu_matmul.available()
+        build._library.cache_clear()
+    assert build.available()
 
 
 def _x86_flags() -> set[str]:
-    line = cpu_matmul._cpu_flags()  # the line the build cache is keyed on
+    line = build._cpu_flags()  # the line the build cache is keyed on
     return set(line.split()) if line.startswith("flags") else set()
 
 
@@ -112,9 +118,9 @@ def test_the_native_build_uses_this_cpus_vectors():
     flags = _x86_flags()
     if not flags:
         pytest.skip("not an x86 CPU")
-    lib, _ = cpu_matmul._load()
+    lib, _ = build._load()
     assert lib.QcjaxLanes() == (16 if "avx512f" in flags else 8)
-    assert cpu_matmul.amx_bf16() == ("amx_bf16" in flags)
+    assert build.amx_bf16() == ("amx_bf16" in flags)
 
 
 @pytest.mark.parametrize("march", sorted(ISA_LEVELS))
@@ -122,7 +128,7 @@ def test_the_native_build_uses_this_cpus_vectors():
 def test_older_instruction_sets_match_float64(march, dtype):
     if not ISA_LEVELS[march] <= _x86_flags():
         pytest.skip(f"this CPU cannot run {march} code")
-    _, target = cpu_matmul._load(march)
+    _, target = build._load(march)
     for m, k, n in [(1, 72, 300), (2, 40, 37), (3, 896, 64), (8, 72, 515), (11, 64, 33)]:
         rng = np.random.default_rng(m * k + n)
         x = jnp.asarray(rng.normal(size=(m, k)), dtype)
