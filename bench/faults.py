@@ -1,0 +1,166 @@
+"""Fault injection on a training run: kill it at seeded random moments (SIGKILL inside checkpoint saves, SIGKILL
+anywhere, SIGTERM as a preemption notice), rerun the same command after each, and check what an operator cares
+about against an uninterrupted run of the same config: the final params bit for bit, metrics.jsonl with one row per
+step, and no checkpoint lost.
+
+    python bench/faults.py [--faults 8] [--seed 0] [--steps 36] [--workdir DIR]
+
+The run is the tiny config (configs/tiny.py) on this machine's CPU, with a checkpoint every 3 steps so that many
+kills land inside a save. Prints one line per fault and a summary table (faults injected / survived / data lost,
+steps recomputed); exits 1 if any fault lost data. tests/test_train.py runs it with a few faults.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KINDS = ("kill-in-save", "kill-anywhere", "sigterm")
+
+
+def command(workdir: str, tokenizer: str, steps: int) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
+            f"--workdir={workdir}", f"--config.tokenizer={tokenizer}", "--config.seq_len=64",
+            "--config.batch_size=8", f"--config.steps={steps}", "--config.log_every=1", "--config.eval_every=0",
+            "--config.checkpoint_every=3", "--config.keep_checkpoints=2", "--config.optimizer.warmup_steps=2"]
+
+
+def env() -> dict:
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+
+
+def metric_steps(workdir: str) -> list[int]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line)["step"] for line in f if '"loss"' in line]
+
+
+def saving(workdir: str) -> bool:
+    """Whether an Orbax save is in flight: a temporary step directory exists."""
+    ckpts = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(ckpts) and any("tmp" in name for name in os.listdir(ckpts))
+
+
+def inject(kind: str, cmd: list[str], workdir: str, target: int, rng: random.Random, timeout: float = 600) -> dict:
+    """Start the run and deliver one fault of `kind` once this process has logged step `target`: SIGKILL at a random
+    moment (0-50 ms) inside the next checkpoint save ("kill-in-save", the save's temporary directory present), else
+    0-20 ms after the step (SIGKILL or SIGTERM). Waits for the process; what happened."""
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    launched = time.time()
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = launched + timeout
+    fired, step = False, None
+    while time.time() < deadline and proc.poll() is None:
+        # rows this process wrote (a resume rewrites the file to the restored step first)
+        reached = os.path.exists(metrics) and os.path.getmtime(metrics) > launched and \
+            max(metric_steps(workdir), default=0) >= target
+        if reached and (kind != "kill-in-save" or saving(workdir)):
+            time.sleep(rng.uniform(0, 0.05 if kind == "kill-in-save" else 0.02))
+            step = max(metric_steps(workdir), default=0)
+            proc.send_signal(signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
+            fired = True
+            break
+        time.sleep(0.002)
+    _, err = proc.communicate(timeout=timeout)
+    return {"kind": kind, "fired": fired and proc.returncode != 0, "rc": proc.returncode, "step": step,
+            "stderr": err[-400:]}
+
+
+def final_params(workdir: str):
+    import qcjax
+
+    _, params = qcjax.load(os.path.join(workdir, "checkpoints"))
+    return params
+
+
+def same_params(a, b) -> bool:
+    import jax
+    import numpy as np
+
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def run(faults: int, seed: int, steps: int, root: str, log=print) -> dict:
+    from qcjax.tokenizer import train_spm
+
+    tokenizer = os.path.join(root, "spm")
+    if not os.path.exists(os.path.join(tokenizer, "spm.model")):
+        train_spm(tokenizer, vocab_size=512, max_chars=300_000, progress=False)
+    straight, faulty = os.path.join(root, "straight"), os.path.join(root, "faulty")
+    for d in (straight, faulty):
+        shutil.rmtree(d, ignore_errors=True)  # this tool's own scratch directories
+    subprocess.run(command(straight, tokenizer, steps), env=env(), check=True, capture_output=True)
+    rng = random.Random(seed)
+    cmd = command(faulty, tokenizer, steps)
+    # one target step per fault, increasing and 4 apart (a kill in a save lands up to a save interval after its
+    # target; the rerun resumes before it), so every fault finds the run still going
+    slack = steps - 2 - 4 * faults
+    if slack < 0:
+        raise ValueError(f"{faults} faults need at least {4 * faults + 2} steps")
+    gaps = sorted(rng.sample(range(slack + faults), faults))
+    targets = [2 + 4 * i + (g - i) for i, g in enumerate(gaps)]
+    events = []
+    for i, target in enumerate(targets):
+        kind = KINDS[i] if i < len(KINDS) else rng.choice(KINDS)
+        e = inject(kind, cmd, faulty, target, rng)
+        events.append(e)
+        log(f"fault {i + 1}/{faults}: {kind} after step {e['step']} -> rc {e['rc']}"
+            + ("" if e["fired"] else " (the run ended before the fault fired)"))
+    rerun = subprocess.run(cmd, env=env(), capture_output=True, text=True)  # finish the run
+    rows = metric_steps(faulty)
+    params_equal = rerun.returncode == 0 and same_params(final_params(straight), final_params(faulty))
+    one_row_per_step = rows == list(range(1, steps + 1))
+    fired = [e for e in events if e["fired"]]
+    lost = not (params_equal and one_row_per_step)
+    return {"faults": len(fired), "by_kind": {k: sum(e["kind"] == k for e in fired) for k in KINDS},
+            "survived": len(fired) if not lost else 0, "params_bitwise_equal": params_equal,
+            "metrics_one_row_per_step": one_row_per_step, "data_lost": lost, "final_rc": rerun.returncode,
+            "final_stderr": rerun.stderr[-600:]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--faults", type=int, default=8, help="faults to inject (the first three: one of each kind)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the fault kinds and moments")
+    p.add_argument("--steps", type=int, default=None, help="training steps of the run (default: 4 per fault + 4)")
+    p.add_argument("--workdir", default=None, help="scratch directory (default: a fresh temporary one)")
+    a = p.parse_args(argv)
+    from qcjax import platform as switch
+
+    switch.quiet_libtpu()
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's read-only notices when it reads the final params
+    root = a.workdir or tempfile.mkdtemp(prefix="qcjax-faults-")
+    os.makedirs(root, exist_ok=True)
+    t0 = time.time()
+    a.steps = a.steps or 4 * a.faults + 4
+    r = run(a.faults, a.seed, a.steps, root)
+    print(f"\n{datetime.date.today()}, {platform.node()}, {os.cpu_count()} CPUs; python bench/faults.py "
+          f"--faults {a.faults} --seed {a.seed} --steps {a.steps}; {time.time() - t0:.0f} s")
+    print("| faults injected | kill in a save | kill anywhere | SIGTERM | survived | params bitwise | "
+          "metrics one row per step | data lost |")
+    print("|---|---|---|---|---|---|---|---|")
+    k = r["by_kind"]
+    print(f"| {r['faults']} | {k['kill-in-save']} | {k['kill-anywhere']} | {k['sigterm']} | {r['survived']} | "
+          f"{r['params_bitwise_equal']} | {r['metrics_one_row_per_step']} | {'yes' if r['data_lost'] else 'none'} |")
+    if r["data_lost"]:
+        print(r["final_stderr"], file=sys.stderr)
+    return 1 if r["data_lost"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
