@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from qcjax.config import ModelConfig
-from qcjax.model import CACHE_LOGICAL_AXES, Qwen2, abstract_params, init_cache
+from qcjax.model import Qwen2, abstract_params, constrain_cache, init_cache
 from qcjax.sampling import Controls, FilterKinds, sample_tokens
-from qcjax.sharding import constrain, param_shardings
+from qcjax.sharding import param_shardings
 
 
 class DecodeState(NamedTuple):
@@ -55,8 +55,8 @@ def _head(cfg: ModelConfig, params: dict, hidden: jax.Array) -> jax.Array:
 
 
 def _empty_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> dict:
-    cache = init_cache(cfg, batch, length, dtype)  # {"k","v": [layers, batch, length, kv_heads, head_dim]}
-    return {k: constrain(v, CACHE_LOGICAL_AXES[k]) for k, v in cache.items()}
+    cache = init_cache(cfg, batch, length, dtype)  # {"k","v": [layers, batch, length, kv_heads * head_dim]}
+    return {k: constrain_cache(cfg, k, v) for k, v in cache.items()}
 
 
 def _at(hidden: jax.Array, index: jax.Array) -> jax.Array:
@@ -96,12 +96,11 @@ def prefill(cfg: ModelConfig, kinds: FilterKinds, params: Any, tokens: jax.Array
     last = _at(hidden, jnp.maximum(lengths - 1, 0))  # [P, 1, E]
     logits = _head(cfg, params, _pad_rows(last, batch))[:, 0]  # [batch, V]
 
-    def widen(name):  # [L, P, T, KV, D] -> [L, batch, cache_len, KV, D]
-        x = jnp.pad(cache[name], ((0, 0), (0, batch - p), (0, cache_len - t), (0, 0), (0, 0)))
-        return constrain(x, CACHE_LOGICAL_AXES[name])
+    def widen(name):  # [L, P, T, KV * D] -> [L, batch, cache_len, KV * D]
+        return constrain_cache(cfg, name, jnp.pad(cache[name], ((0, 0), (0, batch - p), (0, cache_len - t), (0, 0))))
 
-    cache = {"k": widen("k"), "v": widen("v"),
-             "lengths": constrain(_pad_rows(cache["lengths"], batch), CACHE_LOGICAL_AXES["lengths"])}
+    cache = {"k": widen("k"), "v": widen("v"), "lengths": constrain_cache(cfg, "lengths", _pad_rows(cache["lengths"],
+                                                                                                      batch))}
     return _first_token(kinds, cache, logits, controls, out_len)
 
 
@@ -193,8 +192,7 @@ def idle_state(cfg: ModelConfig, *, slots: int, cache_len: int, cache_dtype: Any
     """A decode state with `slots` rows, all free (done: `decode` runs them as padding), an empty cache of
     `cache_len` slots and an `out_len` output buffer."""
     return DecodeState(
-        cache=_empty_cache(cfg, slots, cache_len, cache_dtype) | {
-            "lengths": constrain(jnp.zeros((slots,), jnp.int32), CACHE_LOGICAL_AXES["lengths"])},
+        cache=_empty_cache(cfg, slots, cache_len, cache_dtype),
         last=jnp.zeros((slots,), jnp.int32),
         out=jnp.full((slots, out_len), -1, jnp.int32),
         num=jnp.zeros((slots,), jnp.int32),
@@ -210,10 +208,9 @@ def insert_rows(state: DecodeState, new: DecodeState, slots: jax.Array) -> Decod
     other rows are untouched: a request joins running decodes. The slot's cache beyond T keeps its previous
     occupant's keys, which the attention mask hides (only positions < the row's length are read)."""
     t = new.cache["k"].shape[2]
-    cache = {name: constrain(state.cache[name].at[:, slots, :t].set(new.cache[name], mode="drop"),
-                             CACHE_LOGICAL_AXES[name]) for name in ("k", "v")}
-    cache["lengths"] = constrain(state.cache["lengths"].at[slots].set(new.cache["lengths"], mode="drop"),
-                                 CACHE_LOGICAL_AXES["lengths"])
+    # the updated arrays keep the state's shardings (XLA propagates them from the donated operands)
+    cache = {name: state.cache[name].at[:, slots, :t].set(new.cache[name], mode="drop") for name in ("k", "v")}
+    cache["lengths"] = state.cache["lengths"].at[slots].set(new.cache["lengths"], mode="drop")
     rows = lambda a, b: a.at[slots].set(b, mode="drop")  # noqa: E731
     return state._replace(cache=cache, last=rows(state.last, new.last), out=rows(state.out, new.out),
                           num=rows(state.num, new.num), done=rows(state.done, new.done))

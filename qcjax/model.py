@@ -19,9 +19,14 @@ from jax.ad_checkpoint import checkpoint_name
 from qcjax import platform, rope
 from qcjax.attention import attend
 from qcjax.config import ModelConfig
-from qcjax.sharding import constrain
+from qcjax.sharding import batch_shards, constrain
 
-Cache = dict[str, jax.Array]  # {"k","v": [layers, batch, max_len, kv_heads, head_dim], "lengths": [batch] int32}
+# {"k","v": [layers, batch, max_len, kv_heads * head_dim], "lengths": [batch] int32}. The heads are merged into one
+# minor dim (a multiple of 128 for every size of the family) so that TPUs tile the cache as [max_len, kv_heads *
+# head_dim] without padding and keep one layout from the entry of the decode program through its loop: with
+# [..., kv_heads, head_dim] minor dims (2-8 x 64-128) XLA:TPU's default layout put max_len minor-most and copied the
+# whole cache into the layout the per-layer write wants at every decode call (2x the cache in temporaries).
+Cache = dict[str, jax.Array]
 
 
 def _contract(a: jax.Array, b: jax.Array, a_dims, b_dims, out_dtype=None) -> jax.Array:
@@ -115,8 +120,7 @@ class RMSNorm(nn.Module):
 
 
 def scatter_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, at: jax.Array) -> jax.Array:
-    """The stacked cache [layers, batch, len, kv_heads, head_dim] with new [batch, t, kv_heads, head_dim] (the
-    cache's dtype) written into `layer` at each row's offset at [batch]: one scatter of the new entries, in place on
+    """The stacked cache [layers, batch, len, ...] with new [batch, t, ...] (the cache's dtype) written into `layer` at each row's offset at [batch]: one scatter of the new entries, in place on
     the cache the layer scan carries (the rest of the cache is never copied). Positions past the end are dropped."""
     b, t = new.shape[:2]
     rows = jnp.arange(b, dtype=jnp.int32)[:, None]  # [batch, 1]
@@ -136,7 +140,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, q_segment_ids, kv_segment_ids, q_offset, cache=None, layer=None):
         """x [batch, seq, embed] -> [batch, seq, embed]. With `cache` (the stacked (k, v), [layers, batch, len,
-        kv_heads, head_dim] each) the new keys and values are written into `layer` at each row's q_offset and the
+        kv_heads * head_dim] each) the new keys and values are written into `layer` at each row's q_offset and the
         queries attend to that layer's cache; returns the updated cache too."""
         cfg = self.cfg
         e, h, kvh, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
@@ -154,10 +158,11 @@ class Attention(nn.Module):
         q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
 
         if cache is not None:  # write the new keys/values at each sequence's own offset, attend to the layer's cache
-            ck, cv = (write_cache(c, n, layer, q_offset) for c, n in zip(cache, (k, v)))
-            cache = (ck, cv)
+            b, t = k.shape[:2]
+            cache = tuple(write_cache(c, n.reshape(b, t, kvh * d), layer, q_offset) for c, n in zip(cache, (k, v)))
             # in the cache's dtype: `attend` widens them, or its CPU decode kernel reads them as they are
-            k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache)
+            k, v = (constrain(jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False).reshape(b, -1, kvh, d),
+                              ("act_batch", "cache_length", "act_kv_heads", "act_head_dim")) for c in cache)
 
         # With a cache and q_len == kv_len this is a prefill into an empty cache (the sampler's: q_offset 0, as
         # self-attention requires); training never passes a cache.
@@ -316,15 +321,25 @@ def head_logits(cfg: ModelConfig, hidden: jax.Array, kernel: jax.Array) -> jax.A
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> Cache:
     """An empty KV cache: explicit arrays the sampler passes in and gets back."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads * cfg.dim_per_head)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "lengths": jnp.zeros((batch,), jnp.int32)}
 
 
 CACHE_LOGICAL_AXES = {
-    "k": ("layers", "cache_batch", "cache_length", "act_kv_heads", "act_head_dim"),
-    "v": ("layers", "cache_batch", "cache_length", "act_kv_heads", "act_head_dim"),
+    "k": ("layers", "cache_batch", "cache_length", "act_kv_heads"),  # the merged kv_heads * head_dim dim
+    "v": ("layers", "cache_batch", "cache_length", "act_kv_heads"),
     "lengths": ("cache_batch",),
 }
+
+
+def constrain_cache(cfg: ModelConfig, name: str, x: jax.Array) -> jax.Array:
+    """A cache array ("k", "v" or "lengths") constrained by CACHE_LOGICAL_AXES under the current mesh. The merged
+    kv_heads * head_dim dim is split over the mesh only in whole heads (else it stays whole, as a kv_heads dim the
+    mesh does not divide would)."""
+    names = CACHE_LOGICAL_AXES[name]
+    if name != "lengths" and batch_shards(cfg.num_kv_heads, names[-1]) != batch_shards(x.shape[-1], names[-1]):
+        names = names[:-1] + (None,)
+    return constrain(x, names)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, boxed: bool = False) -> Any:

@@ -345,9 +345,9 @@ def test_cache_is_sharded_kv_heads_over_tensor_and_batch_over_data():
     with jax.set_mesh(mesh):
         params = S.place_params(cfg, params, mesh)
         state = S.start(cfg, params, p, S.controls_for(p, mesh), jnp.bfloat16, mesh)
-    k = state.cache["k"]  # [layers, batch, length, kv_heads, head_dim]
+    k = state.cache["k"]  # [layers, batch, length, kv_heads * head_dim]
     assert k.dtype == jnp.bfloat16
-    assert tuple(k.sharding.spec) + (None,) * (5 - len(k.sharding.spec)) == (None, "data", None, "tensor", None)
+    assert tuple(k.sharding.spec) + (None,) * (4 - len(k.sharding.spec)) == (None, "data", None, "tensor")
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------------
