@@ -171,7 +171,7 @@ class TrainConfig:
       MFU)
     """
 
-    stage: str = choice(*STAGES)
+    stage: str = "file"
     model: ModelFields = ModelFields()
     init_from: str = ""
     tokenizer: str = "qwen"
