@@ -197,12 +197,6 @@ class TrainConfig:
     peak_flops_per_device: float = 0.0
 
 
-# The blocks of the run config (dataclass-valued fields); `data` is read by DataConfig.from_dict, which knows its
-# sources.
-SECTIONS = {"model": ModelFields, "optimizer": OptimizerConfig, "dpo": DpoConfig, "mesh": MeshConfig,
-            "data": DataConfig}
-
-
 def hints(cls: type) -> dict[str, Any]:
     """{field: its type} (resolved annotations)."""
     return typing.get_type_hints(cls)

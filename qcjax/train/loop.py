@@ -40,14 +40,10 @@ class RunError(RuntimeError):
 
 # ---- config -> model / optimizer / step configs ------------------------------------------------------------------
 # The run config's schema is qcjax.train.config.TrainConfig; a ConfigDict (what train.py loads) is read through it
-# (`run_config`): unknown fields, wrong types and values outside a field's choices are ConfigErrors naming the field.
-def run_config(c: ConfigDict | TrainConfig) -> TrainConfig:
-    return from_config(c)
-
-
-def model_config(c: ConfigDict, vocab_hint: int | None = None) -> ModelConfig:
+# (`from_config`): unknown fields, wrong types and values outside a field's choices are ConfigErrors naming the field.
+def model_config(c: ConfigDict | TrainConfig, vocab_hint: int | None = None) -> ModelConfig:
     """The model config: from the init checkpoint when there is one, else the preset; then run-time fields."""
-    tc = run_config(c)
+    tc = from_config(c)
     m = tc.model
     run = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl)
     if tc.init_from:
@@ -72,17 +68,17 @@ def model_config(c: ConfigDict, vocab_hint: int | None = None) -> ModelConfig:
     return cfg
 
 
-def step_config(c: ConfigDict, grad_accum: int | None = None) -> StepConfig:
+def step_config(c: ConfigDict | TrainConfig, grad_accum: int | None = None) -> StepConfig:
     """grad_accum: the resolved value (`grad_accum_for`); None: the config's field."""
-    tc = run_config(c)
+    tc = from_config(c)
     return StepConfig(task=tc.task, grad_accum=tc.grad_accum if grad_accum is None else grad_accum,
                       loss_chunk=tc.loss_chunk, dpo=tc.dpo)
 
 
-def grad_accum_for(c: ConfigDict, mesh) -> int:
+def grad_accum_for(c: ConfigDict | TrainConfig, mesh) -> int:
     """Micro-batches per step. per_device_batch > 0 fixes the rows each device runs at once (what decides memory,
     so a config fits any slice where it fits the smallest): grad_accum = batch_size / (data x fsdp x rows)."""
-    c = run_config(c)
+    c = from_config(c)
     if not c.per_device_batch:
         return c.grad_accum
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -98,10 +94,10 @@ def grad_accum_for(c: ConfigDict, mesh) -> int:
     return c.batch_size // (dp * c.per_device_batch)
 
 
-def validate(c: ConfigDict, cfg: ModelConfig, n_processes: int = 1, devices=None):
+def validate(c: ConfigDict | TrainConfig, cfg: ModelConfig, n_processes: int = 1, devices=None):
     """Everything that can be wrong with a config, checked before compiling. Returns the mesh (over `devices`,
     default all of them)."""
-    c = run_config(c)  # the schema's checks: known fields, types, choices (task, dpo.reference, resume_data, ...)
+    c = from_config(c)  # the schema's checks: known fields, types, choices (task, dpo.reference, resume_data, ...)
     if c.steps <= 0:
         raise ConfigError(f"steps={c.steps}: must be positive")
     lr = c.optimizer.lr
@@ -193,7 +189,7 @@ class TrainProgram:
 
 def build_train_program(c: ConfigDict, cfg: ModelConfig, mesh) -> TrainProgram:
     """The optimizer, shardings and jitted step for a validated config on `mesh` (call under jax.set_mesh)."""
-    tc = run_config(c)
+    tc = from_config(c)
     oc, accum = tc.optimizer, grad_accum_for(tc, mesh)
     tx = make_optimizer(oc, tc.steps)
     boxed = abstract_params(cfg)
