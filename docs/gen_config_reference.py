@@ -321,7 +321,8 @@ def cli_section() -> list[str]:
             default = "" if default is None else code(value(default))
             rows.append([f"`--{holder.name}`", default, cell(f.help)])
     out += table(["flag", "default", "meaning"], rows)
-    out += ["", "plus `--config.FIELD=VALUE` for every [run-config field](#run-config-qcjaxtrainconfigtrainconfig).", ""]
+    out += ["", "plus `--config.FIELD=VALUE` for every "
+            "[run-config field](#run-config-qcjaxtrainconfigtrainconfig).", ""]
     out += argparse_section("infer.py", _load_script("infer").build_parser())
     from qcjax import convert
 
@@ -337,7 +338,8 @@ def render() -> str:
            "fails when this file is stale). Guides: [training and data walkthrough](walkthrough.md),",
            "[running on TPU pods and GPU hosts](running.md), [data formats](data.md),",
            "[checkpoints](checkpoints.md), [sampling](sampling.md).", "",
-           "- [Run config](#run-config-qcjaxtrainconfigtrainconfig): `train.py --config=FILE.py[:stage] --config.FIELD=VALUE`",
+           "- [Run config](#run-config-qcjaxtrainconfigtrainconfig): "
+           "`train.py --config=FILE.py[:stage] --config.FIELD=VALUE`",
            "- [Model](#model-qcjaxconfigmodelconfig): `ModelConfig`, YaRN, presets",
            "- [Data](#data-qcjaxdataconfigdataconfig): `DataConfig`, `SourceConfig`",
            "- [Optimizer](#optimizer-qcjaxtrainconfigoptimizerconfig): `OptimizerConfig`",
