@@ -52,9 +52,10 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 5) -> float:
 
 def ours(cfg: ModelConfig, tokens: np.ndarray):
     """A zero-argument callable that runs one of our train steps to completion (compiled on the first call)."""
-    oc = OptimizerConfig(lr=1e-4, warmup_steps=0, total_steps=1000)
-    tx = make_optimizer(oc)
-    step = jax.jit(make_train_step(cfg, StepConfig(loss_chunk=tokens.size), tx, lr_schedule(oc)), donate_argnums=0)
+    oc = OptimizerConfig(lr=1e-4, warmup_steps=0)
+    tx = make_optimizer(oc, 1000)
+    step = jax.jit(make_train_step(cfg, StepConfig(loss_chunk=tokens.size), tx, lr_schedule(oc, 1000)),
+                   donate_argnums=0)
     b, t = tokens.shape
     batch = {"tokens": jnp.asarray(tokens), "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
              "segment_ids": jnp.ones((b, t), jnp.int32), "loss_mask": jnp.ones((b, t), jnp.float32)}

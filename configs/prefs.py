@@ -26,7 +26,7 @@ def get_config(size: str = "tiny"):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = mod.get_config("dpo")
-    c.data = dict(c.data.to_dict(), sources=(base.source("jsonl", "pairs.jsonl", format="dpo"),), dpo_style="raw",
-                  eval_fraction=0.0)
+    c.data.sources = (base.source("jsonl", "pairs.jsonl", format="dpo"),)
+    c.data.dpo_style, c.data.eval_fraction = "raw", 0.0
     c.eval_every = 0
     return c

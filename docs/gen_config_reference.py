@@ -4,10 +4,12 @@
     python docs/gen_config_reference.py            # rewrite docs/config.md
     python docs/gen_config_reference.py --check    # exit 1 when docs/config.md is stale (tests/test_docs.py)
 
-Each meaning lives in one place: `HELP` in configs/base.py for the run-config fields, and the "Fields:" section of
-the docstring of each dataclass the run config feeds (ModelConfig, YarnScaling, OptimizerConfig, DataConfig,
-SourceConfig). Flags come from the CLIs' own parsers. A field without a meaning or a meaning without a field is an
-error, so adding a field without documenting it fails the test.
+Each meaning lives in one place: the "Fields:" section of the docstring of the dataclass that has the field. The run
+config is the schema qcjax.train.config.TrainConfig (its sections ModelFields, OptimizerConfig, DpoConfig,
+MeshConfig, and DataConfig with SourceConfig); a meaning written `see Class.field` is that class's (the run config
+feeds it: model.dtype is ModelConfig.dtype). Defaults come from configs/base.py, which builds its ConfigDict from the
+schema. Flags come from the CLIs' own parsers. A field without a meaning or a meaning without a field is an error,
+so adding a field without documenting it fails the test.
 """
 from __future__ import annotations
 
@@ -29,11 +31,11 @@ from absl import flags  # noqa: E402
 from configs import base  # noqa: E402
 from qcjax import config as model_config  # noqa: E402
 from qcjax.data.config import DataConfig, SourceConfig  # noqa: E402
-from qcjax.train.step import OptimizerConfig  # noqa: E402
+from qcjax.train import config as schema  # noqa: E402
+from qcjax.train.config import OptimizerConfig, TrainConfig  # noqa: E402
 
-# Run-config sections whose leaves are fields of a dataclass (as qcjax.train.loop builds them): a leaf without a HELP
-# entry takes the dataclass field's meaning.
-FED_BY = {"model": model_config.ModelConfig, "optimizer": OptimizerConfig, "data": DataConfig}
+# The classes a schema meaning may refer to with `see Class.field`.
+REFERENCED = {"ModelConfig": model_config.ModelConfig}
 
 
 class DocError(ValueError):
@@ -90,26 +92,35 @@ def run_config(stage: str = "file") -> dict[str, Any]:
     return flatten(base.get_config(stage).to_dict())
 
 
+def meaning(cls: type, name: str) -> tuple[str, str]:
+    """(meaning, the class that documents it) of field `name` of schema class `cls`, `see Class.field` resolved."""
+    text = field_docs(cls)[name]
+    if text.startswith("see ") and len(text.split()) == 2:
+        owner, _, field = text[4:].partition(".")
+        if owner not in REFERENCED:
+            raise DocError(f"{cls.__qualname__}.{name}: 'see {owner}.{field}' names no known class "
+                           f"({', '.join(REFERENCED)})")
+        return field_docs(REFERENCED[owner])[field], owner
+    return text, ""
+
+
 def run_config_meanings() -> dict[str, tuple[str, str]]:
-    """{field: (meaning, where it is documented)} for every run-config field of every stage."""
-    keys: dict[str, None] = {}
-    for stage in base.STAGES:
-        keys.update(dict.fromkeys(run_config(stage)))
-    help_ = dict(base.HELP)
-    unknown = sorted(set(help_) - set(keys))
-    if unknown:
-        raise DocError(f"configs/base.py HELP describes fields that do not exist: {unknown}")
+    """{field: (meaning, where it is documented)} for every run-config field, in the schema's order; every field of
+    every stage's config must be in the schema."""
     out = {}
-    for key in keys:
-        section, _, leaf = key.rpartition(".")
-        cls = FED_BY.get(section)
-        fed = cls is not None and leaf in {f.name for f in dataclasses.fields(cls)}
-        if key in help_:  # also for a fed field whose run-config meaning differs (model.num_layers: 0 = preset's)
-            out[key] = (help_[key], "")
-        elif fed:
-            out[key] = (field_docs(cls)[leaf], cls.__qualname__)
-        else:
-            raise DocError(f"run-config field {key!r} has no meaning: add it to HELP in configs/base.py")
+    for f in dataclasses.fields(TrainConfig):
+        section = schema.hints(TrainConfig)[f.name]
+        if not dataclasses.is_dataclass(section):
+            out[f.name] = meaning(TrainConfig, f.name)
+            continue
+        where = section.__qualname__ if section in (DataConfig, OptimizerConfig) else ""
+        for g in dataclasses.fields(section):
+            text, owner = meaning(section, g.name)
+            out[f"{f.name}.{g.name}"] = (text, owner or where)
+    for stage in base.STAGES:
+        extra = sorted(set(run_config(stage)) - set(out))
+        if extra:
+            raise DocError(f"base.get_config({stage!r}) has fields the schema (qcjax.train.config) does not: {extra}")
     return out
 
 
@@ -162,10 +173,12 @@ def run_config_section() -> list[str]:
     for key, (text, where) in meanings.items():
         ref = f" ({where})" if where else ""
         rows.append([f"`{key}`", code(value(file_stage[key])) if key in file_stage else "", cell(text + ref)])
-    out = ["## Run config (`configs/base.py`)", "",
-           "Every field of the training config, with its default in `base.get_config()` (stage `file`). Set any of",
-           "them with `--config.FIELD=VALUE` on the `train.py` command line. Where a meaning names a class, that",
-           "class documents the field (the run config feeds it).", ""]
+    out = ["## Run config (`qcjax.train.config.TrainConfig`)", "",
+           "Every field of the training config, with its default in `base.get_config()` (stage `file`), which is the",
+           "schema `qcjax.train.config.TrainConfig` as an ml_collections ConfigDict. Set any of them with",
+           "`--config.FIELD=VALUE` on the `train.py` command line; a field the schema does not have, a value of the",
+           "wrong type or outside a field's choices is an error naming the field. Where a meaning names a class,",
+           "that class documents the field (the run config feeds it).", ""]
     out += table(["field", "default", "meaning"], rows)
     stages = {s: run_config(s) for s in base.STAGES}
     differ = [k for k in file_stage if len({json.dumps(stages[s].get(k), default=repr) for s in base.STAGES}) > 1]
@@ -184,7 +197,7 @@ def run_config_section() -> list[str]:
         v = sized[s].get(k, unset)
         if v == stages[s].get(k, unset):
             return ""
-        return "unset (the `DataConfig` default)" if v is unset else code(value(v))
+        return "unset" if v is unset else code(value(v))
 
     keys = list(dict.fromkeys(k for s in base.STAGES for k in [*stages[s], *sized[s]]))
     rows = [[f"`{k}`"] + [change(s, k) for s in base.STAGES] for k in keys]
@@ -230,13 +243,11 @@ def model_section() -> list[str]:
 
 
 def data_section() -> list[str]:
-    run_keys = {k.split(".", 1)[1] for k in run_config("file") if k.startswith("data.")}
     out = ["## Data (`qcjax.data.config.DataConfig`)", "",
-           "The run config's `data` block is a `DataConfig` (`DataConfig.from_dict(config.data)`). Fields marked",
-           "*run config* can be set with `--config.data.FIELD=VALUE`; the others only in a config file (ml_collections",
-           "cannot add a key from the command line), e.g. `c.data.fim_spm_rate = 0.5`. Formats and layouts:",
-           "[data.md](data.md).", ""]
-    out += dataclass_table(DataConfig, lambda f: " *(run config)*" if f in run_keys else "")
+           "The run config's `data` block is a `DataConfig` (`DataConfig.from_dict(config.data)`): every field can",
+           "be set with `--config.data.FIELD=VALUE` (a field whose default is None takes a value of its type, e.g.",
+           "`--config.data.repo_budget=4096`). Formats and layouts: [data.md](data.md).", ""]
+    out += dataclass_table(DataConfig)
     out += ["", "### `SourceConfig` (each entry of `data.sources`)", "",
             "In a config file, each source is a dict of these fields; `configs/base.py`'s",
             "`source(kind, path, **fields)` writes one with the four keys a command line most often changes, so on",
@@ -249,14 +260,9 @@ def data_section() -> list[str]:
 
 
 def optimizer_section() -> list[str]:
-    run_keys = {k.split(".", 1)[1] for k in run_config("file") if k.startswith("optimizer.")}
-    missing = [f.name for f in dataclasses.fields(OptimizerConfig)
-               if f.name not in run_keys and f.name != "total_steps"]
-    if missing:
-        raise DocError(f"OptimizerConfig fields {missing} are not in configs/base.py's optimizer block")
-    out = ["## Optimizer (`qcjax.train.step.OptimizerConfig`)", "",
-           "The run config's `optimizer` block (`--config.optimizer.FIELD=VALUE`); `total_steps` is the run's `steps`.",
-           ""]
+    out = ["## Optimizer (`qcjax.train.config.OptimizerConfig`)", "",
+           "The run config's `optimizer` block (`--config.optimizer.FIELD=VALUE`); the schedule's length is the run's",
+           "`steps`.", ""]
     return out + dataclass_table(OptimizerConfig) + [""]
 
 
@@ -315,7 +321,8 @@ def cli_section() -> list[str]:
             default = "" if default is None else code(value(default))
             rows.append([f"`--{holder.name}`", default, cell(f.help)])
     out += table(["flag", "default", "meaning"], rows)
-    out += ["", "plus `--config.FIELD=VALUE` for every [run-config field](#run-config-configsbasepy).", ""]
+    out += ["", "plus `--config.FIELD=VALUE` for every "
+            "[run-config field](#run-config-qcjaxtrainconfigtrainconfig).", ""]
     out += argparse_section("infer.py", _load_script("infer").build_parser())
     from qcjax import convert
 
@@ -324,17 +331,18 @@ def cli_section() -> list[str]:
 
 
 def render() -> str:
-    out = ["<!-- Generated by docs/gen_config_reference.py from the config code: do not edit. Change the code (HELP",
-           "in configs/base.py, the 'Fields:' docstrings of the dataclasses), then run",
+    out = ["<!-- Generated by docs/gen_config_reference.py from the config code: do not edit. Change the code (the",
+           "'Fields:' docstrings of the dataclasses: qcjax/train/config.py for the run config), then run",
            "python docs/gen_config_reference.py. -->", "", "# Configuration reference", "",
            "Every field of every config, its default and its meaning, generated from the code (tests/test_docs.py",
            "fails when this file is stale). Guides: [training and data walkthrough](walkthrough.md),",
            "[running on TPU pods and GPU hosts](running.md), [data formats](data.md),",
            "[checkpoints](checkpoints.md), [sampling](sampling.md).", "",
-           "- [Run config](#run-config-configsbasepy): `train.py --config=FILE.py[:stage] --config.FIELD=VALUE`",
+           "- [Run config](#run-config-qcjaxtrainconfigtrainconfig): "
+           "`train.py --config=FILE.py[:stage] --config.FIELD=VALUE`",
            "- [Model](#model-qcjaxconfigmodelconfig): `ModelConfig`, YaRN, presets",
            "- [Data](#data-qcjaxdataconfigdataconfig): `DataConfig`, `SourceConfig`",
-           "- [Optimizer](#optimizer-qcjaxtrainstepoptimizerconfig): `OptimizerConfig`",
+           "- [Optimizer](#optimizer-qcjaxtrainconfigoptimizerconfig): `OptimizerConfig`",
            "- [Command-line flags](#command-line-flags): `train.py`, `infer.py`, `python -m qcjax.convert`", ""]
     out += run_config_section() + config_files_section() + model_section() + data_section() + optimizer_section()
     out += cli_section()

@@ -73,3 +73,86 @@ def test_bad_field_names_the_field():
         PRESETS["tiny"].replace(remat="sometimes")
     with pytest.raises(ValueError, match=r"attention_impl='bogus': expected one of \('auto', 'xla'"):
         PRESETS["tiny"].replace(attention_impl="bogus")
+
+
+# ---- the run config's schema (qcjax.train.config) ----------------------------------------------------------------
+def _config_file(name, arg=None):
+    import importlib.util
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    spec = importlib.util.spec_from_file_location(f"cfg_{name.replace('.', '_')}", os.path.join(root, "configs",
+                                                                                                   f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config() if arg is None else mod.get_config(arg)
+
+
+@pytest.mark.parametrize("name, args", [("tiny", ("file", "repo", "sft", "dpo")), ("0.5b", ("file", "sft", "dpo")),
+                                        ("32b", ("repo",)), ("prefs", ("tiny", "7b"))])
+def test_every_shipped_config_is_in_the_schema(name, args):
+    from qcjax.train.config import TrainConfig, from_config, to_config_dict
+
+    for arg in args:
+        tc = from_config(_config_file(name, arg))
+        assert isinstance(tc, TrainConfig)
+        assert from_config(to_config_dict(tc)) == tc  # the ConfigDict round trip loses nothing
+
+
+def test_the_run_config_defaults_are_the_schemas():
+    from qcjax.train.config import DpoConfig, OptimizerConfig, TrainConfig, from_config
+    from qcjax.train.step import StepConfig
+
+    base = from_config(_config_file("0.5b"))
+    assert from_config({}) == TrainConfig()
+    assert StepConfig() == StepConfig(task=TrainConfig.task, grad_accum=TrainConfig.grad_accum,
+                                      loss_chunk=TrainConfig.loss_chunk, dpo=DpoConfig())
+    assert base.optimizer.b2 == OptimizerConfig.b2 and base.dpo == DpoConfig() and base.mesh.fsdp == -1
+
+
+@pytest.mark.parametrize("tree, message", [
+    ({"optimizer": {"learning_rate": 1e-3}}, r"unknown config field 'optimizer.learning_rate'"),
+    ({"stepz": 5}, r"unknown config field 'stepz' \(did you mean 'steps'\?\)"),
+    ({"task": "pretrian"}, r"task='pretrian': expected pretrain, sft or dpo"),
+    ({"dpo": {"reference": "live"}}, r"dpo.reference='live': expected frozen or precomputed"),
+    ({"resume_data": "again"}, r"resume_data='again': expected exact or reseed"),
+    ({"optimizer": {"schedule": "linear"}}, r"optimizer.schedule='linear': expected cosine or constant"),
+    ({"steps": "10"}, r"steps='10': expected an int"),
+    ({"mesh": 4}, r"mesh=4: expected a block of fields \(MeshConfig\)"),
+    ({"data": {"fim_rat": 0.5}}, r"data: unknown data config fields \['fim_rat'\]"),
+])
+def test_the_schema_names_the_bad_field(tree, message):
+    from qcjax.train.config import ConfigError, from_config
+
+    with pytest.raises(ConfigError, match=message):
+        from_config(tree)
+
+
+def test_every_field_has_a_typed_command_line_override():
+    """--config.FIELD=VALUE reaches every field, a None-default one too (typed placeholders), and a misspelt
+    field fails naming it."""
+    import os
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    from qcjax.train.config import from_config
+
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+    def parse(*args):
+        argv = ["train.py", *args]
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", tiny, flag_values=fv, sys_argv=argv)
+        fv(argv)
+        return fv.config
+
+    tc = from_config(parse(f"--config={tiny}:sft", "--config.optimizer.lr=1e-5", "--config.data.repo_budget=4096",
+                           "--config.data.overlong=skip", "--config.data.num_epochs=2", "--config.mesh.tensor=2",
+                           "--config.model.yarn_factor=4", "--config.data.sources[0].weight=2.5"))
+    assert (tc.stage, tc.optimizer.lr, tc.mesh.tensor, tc.model.yarn_factor) == ("sft", 1e-5, 2, 4.0)
+    assert (tc.data.repo_budget, tc.data.overlong, tc.data.num_epochs) == (4096, "skip", 2)
+    assert tc.data.sources[0].weight == 2.5
+    with pytest.raises((KeyError, AttributeError, flags.Error), match="lrr"):
+        parse(f"--config={tiny}", "--config.optimizer.lrr=1e-5")

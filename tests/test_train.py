@@ -215,6 +215,19 @@ def test_bad_config_on_the_command_line_is_one_line_and_exit_2(tmp_path, spm_dir
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
+def test_a_misspelt_field_in_a_config_file_is_one_line_and_exit_2(tmp_path, spm_dir):
+    """The schema (qcjax.train.config) checks what a config file built, before anything runs."""
+    mine = tmp_path / "mine.py"
+    mine.write_text("from configs import tiny\n\n\ndef get_config():\n    c = tiny.get_config()\n"
+                    "    c.optimizer.learning_rate = 1e-3\n    return c\n")
+    cmd = [f"--config={mine}" if a.startswith("--config=") else a for a in _train_cmd(tmp_path / "run", spm_dir, 2)]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert out.returncode == 2
+    [line] = out.stderr.strip().splitlines()
+    assert line == "train.py: error: unknown config field 'optimizer.learning_rate'", out.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
 def _free_port():
     import socket
 

@@ -97,9 +97,9 @@ def test_dpo_sigmoid_and_ipo_closed_forms():
 
 
 def _run_step(accum, params, b, tx=None):
-    oc = OptimizerConfig(lr=1e-2, warmup_steps=0, total_steps=10)
-    tx = tx or make_optimizer(oc)
-    step = jax.jit(make_train_step(CFG, StepConfig(grad_accum=accum, loss_chunk=16), tx, lr_schedule(oc)))
+    oc = OptimizerConfig(lr=1e-2, warmup_steps=0)
+    tx = tx or make_optimizer(oc, 10)
+    step = jax.jit(make_train_step(CFG, StepConfig(grad_accum=accum, loss_chunk=16), tx, lr_schedule(oc, 10)))
     return step(init_state(params, tx), b)
 
 

@@ -107,6 +107,8 @@ def load_config(spec: str, overrides: list[str]):
             old = node[parts[-1]]
         except (KeyError, TypeError):
             raise UsageError(f"--config.{key}: no such config field") from None
+        if old is None and hasattr(node, "get_type"):  # a None default of a typed field (the schema's placeholders)
+            old = {int: 0, float: 0.0, bool: False}.get(node.get_type(parts[-1]), old)
         try:
             node[parts[-1]] = _parse_value(text, old)
         except (ValueError, SyntaxError, TypeError) as e:
@@ -122,12 +124,10 @@ def dpo_config(base, init_from: str, pairs_path: str, tokenizer: str, mode: str,
     c.init_from = init_from
     if not tokenizer_given:
         c.tokenizer = tokenizer
-    data = c.data.to_dict()
-    data.update(sources=({"kind": "jsonl", "path": pairs_path, "format": "dpo", "weight": 1.0},),
-                dpo_style="raw" if mode == "base" else "chatml", eval_fraction=0.0)
+    c.data.sources = ({"kind": "jsonl", "path": pairs_path, "format": "dpo", "weight": 1.0},)
+    c.data.dpo_style, c.data.eval_fraction = "raw" if mode == "base" else "chatml", 0.0
     if c.dpo.reference == "precomputed":
-        data["dpo_ref_logps"] = True
-    c.data = data
+        c.data.dpo_ref_logps = True
     c.eval_every = 0
     return c
 

@@ -27,14 +27,10 @@ from qcjax.config import ModelConfig, get_config
 from qcjax.model import abstract_params, init_params
 from qcjax.sharding import logical_to_spec, make_mesh, param_shardings
 from qcjax.train import metrics as mt
-from qcjax.train.step import OptimizerConfig, StepConfig, init_state, lr_schedule, make_eval_step, \
-    make_optimizer, make_train_step
+from qcjax.train.config import ConfigError, TrainConfig, from_config
+from qcjax.train.step import StepConfig, init_state, lr_schedule, make_eval_step, make_optimizer, make_train_step
 
 log = logging.getLogger("qcjax.train")
-
-
-class ConfigError(ValueError):
-    """A bad training config, reported before anything is compiled."""
 
 
 class RunError(RuntimeError):
@@ -43,17 +39,20 @@ class RunError(RuntimeError):
 
 
 # ---- config -> model / optimizer / step configs ------------------------------------------------------------------
-def model_config(c: ConfigDict, vocab_hint: int | None = None) -> ModelConfig:
+# The run config's schema is qcjax.train.config.TrainConfig; a ConfigDict (what train.py loads) is read through it
+# (`from_config`): unknown fields, wrong types and values outside a field's choices are ConfigErrors naming the field.
+def model_config(c: ConfigDict | TrainConfig, vocab_hint: int | None = None) -> ModelConfig:
     """The model config: from the init checkpoint when there is one, else the preset; then run-time fields."""
-    m = c.model
+    tc = from_config(c)
+    m = tc.model
     run = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl)
-    if c.init_from:
+    if tc.init_from:
         from qcjax.loader import load_config
 
-        cfg = load_config(c.init_from)
+        cfg = load_config(tc.init_from)
         for name in ("num_layers", "vocab_size"):  # the checkpoint decides the shapes; a different ask is an error
-            if m[name] and m[name] != getattr(cfg, name):
-                raise ConfigError(f"model.{name}={m[name]} conflicts with init_from={c.init_from} "
+            if getattr(m, name) and getattr(m, name) != getattr(cfg, name):
+                raise ConfigError(f"model.{name}={getattr(m, name)} conflicts with init_from={tc.init_from} "
                                   f"({name}={getattr(cfg, name)}): drop the override, or start without init_from")
         return cfg.replace(**run)
     shape = {}
@@ -69,21 +68,18 @@ def model_config(c: ConfigDict, vocab_hint: int | None = None) -> ModelConfig:
     return cfg
 
 
-def optimizer_config(c: ConfigDict) -> OptimizerConfig:
-    return OptimizerConfig(total_steps=c.steps, **c.optimizer.to_dict())
-
-
-def step_config(c: ConfigDict, grad_accum: int | None = None) -> StepConfig:
+def step_config(c: ConfigDict | TrainConfig, grad_accum: int | None = None) -> StepConfig:
     """grad_accum: the resolved value (`grad_accum_for`); None: the config's field."""
-    return StepConfig(task=c.task, grad_accum=c.grad_accum if grad_accum is None else grad_accum,
-                      loss_chunk=c.loss_chunk, dpo_beta=c.dpo.beta, dpo_label_smoothing=c.dpo.label_smoothing,
-                      dpo_loss_type=c.dpo.loss_type)
+    tc = from_config(c)
+    return StepConfig(task=tc.task, grad_accum=tc.grad_accum if grad_accum is None else grad_accum,
+                      loss_chunk=tc.loss_chunk, dpo=tc.dpo)
 
 
-def grad_accum_for(c: ConfigDict, mesh) -> int:
+def grad_accum_for(c: ConfigDict | TrainConfig, mesh) -> int:
     """Micro-batches per step. per_device_batch > 0 fixes the rows each device runs at once (what decides memory,
     so a config fits any slice where it fits the smallest): grad_accum = batch_size / (data x fsdp x rows)."""
-    if not c.get("per_device_batch"):
+    c = from_config(c)
+    if not c.per_device_batch:
         return c.grad_accum
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if c.grad_accum != 1:
@@ -98,18 +94,17 @@ def grad_accum_for(c: ConfigDict, mesh) -> int:
     return c.batch_size // (dp * c.per_device_batch)
 
 
-def validate(c: ConfigDict, cfg: ModelConfig, n_processes: int = 1, devices=None):
+def validate(c: ConfigDict | TrainConfig, cfg: ModelConfig, n_processes: int = 1, devices=None):
     """Everything that can be wrong with a config, checked before compiling. Returns the mesh (over `devices`,
     default all of them)."""
-    if c.task not in ("pretrain", "sft", "dpo"):
-        raise ConfigError(f"task={c.task!r}: expected pretrain, sft or dpo")
+    c = from_config(c)  # the schema's checks: known fields, types, choices (task, dpo.reference, resume_data, ...)
     if c.steps <= 0:
         raise ConfigError(f"steps={c.steps}: must be positive")
     lr = c.optimizer.lr
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+    if not math.isfinite(lr) or lr <= 0:
         raise ConfigError(f"optimizer.lr={lr!r}: must be a finite number > 0")
     try:
-        mesh = make_mesh({k: int(v) for k, v in c.mesh.items()}, devices=devices)
+        mesh = make_mesh(dataclasses.asdict(c.mesh), devices=devices)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -127,10 +122,12 @@ def validate(c: ConfigDict, cfg: ModelConfig, n_processes: int = 1, devices=None
         raise ConfigError(
             f"seq_len={c.seq_len} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}"
             + ("" if cfg.rope_scaling else "; set model.yarn_factor (e.g. 4.0) for longer contexts"))
-    if c.task == "dpo" and c.dpo.reference not in ("frozen", "precomputed"):
-        raise ConfigError(f"dpo.reference={c.dpo.reference!r}: expected frozen or precomputed")
     if c.log_every <= 0 or c.checkpoint_every <= 0:
         raise ConfigError("log_every and checkpoint_every must be positive")
+    try:
+        c.data.validate(c.task)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return mesh
 
 
@@ -192,14 +189,15 @@ class TrainProgram:
 
 def build_train_program(c: ConfigDict, cfg: ModelConfig, mesh) -> TrainProgram:
     """The optimizer, shardings and jitted step for a validated config on `mesh` (call under jax.set_mesh)."""
-    oc, accum = optimizer_config(c), grad_accum_for(c, mesh)
-    tx = make_optimizer(oc)
+    tc = from_config(c)
+    oc, accum = tc.optimizer, grad_accum_for(tc, mesh)
+    tx = make_optimizer(oc, tc.steps)
     boxed = abstract_params(cfg)
     p_shard = param_shardings(boxed, mesh)
     abstract_p = nn.meta.unbox(boxed)
     o_shard = opt_state_shardings(jax.eval_shape(tx.init, abstract_p), p_shard, mesh)
     state_shard = {"step": NamedSharding(mesh, P()), "params": p_shard, "opt_state": o_shard}
-    train_step = make_train_step(cfg, step_config(c, accum), tx, lr_schedule(oc))
+    train_step = make_train_step(cfg, step_config(tc, accum), tx, lr_schedule(oc, tc.steps))
     step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=(state_shard, None))
     return TrainProgram(mesh=mesh, tx=tx, grad_accum=accum, step_fn=step_fn, abstract_params=abstract_p,
                         param_shardings=p_shard, opt_shardings=o_shard, state_shardings=state_shard)

@@ -16,48 +16,20 @@ import optax
 from qcjax.config import ModelConfig
 from qcjax.model import Qwen2
 from qcjax.sharding import constrain
+from qcjax.train.config import DpoConfig, OptimizerConfig, TrainConfig
 from qcjax.train.losses import cross_entropy, dpo_loss, next_token_targets, target_logprobs
 
 TrainState = dict  # {"step": int32 [], "params": pytree, "opt_state": optax state}
 
-# Never let optax.apply_if_finite give up: the loop stops the run itself (OptimizerConfig.max_nonfinite_in_row).
+# Never let optax.apply_if_finite give up: the loop stops the run itself (the run config's max_nonfinite_in_row).
 _NEVER = 2**30
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW with global-norm clipping and a warmup schedule; non-finite updates are skipped.
-
-    Fields:
-    lr: peak learning rate.
-    schedule: "cosine" (linear warmup, then cosine decay to end_lr_ratio * lr at total_steps) or "constant"
-      (linear warmup, then lr).
-    warmup_steps: steps of linear warmup from 0.
-    total_steps: length of the schedule (the loop sets it to the run's `steps`).
-    end_lr_ratio: final learning rate of the cosine schedule, as a fraction of lr.
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's epsilon.
-    weight_decay: decoupled weight decay, on matrices only (never on norm scales and biases).
-    clip_norm: global gradient-norm clipping threshold; <= 0 disables clipping.
-    """
-
-    lr: float = 3e-4
-    schedule: str = "cosine"
-    warmup_steps: int = 100
-    total_steps: int = 1000
-    end_lr_ratio: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-
-
-def lr_schedule(c: OptimizerConfig) -> optax.Schedule:
+def lr_schedule(c: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """The learning rate at each step of a run of `total_steps` (the run config's `steps`)."""
     if c.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            0.0, c.lr, max(c.warmup_steps, 0), max(c.total_steps, c.warmup_steps + 1), end_value=c.lr * c.end_lr_ratio
+            0.0, c.lr, max(c.warmup_steps, 0), max(total_steps, c.warmup_steps + 1), end_value=c.lr * c.end_lr_ratio
         )
     if c.schedule == "constant":
         return optax.join_schedules(
@@ -72,10 +44,11 @@ def decay_mask(params) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key not in ("scale", "bias"), params)
 
 
-def make_optimizer(c: OptimizerConfig) -> optax.GradientTransformation:
+def make_optimizer(c: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     parts = [optax.clip_by_global_norm(c.clip_norm)] if c.clip_norm > 0 else []
     parts.append(
-        optax.adamw(lr_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask)
+        optax.adamw(lr_schedule(c, total_steps), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
+                    mask=decay_mask)
     )
     return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=_NEVER)
 
@@ -130,12 +103,13 @@ def dpo_logprobs(cfg: ModelConfig, params, micro: dict, chunk: int) -> tuple[jax
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    task: str = "pretrain"  # "pretrain" | "sft" | "dpo"
-    grad_accum: int = 1
-    loss_chunk: int = 2048  # tokens per chunk of vocabulary-wide logits
-    dpo_beta: float = 0.1
-    dpo_label_smoothing: float = 0.0
-    dpo_loss_type: str = "sigmoid"  # "sigmoid" | "ipo"
+    """What the step reads of the run config (qcjax.train.config.TrainConfig, which documents each field and whose
+    defaults these are); grad_accum is the resolved micro-batch count (qcjax.train.loop.grad_accum_for)."""
+
+    task: str = TrainConfig.task
+    grad_accum: int = TrainConfig.grad_accum
+    loss_chunk: int = TrainConfig.loss_chunk
+    dpo: DpoConfig = DpoConfig()
 
 
 def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransformation, schedule: Callable):
@@ -157,7 +131,7 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
         else:
             ref_c, ref_r = micro["ref_chosen_logp"], micro["ref_rejected_logp"]
         valid = (jnp.sum(micro["chosen_loss_mask"], axis=-1) > 0).astype(jnp.float32)  # padding pairs: none
-        losses, m = dpo_loss(chosen, rejected, ref_c, ref_r, sc.dpo_beta, sc.dpo_label_smoothing, sc.dpo_loss_type,
+        losses, m = dpo_loss(chosen, rejected, ref_c, ref_r, sc.dpo.beta, sc.dpo.label_smoothing, sc.dpo.loss_type,
                              weights=valid)
         n = jnp.sum(valid)
         return jnp.sum(losses * valid), (n, jax.tree.map(lambda v: v * n, m))  # metrics summed, divided below
