@@ -57,6 +57,9 @@ def main() -> None:
     p.add_argument("--dpo_steps", type=int, default=60)
     p.add_argument("--dpo_lr", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"])
+    p.add_argument("--rpo_alpha", type=float, default=0.0,
+                   help="weight of the chosen completions' per-token NLL added to the DPO loss (RPO); 0: plain DPO")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--eval_n", type=int, default=4, help="sampled pass@1 from this many samples per held-out problem")
     p.add_argument("--baseline", action="store_true", help="also SFT on round 1's chosen completions")
@@ -96,7 +99,8 @@ def main() -> None:
             "--config", os.path.join(ROOT, "configs", "tiny.py") + ":dpo",
             f"--config.steps={a.dpo_steps}", f"--config.batch_size={a.batch}", "--config.seq_len=64",
             f"--config.optimizer.lr={a.dpo_lr}", f"--config.optimizer.warmup_steps={max(1, a.dpo_steps // 10)}",
-            f"--config.dpo.beta={a.beta}", f"--config.seed={a.seed}", "--config.log_every=10",
+            f"--config.dpo.beta={a.beta}", f"--config.dpo.loss_type={a.loss_type}",
+            f"--config.dpo.rpo_alpha={a.rpo_alpha}", f"--config.seed={a.seed}", "--config.log_every=10",
             f"--config.checkpoint_every={a.dpo_steps}", "--config.keep_checkpoints=1",
             "--eval_problems", os.path.join(tasks, "held_out.jsonl"), "--eval_n", str(a.eval_n), *common]
     t = time.perf_counter()

@@ -96,6 +96,16 @@ def test_dpo_sigmoid_and_ipo_closed_forms():
     np.testing.assert_allclose(dpo_loss(c, r, rc, rr, beta, 0.0, "ipo")[0], (m - 1 / (2 * beta)) ** 2, rtol=1e-6)
 
 
+def test_rpo_adds_the_chosen_completions_per_token_nll():
+    c, r, rc, rr = map(jnp.asarray, ([-3.0, -5.0], [-4.0, -2.0], [-3.5, -4.0], [-3.5, -3.0]))
+    n = jnp.asarray([3.0, 10.0])
+    plain, _ = dpo_loss(c, r, rc, rr, 0.1)
+    rpo, _ = dpo_loss(c, r, rc, rr, 0.1, rpo_alpha=0.5, chosen_tokens=n)
+    np.testing.assert_allclose(rpo - plain, 0.5 * np.array([3.0 / 3, 5.0 / 10]), rtol=1e-6)
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        dpo_loss(c, r, rc, rr, 0.1, rpo_alpha=0.5)
+
+
 def _run_step(accum, params, b, tx=None):
     oc = OptimizerConfig(lr=1e-2, warmup_steps=0)
     tx = tx or make_optimizer(oc, 10)

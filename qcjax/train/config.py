@@ -104,12 +104,15 @@ class DpoConfig:
     loss_type: sigmoid (DPO) | ipo (IPO)
     reference: frozen: a copy of the starting weights kept in memory; precomputed: reference log-probs carried by
       the data (python -m qcjax.train.dpo_reference writes them)
+    rpo_alpha: weight of a negative log-likelihood term on the chosen completion, per token, added to each pair's
+      loss (RPO, Pang et al. 2024: keeps the chosen completion likely when the pair differs in a few tokens); 0: off
     """
 
     beta: float = 0.1
     label_smoothing: float = 0.0
     loss_type: str = choice("sigmoid", "ipo")
     reference: str = choice("frozen", "precomputed")
+    rpo_alpha: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,11 +75,14 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     loss_type: str = "sigmoid",
     weights: jax.Array | None = None,  # [pairs] 1 for real pairs, 0 for padding (metrics average over real ones)
+    rpo_alpha: float = 0.0,
+    chosen_tokens: jax.Array | None = None,  # [pairs] completion tokens of the chosen side (rpo_alpha > 0)
 ) -> tuple[jax.Array, dict]:
     """Per-pair DPO (sigmoid, with conservative label smoothing) or IPO loss, plus reward metrics.
 
     sigmoid: -(1-eps) log s(beta*m) - eps log s(-beta*m), m = (pi_c - ref_c) - (pi_r - ref_r)  (Rafailov et al.)
     ipo:     (m - 1/(2 beta))^2                                                          (Azar et al.)
+    rpo_alpha > 0 adds rpo_alpha * (-pi_c / chosen_tokens): the chosen completion's per-token NLL (Pang et al.)
     """
     margin = (chosen_logp - ref_chosen_logp) - (rejected_logp - ref_rejected_logp)
     if loss_type == "sigmoid":
@@ -90,6 +93,10 @@ def dpo_loss(
         losses = (margin - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"dpo loss_type {loss_type!r}: expected 'sigmoid' or 'ipo'")
+    if rpo_alpha:
+        if chosen_tokens is None:
+            raise ValueError("dpo_loss: rpo_alpha > 0 needs chosen_tokens (the chosen completions' token counts)")
+        losses = losses + rpo_alpha * (-chosen_logp / jnp.maximum(chosen_tokens, 1.0))
     chosen_reward = beta * (chosen_logp - ref_chosen_logp)
     rejected_reward = beta * (rejected_logp - ref_rejected_logp)
     w = jnp.ones_like(margin) if weights is None else weights

@@ -131,8 +131,10 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
         else:
             ref_c, ref_r = micro["ref_chosen_logp"], micro["ref_rejected_logp"]
         valid = (jnp.sum(micro["chosen_loss_mask"], axis=-1) > 0).astype(jnp.float32)  # padding pairs: none
+        _, w = next_token_targets(micro["chosen_tokens"], micro["chosen_segment_ids"], micro["chosen_loss_mask"])
+        chosen_tokens = jnp.sum(w, axis=-1)  # the tokens chosen_logp sums over
         losses, m = dpo_loss(chosen, rejected, ref_c, ref_r, sc.dpo.beta, sc.dpo.label_smoothing, sc.dpo.loss_type,
-                             weights=valid)
+                             weights=valid, rpo_alpha=sc.dpo.rpo_alpha, chosen_tokens=chosen_tokens)
         n = jnp.sum(valid)
         return jnp.sum(losses * valid), (n, jax.tree.map(lambda v: v * n, m))  # metrics summed, divided below
 
