@@ -26,7 +26,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from typing import Any, Callable, Sequence
 
 import jax
@@ -627,20 +630,34 @@ def save_params_streaming(
             return
         ck._mngr.save(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonSave(config_json(cfg, extra_config))}),
                       force=True)
-    scratch = qpaths.join(ckpt_dir, f"_{PARAMS}_partial")  # no dots: Orbax parses the name
-    for path in bar:
-        x = get_leaf(path)
-        partial.save(scratch, _nest(path, x))
-        nbytes = x.nbytes
-        del x
-        release_free_memory(nbytes)
-    partial.finalize(scratch)
-    items = [d for d in qpaths.listdir(scratch) if qpaths.exists(qpaths.join(scratch, d, "_METADATA"))]
-    if len(items) != 1:
-        raise RuntimeError(f"Orbax partial save left {sorted(qpaths.listdir(scratch))} in {scratch}; expected one pytree")
-    step_dir = qpaths.join(ckpt_dir, str(step))
-    qpaths.replace(qpaths.join(scratch, items[0]), qpaths.join(step_dir, PARAMS))  # on GCS: copied, then deleted
-    qpaths.rmtree(scratch, ignore_errors=qpaths.is_url(scratch))
+    # Orbax's partial save cannot write to an object store (its commit-file temporary paths have no snapshot), so
+    # for a gs:// checkpoint the params item is built in a local scratch directory and then uploaded.
+    local_scratch = tempfile.mkdtemp(prefix="qcjax-partial-") if qpaths.is_url(ckpt_dir) else None
+    scratch = os.path.join(local_scratch or ckpt_dir, f"_{PARAMS}_partial")  # no dots: Orbax parses the name
+    try:
+        for path in bar:
+            x = get_leaf(path)
+            partial.save(scratch, _nest(path, x))
+            nbytes = x.nbytes
+            del x
+            release_free_memory(nbytes)
+        partial.finalize(scratch)
+        items = [d for d in os.listdir(scratch) if os.path.exists(os.path.join(scratch, d, "_METADATA"))]
+        if len(items) != 1:
+            raise RuntimeError(f"Orbax partial save left {sorted(os.listdir(scratch))} in {scratch}; expected one "
+                               "pytree")
+        step_dir = qpaths.join(ckpt_dir, str(step))
+        if local_scratch:
+            qpaths.upload(os.path.join(scratch, items[0]), qpaths.join(step_dir, PARAMS))
+            # On object stores Orbax takes an item as complete only with its commit marker (what it writes itself).
+            with qpaths.open_file(qpaths.join(step_dir, PARAMS, "commit_success.txt"), "w") as f:
+                f.write(f"Checkpoint commit was successful to {qpaths.join(step_dir, PARAMS)}")
+        else:
+            os.rename(os.path.join(scratch, items[0]), os.path.join(step_dir, PARAMS))
+            shutil.rmtree(scratch)
+    finally:
+        if local_scratch:
+            shutil.rmtree(local_scratch, ignore_errors=True)
     # Record the params item's handler as a StandardSave would, so Orbax finds it without being told.
     meta_path = qpaths.join(step_dir, _METADATA_FILE)
     with qpaths.open_file(meta_path) as f:

@@ -30,9 +30,24 @@ def is_url(path) -> bool:
     return "://" in str(path)
 
 
+_CONFIGURED: list[bool] = []
+
+
+def _configure() -> None:
+    """gcsfs caches directory listings per process by default, so a file another process (another host) writes
+    later stays invisible to `exists` here; qcjax polls for such files (the tokenizer, the lock), so listings are
+    not cached. Set before the first gs:// filesystem is made; an explicit fsspec setting wins."""
+    if not _CONFIGURED:
+        import fsspec.config
+
+        fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
+        _CONFIGURED.append(True)
+
+
 def _ep(path):
     from etils import epath
 
+    _configure()
     return epath.Path(str(path))
 
 
@@ -126,7 +141,20 @@ def rmtree(path, ignore_errors: bool = False) -> None:
 
 def replace(src, dst) -> None:
     """os.replace locally; for URLs a copy and delete of every object (not atomic)."""
-    if is_url(src) or is_url(dst):
+    if is_url(src) and is_url(dst) and str(src).split("://")[0] == str(dst).split("://")[0]:
+        # object by object (server-side copies), then the source: gcsfs's rename first tries GCS's moveTo API, which
+        # emulators lack (a long retry loop before its own copy fallback)
+        fs, s = _fs(src)
+        d = _fs(dst)[1].rstrip("/")
+        if fs.isdir(s):
+            s = s.rstrip("/")
+            for f in fs.find(s):
+                fs.copy(f, d + f[len(s):])
+            fs.rm(s, recursive=True)
+        else:
+            fs.copy(s, d)
+            fs.rm(s)
+    elif is_url(src) or is_url(dst):
         _ep(src).rename(_ep(dst))
     else:
         os.replace(src, dst)
@@ -156,6 +184,7 @@ def _fs(url):
     """(fsspec filesystem, path without the scheme) of a URL."""
     import fsspec
 
+    _configure()
     scheme, rest = str(url).split("://", 1)
     return fsspec.filesystem(scheme), rest
 
