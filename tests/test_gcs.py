@@ -1,4 +1,5 @@
-"""gs:// paths end to end against a local GCS emulator (gcp-storage-emulator on 127.0.0.1, started and stopped here).
+"""gs:// paths end to end against a local GCS emulator (gcp-storage-emulator on 127.0.0.1, started and stopped here;
+tests/gcs_emulator.py adds the object generations TensorStore needs).
 
 Each library reads its own endpoint setting: gcsfs (etils.epath's gs:// backend without TensorFlow) and
 google-cloud-storage (tensorboardX's gs:// writer) read STORAGE_EMULATOR_HOST; TensorStore (Orbax's array store)
@@ -38,8 +39,7 @@ def gcs():
     """The emulator's environment (also for subprocesses); yields the fsspec filesystem for checks."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-                             "--port", str(port), "--in-memory", "--default-bucket", BUCKET, "--quiet"],
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"), str(port), BUCKET],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while True:
@@ -142,10 +142,20 @@ def test_training_in_a_gs_workdir_resumes_after_a_kill_bitwise_and_samples(gcs, 
 
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    samples = []
+    for ckpt in (killed + "/checkpoints", str(tmp_path / "local")):
+        if not ckpt.startswith("gs://"):  # the same checkpoint copied to a local directory
+            gcs.get(f"{BUCKET}/runs/straight/checkpoints/", ckpt + "/", recursive=True)
+        sample = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), "--ckpt", ckpt, "--tokenizer",
+                                 spm_dir, "--prompt", "def read(path):", "--max_new_tokens", "6", "--temperature",
+                                 "0"] + (["--step", "12"] if ckpt.startswith("gs://") else []), **run)
+        assert sample.returncode == 0 and "generated 6 tokens" in sample.stderr, sample.stderr[-3000:]
+        samples.append(sample.stdout)
+    assert samples[0] == samples[1]
+    # without --tokenizer: the one the checkpoint names (the run's --config.tokenizer)
     sample = subprocess.run([sys.executable, os.path.join(ROOT, "infer.py"), "--ckpt", killed + "/checkpoints",
                              "--prompt", "def read(path):", "--max_new_tokens", "6", "--temperature", "0"], **run)
-    assert sample.returncode == 0, sample.stderr[-3000:]
-    assert sample.stdout.startswith("def read(path):")
+    assert sample.returncode == 0 and sample.stdout == samples[0], sample.stderr[-3000:]
     assert not os.path.exists(tmp_path / "gs:")
 
 
