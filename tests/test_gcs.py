@@ -92,7 +92,7 @@ def _losses(gcs, workdir):
 def _train_cmd(workdir, spm_dir, steps):
     return [sys.executable, os.path.join(ROOT, "train.py"), "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
             f"--workdir={workdir}", f"--config.tokenizer={spm_dir}", "--config.seq_len=64", "--config.batch_size=8",
-            f"--config.steps={steps}", "--config.log_every=1", "--config.eval_every=0", "--config.checkpoint_every=6",
+            f"--config.steps={steps}", "--config.log_every=1", "--config.eval_every=0", "--config.checkpoint_every=4",
             "--config.optimizer.warmup_steps=2", "--config.mesh.fsdp=-1"]
 
 
@@ -108,9 +108,11 @@ def spm_dir(tmp_path_factory):
 # ---- (a) training in a gs:// workdir -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_training_in_a_gs_workdir_resumes_after_a_kill_bitwise_and_samples(gcs, spm_dir, tmp_path):
-    """Two runs of 12 steps on gs://: one straight, one killed after its step-6 checkpoint and run again. The rerun
-    resumes from step 6 and ends with the straight run's losses and params, bit for bit; infer.py samples from the
-    gs:// checkpoint (its tokenizer found through the checkpoint); nothing is written under a local "gs:" path."""
+    """Two runs of 12 steps on gs:// (checkpoints every 4 steps, 2 kept): one straight, one killed after its step-4
+    checkpoint and run again. The rerun takes over the dead trainer's LOCK, resumes and ends with the straight run's
+    losses and params, bit for bit. Then step 12 is damaged: the next run falls back to step 8, sets 12 aside and
+    trains it again, bitwise as before. infer.py samples the same text from the gs:// checkpoint as from a local copy
+    (and finds the tokenizer through the checkpoint); nothing is written under a local "gs:" path."""
     from qcjax.checkpoint import restore_params
 
     straight, killed = f"gs://{BUCKET}/runs/straight", f"gs://{BUCKET}/runs/killed"
@@ -119,7 +121,7 @@ def test_training_in_a_gs_workdir_resumes_after_a_kill_bitwise_and_samples(gcs, 
     assert out.returncode == 0, out.stderr[-3000:]
     proc = subprocess.Popen(_train_cmd(killed, spm_dir, 12), env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    commit = f"{BUCKET}/runs/killed/checkpoints/6/commit_success.txt"  # Orbax's commit marker on object stores
+    commit = f"{BUCKET}/runs/killed/checkpoints/4/commit_success.txt"  # Orbax's commit marker on object stores
     deadline = time.time() + 600
     while not gcs.exists(commit) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -129,19 +131,34 @@ def test_training_in_a_gs_workdir_resumes_after_a_kill_bitwise_and_samples(gcs, 
     assert gcs.exists(f"{BUCKET}/runs/killed/LOCK")  # left by the killed trainer: stale, taken over below
     out = subprocess.run(_train_cmd(killed, spm_dir, 12), **run)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "resuming from checkpoint step 6" in out.stderr
+    assert "resuming from checkpoint step 4" in out.stderr or "resuming from checkpoint step 8" in out.stderr
     assert "taking over the stale lock" in out.stderr
     assert not gcs.exists(f"{BUCKET}/runs/killed/LOCK")
     a, b = _losses(gcs, straight), _losses(gcs, killed)
     assert sorted(b) == list(range(1, 13))  # one row per step after the resume
     assert a == b  # bit for bit
     assert gcs.ls(f"{BUCKET}/runs/killed/tensorboard")
+    steps = lambda run: sorted(p.rsplit("/", 1)[1] for p in gcs.ls(f"{BUCKET}/runs/{run}/checkpoints"))  # noqa: E731
+    assert steps("straight") == ["12", "8"]  # step 4 pruned (keep_checkpoints=2)
     _, pa = restore_params(straight + "/checkpoints")
     _, pb = restore_params(killed + "/checkpoints", step=12)
     import jax
 
     for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # flip 64 bytes in the middle of step 12's largest params object: the rerun falls back to step 8
+    objs = [p for p in gcs.find(f"{BUCKET}/runs/killed/checkpoints/12/params")]
+    data = max(objs, key=lambda p: gcs.info(p)["size"])
+    raw = bytearray(gcs.cat_file(data))
+    mid = len(raw) // 2
+    raw[mid:mid + 64] = bytes(b ^ 0xFF for b in raw[mid:mid + 64])
+    gcs.pipe_file(data, bytes(raw))
+    out = subprocess.run(_train_cmd(killed, spm_dir, 12), **run)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "checkpoint step 12 is corrupt or unreadable" in out.stderr and "resuming from checkpoint step 8" in out.stderr
+    assert "moved the corrupt checkpoint step 12" in out.stderr
+    assert [s for s in steps("killed") if s.startswith("unreadable-step-12-")]
+    assert _losses(gcs, killed) == a
     samples = []
     for ckpt in (killed + "/checkpoints", str(tmp_path / "local")):
         if not ckpt.startswith("gs://"):  # the same checkpoint copied to a local directory
@@ -159,7 +176,8 @@ def test_training_in_a_gs_workdir_resumes_after_a_kill_bitwise_and_samples(gcs, 
     assert not os.path.exists(tmp_path / "gs:")
 
 
-def test_workdir_lock_on_gs_refuses_a_second_trainer_and_takes_over_a_dead_one(gcs):
+def test_workdir_lock_on_gs_refuses_a_second_trainer_and_takes_over_a_dead_one(gcs, monkeypatch):
+    from qcjax import paths
     from qcjax.train.lock import WorkdirBusy, WorkdirLock
 
     workdir = f"gs://{BUCKET}/locktest"
@@ -167,6 +185,11 @@ def test_workdir_lock_on_gs_refuses_a_second_trainer_and_takes_over_a_dead_one(g
         assert lock.held and json.loads(gcs.cat_file(f"{BUCKET}/locktest/LOCK"))["pid"] == os.getpid()
         with pytest.raises(WorkdirBusy, match=rf"in use by another trainer \(pid {os.getpid()} on "):
             WorkdirLock(workdir).acquire()
+        with monkeypatch.context() as m:  # a trainer that checked before the lock appeared: the precondition holds
+            m.setattr(paths, "exists", lambda p: False)
+            with pytest.raises(WorkdirBusy, match="in use by another trainer"):
+                WorkdirLock(workdir).acquire()
+        assert json.loads(gcs.cat_file(f"{BUCKET}/locktest/LOCK"))["pid"] == os.getpid()
     assert not gcs.exists(f"{BUCKET}/locktest/LOCK")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     gcs.pipe_file(f"{BUCKET}/locktest/LOCK", json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}).encode())
