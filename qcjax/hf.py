@@ -241,10 +241,12 @@ _PAGE = mmap.PAGESIZE
 class SafetensorsReader:
     """Memory-mapped tensors of one HF checkpoint directory (single file or sharded with an index).
 
-    safetensors' numpy backend returns bfloat16 only since safetensors 0.8 (requirements.txt allows older ones),
-    and its flax backend puts every tensor on a device; this reader maps the files and views each tensor in place
-    (bfloat16 through ml_dtypes), so reading costs no copy. A gs:// directory is first downloaded (its safetensors
-    files and index only) into a local temporary directory, which the mapping needs.
+    safetensors' numpy backend returns bfloat16 only since safetensors 0.8, and only once ml_dtypes has been
+    imported (checked with 0.8.0: before that import it raises "data type 'bfloat16' not understood";
+    requirements.txt also allows versions before 0.8), and its flax backend puts every tensor on a device; this
+    reader maps the files and views each tensor in place (bfloat16 through ml_dtypes), so reading costs no copy. A
+    gs:// directory is first downloaded (its safetensors files and index only) into a local temporary directory,
+    which the mapping needs.
     Mapped pages a process has touched count towards its RSS until unmapped: `release(name)` drops a tensor's
     pages once it has been copied out, which keeps a streaming conversion's memory flat.
     """
