@@ -11,9 +11,11 @@ directory copies then deletes each object (not atomic; the callers only move dir
 Libraries that can only read local files (SentencePiece, `tokenizers`, safetensors' memory map, pyarrow's ParquetFile
 by name) get `local_copy(url)`: the file or directory downloaded once per process into a temporary directory.
 
-Talking to a GCS emulator (tests/test_gcs.py): gcsfs and google-cloud-storage read STORAGE_EMULATOR_HOST, TensorStore
-reads TENSORSTORE_GCS_HTTP_URL (and GOOGLE_AUTH_TOKEN_FOR_TESTING for a fixed bearer token instead of real
-credentials); gcsfs takes anonymous access from FSSPEC_GCS_TOKEN=anon.
+Talking to a GCS emulator (tests/test_gcs.py, tests/gcs_emulator.py): gcsfs and google-cloud-storage read
+STORAGE_EMULATOR_HOST, TensorStore reads TENSORSTORE_GCS_HTTP_URL (and GOOGLE_AUTH_TOKEN_FOR_TESTING for a fixed bearer
+token instead of real credentials); gcsfs takes anonymous access from fsspec's config (FSSPEC_GS='{"token": "anon"}')
+and needs GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false at import, or it probes each bucket's type over gRPC first (a 60 s
+timeout against an emulator).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ remove it by hand once that trainer is known to be gone. Only process 0 of a mul
 
 In a gs:// workdir the lock is an object created with the precondition ifGenerationMatch=0 (gcsfs's
 mode="create"): GCS creates it only if no object of that name exists, atomically, and answers 412 (FileExistsError)
-otherwise. A store that ignores preconditions (the local test emulator does) gets a weaker rule: the create is
+otherwise. A store that ignores preconditions (gcp-storage-emulator as shipped does) gets a weaker rule: the create is
 preceded by an existence check and followed by a read-back that must name this trainer, so only two trainers starting
 within the same fraction of a second could both proceed.
 """
