@@ -236,7 +236,11 @@ def local_copy(path, only: tuple[str, ...] | None = None) -> str:
                         shutil.copyfileobj(fi, fo, 1 << 24)
         else:
             fs, base = _fs(path)
-            fs.get(base.rstrip("/") + "/", dst.rstrip("/") + "/", recursive=True)
+            base = base.rstrip("/")
+            for f in fs.find(base):
+                local = os.path.join(dst, *f[len(base):].strip("/").split("/"))
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                fs.get_file(f, local)
     else:
         if not src.exists():
             raise FileNotFoundError(f"{path} does not exist")

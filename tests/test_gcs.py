@@ -270,6 +270,11 @@ def test_data_sources_and_tokenizers_read_from_gs(gcs, tmp_path, tok, spm_dir):
             (local / "tree" / repo / rel).write_text(text)
     (local / "tree" / "one.py").write_text("ONE = 1\n")
     upload(str(local), f"gs://{BUCKET}/data")
+    from qcjax.paths import local_copy
+
+    copy = local_copy(f"gs://{BUCKET}/data/tree")  # a whole directory, downloaded
+    assert sorted(os.path.relpath(os.path.join(d, f), copy) for d, _, fs in os.walk(copy) for f in fs) == \
+        ["alpha/a.py", "alpha/pkg/b.py", "beta/c.py", "one.py"]
 
     cases = [({"kind": "jsonl", "path": "jsonl"}, 10), ({"kind": "jsonl", "path": "jsonl/part1.jsonl"}, 5),
              ({"kind": "jsonl", "path": "jsonl/*.jsonl"}, 10), ({"kind": "parquet", "path": "pq"}, 7),
