@@ -61,6 +61,8 @@ def gcs():
     import fsspec.config
 
     mp.setitem(fsspec.config.conf, "gs", {"token": "anon", "use_listings_cache": False})
+    # the plain GCSFileSystem even if gcsfs was imported before the variable above was set
+    fsspec.register_implementation("gs", "gcsfs.core.GCSFileSystem", clobber=True)
     fsspec.filesystem("gs").clear_instance_cache()
     try:
         yield fsspec.filesystem("gs")
