@@ -300,10 +300,11 @@ def _fit_context(req: dict, a, log) -> None:
 
 # ---- model ----------------------------------------------------------------------------------------------------------
 def _tokenizer(a):
+    from qcjax import paths
     from qcjax.tokenizer import load_tokenizer
 
     src = a.hf_dir or a.ckpt
-    if not os.path.isdir(src):
+    if not paths.isdir(src):
         raise UsageError(f"--{'hf_dir' if a.hf_dir else 'ckpt'} {src}: not a directory")
     try:
         return load_tokenizer(a.tokenizer or _checkpoint_tokenizer(a) or src)
@@ -314,7 +315,9 @@ def _tokenizer(a):
 def _checkpoint_tokenizer(a) -> str | None:
     """For --ckpt: the tokenizer train.py recorded in the checkpoint (its path as given at training time, else the
     run directory's tokenizer/ next to checkpoints/), so a trained run samples with no extra flag."""
-    if not a.ckpt or any(os.path.exists(os.path.join(a.ckpt, f)) for f in ("tokenizer.json", "spm.model")):
+    from qcjax import paths
+
+    if not a.ckpt or any(paths.exists(paths.join(a.ckpt, f)) for f in ("tokenizer.json", "spm.model")):
         return None
     from qcjax.checkpoint import read_config
 
@@ -322,9 +325,9 @@ def _checkpoint_tokenizer(a) -> str | None:
         recorded = read_config(a.ckpt, a.step)[1].get("tokenizer")
     except (OSError, ValueError, KeyError):
         return None
-    beside = os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), "tokenizer")
+    beside = paths.join(paths.dirname(paths.absolute(a.ckpt)), "tokenizer")
     for cand in (recorded, beside):
-        if cand and (cand == "qwen" or os.path.exists(cand)):
+        if cand and (cand == "qwen" or paths.exists(cand)):
             return cand
     return None
 

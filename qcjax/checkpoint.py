@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from typing import Any, Callable, Sequence
 
 import jax
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from qcjax import paths as qpaths
 from qcjax.config import ModelConfig
 from qcjax.hf import release_free_memory
 
@@ -262,8 +264,8 @@ class Checkpointer:
         async_: bool = True,
         read_only: bool = False,
     ):
-        self.directory = os.path.abspath(ckpt_dir)
-        if read_only and not os.path.isdir(self.directory):
+        self.directory = qpaths.absolute(ckpt_dir)  # a gs:// URL stays a URL (Orbax and TensorStore take it)
+        if read_only and not qpaths.isdir(self.directory):
             raise FileNotFoundError(f"no checkpoint directory {self.directory}")
         self.max_to_keep, self.read_only = max_to_keep, read_only
         self._protected: int | None = None
@@ -367,7 +369,7 @@ class Checkpointer:
         return step
 
     def step_dir(self, step: int | None = None) -> str:
-        return os.path.join(self.directory, str(self._step(step)))
+        return qpaths.join(self.directory, str(self._step(step)))
 
     def read_config(self, step: int | None = None) -> tuple[ModelConfig, dict]:
         """(model config, the whole config item) of a step (default: the newest step whose config item reads, each
@@ -375,7 +377,7 @@ class Checkpointer:
         if step is None:
             return self.restore_newest(lambda s: self.read_config(s))[1]
         step = self._step(step)
-        if not os.path.isdir(os.path.join(self.directory, str(step), CONFIG)):
+        if not qpaths.isdir(qpaths.join(self.directory, str(step), CONFIG)):
             raise CheckpointCorrupt(self.directory, step, f"no {CONFIG!r} item (not a qcjax checkpoint, or its "
                                     f"{CONFIG}/ directory was removed)")
         with self._reading(step, CONFIG):
@@ -504,8 +506,8 @@ class Checkpointer:
         return diffs
 
     def _iterator_processes(self, step: int) -> int | None:
-        d = os.path.join(self.directory, str(step), DATA_ITER)
-        names = os.listdir(d) if os.path.isdir(d) else []
+        d = qpaths.join(self.directory, str(step), DATA_ITER)
+        names = qpaths.listdir(d) if qpaths.isdir(d) else []
         counts = {int(n.rsplit("-of-", 1)[1].split(".")[0]) for n in names if "-of-" in n}
         return counts.pop() if len(counts) == 1 else None
 
@@ -611,8 +613,8 @@ def save_params_streaming(
     """
     from tqdm import tqdm
 
-    ckpt_dir = os.path.abspath(ckpt_dir)
-    if os.path.exists(ckpt_dir) and os.listdir(ckpt_dir):
+    ckpt_dir = qpaths.absolute(ckpt_dir)
+    if qpaths.exists(ckpt_dir) and qpaths.listdir(ckpt_dir):
         raise FileExistsError(f"{ckpt_dir} is not empty")
     partial = _partial_api()
     bar = tqdm(paths, unit="param", desc="params", disable=not progress)  # iterates the paths only
@@ -628,27 +630,41 @@ def save_params_streaming(
             return
         ck._mngr.save(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonSave(config_json(cfg, extra_config))}),
                       force=True)
-    scratch = os.path.join(ckpt_dir, f"_{PARAMS}_partial")  # no dots: Orbax parses the name
-    for path in bar:
-        x = get_leaf(path)
-        partial.save(scratch, _nest(path, x))
-        nbytes = x.nbytes
-        del x
-        release_free_memory(nbytes)
-    partial.finalize(scratch)
-    items = [d for d in os.listdir(scratch) if os.path.exists(os.path.join(scratch, d, "_METADATA"))]
-    if len(items) != 1:
-        raise RuntimeError(f"Orbax partial save left {sorted(os.listdir(scratch))} in {scratch}; expected one pytree")
-    step_dir = os.path.join(ckpt_dir, str(step))
-    os.rename(os.path.join(scratch, items[0]), os.path.join(step_dir, PARAMS))
-    shutil.rmtree(scratch)
+    # Orbax's partial save cannot write to an object store (its commit-file temporary paths have no snapshot), so
+    # for a gs:// checkpoint the params item is built in a local scratch directory and then uploaded.
+    local_scratch = tempfile.mkdtemp(prefix="qcjax-partial-") if qpaths.is_url(ckpt_dir) else None
+    scratch = os.path.join(local_scratch or ckpt_dir, f"_{PARAMS}_partial")  # no dots: Orbax parses the name
+    try:
+        for path in bar:
+            x = get_leaf(path)
+            partial.save(scratch, _nest(path, x))
+            nbytes = x.nbytes
+            del x
+            release_free_memory(nbytes)
+        partial.finalize(scratch)
+        items = [d for d in os.listdir(scratch) if os.path.exists(os.path.join(scratch, d, "_METADATA"))]
+        if len(items) != 1:
+            raise RuntimeError(f"Orbax partial save left {sorted(os.listdir(scratch))} in {scratch}; expected one "
+                               "pytree")
+        step_dir = qpaths.join(ckpt_dir, str(step))
+        if local_scratch:
+            qpaths.upload(os.path.join(scratch, items[0]), qpaths.join(step_dir, PARAMS))
+            # On object stores Orbax takes an item as complete only with its commit marker (what it writes itself).
+            with qpaths.open_file(qpaths.join(step_dir, PARAMS, "commit_success.txt"), "w") as f:
+                f.write(f"Checkpoint commit was successful to {qpaths.join(step_dir, PARAMS)}")
+        else:
+            os.rename(os.path.join(scratch, items[0]), os.path.join(step_dir, PARAMS))
+            shutil.rmtree(scratch)
+    finally:
+        if local_scratch:
+            shutil.rmtree(local_scratch, ignore_errors=True)
     # Record the params item's handler as a StandardSave would, so Orbax finds it without being told.
-    meta_path = os.path.join(step_dir, _METADATA_FILE)
-    with open(meta_path) as f:
+    meta_path = qpaths.join(step_dir, _METADATA_FILE)
+    with qpaths.open_file(meta_path) as f:
         meta = json.load(f)
     h = ocp.StandardCheckpointHandler
     meta.setdefault("item_handlers", {})[PARAMS] = f"{h.__module__}.{h.__qualname__}"
-    with open(meta_path, "w") as f:
+    with qpaths.open_file(meta_path, "w") as f:
         json.dump(meta, f)
 
 
@@ -661,8 +677,8 @@ class ParamsReader:
         with Checkpointer(ckpt_dir, read_only=True) as ck:
             self.step = ck._step(step)
             self.config, self.meta = ck.read_config(self.step)
-            self.directory = os.path.join(ck.step_dir(self.step), PARAMS)
-        if not os.path.isdir(self.directory):
+            self.directory = qpaths.join(ck.step_dir(self.step), PARAMS)
+        if not qpaths.isdir(self.directory):
             raise ValueError(f"{ck.directory} step {self.step} has no {PARAMS!r} item")
         self._ckptr = ocp.PyTreeCheckpointer()
         self._last_nbytes = 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -200,10 +199,12 @@ class ModelConfig:
 
     @classmethod
     def from_hf_json(cls, path: str, **overrides) -> "ModelConfig":
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
+        from qcjax import paths
+
+        if paths.isdir(path):
+            path = paths.join(path, "config.json")
         try:
-            with open(path) as f:
+            with paths.open_file(path) as f:
                 d = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read HF config {path}: {e}") from e

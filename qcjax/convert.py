@@ -11,11 +11,11 @@ to start training or inference from either format without converting, use `qcjax
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from typing import Any, Sequence
 
+from qcjax import paths
 from qcjax.config import ModelConfig, get_config
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -46,7 +46,7 @@ def hf_to_orbax(
 
     cfg = ModelConfig.from_hf_json(hf_dir, **({"param_dtype": dtype} if dtype else {}))
     if expect is not None:
-        hf.check_same_model(cfg, expect, os.path.join(hf_dir, "config.json"))
+        hf.check_same_model(cfg, expect, paths.join(hf_dir, "config.json"))
     reader = hf.SafetensorsReader(hf_dir)
     hf.check_names(cfg, reader.names())  # before anything is written
     boxed = abstract_params(cfg)
@@ -58,7 +58,7 @@ def hf_to_orbax(
         x = hf.param_from_hf(cfg, rows[path], hf._get_path(abstract, path), reader.get, reader.release)
         return jax.device_put(x, hf._get_path(shardings, path))  # aliases x on one CPU device; else one copy
 
-    source = {"source": {"format": "huggingface", "hf_dir": os.path.abspath(hf_dir)}}
+    source = {"source": {"format": "huggingface", "hf_dir": paths.absolute(hf_dir)}}
     with hf.atomic_dir(ckpt_dir, overwrite) as tmp:
         checkpoint.save_params_streaming(tmp, cfg, list(rows), get_leaf, step=0, extra_config=source,
                                          progress=progress)
@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"qcjax.convert {args.command}: error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {os.path.abspath(args.out)} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+    print(f"wrote {paths.absolute(args.out)} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
           f"vocab {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'})")
     return 0
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 import ml_dtypes
 import numpy as np
 
+from qcjax import paths
 from qcjax.config import ModelConfig
 
 Row = tuple[str, tuple[str, ...], str]
@@ -240,13 +241,26 @@ _PAGE = mmap.PAGESIZE
 class SafetensorsReader:
     """Memory-mapped tensors of one HF checkpoint directory (single file or sharded with an index).
 
-    safetensors' numpy backend cannot return bfloat16, and its flax backend puts every tensor on a device; this
-    reader maps the files and views each tensor in place (bfloat16 through ml_dtypes), so reading costs no copy.
+    safetensors' numpy backend returns bfloat16 only since safetensors 0.8, and only once ml_dtypes has been
+    imported (checked with 0.8.0: before that import it raises "data type 'bfloat16' not understood";
+    requirements.txt also allows versions before 0.8), and its flax backend puts every tensor on a device; this
+    reader maps the files and views each tensor in place (bfloat16 through ml_dtypes), so reading costs no copy. A
+    gs:// directory is first downloaded (its safetensors files and index only) into a local temporary directory,
+    which the mapping needs.
     Mapped pages a process has touched count towards its RSS until unmapped: `release(name)` drops a tensor's
     pages once it has been copied out, which keeps a streaming conversion's memory flat.
     """
 
     def __init__(self, hf_dir: str):
+        if paths.is_url(hf_dir):
+            names = ["model.safetensors.index.json", "model.safetensors"]
+            idx = paths.join(hf_dir, names[0])
+            if paths.exists(idx):
+                try:
+                    names += sorted(set(json.loads(paths.read_bytes(idx))["weight_map"].values()))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{idx}: not a safetensors index with a weight_map ({e!r})") from e
+            hf_dir = paths.local_copy(hf_dir, only=tuple(names))
         self.hf_dir = hf_dir
         index = os.path.join(hf_dir, "model.safetensors.index.json")
         weight_map: dict[str, str] | None = None
@@ -358,7 +372,7 @@ def write_safetensors_shards(
     with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="safetensors", disable=not progress) as bar:
         for fname, shard in zip(fnames, shards):
             entries = [(specs[i][0], specs[i][1], dtype) for i in shard]
-            with open(os.path.join(out_dir, fname), "wb") as f:
+            with paths.open_file(paths.join(out_dir, fname), "wb") as f:
                 f.write(_safetensors_header(entries))
                 for name, shape, _ in entries:
                     got_name, x = next(it)
@@ -371,7 +385,7 @@ def write_safetensors_shards(
     if next(it, None) is not None:
         raise ValueError("more tensors arrived than were planned")
     if n > 1:
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        with paths.open_file(paths.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
     return fnames
 
@@ -401,7 +415,15 @@ def _write_torch_bin(out_dir: str, fnames: list[str]) -> None:
 def atomic_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     """Yield a fresh temporary sibling of `path`; on success it is renamed to `path`, on any failure (an exception,
     Ctrl-C) it is deleted, so `path` never holds a partial result. An existing non-empty `path` is refused unless
-    `overwrite`, and is then replaced only once the new output is complete."""
+    `overwrite`, and is then replaced only once the new output is complete.
+
+    A URL (gs://) path: the temporary sibling is a prefix `.NAME.tmp-XXXXXXXX` beside it, copied to `path` and
+    deleted when complete (an object store has no atomic rename: a reader during that copy sees part of `path`, and
+    an overwrite deletes the old objects first). A failure deletes the temporary prefix."""
+    if paths.is_url(path):
+        with _atomic_url_dir(path, overwrite) as tmp:
+            yield tmp
+        return
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite and (not os.path.isdir(path) or os.listdir(path)):
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
@@ -422,6 +444,24 @@ def atomic_dir(path: str, overwrite: bool = False) -> Iterator[str]:
             os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _atomic_url_dir(path: str, overwrite: bool) -> Iterator[str]:
+    import uuid
+
+    path = paths.absolute(path)
+    if paths.exists(path) and not overwrite and (not paths.isdir(path) or paths.listdir(path)):
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    tmp = paths.join(paths.dirname(path), f".{paths.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if paths.exists(path):
+            paths.rmtree(path)
+        paths.replace(tmp, path)
+    except BaseException:
+        paths.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -456,28 +496,35 @@ def write_hf_dir(
     if torch_bin:
         import importlib.util
 
+        if paths.is_url(out_dir):
+            raise ValueError("torch_bin is not supported for a gs:// output: write locally, then copy")
+
         if importlib.util.find_spec("torch") is None:
             raise ValueError("torch_bin needs torch, which is not installed")
     if tokenizer_dir is not None:
-        found = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, f))]
+        found = [f for f in TOKENIZER_FILES if paths.isfile(paths.join(tokenizer_dir, f))]
         if not any(f != "generation_config.json" for f in found):
             raise FileNotFoundError(f"tokenizer_dir {tokenizer_dir} has none of {TOKENIZER_FILES[:-1]}")
     abstract = nn.meta.unbox(abstract_params(cfg))
     specs = hf_tensor_specs(cfg, abstract)
     out_cfg = cfg.replace(param_dtype=dtype).to_hf_dict()
     with atomic_dir(out_dir, overwrite) as tmp:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
+        with paths.open_file(paths.join(tmp, "config.json"), "w") as f:
             json.dump(out_cfg, f, indent=2)
         gen = {k: out_cfg[k] for k in ("bos_token_id", "eos_token_id") if k in out_cfg}
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        with paths.open_file(paths.join(tmp, "generation_config.json"), "w") as f:
             json.dump({**gen, "do_sample": False, "max_new_tokens": 2048}, f, indent=2)
         fnames = write_safetensors_shards(tmp, specs, iter_hf_tensors(cfg, get_leaf), dtype, max_shard_size, progress)
         if torch_bin:
             _write_torch_bin(tmp, fnames)
         if tokenizer_dir is not None:
             for fname in found:
-                shutil.copyfile(os.path.join(tokenizer_dir, fname), os.path.join(tmp, fname))
-    return os.path.abspath(out_dir)
+                if paths.is_url(tokenizer_dir) or paths.is_url(tmp):
+                    with paths.open_file(paths.join(tmp, fname), "wb") as f:
+                        f.write(paths.read_bytes(paths.join(tokenizer_dir, fname)))
+                else:
+                    shutil.copyfile(os.path.join(tokenizer_dir, fname), os.path.join(tmp, fname))
+    return paths.absolute(out_dir)
 
 
 def save_hf(out_dir: str, cfg: ModelConfig, params: Any, **kwargs) -> str:
@@ -510,7 +557,7 @@ def load_hf(
         overrides["param_dtype"] = dtype
     cfg = ModelConfig.from_hf_json(hf_dir, **overrides)
     if expect is not None:
-        check_same_model(cfg, expect, os.path.join(hf_dir, "config.json"))
+        check_same_model(cfg, expect, paths.join(hf_dir, "config.json"))
     reader = SafetensorsReader(hf_dir)
     check_names(cfg, reader.names())
     boxed = abstract_params(cfg)

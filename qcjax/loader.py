@@ -8,21 +8,21 @@ Every CLI and the training loop load through here, so the two formats are told a
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from qcjax import paths
 from qcjax.config import ModelConfig
 
 
 def is_hf_dir(path: str) -> bool:
     """An HF model directory holds config.json (a qcjax checkpoint holds step directories)."""
-    return os.path.exists(os.path.join(str(path), "config.json"))
+    return paths.exists(paths.join(str(path), "config.json"))
 
 
 def load(path: str, *, mesh=None, dtype: str | None = None, step: int | None = None) -> tuple[ModelConfig, Any]:
     """(config, params) from an HF directory or a qcjax checkpoint (`step`: default the newest intact one), each
     param placed straight into its sharding on `mesh` (default one device), in `dtype` (default as stored)."""
-    if not os.path.isdir(str(path)):
+    if not paths.isdir(str(path)):
         raise FileNotFoundError(f"{path}: no such directory (expected an HF model directory or a qcjax checkpoint)")
     if is_hf_dir(path):
         if step is not None:

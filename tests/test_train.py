@@ -189,15 +189,6 @@ def test_bad_config_fails_before_compiling(tmp_path, spm_dir, override, message)
         train(tiny(spm_dir, **override), str(tmp_path))
 
 
-def test_cloud_url_workdir_is_refused_not_written_locally(tmp_path, spm_dir, monkeypatch):
-    from qcjax.train.loop import ConfigError, train
-
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="cloud URLs are not supported yet"):
-        train(tiny(spm_dir), "gs://bucket/run")
-    assert not os.path.exists(tmp_path / "gs:")
-
-
 @pytest.mark.parametrize("flag, message", [
     ("--config.optimizer.learning_rate=1e-3", "config: unknown field 'learning_rate'"),
     ("--config.stepz=5", "config: unknown field 'stepz' (Did you mean \"steps\""),

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from qcjax import paths
 from qcjax.data.config import SourceConfig
 
 BAD = "__bad__"
@@ -32,7 +33,17 @@ WHERE = "__where__"
 
 
 def _expand(path: str, suffix: str) -> list[str]:
-    """A file, a directory (its *suffix files, recursively, sorted) or a glob -> sorted file list."""
+    """A file, a directory (its *suffix files, recursively, sorted) or a glob -> sorted file list. gs:// URLs too."""
+    if paths.is_url(path):
+        if paths.isdir(path):
+            out = paths.glob(paths.join(path, "**", f"*{suffix}"))
+        elif any(c in path for c in "*?["):
+            out = paths.glob(path)
+        else:
+            if not paths.exists(path):
+                raise FileNotFoundError(f"data file {path} does not exist")
+            out = [path]
+        return [p for p in out if paths.isfile(p)]
     if os.path.isdir(path):
         out = sorted(glob.glob(os.path.join(path, "**", f"*{suffix}"), recursive=True))
     elif any(c in path for c in "*?["):
@@ -47,7 +58,7 @@ def _expand(path: str, suffix: str) -> list[str]:
 def _newlines(path: str, chunk: int = 1 << 26) -> tuple[np.ndarray, int]:
     """Byte offsets of every newline in a file (read in chunks: memory stays small for big files), and its size."""
     out, pos = [], 0
-    with open(path, "rb") as f:
+    with paths.open_file(path, "rb") as f:
         while True:
             block = f.read(chunk)
             if not block:
@@ -112,7 +123,10 @@ class JsonlSource:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         k, s, e = int(self._fid[i]), int(self._start[i]), int(self._end[i])
-        raw = os.pread(self._fd(k), e - s, s)  # thread-safe (no shared file position)
+        if paths.is_url(self.files[k]):
+            raw = paths.read_range(self.files[k], s, e)  # one ranged GET per record
+        else:
+            raw = os.pread(self._fd(k), e - s, s)  # thread-safe (no shared file position)
         where = f"{self.files[k]}:{int(self._line[i])}"
         try:
             rec = json.loads(raw)
@@ -139,7 +153,7 @@ class ParquetSource:
         counts = []
         for k, f in enumerate(self.files):
             try:
-                pf = pq.ParquetFile(f)
+                pf = pq.ParquetFile(paths.open_file(f, "rb") if paths.is_url(f) else f)
                 md = pf.metadata
             except Exception as e:  # pyarrow raises ArrowInvalid / OSError on corrupt files
                 raise ValueError(f"cannot read Parquet file {f}: {e}") from e
@@ -175,7 +189,9 @@ class ParquetSource:
 
         k, rg = self._groups[g]
         try:
-            rows = pq.ParquetFile(self.files[k]).read_row_group(rg, columns=self.columns).to_pylist()
+            f = self.files[k]
+            with (paths.open_file(f, "rb") if paths.is_url(f) else open(f, "rb")) as fh:
+                rows = pq.ParquetFile(fh).read_row_group(rg, columns=self.columns).to_pylist()
         except Exception as e:
             raise ValueError(f"cannot read row group {rg} of Parquet file {self.files[k]}: {e}") from e
         with self._lock:
@@ -198,21 +214,26 @@ _SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", "node_modules", ".tox", ".ve
 def list_files(root: str, extensions: Sequence[str]) -> list[str]:
     """Relative paths of the files under root (sorted, hidden and cache directories skipped)."""
     out = []
-    for d, dirs, files in os.walk(root):
+    url = paths.is_url(root)
+    for d, dirs, files in paths.walk(root):
         dirs[:] = sorted(x for x in dirs if x not in _SKIP_DIRS and not x.startswith("."))
         for f in sorted(files):
             if f.startswith(".") or (extensions and not f.endswith(tuple(extensions))):
                 continue
-            out.append(os.path.relpath(os.path.join(d, f), root))
+            if url:  # "/"-separated, like the local paths on POSIX
+                sub = d.rstrip("/")[len(root.rstrip("/")):].strip("/")
+                out.append(f"{sub}/{f}" if sub else f)
+            else:
+                out.append(os.path.relpath(os.path.join(d, f), root))
     return out
 
 
 def read_text(path: str, max_bytes: int) -> str | None:
     """UTF-8 text of a file, or None for binary / non-UTF-8 / huge files."""
     try:
-        if os.path.getsize(path) > max_bytes:
+        if paths.getsize(path) > max_bytes:
             return None
-        with open(path, "rb") as f:
+        with paths.open_file(path, "rb") as f:
             raw = f.read()
     except OSError:
         return None
@@ -234,23 +255,26 @@ class RepoTreeSource:
 
     def __init__(self, root: str, level: str = "repo", exclude: Sequence[str] = (), extensions: Sequence[str] = (),
                  max_file_bytes: int = 4_000_000):
-        if not os.path.isdir(root):
+        if paths.is_url(root):
+            root = paths.absolute(root)
+        if not paths.isdir(root):
             raise FileNotFoundError(f"repository tree {root} is not a directory")
         self.root, self.level, self.max_file_bytes = root, level, max_file_bytes
         ex = tuple(exclude)
         self.repos: list[tuple[str, list[str]]] = []  # (repo name, file paths relative to root)
-        for entry in sorted(os.listdir(root)):
-            full = os.path.join(root, entry)
+        for entry in sorted(paths.listdir(root)):
+            full = paths.join(root, entry)
             if entry.startswith(".") or entry in _SKIP_DIRS or any(fnmatch.fnmatch(entry, p) for p in ex):
                 continue
-            if os.path.isdir(full):
-                files = [os.path.join(entry, f) for f in list_files(full, extensions)]
-            elif os.path.isfile(full) and (not extensions or entry.endswith(tuple(extensions))):
+            is_dir = paths.isdir(full)
+            if is_dir:
+                files = [paths.join(entry, f) for f in list_files(full, extensions)]
+            elif paths.isfile(full) and (not extensions or entry.endswith(tuple(extensions))):
                 files = [entry]
             else:
                 continue
             if files:
-                name = entry[:-3] if entry.endswith(".py") and os.path.isfile(full) else entry
+                name = entry[:-3] if entry.endswith(".py") and not is_dir else entry
                 self.repos.append((name, files))
         self.files = [(r, f) for r, fs in self.repos for f in fs]
         if level not in ("repo", "file"):
@@ -262,7 +286,7 @@ class RepoTreeSource:
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self.level == "file":
             repo, rel = self.files[i]
-            path = os.path.join(self.root, rel)
+            path = paths.join(self.root, rel)
             text = read_text(path, self.max_file_bytes)
             if text is None:
                 return {BAD: f"{path}: not UTF-8 text (binary, undecodable or over {self.max_file_bytes} bytes)",
@@ -271,13 +295,14 @@ class RepoTreeSource:
         name, rels = self.repos[i]
         files, skipped = [], 0
         for rel in rels:
-            text = read_text(os.path.join(self.root, rel), self.max_file_bytes)
+            text = read_text(paths.join(self.root, rel), self.max_file_bytes)
             if text is None:
                 skipped += 1
                 continue
             # paths inside the repository (a one-file repository keeps its file name)
-            files.append({"path": rel.split(os.sep, 1)[1] if os.sep in rel else rel, "content": text})
-        return {"repo": name, "files": files, "skipped_files": skipped, WHERE: os.path.join(self.root, name)}
+            sep = "/" if paths.is_url(self.root) else os.sep
+            files.append({"path": rel.split(sep, 1)[1] if sep in rel else rel, "content": text})
+        return {"repo": name, "files": files, "skipped_files": skipped, WHERE: paths.join(self.root, name)}
 
 
 STDLIB_EXCLUDE = ("site-packages", "dist-packages", "test", "lib-dynload", "config-*", "__pycache__",

@@ -11,7 +11,6 @@ from --seed, the task id and the sample index: a sample does not depend on which
 from __future__ import annotations
 
 import dataclasses
-import os
 import zlib
 from typing import Any, Callable, Sequence
 
@@ -58,10 +57,12 @@ class Prompt:
 def _tokenizer_source(a) -> str:
     """--tokenizer, else the model directory, else (a checkpoint) the tokenizer train.py recorded or the run
     directory's tokenizer/ (the same order infer.py uses)."""
+    from qcjax import paths
+
     src = a.hf_dir or a.ckpt
     if a.tokenizer:
         return a.tokenizer
-    if a.hf_dir or any(os.path.exists(os.path.join(src, f)) for f in ("tokenizer.json", "spm.model")):
+    if a.hf_dir or any(paths.exists(paths.join(src, f)) for f in ("tokenizer.json", "spm.model")):
         return src
     from qcjax.checkpoint import read_config
 
@@ -69,9 +70,9 @@ def _tokenizer_source(a) -> str:
         recorded = read_config(a.ckpt, a.step)[1].get("tokenizer")
     except (OSError, ValueError, KeyError):
         recorded = None
-    beside = os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), "tokenizer")
+    beside = paths.join(paths.dirname(paths.absolute(a.ckpt)), "tokenizer")
     for cand in (recorded, beside):
-        if cand and (cand == "qwen" or os.path.exists(cand)):
+        if cand and (cand == "qwen" or paths.exists(cand)):
             return cand
     return src
 
@@ -86,8 +87,10 @@ def load(a, usage_error, log) -> Model:
     import qcjax
     from qcjax.tokenizer import load_tokenizer
 
+    from qcjax import paths
+
     flag, src = ("--hf_dir", a.hf_dir) if a.hf_dir else ("--ckpt", a.ckpt)
-    if not os.path.isdir(src):
+    if not paths.isdir(src):
         raise usage_error(f"{flag} {src}: not a directory")
     try:
         tok = load_tokenizer(_tokenizer_source(a))

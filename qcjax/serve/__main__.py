@@ -79,8 +79,10 @@ completions, the rest of the context for chat). Requests beyond --max_batch runn
 
 def check_args(a: argparse.Namespace) -> None:
     """Flag checks that need no model: one-line errors naming the flag."""
+    from qcjax import paths
+
     src = a.hf_dir or a.ckpt
-    if not os.path.isdir(src):
+    if not paths.isdir(src):
         raise UsageError(f"--{'hf_dir' if a.hf_dir else 'ckpt'} {src}: not a directory")
     if not 0 <= a.port < 65536:
         raise UsageError(f"--port={a.port}: must be in [0, 65535]")
@@ -106,7 +108,9 @@ def load_tokenizer(a: argparse.Namespace):
             candidates.append(read_config(a.ckpt, a.step)[1].get("tokenizer"))
         except (OSError, ValueError, KeyError):
             pass
-        candidates.append(os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), "tokenizer"))
+        from qcjax import paths
+
+        candidates.append(paths.join(paths.dirname(paths.absolute(a.ckpt)), "tokenizer"))
     errors = []
     for c in [c for c in candidates if c]:
         try:
@@ -184,7 +188,9 @@ def build(a: argparse.Namespace, log=print):
     log(f"warming up: compiling every program for {a.max_batch} slots x {a.max_len} tokens ...")
     log(f"warm-up done in {engine.warmup():.1f} s ({engine.stats()['compiles']} compiles)")
     engine.start()
-    name = a.served_model_name or os.path.basename(os.path.normpath(a.hf_dir or a.ckpt))
+    src = a.hf_dir or a.ckpt
+    name = a.served_model_name or (src.rstrip("/").rsplit("/", 1)[-1] if "://" in src
+                                   else os.path.basename(os.path.normpath(src)))
     key = a.api_key if a.api_key is not None else os.environ.get("QCJAX_API_KEY") or None
     return engine, create_app(engine, tok, name, key), name
 

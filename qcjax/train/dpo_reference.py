@@ -10,7 +10,6 @@ the trainer. Train on the output with --config.data.dpo_ref_logps=True --config.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Iterator
 
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from qcjax import paths
 from qcjax.model import abstract_params
 from qcjax.sharding import param_shardings
 from qcjax.train.step import sequence_logprobs
@@ -32,7 +32,7 @@ def _pairs(c: ConfigDict, tok, path: str) -> Iterator[tuple[dict, object, object
 
     data_cfg = DataConfig.from_dict({**c.data.to_dict(), "dpo_ref_logps": False})
     fmt = FormatRecord(tok, data_cfg, SourceConfig("jsonl", path, format="dpo"), c.seq_len)
-    with open(path) as f:
+    with paths.open_file(path) as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -67,7 +67,7 @@ def precompute(c: ConfigDict, input_path: str, output_path: str, batch_size: int
 
     from qcjax.train.loop import initial_params, model_config, setup_tokenizer, validate
 
-    tok, _ = setup_tokenizer(c, os.path.dirname(os.path.abspath(output_path)))
+    tok, _ = setup_tokenizer(c, paths.dirname(paths.absolute(output_path)))
     cfg = model_config(c, vocab_hint=tok.vocab_size)
     mesh = validate(c, cfg)
     with jax.set_mesh(mesh):
@@ -75,7 +75,7 @@ def precompute(c: ConfigDict, input_path: str, output_path: str, batch_size: int
         score = jax.jit(lambda p, t, s, m: sequence_logprobs(cfg, p, t, s, m, c.loss_chunk))
         tmp = output_path + ".tmp"
         counts = {"pairs": 0, "skipped": 0}
-        with open(tmp, "w") as out:
+        with paths.open_file(tmp, "w") as out:
             batch: list = []
 
             def flush():
@@ -99,7 +99,7 @@ def precompute(c: ConfigDict, input_path: str, output_path: str, batch_size: int
                     flush()
             if batch:
                 flush()
-        os.replace(tmp, output_path)
+        paths.replace(tmp, output_path)  # gs://: copied, then deleted
     return counts
 
 

@@ -23,6 +23,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
+from qcjax import paths
 from qcjax.config import ModelConfig, get_config
 from qcjax.model import abstract_params, init_params
 from qcjax.sharding import logical_to_spec, make_mesh, param_shardings
@@ -212,18 +213,25 @@ def setup_tokenizer(c: ConfigDict, workdir: str):
     spec = c.tokenizer
     if spec.startswith("spm:stdlib"):
         vocab = int(spec.split(":")[2]) if spec.count(":") >= 2 else 4096
-        out = os.path.join(workdir, "tokenizer")
-        path = os.path.join(out, "spm.model")
-        if not os.path.exists(path):
+        out = paths.join(workdir, "tokenizer")
+        path = paths.join(out, "spm.model")
+        if not paths.exists(path):
             if jax.process_index() == 0:
-                tmp = f"{out}.tmp-{os.getpid()}"  # unique: never another trainer's half-written files
-                try:
-                    train_spm(tmp, vocab_size=vocab, seed=c.seed)
-                    os.replace(tmp, out)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
+                if paths.is_url(out):  # trained locally, then one object written (its appearance is atomic)
+                    import tempfile
+
+                    with tempfile.TemporaryDirectory() as tmp:
+                        train_spm(tmp, vocab_size=vocab, seed=c.seed)
+                        paths.upload(os.path.join(tmp, "spm.model"), path)
+                else:
+                    tmp = f"{out}.tmp-{os.getpid()}"  # unique: never another trainer's half-written files
+                    try:
+                        train_spm(tmp, vocab_size=vocab, seed=c.seed)
+                        os.replace(tmp, out)
+                    finally:
+                        shutil.rmtree(tmp, ignore_errors=True)
             else:
-                while not os.path.exists(path):
+                while not paths.exists(path):
                     time.sleep(0.5)
         return load_tokenizer(path), path
     if spec == "":
@@ -324,11 +332,8 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
     trainer per workdir (a lock file); SIGTERM/SIGINT save at the next step boundary and stop (`stopped_at`)."""
     from qcjax.train.lock import WorkdirBusy, WorkdirLock
 
-    for what, path in (("--workdir", workdir), ("init_from", c.init_from)):
-        if "://" in str(path):  # os.path would silently make a local "gs:/..." directory on every host
-            raise ConfigError(f"{what}={path}: cloud URLs are not supported yet; mount the bucket (gcsfuse, "
-                              "docs/running.md) and pass the mounted path")
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.absolute(workdir) if paths.is_url(workdir) else workdir  # gs://...: no trailing slash
+    paths.makedirs(workdir)  # a no-op for a gs:// URL (objects need no directories)
     lock = WorkdirLock(workdir)
     if jax.process_index() == 0:
         try:
@@ -355,7 +360,7 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
     with jax.set_mesh(mesh):
         prog = build_train_program(c, cfg, mesh)
         tx, abstract_p, p_shard, o_shard = prog.tx, prog.abstract_params, prog.param_shardings, prog.opt_shardings
-        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
+        ckpt = Checkpointer(paths.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
         train_it = make_iterator(c, tok, c.seed)
 
         if c.get("resume_data", "exact") not in ("exact", "reseed"):
@@ -368,7 +373,7 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
         if broken:  # set the corrupt steps aside so that they are never listed (or overwritten) again
             ckpt.close()
             _set_aside(ckpt.directory, broken)
-            ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
+            ckpt = Checkpointer(paths.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
         ckpt.protect(resumed)  # the newest good step stays until a newer one has trained finitely
         if jax.process_index() == 0:
             _truncate_metrics(workdir, resumed or 0)
@@ -530,11 +535,11 @@ def _mismatch_message(c: ConfigDict, directory: str, e) -> str:
 def _truncate_metrics(workdir: str, step: int) -> None:
     """metrics.jsonl keeps the rows up to `step` (where the run resumes): the steps after it are trained again and
     logged again, so every step has one row after any number of resumes. Rewritten atomically."""
-    path = os.path.join(workdir, mt.METRICS_FILE)
-    if not os.path.exists(path):
+    path = paths.join(workdir, mt.METRICS_FILE)
+    if not paths.exists(path):
         return
     keep, dropped = [], 0
-    with open(path) as f:
+    with paths.open_file(path) as f:
         for line in f:
             try:
                 row = json.loads(line)
@@ -545,7 +550,10 @@ def _truncate_metrics(workdir: str, step: int) -> None:
                 keep.append(line if line.endswith("\n") else line + "\n")
             else:
                 dropped += 1
-    if dropped:
+    if dropped and paths.is_url(path):  # one object, rewritten whole (replacing an object is atomic)
+        with paths.open_file(path, "w") as f:
+            f.writelines(keep)
+    elif dropped:
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
             f.writelines(keep)
@@ -557,8 +565,8 @@ def _truncate_metrics(workdir: str, step: int) -> None:
 def _set_aside(directory: str, steps: list[int]) -> None:
     if jax.process_index() == 0:
         for step in steps:
-            dst = os.path.join(directory, f"unreadable-step-{step}-{int(time.time())}")
-            os.replace(os.path.join(directory, str(step)), dst)
+            dst = paths.join(directory, f"unreadable-step-{step}-{int(time.time())}")
+            paths.replace(paths.join(directory, str(step)), dst)  # gs://: copied, then deleted (not atomic)
             log.warning("moved the corrupt checkpoint step %d to %s (kept for inspection; delete it when done)",
                         step, dst)
             print(f"[qcjax] moved the corrupt checkpoint step {step} to {dst}", file=sys.stderr)

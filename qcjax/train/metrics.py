@@ -11,7 +11,6 @@ upper bound when segments are short: block-sparse kernels skip the cross-documen
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -80,23 +79,37 @@ METRICS_FILE = "metrics.jsonl"
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """The rows a run's MetricsWriter wrote, in order: {"step", "loss", ...} (eval rows: {"step", "eval_loss", ...})."""
-    with open(os.path.join(workdir, METRICS_FILE)) as f:
+    from qcjax import paths
+
+    with paths.open_file(paths.join(workdir, METRICS_FILE)) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
 class MetricsWriter:
-    """metrics.jsonl (one object per logged step) and TensorBoard event files, written by process 0 only."""
+    """metrics.jsonl (one object per logged step) and TensorBoard event files, written by process 0 only.
+
+    In a gs:// workdir (objects cannot be appended to) metrics.jsonl is kept in memory and the whole object is
+    rewritten at every logged step; TensorBoard writes through tensorboardX's own gs:// writer
+    (google-cloud-storage)."""
 
     def __init__(self, workdir: str, enabled: bool = True):
+        from qcjax import paths
+
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
+        self._url = None
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
+            paths.makedirs(workdir)
+            path = paths.join(workdir, METRICS_FILE)
+            if paths.is_url(path):
+                self._url = path
+                self._rows = paths.read_bytes(path).decode() if paths.exists(path) else ""
+            else:
+                self._jsonl = open(path, "a")
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, Any], prefix: str = "") -> None:
         if not self.enabled:
@@ -108,10 +121,18 @@ class MetricsWriter:
             v = float(v)
             row[prefix + k] = v
             self._tb.add_scalar(prefix + k, v, int(step))
+        if self._url is not None:
+            from qcjax import paths
+
+            self._rows += json.dumps(row) + "\n"
+            with paths.open_file(self._url, "w") as f:
+                f.write(self._rows)
+            return
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
             self._tb.close()
