@@ -8,7 +8,8 @@
 2. SFT: the tiny config from scratch on the train split's solutions (a SentencePiece tokenizer trained on the
    stdlib first), --sft_steps steps: some problems right, many wrong;
 3. `python -m qcjax.prefs --rounds R` on the train split (K samples at --temperature, pairs, DPO through
-   configs/tiny.py:dpo), held-out pass@1 (greedy, and sampled with --eval_n) before and after each round;
+   configs/tiny.py:dpo with the RPO term, --rpo_alpha; --rpo_alpha 0 --dpo_lr 1e-4 --dpo_steps 60 is the plain-DPO
+   run of bench/RESULTS.md), held-out pass@1 (greedy, and sampled with --eval_n) before and after each round;
 4. --baseline: the same number of steps of plain SFT on round 1's passing completions (rejection sampling / "SFT on
    chosen"), measured the same way.
 The held-out figures carry 95% bootstrap intervals over problems, and the changes a paired interval (same problems,
@@ -54,17 +55,17 @@ def main() -> None:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--pairs_per_problem", type=int, default=4)
-    p.add_argument("--dpo_steps", type=int, default=60)
-    p.add_argument("--dpo_lr", type=float, default=1e-4)
+    p.add_argument("--dpo_steps", type=int, default=120)
+    p.add_argument("--dpo_lr", type=float, default=3e-4)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"])
-    p.add_argument("--rpo_alpha", type=float, default=0.0,
+    p.add_argument("--rpo_alpha", type=float, default=1.0,
                    help="weight of the chosen completions' per-token NLL added to the DPO loss (RPO); 0: plain DPO")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--eval_n", type=int, default=4, help="sampled pass@1 from this many samples per held-out problem")
     p.add_argument("--baseline", action="store_true", help="also SFT on round 1's chosen completions")
-    p.add_argument("--baseline_steps", type=int, default=60)
-    p.add_argument("--baseline_lr", type=float, default=1e-3)
+    p.add_argument("--baseline_steps", type=int, default=120, help="default: as many steps as one DPO round")
+    p.add_argument("--baseline_lr", type=float, default=3e-4, help="default: the DPO rounds' learning rate")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     a = p.parse_args()
 

@@ -7,6 +7,11 @@ format (`--config.data.sources[0].path=pairs.jsonl`) laid out raw, prompt + comp
 exactly the text the model sampled from a base prompt (the size files' default, ChatML, would wrap it in chat
 turns). For `--mode instruct` pairs use the size's own `:dpo` stage instead.
 
+With the RPO term on (`dpo.rpo_alpha=1`: the chosen completion's per-token NLL): execution pairs are near misses
+(the same code with another constant), and plain DPO then lowered the chosen completions' likelihood with the
+rejected ones' (held-out pass@1 fell on the procedural family); with the term the loop raised it round after round
+(bench/RESULTS.md, "Preference loop").
+
     python train.py --config=configs/prefs.py:1.5b --config.init_from=Qwen2.5-Coder-1.5B \\
         '--config.data.sources[0].path=pairs.jsonl' --workdir=runs/dpo
 """
@@ -29,4 +34,5 @@ def get_config(size: str = "tiny"):
     c.data.sources = (base.source("jsonl", "pairs.jsonl", format="dpo"),)
     c.data.dpo_style, c.data.eval_fraction = "raw", 0.0
     c.eval_every = 0
+    c.dpo.rpo_alpha = 1.0
     return c

@@ -289,3 +289,23 @@ def test_the_documented_train_py_command_trains_on_the_pairs(tmp_path, hf_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = [json.loads(x) for x in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1]
+
+
+@pytest.mark.slow
+def test_one_round_of_the_loop_raises_held_out_pass1(tmp_path):
+    """bench/prefs_demo.py, one round, at its defaults (seed 0): SFT the tiny config on the train split, sample ->
+    test -> pairs -> DPO with the RPO term, held-out pass@1 before and after. Deterministic at a fixed seed (two runs
+    gave identical figures: greedy 23.3% -> 34.0%, paired change +10.7 [+4.7, +16.7] over 150 problems; sampled
+    13.5% -> 20.2%, +6.7 [+3.5, +10.0]); asserted: both paired intervals above zero."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "prefs_demo.py"), "--workdir", str(tmp_path),
+                        "--rounds", "1"], env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "demo_report.json").read_text())
+    [round_1] = report["rounds"]
+    for kind in ("greedy", "sampled"):
+        change = round_1[kind]["vs_round_0"]
+        assert change["problems"] == 150 and change["ci95"][0] > 0, (kind, change)

@@ -359,7 +359,7 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
 
     with jax.set_mesh(mesh):
         prog = build_train_program(c, cfg, mesh)
-        tx, abstract_p, p_shard, o_shard = prog.tx, prog.abstract_params, prog.param_shardings, prog.opt_shardings
+        tx, p_shard = prog.tx, prog.param_shardings
         ckpt = Checkpointer(paths.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
         train_it = make_iterator(c, tok, c.seed)
 
