@@ -53,6 +53,25 @@ def applies(q: jax.Array, k: jax.Array) -> bool:
             and platform.one_device() and build.available())
 
 
+def _check(fn: str, q, k, v, q_segment_ids, kv_segment_ids, q_offset=None) -> None:
+    """One-line errors naming the tensors, for both kernels: self-attention (k/v as long as q) or, with q_offset,
+    queries against a cache (k/v any length S); head_dim a multiple of 8; the kernels built."""
+    b, t, h, d = q.shape
+    s = t if q_offset is None else k.shape[1]
+    if k.shape != v.shape or k.dtype != v.dtype or k.shape[:2] != (b, s) or k.shape[3] != d or h % k.shape[2]:
+        raise ValueError(f"{fn}: q {q.shape}, k {k.shape} {k.dtype}, v {v.shape} {v.dtype}: expected q [B, T, H, D] "
+                         f"and k, v [B, {'T' if q_offset is None else 'S'}, KV, D] of one dtype with KV dividing H")
+    want = [(b, t), (b, s)] + ([] if q_offset is None else [(b,)])
+    got = [q_segment_ids.shape, kv_segment_ids.shape] + ([] if q_offset is None else [q_offset.shape])
+    if got != want:
+        raise ValueError(f"{fn}: segment ids {got[0]} and {got[1]}" + ("" if q_offset is None else
+                         f", q_offset {got[2]}") + f": expected {', '.join(map(str, want))}")
+    if d % 8:
+        raise ValueError(f"{fn}: head_dim {d} is not a multiple of 8")
+    if not build.available():
+        raise RuntimeError(f"{fn}: the CPU kernels are unavailable (see the warning); check the applies functions")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
                      kv_segment_ids: jax.Array, scale: float) -> jax.Array:
@@ -60,17 +79,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: ja
     j <= i with the same segment id, as `xla_attention` with q_offset 0 (a query that sees no key gets zeros, where
     the reference averages every value; with segment ids equal on the diagonal, as the sampler's are, none does).
     Differentiable: the backward is the reference's."""
-    b, t, h, d = q.shape
-    if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != d or h % k.shape[2]:
-        raise ValueError(f"causal_attention: q {q.shape}, k {k.shape}, v {v.shape}: expected q [B, T, H, D] and k, v "
-                         f"[B, T, KV, D] with KV dividing H")
-    if q_segment_ids.shape != (b, t) or kv_segment_ids.shape != (b, t):
-        raise ValueError(f"causal_attention: segment ids {q_segment_ids.shape} and {kv_segment_ids.shape}, expected "
-                         f"{(b, t)}")
-    if d % 8:
-        raise ValueError(f"causal_attention: head_dim {d} is not a multiple of 8")
-    if not build.available():
-        raise RuntimeError("causal_attention: the CPU kernel is unavailable (see the warning); check applies() first")
+    _check("causal_attention", q, k, v, q_segment_ids, kv_segment_ids)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     i32 = lambda x: x.astype(jnp.int32)  # noqa: E731
     out = jax.ffi.ffi_call(build.ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
@@ -107,17 +116,7 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax
     [B, S], q_offset [B] -> [B, T, H, D] in q's dtype: query i of row b sees the keys j <= q_offset[b] + i with its
     own segment id, as `xla_attention` (a query that sees no key gets zeros, where the reference averages every
     value). For inference: not differentiable."""
-    b, t, h, d = q.shape
-    if k.shape != v.shape or k.dtype != v.dtype or k.shape[0] != b or k.shape[3] != d or h % k.shape[2]:
-        raise ValueError(f"cache_attention: q {q.shape}, k {k.shape} {k.dtype}, v {v.shape} {v.dtype}: expected q "
-                         f"[B, T, H, D] and k, v [B, S, KV, D] of one dtype with KV dividing H")
-    if q_segment_ids.shape != (b, t) or kv_segment_ids.shape != (b, k.shape[1]) or q_offset.shape != (b,):
-        raise ValueError(f"cache_attention: segment ids {q_segment_ids.shape} and {kv_segment_ids.shape}, q_offset "
-                         f"{q_offset.shape}: expected {(b, t)}, {(b, k.shape[1])} and {(b,)}")
-    if d % 8:
-        raise ValueError(f"cache_attention: head_dim {d} is not a multiple of 8")
-    if not build.available():
-        raise RuntimeError("cache_attention: the CPU kernel is unavailable (see the warning); check cache_applies()")
+    _check("cache_attention", q, k, v, q_segment_ids, kv_segment_ids, q_offset)
     i32 = lambda x: x.astype(jnp.int32)  # noqa: E731
     out = jax.ffi.ffi_call(build.CACHE_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                            vmap_method="sequential")(q.astype(jnp.float32), k, v, i32(q_segment_ids),
