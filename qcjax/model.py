@@ -120,8 +120,9 @@ class RMSNorm(nn.Module):
 
 
 def scatter_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, at: jax.Array) -> jax.Array:
-    """The stacked cache [layers, batch, len, ...] with new [batch, t, ...] (the cache's dtype) written into `layer` at each row's offset at [batch]: one scatter of the new entries, in place on
-    the cache the layer scan carries (the rest of the cache is never copied). Positions past the end are dropped."""
+    """The stacked cache [layers, batch, len, ...] with new [batch, t, ...] (the cache's dtype) written into `layer`
+    at each row's offset at [batch]: one scatter of the new entries, in place on the cache the layer scan carries
+    (the rest of the cache is never copied). Positions past the end are dropped."""
     b, t = new.shape[:2]
     rows = jnp.arange(b, dtype=jnp.int32)[:, None]  # [batch, 1]
     slots = at.astype(jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [batch, t]

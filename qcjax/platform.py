@@ -115,8 +115,7 @@ def choose(op: str, impl: str = "auto", platform: str | None = None) -> str:
 
 def dispatch(op: str, xla: Callable[..., Any], *args: Any) -> Any:
     """Run `op` on `args` with the target platform's implementation where it applies, else with `xla` (the core's)."""
-    name = choose(op)
-    impl = plugin(op, name) if name in PLUGINS else None
+    impl = plugin(op, AUTO.get((target_device()[0], op), "xla"))  # None for the core's own and for plugins off
     if impl is not None and impl.applies(*args):
         return impl.fn(*args)
     return xla(*args)
