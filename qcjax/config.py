@@ -13,6 +13,11 @@ import jax.numpy as jnp
 from qcjax.platform import ATTENTION_IMPLS  # the attention switch's names (qcjax.platform, qcjax/attention)
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
+# Weight-only quantization of the seven projections (qcjax.adapters, through qwix): int8 with one scale per output
+# channel; nf4 (NormalFloat4, QLoRA's format) with one scale per 64 input rows of each output channel.
+QUANT_TYPES = ("none", "int8", "nf4")
+# LoRA targets: the short names of the seven projections of a decoder layer.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +47,43 @@ class YarnScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Low-rank adapters on the decoder's projections (qcjax.adapters builds them with qwix's LoraProvider):
+    y = x W + (x A) B * alpha / rank, A [in, rank] he-uniform, B [rank, out] zeros (so training starts at the base).
+
+    Fields:
+    rank: adapter rank r (> 0).
+    alpha: scale numerator: the adapter output is multiplied by alpha / rank.
+    dropout: dropout on the adapter's input during training (0: none).
+    targets: which projections get adapters: q, k, v, o, gate, up, down.
+    layers: the decoder layers whose adapters train (None: all). Layers are scanned, so every layer holds an
+      adapter; the others stay exactly zero (their gradients and updates are masked) and are not exported.
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if self.rank <= 0:
+            raise ValueError(f"LoraSpec.rank={self.rank}: must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraSpec.dropout={self.dropout}: must be in [0, 1)")
+        bad = sorted(set(self.targets) - set(LORA_TARGETS))
+        if bad or not self.targets:
+            raise ValueError(f"LoraSpec.targets={list(self.targets)}: each must be one of {list(LORA_TARGETS)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Qwen2 decoder hyper-parameters plus how to run it (dtypes, remat, attention impl).
 
@@ -66,6 +108,10 @@ class ModelConfig:
       (minimal keeps the q/k/v projections, the attention output and the MLP hidden activation).
     attention_impl: auto | xla | pallas_tpu | pallas_gpu | cudnn | cpu (auto: Pallas on TPU/GPU, the qcjax.cpu
       kernels on the CPU where built, else XLA; see qcjax/platform.py and qcjax/attention/__init__.py).
+    lora: low-rank adapters on the projections (`LoraSpec`), or None. The params then hold `kernel_lora_a` and
+      `kernel_lora_b` next to each adapted kernel (qcjax.adapters); a LoRA checkpoint stores only those.
+    quant: none | int8 | nf4: the seven projections' kernels held quantized, weight-only (int8 sampling, QLoRA's
+      frozen base); embeddings, norms, biases and the LM head stay as they are.
     """
 
     vocab_size: int
@@ -86,6 +132,8 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"
     attention_impl: str = "auto"
+    lora: LoraSpec | None = None
+    quant: str = "none"
 
     def __post_init__(self):
         def bad(field, why):
@@ -109,6 +157,20 @@ class ModelConfig:
                 bad(f, "not a dtype name")
         if isinstance(self.rope_scaling, Mapping):  # allow dicts from config files
             object.__setattr__(self, "rope_scaling", YarnScaling(**self.rope_scaling))
+        if isinstance(self.lora, Mapping):
+            object.__setattr__(self, "lora", LoraSpec(**self.lora))
+        if self.quant not in QUANT_TYPES:
+            bad("quant", f"expected one of {QUANT_TYPES}")
+        if self.lora is not None and self.lora.layers is not None:
+            out = [i for i in self.lora.layers if not 0 <= i < self.num_layers]
+            if out:
+                bad("lora", f"layers {out} outside 0..{self.num_layers - 1}")
+
+    @property
+    def adapted(self) -> bool:
+        """Whether qwix rewrites the projections (LoRA adapters or quantized weights): they then run as plain
+        dot_generals that qwix intercepts (qcjax.adapters)."""
+        return self.lora is not None or self.quant != "none"
 
     @property
     def dim_per_head(self) -> int:

@@ -101,7 +101,12 @@ class Linear(nn.Module):
     def __call__(self, x):
         dt, n = self.cfg.dtype, self.n_in
         w = _param(self, "kernel", self.kernel_shape, self.kernel_axes)
-        y = _project(x.astype(dt), w, n)
+        if self.cfg.adapted:  # one plain dot_general on the param, which qwix intercepts (qcjax.adapters)
+            dn = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
+            w = w.astype(dt) if isinstance(w, jax.Array) else w  # a quantized kernel (qwix WithAux) as it is
+            y = jax.lax.dot_general(x.astype(dt), w, dn, preferred_element_type=jnp.float32).astype(dt)
+        else:
+            y = _project(x.astype(dt), w, n)
         if self.bias_axes is not None:
             shape = self.kernel_shape[-len(self.bias_axes):]
             y = y + _param(self, "bias", shape, self.bias_axes, nn.initializers.zeros).astype(dt)
@@ -343,10 +348,21 @@ def constrain_cache(cfg: ModelConfig, name: str, x: jax.Array) -> jax.Array:
     return constrain(x, names)
 
 
+def build(cfg: ModelConfig) -> nn.Module:
+    """The model module for `cfg`: Qwen2, or with LoRA adapters / quantized projections (cfg.lora, cfg.quant) the
+    qwix-wrapped Qwen2 (qcjax.adapters). Apply methods by name (`method="hidden_states"`): the wrapped class
+    intercepts its own methods."""
+    if not cfg.adapted:
+        return Qwen2(cfg)
+    from qcjax import adapters
+
+    return adapters.wrap(Qwen2(cfg), cfg)
+
+
 def init_params(cfg: ModelConfig, rng: jax.Array, boxed: bool = False) -> Any:
     """Random params (boxed: keep the nn.Partitioned logical-axis annotations)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    params = Qwen2(cfg).init(rng, tokens)["params"]
+    params = build(cfg).init(rng, tokens)["params"]
     return params if boxed else nn.meta.unbox(params)
 
 

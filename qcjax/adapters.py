@@ -1,0 +1,195 @@
+"""LoRA adapters and weight-only quantized projections, through qwix: the one place that knows how.
+
+`ModelConfig.lora` / `ModelConfig.quant` ask for them; `qcjax.model.build(cfg)` wraps Qwen2 with the qwix provider
+made here, and qwix intercepts each projection's dot_general (`Linear` runs a plain one when `cfg.adapted`):
+- LoRA (qwix.LoraProvider): next to each targeted `kernel` the params hold `kernel_lora_a` [layers, in, rank] and
+  `kernel_lora_b` [layers, rank, out] (in/out: the kernel's input/output dims flattened, e.g. q_proj's out is
+  heads * head_dim, in HF's order); the output gains (x A) B * alpha / rank.
+- Quantized projections (qwix.PtqProvider, or the LoRA provider's rules with a weight qtype: QLoRA): each of the
+  seven kernels becomes a qwix `WithAux` holding a QArray (int8 values + per-output-channel scales; nf4 with one
+  scale per 64 input rows) and is dequantized inside the matmul.
+
+Pure pytree helpers: split the adapters from the base (training holds and updates only the adapters), put them back
+together, fold them into the kernels (sampling, HF export), quantize a float base, and read a quantized one back.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qcjax.config import LORA_TARGETS, ModelConfig
+
+# short target name -> the projection's module path inside a decoder layer
+PROJECTIONS = {
+    "q": ("attn", "q_proj"), "k": ("attn", "k_proj"), "v": ("attn", "v_proj"), "o": ("attn", "o_proj"),
+    "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"), "down": ("mlp", "down_proj"),
+}
+LORA_A, LORA_B = "kernel_lora_a", "kernel_lora_b"
+NF4_BLOCK = 64  # input rows per nf4 scale (QLoRA's block size; smaller where a tiny test config's dims need it)
+
+
+def _module_regex(targets) -> str:
+    """The scanned layers' module paths ("layers/attn/q_proj", ...) as one fullmatch regex for qwix's rules."""
+    return "layers/(" + "|".join("/".join(PROJECTIONS[t]) for t in targets) + ")"
+
+
+def _qtype_rule_fields(cfg: ModelConfig) -> dict:
+    if cfg.quant == "none":
+        return {}
+    block = math.gcd(NF4_BLOCK, cfg.dim_per_head, cfg.hidden_size, cfg.intermediate_size)  # 64 for every real size
+    return {"weight_qtype": cfg.quant, "tile_size": block if cfg.quant == "nf4" else None}
+
+
+def provider(cfg: ModelConfig):
+    """The qwix provider for cfg.lora / cfg.quant (rules matched in order: adapted projections first)."""
+    import qwix
+
+    quant = _qtype_rule_fields(cfg)
+    if cfg.lora is None:
+        return qwix.PtqProvider([qwix.QuantizationRule(module_path=_module_regex(LORA_TARGETS),
+                                                       op_names=("dot_general",), **quant)])
+    lo = cfg.lora
+    rules = [qwix.LoraRule(module_path=_module_regex(lo.targets), op_names=("dot_general",), rank=lo.rank,
+                           alpha=lo.alpha, dropout=lo.dropout, **quant)]
+    rest = [t for t in LORA_TARGETS if t not in lo.targets]
+    if quant and rest:  # QLoRA: the projections without adapters are quantized too
+        rules.append(qwix.QuantizationRule(module_path=_module_regex(rest), op_names=("dot_general",), **quant))
+    return qwix.LoraProvider(rules)
+
+
+def wrap(module, cfg: ModelConfig):
+    """`module` (a Qwen2) with qwix intercepting the projections of its apply methods."""
+    import qwix
+
+    return qwix.quantize_model(module, provider(cfg), methods=("__call__", "hidden_states"))
+
+
+# ---- param trees ----------------------------------------------------------------------------------------------------
+def is_adapter(path) -> bool:
+    """Whether a param path (tree_util keys or strings) names a LoRA adapter leaf."""
+    last = path[-1]
+    return str(getattr(last, "key", last)) in (LORA_A, LORA_B)
+
+
+def _filter(tree: Any, keep) -> Any:
+    """The nested dict `tree` with only the leaves `keep(path)` accepts (empty dicts dropped)."""
+    def go(node, path):
+        if not isinstance(node, dict):
+            return node if keep(path) else None
+        out = {}
+        for k, v in node.items():
+            sub = go(v, path + (k,))
+            if sub is not None and not (isinstance(sub, dict) and not sub):
+                out[k] = sub
+        return out
+
+    return go(tree, ())
+
+
+def split(params: Any) -> tuple[Any, Any]:
+    """(base, adapters): the frozen weights and the LoRA leaves, as two nested dicts of the same layout."""
+    return _filter(params, lambda p: not is_adapter(p)), _filter(params, is_adapter)
+
+
+def combine(base: Any, adapters: Any) -> Any:
+    """The whole param tree from `split`'s two halves (no copies: the leaves are shared)."""
+    if not isinstance(adapters, dict):
+        return adapters
+    out = dict(base)
+    for k, v in adapters.items():
+        out[k] = combine(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def layer_mask(cfg: ModelConfig) -> np.ndarray | None:
+    """[layers] float32: 1 for the layers whose adapters train (cfg.lora.layers), or None for all of them."""
+    if cfg.lora is None or cfg.lora.layers is None:
+        return None
+    mask = np.zeros((cfg.num_layers,), np.float32)
+    mask[list(cfg.lora.layers)] = 1.0
+    return mask
+
+
+def mask_layers(cfg: ModelConfig, adapters: Any) -> Any:
+    """The adapter tree (gradients or updates; every leaf's leading dim is the layer) with the layers outside
+    cfg.lora.layers zeroed: those adapters stay at their zero-output start."""
+    mask = layer_mask(cfg)
+    if mask is None:
+        return adapters
+    return jax.tree.map(lambda x: x * jnp.asarray(mask, x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)), adapters)
+
+
+def lora_delta(cfg: ModelConfig, kernel_shape: tuple[int, ...], a: jax.Array, b: jax.Array) -> jax.Array:
+    """The adapters' change of one stacked kernel [layers, in..., out...]: scale * A @ B reshaped to it (float32)."""
+    d = jnp.einsum("lir,lro->lio", a.astype(jnp.float32), b.astype(jnp.float32)) * cfg.lora.scale
+    return d.reshape(kernel_shape)
+
+
+def dequantize(params: Any) -> Any:
+    """A param tree with every quantized kernel (qwix WithAux) replaced by its float32 value."""
+    from qwix._src.providers import ptq
+
+    import qwix
+
+    def leaf(x):
+        if isinstance(x, ptq.WithAux):
+            return qwix.dequantize(x.array).astype(jnp.float32)
+        return x
+
+    return jax.tree.map(leaf, params, is_leaf=lambda x: isinstance(x, ptq.WithAux))
+
+
+def merge(cfg: ModelConfig, params: Any, dtype: Any = None) -> tuple[ModelConfig, Any]:
+    """(plain config, params) with the adapters folded into the kernels, W + scale * A B, computed in float32 from
+    the base as the adapted model sees it (dequantized under QLoRA) and stored in `dtype` (default: the base
+    kernel's float dtype, float32 for a quantized one). The result runs on the plain Qwen2, with no overhead."""
+    params = dequantize(params)
+    out_cfg = cfg.replace(lora=None, quant="none")
+    if cfg.lora is None:
+        return out_cfg, params
+    base, adapters = split(params)
+    merged = jax.tree.map(lambda x: x, base)
+    for t in cfg.lora.targets:
+        group, name = PROJECTIONS[t]
+        node = merged["layers"][group][name]
+        ad = adapters["layers"][group][name]
+        k = node["kernel"]
+        dt = dtype or (k.dtype if jnp.issubdtype(k.dtype, jnp.floating) else jnp.float32)
+        node["kernel"] = (k.astype(jnp.float32) + lora_delta(cfg, k.shape, ad[LORA_A], ad[LORA_B])).astype(dt)
+    return out_cfg, merged
+
+
+def quantize(cfg: ModelConfig, params: Any) -> Any:
+    """Float params (of the plain model, with or without adapters) -> the tree `build(cfg)` applies with cfg.quant
+    set: the quantized projections' kernels as qwix WithAux QArrays, everything else as it was.
+
+    Quantized per layer (vmapped over the stacked layer axis) with the `how` qwix records at init inside the layer
+    scan: qwix.quantize_params would read that per-layer `how` against the stacked kernel and put the scales on the
+    wrong axes."""
+    import qwix
+    from flax import linen as nn
+    from qwix._src.providers import ptq
+
+    from qcjax.model import abstract_params
+
+    if cfg.quant == "none":
+        return params
+    abstract = nn.meta.unbox(abstract_params(cfg.replace(lora=None)))
+
+    def one(how, w):  # w [layers, ...]: one scale set per layer
+        q = lambda x: qwix.quantize(x, how.qtype, channelwise_axes=how.channelwise_axes, tiled_axes=how.tiled_axes,
+                                    calibration_method=how.calibration_method)
+        return ptq.WithAux(jax.vmap(q)(w), how)
+
+    def go(a, p):
+        if isinstance(a, ptq.WithAux):
+            return p if isinstance(p, ptq.WithAux) else one(a.how, p)
+        if isinstance(p, dict):
+            return {k: go(a.get(k) if isinstance(a, dict) else None, v) for k, v in p.items()}
+        return p
+
+    return go(abstract, params)
