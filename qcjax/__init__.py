@@ -14,13 +14,13 @@ import jax.numpy as jnp
 from qcjax.config import ModelConfig, get_config
 from qcjax.hf import load_hf
 from qcjax.loader import load
-from qcjax.model import Qwen2, init_params
+from qcjax.model import Qwen2, build, init_params
 from qcjax.sampler import SamplingParams, generate
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(cfg: ModelConfig, params, tokens, positions, segment_ids):
-    return Qwen2(cfg).apply({"params": params}, tokens, positions, segment_ids)
+    return build(cfg).apply({"params": params}, tokens, positions, segment_ids)
 
 
 def logits(cfg: ModelConfig, params, tokens, positions=None, segment_ids=None) -> jax.Array:

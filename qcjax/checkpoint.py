@@ -176,7 +176,7 @@ def _one_device_mesh():
 
 def param_targets(cfg: ModelConfig, mesh=None) -> Any:
     """Abstract params (ShapeDtypeStructs with each param's NamedSharding on `mesh`; default one device): the restore
-    target that places every param straight into its sharding."""
+    target that places every param straight into its sharding (with cfg.lora: the adapters alone)."""
     from flax import linen as nn
 
     from qcjax.model import abstract_params
@@ -184,7 +184,13 @@ def param_targets(cfg: ModelConfig, mesh=None) -> Any:
 
     boxed = abstract_params(cfg)
     shardings = param_shardings(boxed, mesh if mesh is not None else _one_device_mesh())
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), shardings)
+    targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
+                           shardings)
+    if cfg.lora is not None:  # a LoRA run's checkpoint holds the adapters only (qcjax.loader adds the base)
+        from qcjax import adapters
+
+        targets = adapters.split(targets)[1]
+    return targets
 
 
 def _as_target(tree: Any) -> Any:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from qcjax.config import ModelConfig
-from qcjax.model import Qwen2, abstract_params, constrain_cache, init_cache
+from qcjax.model import abstract_params, build, constrain_cache, init_cache
 from qcjax.sampling import Controls, FilterKinds, sample_tokens
 from qcjax.sharding import param_shardings
 
@@ -46,12 +46,12 @@ def _hidden(cfg: ModelConfig, params: Any, tokens: jax.Array, segment_ids: jax.A
     """The model's own forward with a cache (`Qwen2.hidden_states`: layers scanned over the stacked params, each
     row continuing at its cache length; padding, segment 0, is written past the length and never counted).
     tokens/segment_ids [B, T] -> final-norm hidden states [B, T, E] and the updated cache."""
-    return Qwen2(cfg).apply({"params": params}, tokens, None, segment_ids, cache, method=Qwen2.hidden_states)
+    return build(cfg).apply({"params": params}, tokens, None, segment_ids, cache, method="hidden_states")
 
 
 def _head(cfg: ModelConfig, params: dict, hidden: jax.Array) -> jax.Array:
     """The model's own head: hidden [B, T, E] -> float32 logits [B, T, V]."""
-    return Qwen2(cfg).apply({"params": params}, hidden, method=Qwen2.head)
+    return build(cfg).apply({"params": params}, hidden, method="head")
 
 
 def _empty_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any) -> dict:

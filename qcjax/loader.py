@@ -4,6 +4,10 @@
     cfg, params = qcjax.load("runs/tiny/checkpoints", step=300)   # a training run's (or a converted) checkpoint
     cfg = qcjax.loader.load_config(path)                          # the config alone, no weights
 
+A LoRA run's checkpoint holds the adapters and names its base (the run's init_from, or its seeded init): `load`
+rebuilds the base, and returns the adapters folded into it (a plain model) or, with merge_lora=False, the adapted
+tree (cfg.lora set; quantized base under QLoRA) that `qcjax.model.build(cfg)` applies.
+
 Every CLI and the training loop load through here, so the two formats are told apart in one place.
 """
 from __future__ import annotations
@@ -19,9 +23,11 @@ def is_hf_dir(path: str) -> bool:
     return paths.exists(paths.join(str(path), "config.json"))
 
 
-def load(path: str, *, mesh=None, dtype: str | None = None, step: int | None = None) -> tuple[ModelConfig, Any]:
+def load(path: str, *, mesh=None, dtype: str | None = None, step: int | None = None,
+         merge_lora: bool = True) -> tuple[ModelConfig, Any]:
     """(config, params) from an HF directory or a qcjax checkpoint (`step`: default the newest intact one), each
-    param placed straight into its sharding on `mesh` (default one device), in `dtype` (default as stored)."""
+    param placed straight into its sharding on `mesh` (default one device), in `dtype` (default as stored). A LoRA
+    checkpoint comes back merged into its base (merge_lora), or as base + adapters."""
     if not paths.isdir(str(path)):
         raise FileNotFoundError(f"{path}: no such directory (expected an HF model directory or a qcjax checkpoint)")
     if is_hf_dir(path):
@@ -30,9 +36,46 @@ def load(path: str, *, mesh=None, dtype: str | None = None, step: int | None = N
         from qcjax.hf import load_hf
 
         return load_hf(path, dtype=dtype, mesh=mesh)
-    from qcjax.checkpoint import restore_params
+    from qcjax.checkpoint import read_config, restore_params
 
-    return restore_params(path, step=step, mesh=mesh, dtype=dtype)
+    cfg, params = restore_params(path, step=step, mesh=mesh, dtype=dtype)
+    if cfg.lora is None:
+        return cfg, params
+    from qcjax import adapters
+
+    cfg, params = with_lora_base(cfg, params, read_config(path, step)[1], path, mesh=mesh, dtype=dtype)
+    return adapters.merge(cfg, params) if merge_lora else (cfg, params)
+
+
+def with_lora_base(cfg: ModelConfig, lora: Any, meta: dict, path: str, *, mesh=None, dtype: str | None = None
+                   ) -> tuple[ModelConfig, Any]:
+    """(cfg, base + adapters): the base a LoRA checkpoint names in its metadata ("lora_base": the run's init_from,
+    or its seed for a from-scratch base), quantized as cfg.quant says, with the adapters `lora` added."""
+    import jax
+
+    from qcjax import adapters
+    from qcjax.model import init_params
+
+    base_of = meta.get("lora_base")
+    if not isinstance(base_of, dict):
+        raise ValueError(f"{path}: a LoRA checkpoint without a 'lora_base' entry: its base is unknown")
+    plain = cfg.replace(lora=None, quant="none")
+    if base_of.get("init_from"):
+        from qcjax.hf import check_same_model
+
+        base_cfg, base = load(base_of["init_from"], mesh=mesh, dtype=dtype)
+        check_same_model(base_cfg, plain, f"the base {base_of['init_from']} of the LoRA checkpoint {path}")
+    else:  # the run's seeded init (tests, demos), rebuilt exactly
+        from qcjax.model import abstract_params
+        from qcjax.sharding import param_shardings
+
+        out = param_shardings(abstract_params(plain), mesh) if mesh is not None else None
+        base = jax.jit(lambda: init_params(plain, jax.random.key(int(base_of.get("seed", 0)))), out_shardings=out)()
+        if dtype:
+            base = jax.tree.map(lambda x: x.astype(dtype), base)
+    if cfg.quant != "none":
+        base = adapters.quantize(cfg.replace(lora=None), base)
+    return cfg, adapters.combine(base, lora)
 
 
 def load_config(path: str, step: int | None = None) -> ModelConfig:

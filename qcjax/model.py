@@ -6,6 +6,7 @@ axes. Matmuls run in `cfg.dtype` with float32 accumulation; RMSNorm, RoPE, softm
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -232,7 +233,7 @@ class Qwen2(nn.Module):
         self.layers = nn.scan(
             layer,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},  # dropout: the LoRA adapters' (qcjax.adapters)
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -348,14 +349,16 @@ def constrain_cache(cfg: ModelConfig, name: str, x: jax.Array) -> jax.Array:
     return constrain(x, names)
 
 
-def build(cfg: ModelConfig) -> nn.Module:
+def build(cfg: ModelConfig, deterministic: bool = True) -> nn.Module:
     """The model module for `cfg`: Qwen2, or with LoRA adapters / quantized projections (cfg.lora, cfg.quant) the
     qwix-wrapped Qwen2 (qcjax.adapters). Apply methods by name (`method="hidden_states"`): the wrapped class
-    intercepts its own methods."""
+    intercepts its own methods. deterministic: no adapter dropout (training passes False and a "dropout" rng)."""
     if not cfg.adapted:
         return Qwen2(cfg)
     from qcjax import adapters
 
+    if deterministic and cfg.lora is not None and cfg.lora.dropout:
+        cfg = cfg.replace(lora=dataclasses.replace(cfg.lora, dropout=0.0))
     return adapters.wrap(Qwen2(cfg), cfg)
 
 

@@ -116,6 +116,30 @@ class DpoConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraFields:
+    """Low-rank adapters (LoRA), and QLoRA's quantized base: only the adapters train and are held in the optimizer
+    state and the checkpoints (which name the base: init_from, or the seeded init); see ModelConfig.lora and
+    qcjax/adapters.py. DPO's frozen reference is then the base itself (no second copy).
+
+    Fields:
+    rank: adapter rank; 0: no adapters (full fine-tuning)
+    alpha: see LoraSpec.alpha
+    dropout: see LoraSpec.dropout
+    targets: comma-separated projections that get adapters: q, k, v, o, gate, up, down
+    layers: the layers whose adapters train: "" (all) or indices and ranges, e.g. "0-11,20"
+    base_quant: the frozen base's projections held quantized while the adapters train (QLoRA): none | int8 (one
+      scale per output channel) | nf4 (NormalFloat4, one scale per 64 input rows); needs rank > 0
+    """
+
+    rank: int = 0
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: str = "q,k,v,o,gate,up,down"
+    layers: str = ""
+    base_quant: str = choice("none", "int8", "nf4")
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """The device mesh (qcjax.sharding.make_mesh): its axis sizes.
 
@@ -158,6 +182,7 @@ class TrainConfig:
     seed: seed of the random init, data shuffling and FIM decisions
     optimizer: the optimizer (OptimizerConfig).
     dpo: DPO's settings (DpoConfig).
+    lora: low-rank adapters / QLoRA (LoraFields).
     mesh: the device mesh (MeshConfig).
     data: the data (qcjax.data.config.DataConfig).
     log_every: steps between metric lines (metrics.jsonl, TensorBoard, the progress bar)
@@ -188,6 +213,7 @@ class TrainConfig:
     seed: int = 0
     optimizer: OptimizerConfig = OptimizerConfig()
     dpo: DpoConfig = DpoConfig()
+    lora: LoraFields = LoraFields()
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()
     log_every: int = 10

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 from qcjax import paths
-from qcjax.config import ModelConfig, get_config
+from qcjax.config import LoraSpec, ModelConfig, get_config
 from qcjax.model import abstract_params, init_params
 from qcjax.sharding import logical_to_spec, make_mesh, param_shardings
 from qcjax.train import metrics as mt
@@ -42,15 +42,56 @@ class RunError(RuntimeError):
 # ---- config -> model / optimizer / step configs ------------------------------------------------------------------
 # The run config's schema is qcjax.train.config.TrainConfig; a ConfigDict (what train.py loads) is read through it
 # (`from_config`): unknown fields, wrong types and values outside a field's choices are ConfigErrors naming the field.
+def _layer_list(spec: str, n_layers: int) -> tuple[int, ...] | None:
+    """"0-11,20" -> (0, ..., 11, 20); "" -> None (all layers)."""
+    if not spec.strip():
+        return None
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ConfigError(f"lora.layers={spec!r}: expected indices and ranges like '0-11,20'") from None
+    bad = sorted({i for i in out if not 0 <= i < n_layers})
+    if bad:
+        raise ConfigError(f"lora.layers={spec!r}: layers {bad} outside 0..{n_layers - 1} (the model has {n_layers})")
+    return tuple(sorted(set(out)))
+
+
+def _adapter_fields(tc: TrainConfig, n_layers: int) -> dict:
+    """ModelConfig's lora / quant fields from the run config's lora block."""
+    lo = tc.lora
+    if lo.rank < 0:
+        raise ConfigError(f"lora.rank={lo.rank}: must be >= 0 (0: no adapters)")
+    if lo.rank == 0:
+        if lo.base_quant != "none":
+            raise ConfigError(f"lora.base_quant={lo.base_quant!r} needs adapters: set lora.rank (e.g. 16)")
+        return {}
+    targets = tuple(t.strip() for t in lo.targets.split(",") if t.strip())
+    try:
+        spec = LoraSpec(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=targets,
+                        layers=_layer_list(lo.layers, n_layers))
+    except ValueError as e:
+        raise ConfigError(str(e).replace("LoraSpec.", "lora.")) from None
+    return {"lora": spec, "quant": lo.base_quant}
+
+
 def model_config(c: ConfigDict | TrainConfig, vocab_hint: int | None = None) -> ModelConfig:
-    """The model config: from the init checkpoint when there is one, else the preset; then run-time fields."""
+    """The model config: from the init checkpoint when there is one, else the preset; then run-time fields (and
+    the adapters of a LoRA run)."""
+    cfg = _base_model_config(c, vocab_hint)
+    return cfg.replace(**_adapter_fields(from_config(c), cfg.num_layers))
+
+
+def _base_model_config(c: ConfigDict | TrainConfig, vocab_hint: int | None = None) -> ModelConfig:
     tc = from_config(c)
     m = tc.model
     run = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl)
     if tc.init_from:
         from qcjax.loader import load_config
 
-        cfg = load_config(tc.init_from)
+        cfg = load_config(tc.init_from).replace(lora=None, quant="none")  # a LoRA checkpoint: its merged model
         for name in ("num_layers", "vocab_size"):  # the checkpoint decides the shapes; a different ask is an error
             if getattr(m, name) and getattr(m, name) != getattr(cfg, name):
                 raise ConfigError(f"model.{name}={getattr(m, name)} conflicts with init_from={tc.init_from} "
@@ -73,7 +114,7 @@ def step_config(c: ConfigDict | TrainConfig, grad_accum: int | None = None) -> S
     """grad_accum: the resolved value (`grad_accum_for`); None: the config's field."""
     tc = from_config(c)
     return StepConfig(task=tc.task, grad_accum=tc.grad_accum if grad_accum is None else grad_accum,
-                      loss_chunk=tc.loss_chunk, dpo=tc.dpo)
+                      loss_chunk=tc.loss_chunk, dpo=tc.dpo, seed=tc.seed)
 
 
 def grad_accum_for(c: ConfigDict | TrainConfig, mesh) -> int:
@@ -160,11 +201,20 @@ class TrainProgram:
     mesh: Any
     tx: Any  # the optax transformation
     grad_accum: int
-    step_fn: Any  # jit(step, donated state, out_shardings): (state, batch, ref_params) -> (state, metrics)
-    abstract_params: Any  # unboxed ShapeDtypeStructs
+    step_fn: Any  # jit(step, donated state, out_shardings): (state, batch, ref_params, base_params) -> (state, metrics)
+    abstract_params: Any  # unboxed ShapeDtypeStructs of the trained params (LoRA: the adapters)
     param_shardings: Any
     opt_shardings: Any
     state_shardings: dict
+    base_abstract: Any = None  # LoRA: the frozen base (quantized under QLoRA), unboxed ShapeDtypeStructs
+    base_shardings: Any = None
+
+    def abstract_base_params(self) -> Any:
+        """The frozen base of a LoRA run as sharded ShapeDtypeStructs (None without adapters)."""
+        if self.base_abstract is None:
+            return None
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.base_abstract,
+                            self.base_shardings)
 
     def abstract_state(self) -> dict:
         """The train state as sharded ShapeDtypeStructs (what `init_state` makes, without memory)."""
@@ -174,8 +224,8 @@ class TrainProgram:
 
     def abstract_ref_params(self, c: ConfigDict) -> Any:
         """The frozen DPO reference (a copy of the params) or None, as the loop passes it."""
-        if c.task != "dpo" or c.dpo.reference != "frozen":
-            return None
+        if c.task != "dpo" or c.dpo.reference != "frozen" or self.base_abstract is not None:
+            return None  # (LoRA: the reference is the base itself)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_params,
                             self.param_shardings)
 
@@ -196,12 +246,18 @@ def build_train_program(c: ConfigDict, cfg: ModelConfig, mesh) -> TrainProgram:
     boxed = abstract_params(cfg)
     p_shard = param_shardings(boxed, mesh)
     abstract_p = nn.meta.unbox(boxed)
+    base_abstract = base_shard = None
+    if cfg.lora is not None:  # train the adapters; the base is a frozen argument
+        from qcjax import adapters
+
+        (base_abstract, abstract_p), (base_shard, p_shard) = adapters.split(abstract_p), adapters.split(p_shard)
     o_shard = opt_state_shardings(jax.eval_shape(tx.init, abstract_p), p_shard, mesh)
     state_shard = {"step": NamedSharding(mesh, P()), "params": p_shard, "opt_state": o_shard}
     train_step = make_train_step(cfg, step_config(tc, accum), tx, lr_schedule(oc, tc.steps))
     step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=(state_shard, None))
     return TrainProgram(mesh=mesh, tx=tx, grad_accum=accum, step_fn=step_fn, abstract_params=abstract_p,
-                        param_shardings=p_shard, opt_shardings=o_shard, state_shardings=state_shard)
+                        param_shardings=p_shard, opt_shardings=o_shard, state_shardings=state_shard,
+                        base_abstract=base_abstract, base_shardings=base_shard)
 
 
 # ---- tokenizer and data ---------------------------------------------------------------------------------------------
@@ -377,8 +433,12 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
         ckpt.protect(resumed)  # the newest good step stays until a newer one has trained finitely
         if jax.process_index() == 0:
             _truncate_metrics(workdir, resumed or 0)
-        ref_params = None
-        if state is None:
+        ref_params = base_params = None
+        if cfg.lora is not None:  # the frozen base (every start and resume: checkpoints hold the adapters only)
+            base_params = lora_base_params(c, cfg, mesh, prog.base_shardings)
+            if state is None:
+                state = jax.jit(lambda: init_state(lora_init(cfg, c.seed), tx), out_shardings=prog.state_shardings)()
+        elif state is None:
             params = initial_params(c, cfg, mesh, p_shard)
             if c.task == "dpo" and c.dpo.reference == "frozen":
                 ref_params = jax.tree.map(jnp.copy, params)
@@ -396,6 +456,8 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
         peak = mt.peak_flops(override=c.peak_flops_per_device)
         n_dev = jax.device_count()
         train_meta = {"train": c.to_dict(), "tokenizer": tok_path}
+        if cfg.lora is not None:  # what the adapters apply to (qcjax.loader rebuilds it)
+            train_meta["lora_base"] = {"init_from": c.init_from, "seed": c.seed}
 
         start = int(state["step"])
         bar = _progress(c.steps, start)
@@ -406,7 +468,7 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
         try:
             for step in range(start, c.steps):
                 batch = to_global(next(train_it), mesh)
-                state, m = step_fn(state, batch, ref_params)
+                state, m = step_fn(state, batch, ref_params, base_params)
                 done = step + 1
                 window_steps += 1
                 if done % c.log_every == 0 or done == c.steps:
@@ -434,7 +496,7 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
                     bar.update(1)
                 if eval_it is not None and (done % c.eval_every == 0 or done == c.steps):
                     eval_it.set_state(eval_start)
-                    ev = _evaluate(eval_fn, state["params"], eval_it, c.eval_steps, mesh)
+                    ev = _evaluate(eval_fn, state["params"], eval_it, c.eval_steps, mesh, base_params)
                     writer.write(done, ev, prefix="eval_")
                     last.update({f"eval_{k}": v for k, v in ev.items()})
                 stopping = stop.reached(done, gather=done % c.log_every == 0)
@@ -474,6 +536,26 @@ def initial_params(c: ConfigDict, cfg: ModelConfig, mesh, p_shard):
     from qcjax.loader import load
 
     return load(c.init_from, mesh=mesh, dtype=cfg.param_dtype)[1]
+
+
+def lora_init(cfg: ModelConfig, seed: int):
+    """The adapters' starting values (A random, B zero) for seed; traced under jit, the base's init is dead code."""
+    from qcjax import adapters
+
+    return adapters.split(init_params(cfg, jax.random.key(seed)))[1]
+
+
+def lora_base_params(c: ConfigDict, cfg: ModelConfig, mesh, base_shardings):
+    """A LoRA run's frozen base: init_from's weights (or the seeded init), quantized as cfg.quant asks (QLoRA)."""
+    from qcjax import adapters
+    from qcjax.model import abstract_params as abstract
+
+    plain = cfg.replace(lora=None, quant="none")
+    base = initial_params(c, plain, mesh, param_shardings(abstract(plain), mesh))
+    if cfg.quant == "none":
+        return base
+    return jax.jit(lambda p: adapters.quantize(cfg.replace(lora=None), p), out_shardings=base_shardings,
+                   donate_argnums=0)(base)
 
 
 def _resume(c: ConfigDict, ckpt, prog: TrainProgram, train_it):
@@ -576,10 +658,10 @@ def _set_aside(directory: str, steps: list[int]) -> None:
         multihost_utils.sync_global_devices("qcjax_set_aside_checkpoints")
 
 
-def _evaluate(eval_fn, params, it, n_batches: int, mesh) -> dict:
+def _evaluate(eval_fn, params, it, n_batches: int, mesh, base_params=None) -> dict:
     total, count = 0.0, 0.0
     for _ in range(n_batches):
-        loss_sum, n = jax.device_get(eval_fn(params, to_global(next(it), mesh)))
+        loss_sum, n = jax.device_get(eval_fn(params, to_global(next(it), mesh), base_params))
         total, count = total + float(loss_sum), count + float(n)
     loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "tokens": count}

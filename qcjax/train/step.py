@@ -13,13 +13,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qcjax import adapters
 from qcjax.config import ModelConfig
-from qcjax.model import Qwen2
+from qcjax.model import build
 from qcjax.sharding import constrain
 from qcjax.train.config import DpoConfig, OptimizerConfig, TrainConfig
 from qcjax.train.losses import cross_entropy, dpo_loss, next_token_targets, target_logprobs
 
-TrainState = dict  # {"step": int32 [], "params": pytree, "opt_state": optax state}
+# {"step": int32 [], "params": pytree, "opt_state": optax state}. With LoRA (cfg.lora) "params" holds the adapters
+# only (qcjax.adapters.split): the frozen base is the step's `base_params` argument.
+TrainState = dict
 
 # Never let optax.apply_if_finite give up: the loop stops the run itself (the run config's max_nonfinite_in_row).
 _NEVER = 2**30
@@ -76,28 +79,32 @@ def _split_micro(batch: dict, accum: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def lm_loss_terms(cfg: ModelConfig, params, micro: dict, chunk: int):
-    """(sum of token losses, number of target tokens) for packed next-token rows (pretrain and SFT)."""
+def lm_loss_terms(cfg: ModelConfig, params, micro: dict, chunk: int, rngs: dict | None = None):
+    """(sum of token losses, number of target tokens) for packed next-token rows (pretrain and SFT). rngs: {"dropout":
+    key} when the adapters have dropout."""
     tokens = constrain(micro["tokens"], ("act_batch", "act_length"))
-    hidden, _ = Qwen2(cfg).apply(
-        {"params": params}, tokens, micro["positions"], micro["segment_ids"], method=Qwen2.hidden_states
+    hidden, _ = build(cfg, deterministic=rngs is None).apply(
+        {"params": params}, tokens, micro["positions"], micro["segment_ids"], method="hidden_states", rngs=rngs
     )
     targets, weights = next_token_targets(tokens, micro["segment_ids"], micro["loss_mask"])
     return cross_entropy(cfg, params, hidden, targets, weights, chunk)
 
 
-def sequence_logprobs(cfg: ModelConfig, params, tokens, segment_ids, loss_mask, chunk: int) -> jax.Array:
+def sequence_logprobs(cfg: ModelConfig, params, tokens, segment_ids, loss_mask, chunk: int,
+                      rngs: dict | None = None) -> jax.Array:
     """Summed log-prob of the masked (completion) tokens of each row: [rows] float32."""
-    hidden, _ = Qwen2(cfg).apply({"params": params}, tokens, None, segment_ids, method=Qwen2.hidden_states)
+    hidden, _ = build(cfg, deterministic=rngs is None).apply({"params": params}, tokens, None, segment_ids,
+                                                             method="hidden_states", rngs=rngs)
     targets, weights = next_token_targets(tokens, segment_ids, loss_mask)
     return jnp.sum(target_logprobs(cfg, params, hidden, targets, chunk) * weights, axis=-1)
 
 
-def dpo_logprobs(cfg: ModelConfig, params, micro: dict, chunk: int) -> tuple[jax.Array, jax.Array]:
+def dpo_logprobs(cfg: ModelConfig, params, micro: dict, chunk: int, rngs: dict | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
     """Policy log-probs of chosen and rejected completions in ONE forward pass (pairs stacked on the batch axis)."""
     n = micro["chosen_tokens"].shape[0]
     cat = lambda k: jnp.concatenate([micro[f"chosen_{k}"], micro[f"rejected_{k}"]], axis=0)
-    lp = sequence_logprobs(cfg, params, cat("tokens"), cat("segment_ids"), cat("loss_mask"), chunk)
+    lp = sequence_logprobs(cfg, params, cat("tokens"), cat("segment_ids"), cat("loss_mask"), chunk, rngs)
     return lp[:n], lp[n:]
 
 
@@ -110,23 +117,34 @@ class StepConfig:
     grad_accum: int = TrainConfig.grad_accum
     loss_chunk: int = TrainConfig.loss_chunk
     dpo: DpoConfig = DpoConfig()
+    seed: int = TrainConfig.seed  # the adapters' dropout masks: fold_in(key(seed), step), split per micro-batch
 
 
 def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransformation, schedule: Callable):
-    """Build step(state, batch, ref_params=None) -> (state, metrics).
+    """Build step(state, batch, ref_params=None, base_params=None) -> (state, metrics).
 
     DPO: the batch has chosen_*/rejected_* rows; the reference log-probs come from `ref_params` (a frozen copy) or,
     when ref_params is None, from precomputed batch fields "ref_chosen_logp"/"ref_rejected_logp".
+    LoRA (cfg.lora): state["params"] are the adapters, differentiated and updated alone (the layers outside
+    cfg.lora.layers masked); `base_params` is the frozen base (quantized under QLoRA). DPO's frozen reference is
+    then the base without adapters (dpo.reference "frozen"; ref_params unused).
     """
+    lora = cfg.lora is not None
+    base_cfg = cfg.replace(lora=None)  # the frozen base as the adapted model sees it (quantized under QLoRA)
+    dropout = lora and cfg.lora.dropout > 0
 
-    def micro_terms(params, micro, ref_params):
+    def micro_terms(params, micro, ref_params, base_params, rng):
+        rngs = {"dropout": rng} if dropout else None
+        full = adapters.combine(base_params, params) if lora else params
         if sc.task in ("pretrain", "sft"):
-            loss_sum, count = lm_loss_terms(cfg, params, micro, sc.loss_chunk)
+            loss_sum, count = lm_loss_terms(cfg, full, micro, sc.loss_chunk, rngs)
             return loss_sum, (count, {})
         if sc.task != "dpo":
             raise ValueError(f"task {sc.task!r}: expected 'pretrain', 'sft' or 'dpo'")
-        chosen, rejected = dpo_logprobs(cfg, params, micro, sc.loss_chunk)
-        if ref_params is not None:
+        chosen, rejected = dpo_logprobs(cfg, full, micro, sc.loss_chunk, rngs)
+        if lora and sc.dpo.reference == "frozen":
+            ref_c, ref_r = jax.lax.stop_gradient(dpo_logprobs(base_cfg, base_params, micro, sc.loss_chunk))
+        elif ref_params is not None:
             ref_c, ref_r = jax.lax.stop_gradient(dpo_logprobs(cfg, ref_params, micro, sc.loss_chunk))
         else:
             ref_c, ref_r = micro["ref_chosen_logp"], micro["ref_rejected_logp"]
@@ -140,18 +158,22 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
 
     grad_fn = jax.value_and_grad(micro_terms, has_aux=True)
 
-    def step(state: TrainState, batch: dict, ref_params=None):
+    def step(state: TrainState, batch: dict, ref_params=None, base_params=None):
         params = state["params"]
         micro_batches = _split_micro(batch, sc.grad_accum)
+        rngs = (jax.random.split(jax.random.fold_in(jax.random.key(sc.seed), state["step"]), sc.grad_accum)
+                if dropout else jnp.zeros((sc.grad_accum,), jnp.int32))  # one dropout key per micro-batch
 
-        def body(carry, micro):
+        def body(carry, xs):
+            micro, rng = xs
             g_acc, l_acc, n_acc, m_acc = carry
-            (loss_sum, (n, m)), g = grad_fn(params, micro, ref_params)
+            (loss_sum, (n, m)), g = grad_fn(params, micro, ref_params, base_params, rng)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
             return (g_acc, l_acc + loss_sum, n_acc + n, jax.tree.map(jnp.add, m_acc, m)), None
 
         if sc.grad_accum == 1:  # no accumulator: saves zero-filling and re-reading a params-sized fp32 tree
-            (loss_sum, (count, msum)), grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches), ref_params)
+            (loss_sum, (count, msum)), grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches), ref_params,
+                                                       base_params, rngs[0])
             grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
         else:
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -160,12 +182,16 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
                 m0 = {k: jnp.zeros((), jnp.float32) for k in ("reward_margin", "reward_accuracy", "chosen_reward",
                                                               "rejected_reward")}
             init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), m0)
-            (grads, loss_sum, count, msum), _ = jax.lax.scan(body, init, micro_batches)
+            (grads, loss_sum, count, msum), _ = jax.lax.scan(body, init, (micro_batches, rngs))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
+        if lora:  # adapters of the layers outside cfg.lora.layers never move
+            grads = adapters.mask_layers(cfg, grads)
         loss = loss_sum / denom
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        if lora:
+            updates = adapters.mask_layers(cfg, updates)
         new_params = optax.apply_updates(params, updates)
         skipped, skipped_total = nonfinite_counts(opt_state)
         metrics = {
@@ -184,9 +210,11 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
 
 
 def make_eval_step(cfg: ModelConfig, sc: StepConfig):
-    """eval(params, batch) -> (sum of token losses, token count) for pretrain/SFT rows."""
+    """eval(params, batch, base_params=None) -> (sum of token losses, token count) for pretrain/SFT rows (LoRA:
+    params are the adapters, base_params the base; no dropout)."""
 
-    def evaluate(params, batch):
-        return lm_loss_terms(cfg, params, batch, sc.loss_chunk)
+    def evaluate(params, batch, base_params=None):
+        full = adapters.combine(base_params, params) if cfg.lora is not None else params
+        return lm_loss_terms(cfg, full, batch, sc.loss_chunk)
 
     return evaluate
