@@ -35,7 +35,7 @@ from qcjax.train import config as schema  # noqa: E402
 from qcjax.train.config import OptimizerConfig, TrainConfig  # noqa: E402
 
 # The classes a schema meaning may refer to with `see Class.field`.
-REFERENCED = {"ModelConfig": model_config.ModelConfig}
+REFERENCED = {"ModelConfig": model_config.ModelConfig, "LoraSpec": model_config.LoraSpec}
 
 
 class DocError(ValueError):
