@@ -150,3 +150,13 @@ def pytest_make_collect_report(collector):
     reason = _unlisted_skip(report, collector.config)
     if reason is not None:
         _fail(report, reason)
+
+
+@pytest.fixture(scope="session")
+def spm_dir(tmp_path_factory):
+    """A small SentencePiece tokenizer trained on the Python standard library (the tiny training runs' vocab)."""
+    from qcjax.tokenizer import train_spm
+
+    out = tmp_path_factory.mktemp("spm")
+    train_spm(str(out), vocab_size=512, max_chars=300_000, progress=False)
+    return str(out)

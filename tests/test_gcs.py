@@ -98,15 +98,6 @@ def _train_cmd(workdir, spm_dir, steps):
             "--config.optimizer.warmup_steps=2", "--config.mesh.fsdp=-1"]
 
 
-@pytest.fixture(scope="module")
-def spm_dir(tmp_path_factory):
-    from qcjax.tokenizer import train_spm
-
-    out = tmp_path_factory.mktemp("spm")
-    train_spm(str(out), vocab_size=512, max_chars=300_000, progress=False)
-    return str(out)
-
-
 # ---- (a) training in a gs:// workdir -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_training_in_a_gs_workdir_resumes_after_a_kill_bitwise_and_samples(gcs, spm_dir, tmp_path):

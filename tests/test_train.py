@@ -13,15 +13,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="session")
-def spm_dir(tmp_path_factory):
-    from qcjax.tokenizer import train_spm
-
-    out = tmp_path_factory.mktemp("spm")
-    train_spm(str(out), vocab_size=512, max_chars=300_000, progress=False)
-    return str(out)
-
-
 def tiny(spm_dir, **overrides):
     spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(ROOT, "configs", "tiny.py"))
     sys.path.insert(0, ROOT)

@@ -1,0 +1,203 @@
+"""LoRA and QLoRA: the adapted forward/backward against a hand-written reference, and LoRA runs of the trainer
+(learning on a frozen base, adapter-only checkpoints that name their base, exact resume, masked layers, DPO against
+the base, int8 / nf4 bases)."""
+import os
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_train import _dpo_rows, _sft_rows, _write_jsonl, metrics, tiny, train_losses  # noqa: E402
+
+from qcjax import adapters  # noqa: E402
+from qcjax.config import LoraSpec, get_config  # noqa: E402
+from qcjax.model import build, init_params  # noqa: E402
+
+CFG = get_config("tiny", vocab_size=512)
+SPEC = LoraSpec(rank=4, alpha=8.0)
+
+
+def _random_adapters(cfg, seed=1):
+    """Adapters with non-zero B (a fresh init has B = 0, which would hide a wrong adapter path)."""
+    ad = adapters.split(init_params(cfg, jax.random.key(0)))[1]
+    leaves, tree = jax.tree.flatten(ad)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def _reference_logits(cfg, base, ad, tokens):
+    """The hand-written LoRA: every adapted kernel W replaced by W + alpha/r * A B (reshaped to W), run on the plain
+    model (no qwix). Linear in A B, so forward and gradients must equal the intercepted adapters'."""
+    params = jax.tree.map(lambda x: x, base)
+    for t in cfg.lora.targets:
+        group, name = adapters.PROJECTIONS[t]
+        node, a = params["layers"][group][name], ad["layers"][group][name]
+        d = jnp.einsum("lir,lro->lio", a["kernel_lora_a"], a["kernel_lora_b"]) * cfg.lora.alpha / cfg.lora.rank
+        node["kernel"] = node["kernel"] + d.reshape(node["kernel"].shape)
+    return build(cfg.replace(lora=None)).apply({"params": params}, tokens)
+
+
+def test_adapted_forward_and_gradients_match_the_hand_written_reference():
+    cfg = CFG.replace(lora=SPEC)
+    base = init_params(CFG, jax.random.key(0))
+    ad = _random_adapters(cfg)
+    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, CFG.vocab_size)
+    mine = lambda a: build(cfg).apply({"params": adapters.combine(base, a)}, tokens)
+    ref = lambda a: _reference_logits(cfg, base, a, tokens)
+    np.testing.assert_allclose(mine(ad), ref(ad), rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(jnp.abs(ref(ad) - build(CFG).apply({"params": base}, tokens)))) > 0.1  # adapters matter
+
+    loss = lambda f: lambda a: jnp.mean(jax.nn.log_softmax(f(a))[..., 7])
+    g_mine, g_ref = jax.grad(loss(mine))(ad), jax.grad(loss(ref))(ad)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(g_mine), jax.tree.leaves(g_ref)):
+        scale = float(jnp.max(jnp.abs(y)))
+        assert scale > 0, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-4 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def test_fresh_adapters_leave_the_base_unchanged_and_merge_folds_them_in():
+    cfg = CFG.replace(lora=SPEC)
+    full = init_params(cfg, jax.random.key(0))
+    base, ad = adapters.split(full)
+    assert all(adapters.is_adapter(p) for p, _ in jax.tree_util.tree_leaves_with_path(ad))
+    tokens = jnp.arange(10, dtype=jnp.int32)[None]
+    np.testing.assert_array_equal(build(cfg).apply({"params": full}, tokens), build(CFG).apply({"params": base}, tokens))
+    ad = _random_adapters(cfg)
+    plain, merged = adapters.merge(cfg, adapters.combine(base, ad))
+    assert plain.lora is None and set(jax.tree.leaves(jax.tree.map(lambda x: x.shape, merged))) and \
+        not adapters.split(merged)[1]
+    np.testing.assert_allclose(build(plain).apply({"params": merged}, tokens),
+                               build(cfg).apply({"params": adapters.combine(base, ad)}, tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_qlora_runs_on_a_quantized_base_and_merges_into_its_dequantized_weights(quant):
+    cfg = CFG.replace(lora=SPEC, quant=quant)
+    base = adapters.quantize(cfg.replace(lora=None), init_params(CFG, jax.random.key(0)))
+    kernel = base["layers"]["mlp"]["up_proj"]["kernel"]
+    assert type(kernel).__name__ == "WithAux"  # held quantized: int8 / 4-bit values plus scales
+    ad = _random_adapters(cfg)
+    tokens = jnp.arange(10, dtype=jnp.int32)[None]
+    out = build(cfg).apply({"params": adapters.combine(base, ad)}, tokens)
+    plain, merged = adapters.merge(cfg, adapters.combine(base, ad))
+    np.testing.assert_allclose(build(plain).apply({"params": merged}, tokens), out, rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda a: jnp.sum(build(cfg).apply({"params": adapters.combine(base, a)}, tokens)[0, -1, :3]))(ad)
+    assert all(float(jnp.max(jnp.abs(x))) > 0 for x in jax.tree.leaves(g))
+
+
+# ---- the trainer ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory, spm_dir):
+    """A briefly pretrained tiny base (a random init has near-uniform logits that adapters cannot sharpen: its tied
+    embeddings are tiny and frozen)."""
+    from qcjax.train.loop import train
+
+    out = tmp_path_factory.mktemp("base")
+    train(tiny(spm_dir, steps=30, eval_every=0, checkpoint_every=30, **{"optimizer.lr": 1e-2}), str(out))
+    return str(out / "checkpoints")
+
+
+def _sft(spm_dir, tmp_path, base_ckpt, **kw):
+    data = _write_jsonl(tmp_path / "sft.jsonl", _sft_rows())
+    c = tiny(spm_dir, **{"task": "sft", "steps": 24, "eval_every": 0, "seq_len": 128, "init_from": base_ckpt,
+                         "optimizer.lr": 1e-2, "lora.rank": 8, **kw})
+    c.data = {"sources": [{"kind": "jsonl", "path": data, "format": "chat"}], "eval_fraction": 0.0,
+              "system_prompt": None}
+    return c
+
+
+def test_lora_sft_learns_on_a_frozen_base_and_checkpoints_only_the_adapters(tmp_path, spm_dir, base_ckpt):
+    import qcjax
+    from qcjax.checkpoint import read_config, restore_params
+    from qcjax.train.loop import train
+
+    train(_sft(spm_dir, tmp_path, base_ckpt), str(tmp_path / "run"))
+    losses = train_losses(tmp_path / "run")
+    assert np.mean([losses[s] for s in range(20, 25)]) < 0.85 * losses[1]  # the base is frozen: the adapters learnt
+
+    ckpt = str(tmp_path / "run" / "checkpoints")
+    cfg, ad = restore_params(ckpt)
+    assert cfg.lora.rank == 8 and cfg.lora.layers is None
+    assert all(adapters.is_adapter(p) for p, _ in jax.tree_util.tree_leaves_with_path(ad))
+    assert read_config(ckpt)[1]["lora_base"] == {"init_from": base_ckpt, "seed": 0}
+    size = lambda d: sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
+    step = max(int(s) for s in os.listdir(ckpt) if s.isdigit())
+    assert size(os.path.join(ckpt, str(step), "params")) < 0.3 * size(os.path.join(base_ckpt, "30", "params"))
+
+    # qcjax.load rebuilds the base and folds the adapters in: the same function as the adapted model
+    plain, merged = qcjax.load(ckpt)
+    adapted_cfg, full = qcjax.load(ckpt, merge_lora=False)
+    assert plain.lora is None and adapted_cfg.lora == cfg.lora
+    tokens = jnp.arange(1, 20, dtype=jnp.int32)[None]
+    np.testing.assert_allclose(build(plain).apply({"params": merged}, tokens),
+                               build(adapted_cfg).apply({"params": full}, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_run_resumes_bitwise_and_trains_only_its_layers(tmp_path, spm_dir, base_ckpt):
+    from qcjax.checkpoint import restore_params
+    from qcjax.train.loop import train
+
+    c = _sft(spm_dir, tmp_path, base_ckpt, steps=8, checkpoint_every=4, **{"lora.dropout": 0.1, "lora.layers": "1"})
+    train(c, str(tmp_path / "whole"))
+    train(c, str(tmp_path / "cut"))
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "8")  # as if killed after step 4's checkpoint
+    result = train(c, str(tmp_path / "cut"))
+    assert result.resumed_from == 4
+    a, b = restore_params(str(tmp_path / "whole" / "checkpoints"))[1], restore_params(str(tmp_path / "cut" / "checkpoints"))[1]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    # lora.layers="1": layer 1's adapters trained, layer 0's never moved (B stays exactly zero)
+    for x in jax.tree.leaves(a):
+        assert float(jnp.max(jnp.abs(x[1]))) > 0
+    for p, x in jax.tree_util.tree_leaves_with_path(a):
+        if "lora_b" in jax.tree_util.keystr(p):
+            assert float(jnp.max(jnp.abs(x[0]))) == 0.0
+
+
+def test_lora_dpo_uses_the_base_as_its_reference(tmp_path, spm_dir, base_ckpt):
+    from qcjax.train.loop import build_train_program, model_config, train, validate
+
+    data = _write_jsonl(tmp_path / "dpo.jsonl", _dpo_rows())
+    c = tiny(spm_dir, **{"task": "dpo", "steps": 16, "eval_every": 0, "seq_len": 128, "optimizer.lr": 1e-2,
+                         "dpo.beta": 0.5, "init_from": base_ckpt, "lora.rank": 8})
+    c.data = {"sources": [{"kind": "jsonl", "path": data, "format": "dpo"}], "eval_fraction": 0.0,
+              "system_prompt": None}
+    cfg = model_config(c)
+    mesh = validate(c, cfg)
+    with jax.set_mesh(mesh):
+        assert build_train_program(c, cfg, mesh).abstract_ref_params(c) is None  # no second copy of the weights
+    train(c, str(tmp_path / "run"))
+    rows = {r["step"]: r for r in metrics(tmp_path / "run") if "loss" in r}
+    assert abs(rows[1]["reward_margin"]) < 1e-5 and np.isclose(rows[1]["loss"], np.log(2), rtol=1e-5)
+    late = [rows[s] for s in range(13, 17)]
+    assert np.mean([r["reward_accuracy"] for r in late]) > 0.75 and np.mean([r["reward_margin"] for r in late]) > 0.1
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_qlora_sft_learns(tmp_path, spm_dir, base_ckpt, quant):
+    import qcjax
+    from qcjax.train.loop import train
+
+    train(_sft(spm_dir, tmp_path, base_ckpt, steps=12, **{"lora.base_quant": quant}), str(tmp_path / "run"))
+    losses = train_losses(tmp_path / "run")
+    assert np.mean([losses[s] for s in range(9, 13)]) < 0.9 * losses[1]
+    cfg, full = qcjax.load(str(tmp_path / "run" / "checkpoints"), merge_lora=False)
+    assert cfg.quant == quant and type(full["layers"]["attn"]["q_proj"]["kernel"]).__name__ == "WithAux"
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"lora.base_quant": "int8"}, "lora.base_quant='int8' needs adapters: set lora.rank"),
+    ({"lora.rank": 4, "lora.layers": "0-5"}, "lora.layers='0-5': layers [2, 3, 4, 5] outside 0..1"),
+    ({"lora.rank": 4, "lora.targets": "q,mlp"}, "lora.targets=['q', 'mlp']: each must be one of"),
+    ({"lora.rank": 4, "lora.base_quant": "int4"}, "lora.base_quant='int4': expected none, int8 or nf4"),
+])
+def test_bad_lora_configs_fail_naming_the_field(spm_dir, tmp_path, override, message):
+    from qcjax.train.config import ConfigError
+    from qcjax.train.loop import model_config
+
+    with pytest.raises(ConfigError, match=__import__("re").escape(message)):
+        model_config(tiny(spm_dir, **override))
