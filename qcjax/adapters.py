@@ -129,18 +129,21 @@ def lora_delta(cfg: ModelConfig, kernel_shape: tuple[int, ...], a: jax.Array, b:
     return d.reshape(kernel_shape)
 
 
-def dequantize(params: Any) -> Any:
-    """A param tree with every quantized kernel (qwix WithAux) replaced by its float32 value."""
+def is_quantized(x: Any) -> bool:
+    """Whether a param leaf is a quantized kernel (a qwix WithAux holding a QArray)."""
     from qwix._src.providers import ptq
 
+    return isinstance(x, ptq.WithAux)
+
+
+def dequantize(params: Any) -> Any:
+    """A param tree with every quantized kernel (qwix WithAux) replaced by its float32 value."""
     import qwix
 
     def leaf(x):
-        if isinstance(x, ptq.WithAux):
-            return qwix.dequantize(x.array).astype(jnp.float32)
-        return x
+        return qwix.dequantize(x.array).astype(jnp.float32) if is_quantized(x) else x
 
-    return jax.tree.map(leaf, params, is_leaf=lambda x: isinstance(x, ptq.WithAux))
+    return jax.tree.map(leaf, params, is_leaf=is_quantized)
 
 
 def merge(cfg: ModelConfig, params: Any, dtype: Any = None) -> tuple[ModelConfig, Any]:
@@ -193,3 +196,18 @@ def quantize(cfg: ModelConfig, params: Any) -> Any:
         return p
 
     return go(abstract, params)
+
+
+def freeze_base(cfg: ModelConfig, base: Any) -> Any:
+    """A LoRA run's frozen base as training holds it: every float leaf in the compute dtype (cfg.dtype: the base is
+    never updated, so fp32 master copies would buy nothing; every use casts to the compute dtype, and the norms'
+    fp32 math reads the rounded scale), then quantized as cfg.quant says (QLoRA quantizes these compute-dtype
+    weights, so the trainer and the loader quantize the same numbers). A 32B bf16 base is 64 GB, not fp32's 128."""
+    base = cast_floats(base, cfg.dtype)
+    return quantize(cfg.replace(lora=None), base)
+
+
+def cast_floats(params: Any, dtype: Any) -> Any:
+    """The float leaves in `dtype`; integer leaves and quantized kernels as they are."""
+    keep = lambda x: is_quantized(x) or not jnp.issubdtype(x.dtype, jnp.floating)
+    return jax.tree.map(lambda x: x if keep(x) else x.astype(dtype), params, is_leaf=is_quantized)

@@ -71,10 +71,9 @@ def with_lora_base(cfg: ModelConfig, lora: Any, meta: dict, path: str, *, mesh=N
 
         out = param_shardings(abstract_params(plain), mesh) if mesh is not None else None
         base = jax.jit(lambda: init_params(plain, jax.random.key(int(base_of.get("seed", 0)))), out_shardings=out)()
-        if dtype:
-            base = jax.tree.map(lambda x: x.astype(dtype), base)
-    if cfg.quant != "none":
-        base = adapters.quantize(cfg.replace(lora=None), base)
+    base = adapters.freeze_base(cfg, base)  # exactly the base the run trained against
+    if dtype:
+        base = adapters.cast_floats(base, dtype)
     return cfg, adapters.combine(base, lora)
 
 

@@ -355,13 +355,17 @@ def compile_train(c, topology: str | Topology) -> CompileReport:
     mesh = validate(c, cfg, n_processes=hosts, devices=list(devices))
     with jax.set_mesh(mesh):
         prog = build_train_program(c, cfg, mesh)
-        args = (prog.abstract_state(), prog.abstract_batch(c), prog.abstract_ref_params(c))
+        args = (prog.abstract_state(), prog.abstract_batch(c), prog.abstract_ref_params(c),
+                prog.abstract_base_params())  # LoRA: the frozen base (None without adapters)
         report, _ = compile_program("train step", prog.step_fn, args, None, topo.hbm_bytes)
     from qcjax.attention import resolve_impl
 
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = c.batch_size // prog.grad_accum
     ref = f", DPO reference {c.dpo.reference}" if c.task == "dpo" else ""
+    if cfg.lora is not None:
+        ref += (f", LoRA rank {cfg.lora.rank} on {','.join(cfg.lora.targets)} over a frozen "
+                f"{cfg.quant if cfg.quant != 'none' else cfg.dtype} base")
     setup = [
         f"model {c.model.preset if not c.init_from else c.init_from}: {cfg.num_layers} layers, hidden "
         f"{cfg.hidden_size}, vocab {cfg.vocab_size}, params {cfg.param_dtype}, compute {cfg.dtype}, remat "

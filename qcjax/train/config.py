@@ -119,7 +119,8 @@ class DpoConfig:
 class LoraFields:
     """Low-rank adapters (LoRA), and QLoRA's quantized base: only the adapters train and are held in the optimizer
     state and the checkpoints (which name the base: init_from, or the seeded init); see ModelConfig.lora and
-    qcjax/adapters.py. DPO's frozen reference is then the base itself (no second copy).
+    qcjax/adapters.py. The frozen base is held in the compute dtype (model.dtype, bf16 by default), the adapters
+    and their Adam state in model.param_dtype. DPO's frozen reference is then the base itself (no second copy).
 
     Fields:
     rank: adapter rank; 0: no adapters (full fine-tuning)

@@ -251,6 +251,7 @@ def build_train_program(c: ConfigDict, cfg: ModelConfig, mesh) -> TrainProgram:
         from qcjax import adapters
 
         (base_abstract, abstract_p), (base_shard, p_shard) = adapters.split(abstract_p), adapters.split(p_shard)
+        base_abstract = jax.eval_shape(lambda b: adapters.freeze_base(cfg, b), base_abstract)  # compute dtype
     o_shard = opt_state_shardings(jax.eval_shape(tx.init, abstract_p), p_shard, mesh)
     state_shard = {"step": NamedSharding(mesh, P()), "params": p_shard, "opt_state": o_shard}
     train_step = make_train_step(cfg, step_config(tc, accum), tx, lr_schedule(oc, tc.steps))
@@ -546,16 +547,16 @@ def lora_init(cfg: ModelConfig, seed: int):
 
 
 def lora_base_params(c: ConfigDict, cfg: ModelConfig, mesh, base_shardings):
-    """A LoRA run's frozen base: init_from's weights (or the seeded init), quantized as cfg.quant asks (QLoRA)."""
+    """A LoRA run's frozen base (adapters.freeze_base: compute dtype, quantized under QLoRA): init_from's weights,
+    read straight in the compute dtype (never a whole fp32 copy on the chips), or the seeded init."""
     from qcjax import adapters
     from qcjax.model import abstract_params as abstract
 
     plain = cfg.replace(lora=None, quant="none")
+    if c.init_from:
+        plain = plain.replace(param_dtype=cfg.dtype)
     base = initial_params(c, plain, mesh, param_shardings(abstract(plain), mesh))
-    if cfg.quant == "none":
-        return base
-    return jax.jit(lambda p: adapters.quantize(cfg.replace(lora=None), p), out_shardings=base_shardings,
-                   donate_argnums=0)(base)
+    return jax.jit(lambda p: adapters.freeze_base(cfg, p), out_shardings=base_shardings, donate_argnums=0)(base)
 
 
 def _resume(c: ConfigDict, ckpt, prog: TrainProgram, train_it):
