@@ -238,9 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--torch_bin", action="store_true",
                    help="also write pytorch_model*.bin (a PyTorch state dict per shard; needs torch)")
 
-    for q in (a, b):
-        q.add_argument("--overwrite", action="store_true",
-                       help="replace --out (and --peft_dir) if it exists and is not empty")
+    for q, outs in ((a, "--out"), (b, "--out (and --peft_dir)")):
+        q.add_argument("--overwrite", action="store_true", help=f"replace {outs} if it exists and is not empty")
         q.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
@@ -281,8 +280,8 @@ def _summary(args: argparse.Namespace, cfg: ModelConfig) -> list[str]:
     if cfg.lora is None:
         return [f"wrote {paths.absolute(args.out)} ({model})"]
     lo = cfg.lora
-    adapters = (f"rank-{lo.rank} adapters on {','.join(lo.targets)}, alpha {lo.alpha:g}, "
-                f"{'layers ' + ','.join(map(str, lo.layers)) if lo.layers is not None else 'every layer'}")
+    adapters = (f"rank-{lo.rank} adapters ({','.join(lo.targets)}; alpha {lo.alpha:g}; "
+                f"{'layers ' + ','.join(map(str, lo.layers)) if lo.layers is not None else 'every layer'})")
     base = f"the dequantized {cfg.quant} base (QLoRA)" if cfg.quant != "none" else "the base"
     lines = []
     if args.out is not None:
