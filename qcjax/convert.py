@@ -89,8 +89,8 @@ def orbax_to_hf(
     dtype: tensor dtype of the output (default: the checkpoint's param dtype).
     A LoRA training checkpoint holds the adapters alone: merge_lora writes them folded into the base it names
     (computed in float32 from the base as training saw it: dequantized under QLoRA), and peft_dir writes them in
-    PEFT's adapter layout (qcjax.peft_export; no base is read when out_dir is None). Every combination is checked
-    before anything is read or written.
+    PEFT's adapter layout (qcjax.peft_export; no base is read when out_dir is None). The options and outputs are
+    checked before any weights are read.
     """
     from qcjax import checkpoint, hf
 
@@ -115,7 +115,7 @@ def orbax_to_hf(
         peft_export.write_peft_dir(peft_dir, lora_cfg, lora, base_model=base_model, dtype=out_dtype,
                                    overwrite=overwrite)
         return cfg
-    lora_cfg, full = load(ckpt_dir, step=reader.step, dtype="float32", merge_lora=False)  # float32 base: exact merge
+    lora_cfg, full = load(ckpt_dir, step=reader.step, dtype="float32", merge_lora=False)  # the merge runs in float32
     if peft_dir is not None:
         peft_export.write_peft_dir(peft_dir, lora_cfg, adapters.split(full)[1], base_model=base_model,
                                    dtype=out_dtype, overwrite=overwrite)
