@@ -2,11 +2,14 @@
 
     python -m qcjax.convert hf-to-orbax --hf_dir DIR --out CKPT [--dtype bfloat16]
     python -m qcjax.convert orbax-to-hf --ckpt CKPT --out DIR [--dtype bfloat16] [--tokenizer_dir DIR]
+    python -m qcjax.convert orbax-to-hf --ckpt LORA_CKPT [--out DIR --merge_lora] [--peft_dir DIR]
 
 Both directions hold one param (one stacked layer tensor) in memory at a time, and write into a temporary sibling
-directory that is renamed into place only when complete. The library functions are `hf_to_orbax` and `orbax_to_hf`;
-to start training or inference from either format without converting, use `qcjax.load_hf(dir, mesh=...)` or
-`qcjax.checkpoint.restore_params(ckpt, mesh=...)`.
+directory that is renamed into place only when complete. A LoRA run's checkpoint holds the adapters alone: it is
+exported merged into its base (--merge_lora: the whole merged model is in memory) and/or as PEFT adapters
+(--peft_dir). The library functions are `hf_to_orbax` and `orbax_to_hf`; to start training or inference from
+either format without converting, use `qcjax.load_hf(dir, mesh=...)` or `qcjax.checkpoint.restore_params(ckpt,
+mesh=...)`.
 """
 from __future__ import annotations
 
@@ -67,10 +70,12 @@ def hf_to_orbax(
 
 def orbax_to_hf(
     ckpt_dir: str,
-    out_dir: str,
+    out_dir: str | None,
     *,
     step: int | None = None,
     dtype: str | None = None,
+    merge_lora: bool = False,
+    peft_dir: str | None = None,
     tokenizer_dir: str | None = None,
     max_shard_size: int = 5 * 10**9,
     torch_bin: bool = False,
@@ -78,17 +83,71 @@ def orbax_to_hf(
     progress: bool = False,
 ) -> ModelConfig:
     """A qcjax checkpoint (converted or full training state; default latest step) -> an HF directory that
-    `transformers.AutoModelForCausalLM.from_pretrained` loads. Returns the model config.
+    `transformers.AutoModelForCausalLM.from_pretrained` loads. Returns the checkpoint's model config (a LoRA
+    checkpoint's: with its lora and quant fields).
 
     dtype: tensor dtype of the output (default: the checkpoint's param dtype).
+    A LoRA training checkpoint holds the adapters alone: merge_lora writes them folded into the base it names
+    (computed in float32 from the base as training saw it: dequantized under QLoRA), and peft_dir writes them in
+    PEFT's adapter layout (qcjax.peft_export; no base is read when out_dir is None). The options and outputs are
+    checked before any weights are read.
     """
     from qcjax import checkpoint, hf
 
     reader = checkpoint.ParamsReader(ckpt_dir, step)
     cfg = reader.config
-    hf.write_hf_dir(out_dir, cfg, reader, dtype=dtype, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir,
-                    torch_bin=torch_bin, overwrite=overwrite, progress=progress)
+    _check_lora_outputs(ckpt_dir, cfg, out_dir, merge_lora, peft_dir)
+    for d in (out_dir, peft_dir):
+        if d is not None:
+            hf.check_output(d, overwrite)
+    out_dtype = dtype or cfg.param_dtype
+    if cfg.lora is None:
+        hf.write_hf_dir(out_dir, cfg, reader, dtype=out_dtype, max_shard_size=max_shard_size,
+                        tokenizer_dir=tokenizer_dir, torch_bin=torch_bin, overwrite=overwrite, progress=progress)
+        return cfg
+    from qcjax import adapters, peft_export
+    from qcjax.loader import load
+
+    base_of = reader.meta.get("lora_base")
+    base_model = (base_of.get("init_from") or None) if isinstance(base_of, dict) else None
+    if out_dir is None:  # the adapters alone
+        lora_cfg, lora = checkpoint.restore_params(ckpt_dir, reader.step)
+        peft_export.write_peft_dir(peft_dir, lora_cfg, lora, base_model=base_model, dtype=out_dtype,
+                                   overwrite=overwrite)
+        return cfg
+    lora_cfg, full = load(ckpt_dir, step=reader.step, dtype="float32", merge_lora=False)  # the merge runs in float32
+    if peft_dir is not None:
+        peft_export.write_peft_dir(peft_dir, lora_cfg, adapters.split(full)[1], base_model=base_model,
+                                   dtype=out_dtype, overwrite=overwrite)
+    plain, merged = adapters.merge(lora_cfg, full)
+    del full
+    hf.save_hf(out_dir, plain, merged, dtype=out_dtype, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir,
+               torch_bin=torch_bin, overwrite=overwrite, progress=progress)
     return cfg
+
+
+def _check_lora_outputs(ckpt_dir: str, cfg: ModelConfig, out_dir: str | None, merge_lora: bool,
+                        peft_dir: str | None) -> None:
+    """What a checkpoint can be exported as: a LoRA checkpoint (adapters only) merged and/or as PEFT adapters, any
+    other as it is. A mismatch is a one-line ValueError naming the option (its CLI flag in brackets)."""
+    if cfg.lora is None:
+        if merge_lora or peft_dir is not None:
+            flag = "merge_lora (--merge_lora)" if merge_lora else "peft_dir (--peft_dir)"
+            raise ValueError(f"{ckpt_dir} is not a LoRA checkpoint (it holds a whole model, no adapters): drop {flag}")
+        if out_dir is None:
+            raise ValueError("no output: give out_dir (--out)")
+        return
+    if out_dir is not None and not merge_lora:
+        raise ValueError(f"{ckpt_dir} is a LoRA checkpoint (adapters only): pass merge_lora=True (--merge_lora) to "
+                         f"write them merged into their base, or peft_dir (--peft_dir DIR) for PEFT's adapter layout")
+    if out_dir is None and merge_lora:
+        raise ValueError("merge_lora (--merge_lora) writes the merged model to out_dir (--out): give it")
+    if out_dir is None and peft_dir is None:
+        raise ValueError(f"{ckpt_dir} is a LoRA checkpoint: give out_dir (--out) with merge_lora (--merge_lora), "
+                         f"and/or peft_dir (--peft_dir)")
+    if out_dir is not None and peft_dir is not None and paths.absolute(out_dir) == paths.absolute(peft_dir):
+        raise ValueError(f"out_dir (--out) and peft_dir (--peft_dir) are one directory, {paths.absolute(out_dir)}: "
+                         f"give two")
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------
@@ -124,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  python -m qcjax.convert hf-to-orbax --hf_dir Qwen2.5-Coder-7B --out ckpt/7b --dtype bfloat16\n"
         "  python -m qcjax.convert orbax-to-hf --ckpt runs/sft/checkpoints --out export/7b-sft \\\n"
         "      --dtype bfloat16 --tokenizer_dir Qwen2.5-Coder-7B\n"
+        "  python -m qcjax.convert orbax-to-hf --ckpt runs/lora/checkpoints --out export/7b-lora --merge_lora \\\n"
+        "      --peft_dir export/7b-lora-peft --dtype bfloat16\n"
         "run `python -m qcjax.convert COMMAND --help` for each command's options",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="{hf-to-orbax,orbax-to-hf}")
@@ -153,10 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read the params (and model config) of a qcjax checkpoint, converted or a full training "
         "checkpoint, and write an HF directory: config.json (Qwen2ForCausalLM, every rope/YaRN field, "
         "tie_word_embeddings), generation_config.json, safetensors shards with model.safetensors.index.json, "
-        "tokenizer files if given, and optionally pytorch_model*.bin.",
+        "tokenizer files if given, and optionally pytorch_model*.bin. A LoRA run's checkpoint (adapters only) "
+        "needs --merge_lora (the adapters folded into the base the checkpoint names, in float32; a QLoRA run's "
+        "from its dequantized base) and/or --peft_dir (the adapters as PEFT loads them).",
     )
     b.add_argument("--ckpt", required=True, help="qcjax checkpoint directory")
-    b.add_argument("--out", required=True, help="HF directory to create (must be absent or empty)")
+    b.add_argument("--out", default=None,
+                   help="HF directory to create (must be absent or empty); required unless --peft_dir alone")
+    b.add_argument("--merge_lora", action="store_true",
+                   help="LoRA checkpoints: write --out as the base with the adapters merged in (a plain model)")
+    b.add_argument("--peft_dir", default=None,
+                   help="LoRA checkpoints: also (or, without --out, only) write the adapters here in PEFT's layout: "
+                   "adapter_config.json + adapter_model.safetensors for PeftModel.from_pretrained(base, DIR)")
     b.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     b.add_argument("--dtype", choices=DTYPES, default=None,
                    help="tensor dtype of the output (default: the checkpoint's param dtype)")
@@ -169,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--torch_bin", action="store_true",
                    help="also write pytorch_model*.bin (a PyTorch state dict per shard; needs torch)")
 
-    for q in (a, b):
-        q.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    for q, outs in ((a, "--out"), (b, "--out (and --peft_dir)")):
+        q.add_argument("--overwrite", action="store_true", help=f"replace {outs} if it exists and is not empty")
         q.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
@@ -192,15 +261,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype, mesh=mesh, expect=expect,
                               overwrite=args.overwrite, progress=progress)
         else:
-            cfg = orbax_to_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
+            cfg = orbax_to_hf(args.ckpt, args.out, step=args.step, dtype=args.dtype, merge_lora=args.merge_lora,
+                              peft_dir=args.peft_dir, tokenizer_dir=args.tokenizer_dir,
                               max_shard_size=args.max_shard_size, torch_bin=args.torch_bin,
                               overwrite=args.overwrite, progress=progress)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"qcjax.convert {args.command}: error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {paths.absolute(args.out)} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-          f"vocab {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'})")
+    for line in _summary(args, cfg):
+        print(line)
     return 0
+
+
+def _summary(args: argparse.Namespace, cfg: ModelConfig) -> list[str]:
+    """What was written, one line per output; a LoRA export says what it merged or holds, QLoRA's base included."""
+    model = (f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
+             f"{'tied' if cfg.tie_word_embeddings else 'untied'}")
+    if cfg.lora is None:
+        return [f"wrote {paths.absolute(args.out)} ({model})"]
+    lo = cfg.lora
+    adapters = (f"rank-{lo.rank} adapters ({','.join(lo.targets)}; alpha {lo.alpha:g}; "
+                f"{'layers ' + ','.join(map(str, lo.layers)) if lo.layers is not None else 'every layer'})")
+    base = f"the dequantized {cfg.quant} base (QLoRA)" if cfg.quant != "none" else "the base"
+    lines = []
+    if args.out is not None:
+        lines.append(f"wrote {paths.absolute(args.out)} ({model}): {adapters} merged into {base} in float32")
+    if args.peft_dir is not None:
+        note = f"; trained on the {cfg.quant}-quantized base, PEFT applies them to the float one" \
+            if cfg.quant != "none" else ""
+        lines.append(f"wrote {paths.absolute(args.peft_dir)} (PEFT LoRA: {adapters}{note})")
+    return lines
 
 
 if __name__ == "__main__":

@@ -354,10 +354,12 @@ def write_safetensors_shards(
     dtype: Any,
     max_shard_bytes: int,
     progress: bool = False,
+    stem: str = "model",
 ) -> list[str]:
     """Write `tensors` (arriving in `specs` order) as HF safetensors shards, streaming: each header is computed from
     the specs, then each tensor's bytes are appended as it arrives. Returns the file names; several shards get
-    `model-0000k-of-0000n.safetensors` names and `model.safetensors.index.json`, one shard is `model.safetensors`."""
+    `model-0000k-of-0000n.safetensors` names and `model.safetensors.index.json`, one shard is `model.safetensors`
+    (`stem` replaces "model": PEFT's adapters are `adapter_model.safetensors`)."""
     from tqdm import tqdm
 
     dtype = np.dtype(dtype)
@@ -366,7 +368,7 @@ def write_safetensors_shards(
     sizes = [math.prod(shape) * dtype.itemsize for _, shape in specs]
     shards = plan_shards(sizes, max_shard_bytes)
     n = len(shards)
-    fnames = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    fnames = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     weight_map = {}
     it = iter(tensors)
     with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="safetensors", disable=not progress) as bar:
@@ -385,7 +387,7 @@ def write_safetensors_shards(
     if next(it, None) is not None:
         raise ValueError("more tensors arrived than were planned")
     if n > 1:
-        with paths.open_file(paths.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        with paths.open_file(paths.join(out_dir, f"{stem}.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
     return fnames
 
@@ -411,6 +413,13 @@ def _write_torch_bin(out_dir: str, fnames: list[str]) -> None:
 
 
 # ---- output directories: written whole or not at all --------------------------------------------------------------
+def check_output(path: str, overwrite: bool = False) -> None:
+    """Refuse an existing non-empty `path` unless `overwrite`: `atomic_dir` asks on entry, and a caller with slow work
+    before the write (loading a base to merge into) asks first, so a refusal costs nothing."""
+    if paths.exists(path) and not overwrite and (not paths.isdir(path) or paths.listdir(path)):
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str, overwrite: bool = False) -> Iterator[str]:
     """Yield a fresh temporary sibling of `path`; on success it is renamed to `path`, on any failure (an exception,
@@ -425,8 +434,7 @@ def atomic_dir(path: str, overwrite: bool = False) -> Iterator[str]:
             yield tmp
         return
     path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite and (not os.path.isdir(path) or os.listdir(path)):
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    check_output(path, overwrite)
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
@@ -452,8 +460,7 @@ def _atomic_url_dir(path: str, overwrite: bool) -> Iterator[str]:
     import uuid
 
     path = paths.absolute(path)
-    if paths.exists(path) and not overwrite and (not paths.isdir(path) or paths.listdir(path)):
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    check_output(path, overwrite)
     tmp = paths.join(paths.dirname(path), f".{paths.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
