@@ -105,6 +105,14 @@ def combine(base: Any, adapters: Any) -> Any:
     return out
 
 
+def adapters_in(params: Any, dtype: Any) -> Any:
+    """`params` with the adapter leaves (plain arrays or logical-axis boxes) in `dtype`, the rest as it was."""
+    if not isinstance(params, dict):
+        return params
+    return {k: jax.tree.map(lambda x: x.astype(dtype), v) if k in (LORA_A, LORA_B) else adapters_in(v, dtype)
+            for k, v in params.items()}
+
+
 def layer_mask(cfg: ModelConfig) -> np.ndarray | None:
     """[layers] float32: 1 for the layers whose adapters train (cfg.lora.layers), or None for all of them."""
     if cfg.lora is None or cfg.lora.layers is None:

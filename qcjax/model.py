@@ -366,6 +366,10 @@ def init_params(cfg: ModelConfig, rng: jax.Array, boxed: bool = False) -> Any:
     """Random params (boxed: keep the nn.Partitioned logical-axis annotations)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     params = build(cfg).init(rng, tokens)["params"]
+    if cfg.lora is not None:  # qwix makes adapters in the kernel's dtype (a quantized one's: the compute dtype)
+        from qcjax import adapters
+
+        params = adapters.adapters_in(params, cfg.param_dtype)  # trained: master weights in param_dtype
     return params if boxed else nn.meta.unbox(params)
 
 

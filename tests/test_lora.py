@@ -89,6 +89,31 @@ def test_qlora_runs_on_a_quantized_base_and_merges_into_its_dequantized_weights(
     assert all(float(jnp.max(jnp.abs(x))) > 0 for x in jax.tree.leaves(g))
 
 
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_bf16_lora_step_trains_fp32_adapters_over_a_bf16_base(quant):
+    """The real configs' precision: bf16 compute, the frozen base held in bf16 (int8 under QLoRA), the adapters and
+    their Adam moments in fp32 (qwix would make a quantized kernel's adapters in its bf16 scale dtype)."""
+    from qcjax.train.step import OptimizerConfig, StepConfig, init_state, lr_schedule, make_optimizer, \
+        make_train_step
+
+    cfg = CFG.replace(dtype="bfloat16", lora=SPEC, quant=quant)
+    base, ad = adapters.split(init_params(cfg.replace(quant="none"), jax.random.key(0)))
+    base = adapters.freeze_base(cfg, base)
+    assert {x.dtype for x in jax.tree.leaves(ad)} == {jnp.dtype("float32")}
+    assert jnp.dtype("float32") not in {x.dtype for x in jax.tree.leaves(base) if x.ndim == 3}  # bf16 or int8
+    oc = OptimizerConfig(lr=1e-2, warmup_steps=0)
+    tx = make_optimizer(oc, 10)
+    step = jax.jit(make_train_step(cfg, StepConfig(loss_chunk=64), tx, lr_schedule(oc, 10)))
+    t = jnp.arange(32, dtype=jnp.int32)[None] % 500 + 1
+    batch = {"tokens": t, "positions": jnp.arange(32, dtype=jnp.int32)[None], "segment_ids": jnp.ones_like(t),
+             "loss_mask": jnp.ones(t.shape, jnp.float32)}
+    state, m = step(init_state(ad, tx), batch, None, base)
+    assert np.isfinite(float(m["loss"]))
+    assert jax.tree.map(lambda x: x.dtype, state["params"]) == jax.tree.map(lambda x: x.dtype, ad)
+    moved = [float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ad))]
+    assert max(moved) > 0
+
+
 # ---- the trainer ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def base_ckpt(tmp_path_factory, spm_dir):
