@@ -256,6 +256,35 @@ def context_section() -> list[str]:
     return out
 
 
+LORA_POINTS = os.path.join(ROOT, "tools", "tpu_memory_lora.jsonl")
+
+
+def lora_section(results: dict) -> list[str]:
+    """LoRA / QLoRA rows from tools/tpu_memory_lora.jsonl (one JSON object per compile, as for the context rows),
+    next to the smallest slices the full fine-tune of the same size and stage needs (this page's table)."""
+    if not os.path.exists(LORA_POINTS):
+        return []
+    with open(LORA_POINTS) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    out = ["", "## LoRA and QLoRA: fine-tuning the big sizes on small slices", "",
+           "`lora.rank` > 0 trains low-rank adapters only (qwix LoRA on q/k/v/o/gate/up/down): the adapters and their "
+           "Adam state are fp32, the frozen base is held in the compute dtype (bf16) or, with `lora.base_quant=int8`, "
+           "as int8 values with per-channel bf16 scales (QLoRA). No base gradients, no base optimizer state. Compiled "
+           "the same way as the table above (the stage's global batch and sequence length, the size config's remat "
+           "and rows per chip, FSDP over every chip); the last column is the full fine-tune's smallest slices from "
+           "the table:", "",
+           "| size | stage | slice | mesh | adapters | base | total per chip (GiB) | HBM (GiB) | fits | full FT needs "
+           "| command |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        hits = [h for (size, stage, _), h in results.items() if (size, stage) == (r["size"], r["stage"]) and h]
+        needs = ", ".join(f"{h['point']['topology']} ({gib(h['total'])} GiB)" for h in hits) or "-"
+        out.append(f"| {r['size']} | {r['stage']} | {r['slice']} | {r['mesh']} | {r['adapters']} | {r['base']} | "
+                   f"{r['total_gib']:.2f} | {r['hbm_gib']:.2f} | {'yes' if r['fits'] else 'no'} "
+                   f"({100 * r['total_gib'] / r['hbm_gib']:.0f}%) | {needs} | `{r['command']}` |")
+    return out
+
+
 def render(results: dict, defaults: dict, points: Points, args) -> str:
     import jax
 
@@ -343,6 +372,7 @@ def render(results: dict, defaults: dict, points: Points, args) -> str:
                   "generation up to the largest tried: " + "; ".join(nofit) + "."
                   + (" (With a context axis they do: see below.)" if os.path.exists(CONTEXT_POINTS) else "")]
     lines += context_section()
+    lines += lora_section(results)
     n = len(points.done)
     secs = sum(r.get("wall_s", 0) for r in points.done.values())
     lines += [
