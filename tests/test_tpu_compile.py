@@ -131,6 +131,15 @@ def test_tiny_train_step_compiles_for_two_slices_with_data_parallelism_over_dcn(
 
 
 @needs_libtpu
+def test_tiny_qlora_train_step_compiles_with_the_frozen_base_as_an_argument():
+    out = cli("train.py", "--config=configs/tiny.py", "--compile_only", "--topology=v5e-4", "--config.lora.rank=4",
+              "--config.lora.base_quant=int8")
+    assert out.returncode == 0, out.stderr
+    assert "LoRA rank 4 on q,k,v,o,gate,up,down over a frozen int8 base" in out.stdout, out.stdout
+    assert out.stdout.rstrip().endswith("fits")
+
+
+@needs_libtpu
 @pytest.mark.slow
 def test_a_size_config_fits_the_slice_docs_tpu_memory_names_with_its_memory():
     """configs/0.5b.py as shipped (full depth) compiled for v6e-1: fits, with the per-chip total the table records."""
