@@ -163,33 +163,78 @@ def merge(cfg: ModelConfig, params: Any, dtype: Any = None) -> tuple[ModelConfig
     return out_cfg, merged
 
 
-def quantize(cfg: ModelConfig, params: Any) -> Any:
+def quantize(cfg: ModelConfig, params: Any, mesh=None) -> Any:
     """Float params (of the plain model, with or without adapters) -> the tree `build(cfg)` applies with cfg.quant
-    set: the quantized projections' kernels as qwix WithAux QArrays, everything else as it was.
+    set: the quantized projections' kernels as qwix WithAux QArrays, everything else as it was. With `mesh` each
+    quantized kernel's values and scales are placed there by the logical-axis rules (qcjax.sharding), as
+    `decoding.place_params` places them.
 
-    Quantized per layer (vmapped over the stacked layer axis) with the `how` qwix records at init inside the layer
-    scan: qwix.quantize_params would read that per-layer `how` against the stacked kernel and put the scales on the
-    wrong axes."""
+    Quantized per layer (one scale set per layer of the stacked kernel) with the `how` qwix records at init inside
+    the layer scan: qwix.quantize_params would read that per-layer `how` against the stacked kernel and put the
+    scales on the wrong axes. The layers go one at a time (lax.map), so the temporaries are one layer's. Each layer
+    is calibrated and rounded in float32 (in bfloat16, x / scale near 127 has steps of 0.5 before the rounding),
+    and its scales are kept in the kernel's dtype: the dequantized kernel takes the scales' dtype, and the matmul
+    then runs in the dtype the float model's does."""
     import qwix
     from flax import linen as nn
     from qwix._src.providers import ptq
 
     from qcjax.model import abstract_params
+    from qcjax.sharding import param_shardings
 
     if cfg.quant == "none":
         return params
-    abstract = nn.meta.unbox(abstract_params(cfg.replace(lora=None)))
+    boxed = abstract_params(cfg.replace(lora=None))
+    abstract = nn.meta.unbox(boxed)
+    shardings = param_shardings(boxed, mesh) if mesh is not None else None
 
-    def one(how, w):  # w [layers, ...]: one scale set per layer
-        q = lambda x: qwix.quantize(x, how.qtype, channelwise_axes=how.channelwise_axes, tiled_axes=how.tiled_axes,
-                                    calibration_method=how.calibration_method)
-        return ptq.WithAux(jax.vmap(q)(w), how)
+    def one(how, w, sharding):  # w [layers, ...] -> WithAux(QArray [layers, ...]), one scale set per layer
+        def layer(x):
+            return qwix.quantize(x.astype(jnp.float32), how.qtype, channelwise_axes=how.channelwise_axes,
+                                 tiled_axes=how.tiled_axes, calibration_method=how.calibration_method,
+                                 scale_dtype=x.dtype)
 
-    def go(a, p):
+        out = None if sharding is None else sharding.array
+        return ptq.WithAux(jax.jit(lambda w: jax.lax.map(layer, w), out_shardings=out)(w), how)
+
+    def go(a, p, s):
         if isinstance(a, ptq.WithAux):
-            return p if isinstance(p, ptq.WithAux) else one(a.how, p)
+            return p if isinstance(p, ptq.WithAux) else one(a.how, p, s)
         if isinstance(p, dict):
-            return {k: go(a.get(k) if isinstance(a, dict) else None, v) for k, v in p.items()}
+            sub = lambda t, k: t.get(k) if isinstance(t, dict) else None  # noqa: E731
+            return {k: go(sub(a, k), v, sub(s, k)) for k, v in p.items()}
         return p
 
-    return go(abstract, params)
+    return go(abstract, params, shardings)
+
+
+def weight_bytes(params: Any) -> tuple[int, int]:
+    """(bytes the param tree holds, bytes the same weights take in bfloat16): a quantized kernel counts its values
+    (1 byte each for int8, half for nf4) and its scales; the bfloat16 figure counts each weight at 2 bytes."""
+    from qwix._src.providers import ptq
+
+    def bits(x) -> int:
+        d = jnp.dtype(x.dtype)
+        return jnp.iinfo(d).bits if jnp.issubdtype(d, jnp.integer) else jnp.finfo(d).bits
+
+    held = weights = 0
+    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, ptq.WithAux)):
+        if isinstance(leaf, ptq.WithAux):
+            q = leaf.array
+            held += (q.qvalue.size * bits(q.qvalue) + q.scale.size * bits(q.scale)) // 8
+            weights += q.qvalue.size
+        else:
+            held += leaf.size * bits(leaf) // 8
+            weights += leaf.size
+    return held, 2 * weights
+
+
+def describe(cfg: ModelConfig, params: Any) -> str:
+    """One line for the CLIs: what is quantized, how, and the weights' bytes against the same model in bfloat16."""
+    held, bf16 = weight_bytes(params)
+    what = {"int8": "int8 with one scale per output channel", "nf4": f"nf4 with one scale per {NF4_BLOCK} inputs"}
+    head = "" if cfg.tie_word_embeddings else ", LM head"
+    rest = jnp.dtype(params["embed"].dtype).name
+    return (f"weights: the 7 projections of each layer {what.get(cfg.quant, rest)}; embeddings{head}, norms, "
+            f"biases {rest}: {held:,} bytes ({held / 2**20:.1f} MiB) vs {bf16:,} bytes "
+            f"({bf16 / 2**20:.1f} MiB) all in bfloat16, {held / bf16:.2f}x")
