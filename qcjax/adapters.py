@@ -240,7 +240,8 @@ def weight_bytes(params: Any) -> tuple[int, int]:
 def describe(cfg: ModelConfig, params: Any) -> str:
     """One line for the CLIs: what is quantized, how, and the weights' bytes against the same model in bfloat16."""
     held, bf16 = weight_bytes(params)
-    what = {"int8": "int8 with one scale per output channel", "nf4": f"nf4 with one scale per {NF4_BLOCK} inputs"}
+    block = _qtype_rule_fields(cfg).get("tile_size")
+    what = {"int8": "int8 with one scale per output channel", "nf4": f"nf4 with one scale per {block} inputs"}
     head = "" if cfg.tie_word_embeddings else ", LM head"
     rest = jnp.dtype(params["embed"].dtype).name
     return (f"weights: the 7 projections of each layer {what.get(cfg.quant, rest)}; embeddings{head}, norms, "
