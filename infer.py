@@ -29,6 +29,8 @@ JSONL_FIELDS = {"id", "prompt", "prefix", "suffix", "chat", "messages", "system"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qcjax.loader import SAMPLING_QUANT  # importing JAX starts no backend: the platform set-up can follow
+
     p = argparse.ArgumentParser(
         prog="infer.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -57,6 +59,10 @@ Generation stops at Qwen's FIM/chat stop tokens (<|endoftext|> <|fim_prefix|> <|
                      help="param and compute dtype (default bfloat16)")
     src.add_argument("--cache_dtype", default="bfloat16", choices=("bfloat16", "float32"),
                      help="KV cache dtype (default bfloat16)")
+    src.add_argument("--quant", default="none", choices=SAMPLING_QUANT,
+                     help="int8: weight-only int8 projections (one scale per output channel), quantized from the "
+                          "float checkpoint as it loads; embeddings, norms, biases and the LM head stay in --dtype "
+                          "(default none; docs/sampling.md)")
     src.add_argument("--mesh", default=None,
                      help="run on a device mesh, e.g. 'tensor=8' or 'data=2,tensor=4' (default: on several TPU/GPU "
                           "devices, tensor parallel up to the model's KV heads, then data parallel over the batch; "
@@ -337,13 +343,19 @@ def _load_model(a, mesh, log):
 
     t = time.perf_counter()
     try:
-        cfg, params = qcjax.load(a.hf_dir or a.ckpt, mesh=mesh, dtype=a.dtype, step=None if a.hf_dir else a.step)
+        cfg, params = qcjax.load(a.hf_dir or a.ckpt, mesh=mesh, dtype=a.dtype, step=None if a.hf_dir else a.step,
+                                 quant=a.quant)
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"cannot load the model from {a.hf_dir or a.ckpt}: {e}") from None
     cfg = cfg.replace(param_dtype=a.dtype, dtype=a.dtype)
     if not a.quiet:
-        print(f"loaded {a.hf_dir or a.ckpt} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {a.dtype}) in "
-              f"{time.perf_counter() - t:.1f} s", file=log)
+        quant = "" if a.quant == "none" else f", {a.quant} projections"
+        print(f"loaded {a.hf_dir or a.ckpt} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {a.dtype}{quant}) "
+              f"in {time.perf_counter() - t:.1f} s", file=log)
+        if a.quant != "none":
+            from qcjax import adapters
+
+            print(adapters.describe(cfg, params), file=log)
     return cfg, params
 
 
@@ -396,7 +408,7 @@ def compile_only(a: argparse.Namespace, out=None) -> int:
             raise UsageError("--yarn goes with --config (a preset); an HF directory's config.json says its own "
                              "rope_scaling")
         cfg = cfg.with_yarn()
-    cfg = cfg.replace(param_dtype=a.dtype, dtype=a.dtype)
+    cfg = cfg.replace(param_dtype=a.dtype, dtype=a.dtype, quant=a.quant)
     context = a.max_context or cfg.max_position_embeddings
     mesh = None
     if a.mesh is not None:

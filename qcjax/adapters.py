@@ -14,6 +14,7 @@ together, fold them into the kernels (sampling, HF export), quantize a float bas
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -50,8 +51,15 @@ def provider(cfg: ModelConfig):
 
     quant = _qtype_rule_fields(cfg)
     if cfg.lora is None:
+        # The provider calls its dot without the float32 accumulation `Linear` asks for (preferred_element_type is
+        # dropped); given back here, the dequantized bf16 kernel feeds a bf16 x bf16 -> fp32 dot as the plain
+        # model's does. Without it XLA:CPU widened every dequantized kernel to an fp32 copy at each decode step
+        # (0.5B, batch 8: 222 -> 185 ms per step with it; batch 1 the same within noise; bench/RESULTS.md).
+        from qwix._src.core import dot_general
+
+        dot = functools.partial(dot_general.dot_general, preferred_element_type=jnp.float32)
         return qwix.PtqProvider([qwix.QuantizationRule(module_path=_module_regex(LORA_TARGETS),
-                                                       op_names=("dot_general",), **quant)])
+                                                       op_names=("dot_general",), **quant)], _dot_general_fn=dot)
     lo = cfg.lora
     rules = [qwix.LoraRule(module_path=_module_regex(lo.targets), op_names=("dot_general",), rank=lo.rank,
                            alpha=lo.alpha, dropout=lo.dropout, **quant)]
@@ -174,45 +182,89 @@ def merge(cfg: ModelConfig, params: Any, dtype: Any = None) -> tuple[ModelConfig
     return out_cfg, merged
 
 
-def quantize(cfg: ModelConfig, params: Any) -> Any:
+def quantize(cfg: ModelConfig, params: Any, mesh=None) -> Any:
     """Float params (of the plain model, with or without adapters) -> the tree `build(cfg)` applies with cfg.quant
-    set: the quantized projections' kernels as qwix WithAux QArrays, everything else as it was.
+    set: the quantized projections' kernels as qwix WithAux QArrays, everything else as it was. With `mesh` each
+    quantized kernel's values and scales are placed there by the logical-axis rules (qcjax.sharding), as
+    `decoding.place_params` places them.
 
-    Quantized per layer (vmapped over the stacked layer axis) with the `how` qwix records at init inside the layer
-    scan: qwix.quantize_params would read that per-layer `how` against the stacked kernel and put the scales on the
-    wrong axes."""
+    Quantized per layer (one scale set per layer of the stacked kernel) with the `how` qwix records at init inside
+    the layer scan: qwix.quantize_params would read that per-layer `how` against the stacked kernel and put the
+    scales on the wrong axes. The layers go one at a time (lax.map), so the temporaries are one layer's. Each layer
+    is calibrated and rounded in float32 (in bfloat16, x / scale near 127 has steps of 0.5 before the rounding),
+    and its scales are kept in the kernel's dtype: the dequantized kernel takes the scales' dtype, and the matmul
+    then runs in the dtype the float model's does."""
     import qwix
     from flax import linen as nn
     from qwix._src.providers import ptq
 
     from qcjax.model import abstract_params
+    from qcjax.sharding import param_shardings
 
     if cfg.quant == "none":
         return params
-    abstract = nn.meta.unbox(abstract_params(cfg.replace(lora=None)))
+    boxed = abstract_params(cfg.replace(lora=None))
+    abstract = nn.meta.unbox(boxed)
+    shardings = param_shardings(boxed, mesh) if mesh is not None else None
 
-    def one(how, w):  # w [layers, ...]: one scale set per layer
-        q = lambda x: qwix.quantize(x, how.qtype, channelwise_axes=how.channelwise_axes, tiled_axes=how.tiled_axes,
-                                    calibration_method=how.calibration_method)
-        return ptq.WithAux(jax.vmap(q)(w), how)
+    def one(how, w, sharding):  # w [layers, ...] -> WithAux(QArray [layers, ...]), one scale set per layer
+        def layer(x):
+            return qwix.quantize(x.astype(jnp.float32), how.qtype, channelwise_axes=how.channelwise_axes,
+                                 tiled_axes=how.tiled_axes, calibration_method=how.calibration_method,
+                                 scale_dtype=x.dtype)
 
-    def go(a, p):
+        out = None if sharding is None else sharding.array
+        return ptq.WithAux(jax.jit(lambda w: jax.lax.map(layer, w), out_shardings=out)(w), how)
+
+    def go(a, p, s):
         if isinstance(a, ptq.WithAux):
-            return p if isinstance(p, ptq.WithAux) else one(a.how, p)
+            return p if isinstance(p, ptq.WithAux) else one(a.how, p, s)
         if isinstance(p, dict):
-            return {k: go(a.get(k) if isinstance(a, dict) else None, v) for k, v in p.items()}
+            sub = lambda t, k: t.get(k) if isinstance(t, dict) else None  # noqa: E731
+            return {k: go(sub(a, k), v, sub(s, k)) for k, v in p.items()}
         return p
 
-    return go(abstract, params)
+    return go(abstract, params, shardings)
 
 
-def freeze_base(cfg: ModelConfig, base: Any) -> Any:
+def weight_bytes(params: Any) -> tuple[int, int]:
+    """(bytes the param tree holds, bytes the same weights take in bfloat16): a quantized kernel counts its values
+    (1 byte each for int8, half for nf4) and its scales; the bfloat16 figure counts each weight at 2 bytes."""
+    def bits(x) -> int:
+        d = jnp.dtype(x.dtype)
+        return jnp.iinfo(d).bits if jnp.issubdtype(d, jnp.integer) else jnp.finfo(d).bits
+
+    held = weights = 0
+    for leaf in jax.tree.leaves(params, is_leaf=is_quantized):
+        if is_quantized(leaf):
+            q = leaf.array
+            held += (q.qvalue.size * bits(q.qvalue) + q.scale.size * bits(q.scale)) // 8
+            weights += q.qvalue.size
+        else:
+            held += leaf.size * bits(leaf) // 8
+            weights += leaf.size
+    return held, 2 * weights
+
+
+def describe(cfg: ModelConfig, params: Any) -> str:
+    """One line for the CLIs: what is quantized, how, and the weights' bytes against the same model in bfloat16."""
+    held, bf16 = weight_bytes(params)
+    block = _qtype_rule_fields(cfg).get("tile_size")
+    what = {"int8": "int8 with one scale per output channel", "nf4": f"nf4 with one scale per {block} inputs"}
+    head = "" if cfg.tie_word_embeddings else ", LM head"
+    rest = jnp.dtype(params["embed"].dtype).name
+    return (f"weights: the 7 projections of each layer {what.get(cfg.quant, rest)}; embeddings{head}, norms, "
+            f"biases {rest}: {held:,} bytes ({held / 2**20:.1f} MiB) vs {bf16:,} bytes "
+            f"({bf16 / 2**20:.1f} MiB) all in bfloat16, {held / bf16:.2f}x")
+
+
+def freeze_base(cfg: ModelConfig, base: Any, mesh=None) -> Any:
     """A LoRA run's frozen base as training holds it: every float leaf in the compute dtype (cfg.dtype: the base is
     never updated, so fp32 master copies would buy nothing; every use casts to the compute dtype, and the norms'
     fp32 math reads the rounded scale), then quantized as cfg.quant says (QLoRA quantizes these compute-dtype
     weights, so the trainer and the loader quantize the same numbers). A 32B bf16 base is 64 GB, not fp32's 128."""
     base = cast_floats(base, cfg.dtype)
-    return quantize(cfg.replace(lora=None), base)
+    return quantize(cfg.replace(lora=None), base, mesh)
 
 
 def cast_floats(params: Any, dtype: Any) -> Any:

@@ -18,16 +18,43 @@ from qcjax import paths
 from qcjax.config import ModelConfig
 
 
+# What the sampling CLIs offer for --quant (infer.py, qcjax.serve): nf4 is QLoRA's training-time format for the
+# frozen base (docs/sampling.md); `load` takes it too.
+SAMPLING_QUANT = ("none", "int8")
+
+
 def is_hf_dir(path: str) -> bool:
     """An HF model directory holds config.json (a qcjax checkpoint holds step directories)."""
     return paths.exists(paths.join(str(path), "config.json"))
 
 
-def load(path: str, *, mesh=None, dtype: str | None = None, step: int | None = None,
-         merge_lora: bool = True) -> tuple[ModelConfig, Any]:
+def load(path: str, *, mesh=None, dtype: str | None = None, step: int | None = None, merge_lora: bool = True,
+         quant: str = "none") -> tuple[ModelConfig, Any]:
     """(config, params) from an HF directory or a qcjax checkpoint (`step`: default the newest intact one), each
     param placed straight into its sharding on `mesh` (default one device), in `dtype` (default as stored). A LoRA
-    checkpoint comes back merged into its base (merge_lora), or as base + adapters."""
+    checkpoint comes back merged into its base (merge_lora), or as base + adapters.
+
+    quant ("int8"; "nf4" works but is QLoRA's training format): weight-only quantization of the float model's seven
+    projections as it loads (`qcjax.adapters.quantize`, placed on `mesh`); the config comes back with cfg.quant set,
+    the tree `qcjax.model.build(cfg)` applies. Every CLI that samples quantized loads through here."""
+    from qcjax.config import QUANT_TYPES
+
+    if quant not in QUANT_TYPES:
+        raise ValueError(f"quant={quant!r}: expected one of {QUANT_TYPES}")
+    cfg, params = _load(path, mesh=mesh, dtype=dtype, step=step, merge_lora=merge_lora)
+    if quant == "none":
+        return cfg, params
+    if cfg.lora is not None or cfg.quant != "none":
+        raise ValueError(f"{path}: quant={quant!r} quantizes a plain float model, not one with "
+                         f"{'LoRA adapters (load with merge_lora=True)' if cfg.lora else f'quant={cfg.quant!r}'}")
+    from qcjax import adapters
+
+    cfg = cfg.replace(quant=quant)
+    return cfg, adapters.quantize(cfg, params, mesh)
+
+
+def _load(path: str, *, mesh, dtype: str | None, step: int | None, merge_lora: bool) -> tuple[ModelConfig, Any]:
+    """`load` before any quantization: the float model (or a LoRA checkpoint's base + adapters)."""
     if not paths.isdir(str(path)):
         raise FileNotFoundError(f"{path}: no such directory (expected an HF model directory or a qcjax checkpoint)")
     if is_hf_dir(path):
@@ -44,7 +71,14 @@ def load(path: str, *, mesh=None, dtype: str | None = None, step: int | None = N
     from qcjax import adapters
 
     cfg, params = with_lora_base(cfg, params, read_config(path, step)[1], path, mesh=mesh, dtype=dtype)
-    return adapters.merge(cfg, params) if merge_lora else (cfg, params)
+    if not merge_lora:
+        return cfg, params
+    cfg, params = adapters.merge(cfg, params)
+    if dtype is None:
+        return cfg, params
+    import jax
+
+    return cfg, jax.tree.map(lambda x: x.astype(dtype), params)  # a QLoRA base merges dequantized, in float32
 
 
 def with_lora_base(cfg: ModelConfig, lora: Any, meta: dict, path: str, *, mesh=None, dtype: str | None = None
@@ -71,7 +105,7 @@ def with_lora_base(cfg: ModelConfig, lora: Any, meta: dict, path: str, *, mesh=N
 
         out = param_shardings(abstract_params(plain), mesh) if mesh is not None else None
         base = jax.jit(lambda: init_params(plain, jax.random.key(int(base_of.get("seed", 0)))), out_shardings=out)()
-    base = adapters.freeze_base(cfg, base)  # exactly the base the run trained against
+    base = adapters.freeze_base(cfg, base, mesh)  # exactly the base the run trained against
     if dtype:
         base = adapters.cast_floats(base, dtype)
     return cfg, adapters.combine(base, lora)

@@ -465,8 +465,9 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
             programs.append(compile_program(f"decode ({decode_steps} steps a call)", S.decode,
                                             (cfg, p.kinds, params, state, controls), {"steps": decode_steps},
                                             topo.hbm_bytes)[0])
+    quant = "" if cfg.quant == "none" else f" ({cfg.quant} projections)"
     setup = [f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, params "
-             f"{cfg.param_dtype}, compute {cfg.dtype}, KV cache {jnp.dtype(cache_dtype).name}",
+             f"{cfg.param_dtype}{quant}, compute {cfg.dtype}, KV cache {jnp.dtype(cache_dtype).name}",
              f"batch {batch} (decode rows {p.batch}), prompt bucket {p.tokens.shape[1]}, cache {p.cache_len} slots, "
              f"{max_new_tokens} new tokens (output buffer {p.out_len})"]
     return CompileReport(topology=topo, mesh=dict(mesh.shape), setup=setup, programs=programs)

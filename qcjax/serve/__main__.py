@@ -23,6 +23,8 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qcjax.loader import SAMPLING_QUANT  # importing JAX starts no backend: the platform set-up can follow
+
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""endpoints:
@@ -45,6 +47,9 @@ completions, the rest of the context for chat). Requests beyond --max_batch runn
                    help="param and compute dtype (default bfloat16)")
     m.add_argument("--cache_dtype", default="bfloat16", choices=("bfloat16", "float32"),
                    help="KV cache dtype (default bfloat16)")
+    m.add_argument("--quant", default="none", choices=SAMPLING_QUANT,
+                   help="int8: weight-only int8 projections (one scale per output channel), quantized from the float "
+                        "checkpoint as it loads (default none; docs/serving.md)")
     m.add_argument("--mesh", default=None,
                    help="device mesh, e.g. 'tensor=8' (default: on several TPU/GPU devices, tensor parallel up to the "
                         "KV heads, then data over the slots; on the CPU, one device)")
@@ -125,7 +130,8 @@ def load_model(a: argparse.Namespace, mesh):
     import qcjax
 
     try:
-        cfg, params = qcjax.load(a.hf_dir or a.ckpt, mesh=mesh, dtype=a.dtype, step=None if a.hf_dir else a.step)
+        cfg, params = qcjax.load(a.hf_dir or a.ckpt, mesh=mesh, dtype=a.dtype, step=None if a.hf_dir else a.step,
+                                 quant=a.quant)
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"--{'hf_dir' if a.hf_dir else 'ckpt'}: cannot load the model from {a.hf_dir or a.ckpt}: "
                          f"{e}") from None
@@ -180,8 +186,13 @@ def build(a: argparse.Namespace, log=print):
     if tok.vocab_size > cfg.vocab_size:
         raise UsageError(f"--tokenizer: {tok.vocab_size} ids but the model has {cfg.vocab_size} embedding rows "
                          "(wrong tokenizer for this checkpoint)")
-    log(f"loaded {a.hf_dir or a.ckpt} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {a.dtype}) in "
+    quant = "" if a.quant == "none" else f", {a.quant} projections"
+    log(f"loaded {a.hf_dir or a.ckpt} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {a.dtype}{quant}) in "
         f"{time.perf_counter() - t:.1f} s")
+    if a.quant != "none":
+        from qcjax import adapters
+
+        log(adapters.describe(cfg, params))
     engine = Engine(cfg, params, slots=a.max_batch, max_len=a.max_len, cache_dtype=jnp.dtype(a.cache_dtype),
                     mesh=mesh, chunk=a.chunk, max_queue=a.max_queue, prefill_batch=a.prefill_batch,
                     prefill_tokens=a.prefill_tokens, prefill_chunk=a.prefill_chunk)
