@@ -271,8 +271,11 @@ def lora_section(results: dict) -> list[str]:
            "Adam state are fp32, the frozen base is held in the compute dtype (bf16) or, with `lora.base_quant=int8`, "
            "as int8 values with per-channel bf16 scales (QLoRA). No base gradients, no base optimizer state. Compiled "
            "the same way as the table above (the stage's global batch and sequence length, the size config's remat "
-           "and rows per chip, FSDP over every chip); the last column is the full fine-tune's smallest slices from "
-           "the table:", "",
+           "and rows per chip), on the mesh each row names: FSDP over every chip, or with a context axis that splits "
+           "each row's tokens (previous section) where one row's activations do not fit a chip. The last column is "
+           "the full fine-tune's smallest slices from the table. For 32B SFT at 8K: full fine-tuning needs 16 v5p or "
+           "64 v6e chips; LoRA fits 8 v6e chips (or 16 v5e), QLoRA 8 v6e with a third of the HBM to spare, or 8 v5e "
+           "with `--config.mesh.context=2`.", "",
            "| size | stage | slice | mesh | adapters | base | total per chip (GiB) | HBM (GiB) | fits | full FT needs "
            "| command |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -280,9 +283,10 @@ def lora_section(results: dict) -> list[str]:
         hits = [h for (size, stage, _), h in results.items() if (size, stage) == (r["size"], r["stage"]) and h]
         needs = ", ".join(f"{h['point']['topology']} ({gib(h['total'])} GiB)" for h in hits) or "-"
         out.append(f"| {r['size']} | {r['stage']} | {r['slice']} | {r['mesh']} | {r['adapters']} | {r['base']} | "
-                   f"{r['total_gib']:.2f} | {r['hbm_gib']:.2f} | {'yes' if r['fits'] else 'no'} "
+                   f"{r['total_gib']:.2f} | {r['hbm_gib']:.2f} | "
+                   f"{'yes' if r['total_gib'] <= HEADROOM * r['hbm_gib'] else 'no'} "
                    f"({100 * r['total_gib'] / r['hbm_gib']:.0f}%) | {needs} | `{r['command']}` |")
-    return out
+    return out + ["", f"A row fits when its total is at most {HEADROOM:.0%} of the HBM, as in the table above."]
 
 
 def render(results: dict, defaults: dict, points: Points, args) -> str:
