@@ -203,6 +203,20 @@ def test_lora_dpo_uses_the_base_as_its_reference(tmp_path, spm_dir, base_ckpt):
     assert np.mean([r["reward_accuracy"] for r in late]) > 0.75 and np.mean([r["reward_margin"] for r in late]) > 0.1
 
 
+def test_lora_continued_pretraining_with_fim_evaluates_and_checkpoints_the_adapters(tmp_path, spm_dir, base_ckpt):
+    """The file stage (next-token + FIM on the standard library) with adapters: eval runs on base + adapters."""
+    from qcjax.checkpoint import restore_params
+    from qcjax.train.loop import train
+
+    train(tiny(spm_dir, steps=6, eval_every=6, checkpoint_every=6, init_from=base_ckpt, **{"lora.rank": 4}),
+          str(tmp_path / "run"))
+    rows = metrics(tmp_path / "run")
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert any(np.isfinite(v) for r in rows for k, v in r.items() if k.startswith("eval"))
+    ad = restore_params(str(tmp_path / "run" / "checkpoints"))[1]
+    assert all(adapters.is_adapter(p) for p, _ in jax.tree_util.tree_leaves_with_path(ad))
+
+
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
 def test_qlora_sft_learns(tmp_path, spm_dir, base_ckpt, quant):
     import qcjax
