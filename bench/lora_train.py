@@ -25,15 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from train_step import BENCH_CFG, timed  # noqa: E402
+from train_step import BENCH_CFG, step_and_batch, timed  # noqa: E402
 
 from qcjax import adapters  # noqa: E402
 from qcjax.config import LoraSpec, ModelConfig  # noqa: E402
 from qcjax.model import count_params, init_params  # noqa: E402
-from qcjax.train.step import OptimizerConfig, StepConfig, init_state, lr_schedule, make_optimizer, \
-    make_train_step  # noqa: E402
+from qcjax.train.step import init_state  # noqa: E402
 
 
 def nbytes(tree) -> int:
@@ -42,13 +40,7 @@ def nbytes(tree) -> int:
 
 def runner(cfg: ModelConfig, tokens: np.ndarray):
     """(one step to completion, trained-state bytes, frozen-base bytes) for cfg (LoRA when cfg.lora is set)."""
-    oc = OptimizerConfig(lr=1e-4, warmup_steps=0)
-    tx = make_optimizer(oc, 1000)
-    step = jax.jit(make_train_step(cfg, StepConfig(loss_chunk=tokens.size), tx, lr_schedule(oc, 1000)),
-                   donate_argnums=0)
-    b, t = tokens.shape
-    batch = {"tokens": jnp.asarray(tokens), "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
-             "segment_ids": jnp.ones((b, t), jnp.int32), "loss_mask": jnp.ones((b, t), jnp.float32)}
+    step, tx, batch = step_and_batch(cfg, tokens)
     params = init_params(cfg, jax.random.key(0))
     base = None
     if cfg.lora is not None:  # as the loop holds a LoRA run: adapters trained, the base frozen (loop.lora_base_params)

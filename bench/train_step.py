@@ -50,8 +50,8 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / t
 
 
-def ours(cfg: ModelConfig, tokens: np.ndarray):
-    """A zero-argument callable that runs one of our train steps to completion (compiled on the first call)."""
+def step_and_batch(cfg: ModelConfig, tokens: np.ndarray):
+    """(jitted step as train.py runs it, state donated; its optimizer; the batch of `tokens`, every token trained)."""
     oc = OptimizerConfig(lr=1e-4, warmup_steps=0)
     tx = make_optimizer(oc, 1000)
     step = jax.jit(make_train_step(cfg, StepConfig(loss_chunk=tokens.size), tx, lr_schedule(oc, 1000)),
@@ -59,6 +59,12 @@ def ours(cfg: ModelConfig, tokens: np.ndarray):
     b, t = tokens.shape
     batch = {"tokens": jnp.asarray(tokens), "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
              "segment_ids": jnp.ones((b, t), jnp.int32), "loss_mask": jnp.ones((b, t), jnp.float32)}
+    return step, tx, batch
+
+
+def ours(cfg: ModelConfig, tokens: np.ndarray):
+    """A zero-argument callable that runs one of our train steps to completion (compiled on the first call)."""
+    step, tx, batch = step_and_batch(cfg, tokens)
     state = [init_state(init_params(cfg, jax.random.key(0)), tx)]
 
     def one():

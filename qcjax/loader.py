@@ -74,11 +74,8 @@ def _load(path: str, *, mesh, dtype: str | None, step: int | None, merge_lora: b
     if not merge_lora:
         return cfg, params
     cfg, params = adapters.merge(cfg, params)
-    if dtype is None:
-        return cfg, params
-    import jax
-
-    return cfg, jax.tree.map(lambda x: x.astype(dtype), params)  # a QLoRA base merges dequantized, in float32
+    # a QLoRA base merges dequantized, in float32
+    return cfg, (params if dtype is None else adapters.cast_floats(params, dtype))
 
 
 def with_lora_base(cfg: ModelConfig, lora: Any, meta: dict, path: str, *, mesh=None, dtype: str | None = None

@@ -22,6 +22,8 @@ from qcjax import adapters
 from qcjax import sampler as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_train import tiny  # noqa: E402
 _spec = importlib.util.spec_from_file_location("infer", os.path.join(ROOT, "infer.py"))
 infer = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(infer)
@@ -150,31 +152,17 @@ MIN_AGREEMENT = 0.975
 MAX_BF16_KL_RATIO = 4.0
 
 
-def _tiny_config(spm_dir: str):
-    spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(ROOT, "configs", "tiny.py"))
-    sys.path.insert(0, ROOT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
-    c.tokenizer = spm_dir
-    c.seq_len, c.batch_size, c.steps, c.log_every = 64, 8, STEPS, STEPS
-    c.eval_every, c.checkpoint_every = 0, STEPS
-    c.optimizer.lr, c.optimizer.warmup_steps = 1e-2, 5
-    return c
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, spm_dir):
     """(checkpoint dir, tokenizer): the tiny preset with a 512-id SentencePiece vocabulary, trained from scratch for
     STEPS steps on the stdlib (float32)."""
-    from qcjax.tokenizer import load_tokenizer, train_spm
+    from qcjax.tokenizer import load_tokenizer
     from qcjax.train.loop import train
 
-    spm = tmp_path_factory.mktemp("spm")
-    train_spm(str(spm), vocab_size=512, max_chars=300_000, progress=False)
     work = tmp_path_factory.mktemp("run")
-    train(_tiny_config(str(spm)), str(work))
-    return str(work / "checkpoints"), load_tokenizer(str(spm))
+    train(tiny(spm_dir, steps=STEPS, log_every=STEPS, eval_every=0, checkpoint_every=STEPS,
+               **{"optimizer.lr": 1e-2, "optimizer.warmup_steps": 5}), str(work))
+    return str(work / "checkpoints"), load_tokenizer(spm_dir)
 
 
 @pytest.fixture(scope="module")

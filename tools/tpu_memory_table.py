@@ -235,13 +235,20 @@ def gib(b: float) -> str:
 CONTEXT_POINTS = os.path.join(ROOT, "tools", "tpu_memory_context.jsonl")
 
 
-def context_section() -> list[str]:
-    """Rows compiled with a context (sequence-parallel) mesh axis, from tools/tpu_memory_context.jsonl (one JSON
-    object per compile: the command it ran and the compiler's per-chip total)."""
-    if not os.path.exists(CONTEXT_POINTS):
+def read_rows(path: str) -> list[dict]:
+    """The compiles recorded by hand in a JSONL file (one object per compile: the command it ran and the compiler's
+    per-chip total); none if the file is absent."""
+    if not os.path.exists(path):
         return []
-    with open(CONTEXT_POINTS) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def context_section() -> list[str]:
+    """Rows compiled with a context (sequence-parallel) mesh axis, from tools/tpu_memory_context.jsonl."""
+    rows = read_rows(CONTEXT_POINTS)
+    if not rows:
+        return []
     out = ["", "## Context parallelism: the repo stage (32K tokens) on more slices", "",
            "With `mesh.context` > 1 each row's 32K tokens are split over `context` chips (activations sharded along "
            "the sequence, keys and values gathered for attention) and those chips also shard the weights as fsdp "
@@ -262,10 +269,9 @@ LORA_POINTS = os.path.join(ROOT, "tools", "tpu_memory_lora.jsonl")
 def lora_section(results: dict) -> list[str]:
     """LoRA / QLoRA rows from tools/tpu_memory_lora.jsonl (one JSON object per compile, as for the context rows),
     next to the smallest slices the full fine-tune of the same size and stage needs (this page's table)."""
-    if not os.path.exists(LORA_POINTS):
+    rows = read_rows(LORA_POINTS)
+    if not rows:
         return []
-    with open(LORA_POINTS) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
     out = ["", "## LoRA and QLoRA: fine-tuning the big sizes on small slices", "",
            "`lora.rank` > 0 trains low-rank adapters only (qwix LoRA on q/k/v/o/gate/up/down): the adapters and their "
            "Adam state are fp32, the frozen base is held in the compute dtype (bf16) or, with `lora.base_quant=int8`, "
