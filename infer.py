@@ -105,7 +105,7 @@ Generation stops at Qwen's FIM/chat stop tokens (<|endoftext|> <|fim_prefix|> <|
     gen.add_argument("--prefill_chunk", type=int, default=None,
                      help="prompts longer than this many tokens prefill in chunks of it, each attending to the cache "
                           "so far (bounded activation memory for 32K-128K prompts); a power of two "
-                          "(default 4096)")
+                          "(default 512)")
     gen.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     aot = p.add_argument_group("compile only (no TPU needed; libtpu)")
@@ -147,7 +147,7 @@ def _check_mode(a: argparse.Namespace) -> str:
 
 
 def _sampling(temperature, top_k, top_p, min_p, where: str = "--"):
-    from qcjax.sampler import SamplingParams
+    from qcjax.sampling import SamplingParams
 
     try:
         return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
@@ -387,12 +387,12 @@ def _model_config(a):
 
 
 def _prefill_chunk(a: argparse.Namespace) -> int:
-    from qcjax import sampler as S
+    from qcjax.inference.engine import DEFAULT_PREFILL_CHUNK, MIN_PREFILL_BUCKET
 
-    try:
-        return S.check_prefill_chunk(S.DEFAULT_PREFILL_CHUNK if a.prefill_chunk is None else a.prefill_chunk)
-    except ValueError as e:
-        raise UsageError(f"--{e}") from None
+    chunk = DEFAULT_PREFILL_CHUNK if a.prefill_chunk is None else a.prefill_chunk
+    if chunk < MIN_PREFILL_BUCKET or chunk & (chunk - 1):
+        raise UsageError(f"--prefill_chunk={chunk}: must be a power of two >= {MIN_PREFILL_BUCKET}")
+    return chunk
 
 
 def compile_only(a: argparse.Namespace, out=None) -> int:
@@ -447,8 +447,10 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from qcjax import sampler as S
     from qcjax.config import ModelConfig
+    from qcjax.inference import generate
+    from qcjax.inference.programs import place_params
+    from qcjax.text_stream import TextStream
 
     if a.hf_dir:
         try:
@@ -482,7 +484,9 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
     if mesh is None and jax.device_count() > 1 and jax.default_backend() != "cpu":
         from qcjax.sharding import make_mesh
 
-        shape = S.serving_mesh_shape(_model_config(a), jax.device_count(), len(reqs))
+        from qcjax.sharding import serving_mesh_shape
+
+        shape = serving_mesh_shape(_model_config(a), jax.device_count(), len(reqs))
         mesh = make_mesh(shape)
         if not a.quiet:
             print(f"mesh: {', '.join(f'{k}={v}' for k, v in shape.items())} over {jax.device_count()} devices (the "
@@ -492,21 +496,21 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
         raise UsageError(f"tokenizer {tok.path} has {tok.vocab_size} ids but the model only {cfg.vocab_size} "
                          "embedding rows: wrong tokenizer for this checkpoint")
     cfg = cfg.replace(max_position_embeddings=a.context)
-    params = S.place_params(cfg, params, mesh)
+    params = place_params(cfg, params, mesh)
     cache_dtype = jnp.dtype(a.cache_dtype)
     prefill_chunk = _prefill_chunk(a)
 
     def gen(batch: list[dict], on_chunk=None):
-        return S.generate(cfg, params, [r["ids"] for r in batch], max_new_tokens=[r["max_new"] for r in batch],
-                          sampling=[r["sampling"] for r in batch], stop_tokens=[r["stop_ids"] for r in batch],
-                          seed=[r["seed"] for r in batch], cache_dtype=cache_dtype, mesh=mesh, chunk=a.chunk,
-                          on_chunk=on_chunk, prefill_chunk=prefill_chunk)
+        return generate(cfg, params, [r["ids"] for r in batch], max_new_tokens=[r["max_new"] for r in batch],
+                        sampling=[r["sampling"] for r in batch], stop_tokens=[r["stop_ids"] for r in batch],
+                        seed=[r["seed"] for r in batch], cache_dtype=cache_dtype, mesh=mesh, chunk=a.chunk,
+                        on_chunk=on_chunk, prefill_chunk=prefill_chunk, max_rows=a.batch_size)
 
     t0 = time.perf_counter()
     produced = 0
     if mode != "jsonl":
         r = reqs[0]
-        ts = S.TextStream(tok.decode, r["stop_ids"], r["strings"])
+        ts = TextStream(tok.decode, r["stop_ids"], r["strings"])
         if not a.quiet:
             print(f"prompt: {len(r['ids'])} tokens", file=log)
 
@@ -528,7 +532,7 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
         try:
             for s in range(0, len(reqs), a.batch_size):
                 batch = reqs[s: s + a.batch_size]
-                streams = [S.TextStream(tok.decode, r["stop_ids"], r["strings"]) for r in batch]
+                streams = [TextStream(tok.decode, r["stop_ids"], r["strings"]) for r in batch]
 
                 def on_chunk(new, streams=streams):  # stop strings need text: finish rows whose text has one
                     for ts, ids in zip(streams, new):

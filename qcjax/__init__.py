@@ -2,7 +2,7 @@
 
     cfg, params = qcjax.load("path/to/Qwen2.5-Coder-0.5B")   # an HF directory or a qcjax checkpoint
     logits = qcjax.logits(cfg, params, tokens)          # [batch, seq, vocab] float32
-    done = qcjax.generate(cfg, params, [token_ids], max_new_tokens=64)   # list of Completion (qcjax.sampler)
+    done = qcjax.generate(cfg, params, [token_ids], max_new_tokens=64)   # list of Completion (qcjax.inference)
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from qcjax.config import ModelConfig, get_config
 from qcjax.hf import load_hf
 from qcjax.loader import load
 from qcjax.model import Qwen2, build, init_params
-from qcjax.sampler import SamplingParams, generate
+from qcjax.inference import SamplingParams, generate
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -22,11 +22,13 @@ from qcjax.attention import attend
 from qcjax.config import ModelConfig
 from qcjax.sharding import batch_shards, constrain
 
-# {"k","v": [layers, batch, max_len, kv_heads * head_dim], "lengths": [batch] int32}. The heads are merged into one
-# minor dim (a multiple of 128 for every size of the family) so that TPUs tile the cache as [max_len, kv_heads *
+# Dense: {"k","v": [layers, batch, max_len, kv_heads * head_dim], "lengths": [batch] int32}. Paged (the inference
+# engine's, qcjax.inference): {"k","v": [layers, pages, page_size, kv_heads * head_dim], "lengths": [batch],
+# "pages": [batch, w] int32}, row b's position p at page pages[b, p // page_size]. The heads are merged into one
+# minor dim (a multiple of 128 for every size of the family) so that TPUs tile the cache as [len, kv_heads *
 # head_dim] without padding and keep one layout from the entry of the decode program through its loop: with
-# [..., kv_heads, head_dim] minor dims (2-8 x 64-128) XLA:TPU's default layout put max_len minor-most and copied the
-# whole cache into the layout the per-layer write wants at every decode call (2x the cache in temporaries).
+# [..., kv_heads, head_dim] minor dims (2-8 x 64-128) XLA:TPU's default layout put the length minor-most and copied
+# the whole cache into the layout the per-layer write wants at every decode call (2x the cache in temporaries).
 Cache = dict[str, jax.Array]
 
 
@@ -125,20 +127,45 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.cfg.dtype)
 
 
-def scatter_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, at: jax.Array) -> jax.Array:
-    """The stacked cache [layers, batch, len, ...] with new [batch, t, ...] (the cache's dtype) written into `layer`
-    at each row's offset at [batch]: one scatter of the new entries, in place on the cache the layer scan carries
-    (the rest of the cache is never copied). Positions past the end are dropped."""
-    b, t = new.shape[:2]
-    rows = jnp.arange(b, dtype=jnp.int32)[:, None]  # [batch, 1]
-    slots = at.astype(jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [batch, t]
-    return cache.at[layer, rows, slots].set(new, mode="drop")
+def scatter_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array, slot: jax.Array
+                  ) -> jax.Array:
+    """The stacked cache [layers, n, len, ...] with new [batch, t, ...] (the cache's dtype) written into `layer` at
+    [index, slot] (both [batch, t]: a row and its position for the dense cache, a page and the slot in it for the
+    paged one): one scatter of the new entries, in place on the cache the layer scan carries (the rest of the cache
+    is never copied). Entries whose index or slot is out of range are dropped."""
+    return cache.at[layer, index, slot].set(new, mode="drop")
 
 
-def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, at: jax.Array) -> jax.Array:
+def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array, slot: jax.Array) -> jax.Array:
     """`scatter_cache` through the platform switch's "cache_write" (on the CPU a 16-bit cache is scattered as
     uint16 bits: XLA:CPU runs a bf16 scatter by converting the whole cache to fp32 and back)."""
-    return platform.dispatch("cache_write", scatter_cache, cache, new.astype(cache.dtype), layer, at)
+    return platform.dispatch("cache_write", scatter_cache, cache, new.astype(cache.dtype), layer, index, slot)
+
+
+def cache_targets(at: jax.Array, t: int, pages: jax.Array | None, page_size: int, valid: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Where t new tokens starting at each row's position at [batch] go: (index, slot) [batch, t] for
+    `scatter_cache`. Dense cache (pages None): row b, position at[b] + i (past the end: dropped; padding is written
+    past the length and overwritten later). Paged cache: page pages[b, p // page_size] at slot p % page_size;
+    padding (valid False) and positions beyond the page table go to no page (dropped), so a row only ever writes
+    into pages its table names at positions >= its length: pages shared by a prefix are never written."""
+    b = at.shape[0]
+    pos = at.astype(jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [batch, t]
+    if pages is None:
+        return jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t)), pos
+    w = pages.shape[1]
+    slot_page = pos // page_size
+    page = jnp.take_along_axis(pages, jnp.clip(slot_page, 0, w - 1), axis=1)
+    nowhere = jnp.iinfo(jnp.int32).max  # out of range for any pool: the write is dropped
+    return jnp.where(valid & (slot_page < w), page, nowhere), pos % page_size
+
+
+def read_pages(pool: jax.Array, layer: jax.Array, pages: jax.Array) -> jax.Array:
+    """One layer's keys (or values) of each row, gathered from the page pool [layers, pages, page_size, kv * d] in
+    page-table order: pages [batch, w] -> [batch, w * page_size, kv * d] (the row's positions 0..w*page_size-1)."""
+    b, w = pages.shape
+    layer_pool = jax.lax.dynamic_index_in_dim(pool, layer, 0, keepdims=False)  # [pages, page_size, kv * d]
+    return jnp.take(layer_pool, pages, axis=0, mode="clip").reshape(b, w * pool.shape[2], pool.shape[3])
 
 
 class Attention(nn.Module):
@@ -164,17 +191,29 @@ class Attention(nn.Module):
         v = constrain(v, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
         q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
 
+        prompt = False
         if cache is not None:  # write the new keys/values at each sequence's own offset, attend to the layer's cache
             b, t = k.shape[:2]
-            cache = tuple(write_cache(c, n.reshape(b, t, kvh * d), layer, q_offset) for c, n in zip(cache, (k, v)))
+            *cache, pages = cache  # pages: the page table [batch, w] of a paged cache, None for a dense one
+            page_size = cache[0].shape[2]
+            index, slot = cache_targets(q_offset, t, pages, page_size, q_segment_ids != 0)
+            cache = [write_cache(c, n.reshape(b, t, kvh * d), layer, index, slot) for c, n in zip(cache, (k, v))]
             # in the cache's dtype: `attend` widens them, or its CPU decode kernel reads them as they are
-            k, v = (constrain(jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False).reshape(b, -1, kvh, d),
-                              ("act_batch", "cache_length", "act_kv_heads", "act_head_dim")) for c in cache)
+            if pages is None:
+                k, v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in cache)
+            elif pages.shape[1] * page_size == t:  # a fresh prompt filling its whole table: its own keys, no gather
+                k, v = (n.astype(cache[0].dtype) for n in (k, v))
+            else:
+                k, v = (read_pages(c, layer, pages) for c in cache)
+            k, v = (constrain(c.reshape(b, -1, kvh, d), ("act_batch", "cache_length", "act_kv_heads", "act_head_dim"))
+                    for c in (k, v))
+            # q_len == kv_len: a prompt into an empty cache (the sampler's prefill: q_offset 0, as self-attention
+            # requires); training never passes a cache.
+            prompt = q.shape[1] == k.shape[1]
+            cache = (*cache, pages)
 
-        # With a cache and q_len == kv_len this is a prefill into an empty cache (the sampler's: q_offset 0, as
-        # self-attention requires); training never passes a cache.
         out = attend(q, k, v, q_segment_ids, kv_segment_ids, q_offset, scale=d**-0.5, impl=cfg.attention_impl,
-                     prompt=cache is not None and q.shape[1] == k.shape[1])
+                     prompt=prompt)
         out = checkpoint_name(out, "attn_out")
         o = Linear(cfg, 2, (h, d, e), ("heads", "head_dim", "embed"), name="o_proj")(out)
         return o, cache
@@ -277,12 +316,14 @@ class Qwen2(nn.Module):
             q_offset = cache["lengths"]
             new_lengths = q_offset + jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
             q_seg = (segment_ids != 0).astype(jnp.int32)
-            kv_seg = (jnp.arange(cache["k"].shape[2])[None, :] < new_lengths[:, None]).astype(jnp.int32)
-            layer_caches = (cache["k"], cache["v"])
+            pages = cache.get("pages")  # paged: [batch, w] page ids; the row's positions span w * page_size
+            kv_len = cache["k"].shape[2] * (1 if pages is None else pages.shape[1])
+            kv_seg = (jnp.arange(kv_len)[None, :] < new_lengths[:, None]).astype(jnp.int32)
+            layer_caches = (cache["k"], cache["v"], pages)
         layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (x, layer_caches), _ = self.layers((x, layer_caches), layers, cos, sin, q_seg, kv_seg, q_offset)
         if cache is not None:
-            cache = {"k": layer_caches[0], "v": layer_caches[1], "lengths": new_lengths}
+            cache = {**cache, "k": layer_caches[0], "v": layer_caches[1], "lengths": new_lengths}
         return self.final_norm(x), cache
 
     def head(self, hidden: jax.Array) -> jax.Array:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
     """The power of two >= n (>= 1): the bucket sizes shapes are rounded to."""
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -81,7 +81,7 @@ class FilterKinds:
         kmax = max(s.top_k for s in rows)
         return cls(
             sample=True,
-            top_k=min(_pow2(kmax), vocab_size) if kmax else 0,
+            top_k=min(pow2(kmax), vocab_size) if kmax else 0,
             top_p=any(s.top_p < 1 for s in rows),
             min_p=any(s.min_p > 0 for s in rows),
         )

@@ -127,3 +127,15 @@ def param_specs(boxed_params: Any, mesh: Mesh) -> Any:
 
 def param_shardings(boxed_params: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(boxed_params, mesh))
+
+
+def serving_mesh_shape(cfg: Any, n_devices: int, batch: int = 1) -> dict[str, int]:
+    """The mesh sampling takes by default on `n_devices` (cfg: a ModelConfig; its KV heads decide): tensor parallel
+    over the largest divisor of the device count that divides the KV heads (each device holds whole KV heads of the cache and 1/t of every weight, so a
+    decode step reads each weight once over the slice), then data parallel over the batch rows (the largest divisor
+    of what is left that is <= batch), and fsdp over the rest (weights sharded further, gathered per layer)."""
+    n = int(n_devices)
+    t = max(d for d in range(1, n + 1) if n % d == 0 and cfg.num_kv_heads % d == 0)
+    rest = n // t
+    d = max(x for x in range(1, rest + 1) if rest % x == 0 and x <= max(1, int(batch)))
+    return {"data": d, "fsdp": rest // d, "tensor": t}

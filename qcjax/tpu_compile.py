@@ -3,7 +3,7 @@
 With libtpu installed, JAX describes a TPU topology without any TPU attached ("compile-only" devices); the real XLA
 TPU compiler and Mosaic (the Pallas kernels) then compile for it, and `memory_analysis()` gives per-chip HBM. This
 module compiles THE train step the loop runs (`qcjax.train.loop.build_train_program`) and the sampler's prefill and
-decode (`qcjax.sampler`), so `train.py --compile_only` / `infer.py --compile_only` answer "does it fit on this slice?"
+decode (`qcjax.inference.programs`), so `train.py --compile_only` / `infer.py --compile_only` answer "does it fit on this slice?"
 before a pod is booked. Nothing executes and no weights are read.
 
     report = compile_train(config, "v5p-128"); print(report.format()); report.fits
@@ -414,20 +414,22 @@ def predict_train_bytes(cfg: ModelConfig, n_chips: int, rows_per_chip: int, seq_
     return out
 
 
-# ---- the sampler ---------------------------------------------------------------------------------------------------
+# ---- the sampler ----------------------------------------------------------------------------------------------------
 def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, context: int, max_new_tokens: int,
                     mesh_shape: dict[str, int] | None = None, cache_dtype: Any = jnp.bfloat16, sampling=None,
-                    prefill_chunk: int | None = None, decode_steps: int = 16) -> CompileReport:
-    """Compile the sampler's prefill and decode for `batch` rows of `context` tokens (a prompt of context -
-    max_new_tokens, bucketed exactly as `sampler.plan` buckets it) on a TPU slice. cfg's dtypes are the run's.
-    mesh_shape None: the serving mesh (`sampler.serving_mesh_shape`: tensor parallel up to the KV heads first).
-    Prompt buckets over `prefill_chunk` (default: the sampler's) compile the chunked prefill, as `sampler.start`
-    runs them."""
+                    prefill_chunk: int | None = None, decode_steps: int = 16, page_size: int | None = None,
+                    num_pages: int | None = None) -> CompileReport:
+    """Compile the inference engine's programs (qcjax.inference.programs) for `batch` rows of `context` tokens (a
+    prompt of context - max_new_tokens) on a TPU slice: one prefill call of `prefill_chunk` tokens per row into a
+    page table as wide as the context, and a decode call of `decode_steps` steps over the batch. cfg's dtypes are
+    the run's. The page pool holds num_pages pages (default: batch x context tokens, what the rows can fill).
+    mesh_shape None: the serving mesh (`sharding.serving_mesh_shape`: tensor parallel up to the KV heads first)."""
     from flax import linen as nn
 
-    from qcjax import sampler as S
+    from qcjax.inference import engine as E, programs as PR, rows as R
     from qcjax.model import abstract_params
-    from qcjax.sharding import logical_to_spec, param_shardings
+    from qcjax.sampling import GREEDY
+    from qcjax.sharding import logical_to_spec, param_shardings, serving_mesh_shape
 
     topo = parse_topology(topology) if isinstance(topology, str) else topology
     if batch < 1:
@@ -435,39 +437,38 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
     if not 1 <= max_new_tokens < context:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, context={context}): the prompt gets the "
                          "rest of the context")
-    mesh = topology_mesh(topo, mesh_shape or S.serving_mesh_shape(cfg, len(compile_devices(topo)), batch))
-    p = S.plan(cfg, [[0] * (context - max_new_tokens)] * batch, max_new_tokens, sampling or S.GREEDY, min_batch=1)
+    ps = page_size or E.DEFAULT_PAGE_SIZE
+    chunk = min(prefill_chunk or E.DEFAULT_PREFILL_CHUNK, 1 << (context - max_new_tokens - 1).bit_length())
+    width = -(-context // ps)
+    pages = num_pages or batch * width
+    mesh = topology_mesh(topo, mesh_shape or serving_mesh_shape(cfg, len(compile_devices(topo)), batch))
+    kinds = R.kinds_for([sampling or GREEDY], cfg.vocab_size)
 
-    def place(x, names=None):
-        names = names or ("cache_batch",) + (None,) * (len(x.shape) - 1)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, logical_to_spec(names, x.shape,
-                                                                                                    mesh)))
+    def place(shape, dtype, names=None):
+        names = names or ("cache_batch",) + (None,) * (len(shape) - 1)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, logical_to_spec(names, shape, mesh)))
 
     with jax.set_mesh(mesh):
         params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               nn.meta.unbox(abstract_params(cfg)), param_shardings(abstract_params(cfg), mesh))
-        controls = jax.tree.map(place, jax.eval_shape(lambda: S.controls_for(p)))
-        tokens, lengths = place(jax.ShapeDtypeStruct(p.tokens.shape, jnp.int32)), place(
-            jax.ShapeDtypeStruct(p.lengths.shape, jnp.int32))
-        kw = dict(batch=p.batch, cache_len=p.cache_len, cache_dtype=jnp.dtype(cache_dtype), out_len=p.out_len)
-        chunk = S.check_prefill_chunk(prefill_chunk or S.DEFAULT_PREFILL_CHUNK)
-        if p.tokens.shape[1] > chunk:
-            pre, compiled = compile_program(f"prefill ({chunk}-token chunks)", S.prefill_chunked,
-                                            (cfg, p.kinds, params, tokens, lengths, controls), {**kw, "chunk": chunk},
-                                            topo.hbm_bytes)
-        else:
-            pre, compiled = compile_program("prefill", S.prefill, (cfg, p.kinds, params, tokens, lengths, controls),
-                                            kw, topo.hbm_bytes)
+        pool = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), jax.eval_shape(
+            lambda: PR.init_pool(cfg, num_pages=pages, page_size=ps, dtype=jnp.dtype(cache_dtype))))
+        ctl = jax.tree.map(lambda a: place(a.shape, a.dtype), jax.eval_shape(
+            lambda: R.controls([None] * batch, batch, lambda x, names: jnp.asarray(x))))
+        row = lambda dtype=jnp.int32: place((batch,), dtype)  # noqa: E731
+        pre, compiled = compile_program(
+            f"prefill ({chunk} tokens a row, {width}-page tables)", PR.prefill,
+            (cfg, kinds, params, pool, place((batch, chunk), jnp.int32), row(), row(), place((batch, width), jnp.int32),
+             row(), ctl), None, topo.hbm_bytes)
         programs = [pre]
-        if compiled is not None:  # decode takes the state as prefill leaves it
-            state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                                 compiled.out_info)
-            programs.append(compile_program(f"decode ({decode_steps} steps a call)", S.decode,
-                                            (cfg, p.kinds, params, state, controls), {"steps": decode_steps},
+        if compiled is not None:
+            rows = PR.Rows(place((batch, width), jnp.int32), row(), row(), row(), row(jnp.bool_))
+            programs.append(compile_program(f"decode ({decode_steps} steps a call)", PR.decode,
+                                            (cfg, kinds, params, pool, rows, ctl), {"steps": decode_steps},
                                             topo.hbm_bytes)[0])
     quant = "" if cfg.quant == "none" else f" ({cfg.quant} projections)"
     setup = [f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, params "
              f"{cfg.param_dtype}{quant}, compute {cfg.dtype}, KV cache {jnp.dtype(cache_dtype).name}",
-             f"batch {batch} (decode rows {p.batch}), prompt bucket {p.tokens.shape[1]}, cache {p.cache_len} slots, "
-             f"{max_new_tokens} new tokens (output buffer {p.out_len})"]
+             f"batch {batch}, context {context} ({max_new_tokens} new tokens), KV pool {pages} pages of {ps} tokens "
+             f"({pages * ps} tokens)"]
     return CompileReport(topology=topo, mesh=dict(mesh.shape), setup=setup, programs=programs)

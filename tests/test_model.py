@@ -182,11 +182,13 @@ def test_bf16_cache_write_is_exact_in_place_and_never_widened_to_fp32():
     for b in range(3):
         n = min(2, 16 - at[b])
         want[1, b, at[b]: at[b] + n] = np.array(new)[b, :n]
+    rows = np.repeat(np.arange(3)[:, None], 2, axis=1)
+    slots = at[:, None] + np.arange(2)[None, :]
     write = jax.jit(write_cache, donate_argnums=0)
-    hlo = write.lower(cache, new, 1, at).compile().as_text()
+    hlo = write.lower(cache, new, 1, rows, slots).compile().as_text()
     assert "f32[2,3,16,2,8]" not in hlo, "the compiled write widens the cache to fp32"
     assert "copy(" not in hlo.split("ENTRY")[1], "the compiled write copies the cache"
-    np.testing.assert_array_equal(np.array(write(cache, new, 1, at)).view(np.uint16), want.view(np.uint16))
+    np.testing.assert_array_equal(np.array(write(cache, new, 1, rows, slots)).view(np.uint16), want.view(np.uint16))
 
 
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "minimal"])

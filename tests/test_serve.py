@@ -16,7 +16,7 @@ import pytest
 
 import qcjax
 from qcjax import prompts as P
-from qcjax import sampler as S
+from qcjax.inference import GREEDY, SamplingParams, generate
 
 from conftest import save_hf_dir
 
@@ -57,10 +57,13 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
-    def reference(self, prompts: list[list[int]], max_new, sampling=S.GREEDY, seed=0) -> list[tuple[str, str]]:
-        """qcjax.sampler.generate on the served weights: (text, finish_reason) per prompt."""
-        done = S.generate(self.engine.cfg, self.engine.params, prompts, max_new_tokens=max_new, sampling=sampling,
-                          stop_tokens=self.tok.fim_stop_ids, seed=seed, cache_dtype=jnp.float32)
+    def reference(self, prompts: list[list[int]], max_new, sampling=GREEDY, seed=0) -> list[tuple[str, str]]:
+        """qcjax.inference.generate on the served weights, one prompt at a time: (text, finish_reason) each."""
+        n = len(prompts)
+        each = lambda v: v if isinstance(v, list) else [v] * n  # noqa: E731
+        done = [generate(self.engine.cfg, self.engine.params, [p], max_new_tokens=m, sampling=s, seed=sd,
+                         stop_tokens=self.tok.fim_stop_ids, cache_dtype=jnp.float32)[0]
+                for p, m, s, sd in zip(prompts, each(max_new), each(sampling), each(seed))]
         return [(self.tok.decode(d.tokens), d.finish_reason) for d in done]
 
 
@@ -100,7 +103,7 @@ def test_models_and_health(server):
     models = server.client.models.list()
     assert [m.id for m in models.data] == [server.name]
     h = server.health()
-    assert h["status"] == "ok" and h["slots"] == SLOTS and h["max_len"] == MAX_LEN
+    assert h["status"] == "ok" and h["max_rows"] == SLOTS and h["max_len"] == MAX_LEN
 
 
 def test_greedy_completions_equal_generate(server, tok):
@@ -165,7 +168,7 @@ def test_n_choices_with_a_seed_are_reproducible_and_equal_generate(server, tok):
     assert [c.index for c in a.choices] == [0, 1, 2]
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
     assert len({c.text for c in a.choices}) == 3  # choice k samples with seed + k
-    want = server.reference([ids] * 3, 8, S.SamplingParams(temperature=1.0, top_p=0.9), seed=[7, 8, 9])
+    want = server.reference([ids] * 3, 8, SamplingParams(temperature=1.0, top_p=0.9), seed=[7, 8, 9])
     assert [c.text for c in a.choices] == [t for t, _ in want]
     other = server.client.completions.create(**(kw | {"seed": 8, "n": 1}))
     assert other.choices[0].text == a.choices[1].text
@@ -355,7 +358,7 @@ def test_the_cli_serves_fim_completions_until_interrupted(hf_dir, tok):
         r = client.completions.create(model=model.id, prompt="def add(a, b):\n    ", suffix="\n", max_tokens=8,
                                       temperature=0)
         cfg, params = qcjax.load_hf(hf_dir, dtype="float32")
-        [want] = S.generate(cfg.replace(dtype="float32"), params, [P.encode(tok, P.fim_prompt("def add(a, b):\n    ",
+        [want] = generate(cfg.replace(dtype="float32"), params, [P.encode(tok, P.fim_prompt("def add(a, b):\n    ",
                                                                                               "\n"))],
                             max_new_tokens=8, stop_tokens=tok.fim_stop_ids, cache_dtype=jnp.float32)
         assert r.choices[0].text == tok.decode(want.tokens)

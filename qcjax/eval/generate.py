@@ -1,12 +1,13 @@
-"""Completions for benchmark problems from the jitted sampler (qcjax.sampler.generate), in batches.
+"""Completions for benchmark problems from the inference engine (qcjax.inference.generate).
 
     model = load(args, UsageError, log)                      # weights + tokenizer, as infer.py loads them
     prompts = [make_prompt(model, p, "base") for p in problems]
     texts = complete(model, [pr.ids for pr in prompts], n=10, a=args, stop_strings=stop_strings("humaneval", "base"))
 
-Rows (every problem x n samples) are sorted by prompt length and cut into batches of --batch_size, so each batch
-pads little and the sampler compiles once per (batch, prompt-length bucket). Each sample has its own seed, derived
-from --seed, the task id and the sample index: a sample does not depend on which batch it landed in.
+Every problem x n samples goes to the engine at once, --batch_size of them in flight (continuous batching: a finished
+row's place is taken at once); a problem's n samples are submitted together and share its prompt's KV pages (the
+prefix cache). Each sample has its own seed, derived from --seed, the task id and the sample index: a sample does not
+depend on which rows ran beside it.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def truncate(text: str, stops: Sequence[str], tabs: bool = True) -> str:
 @dataclasses.dataclass
 class Model:
     cfg: Any
-    params: Any  # ready for qcjax.sampler.generate
+    params: Any  # ready for qcjax.inference.generate
     tok: Any
     cache_dtype: Any
     stop_ids: list[int]
@@ -133,41 +134,41 @@ def complete(model: Model, prompts: Sequence[Sequence[int]], n: int, a, stop_str
     """n completions for each prompt (text cut at the stop strings), as [prompt][sample]. a: temperature, top_p,
     max_new_tokens, batch_size, seed. Rows stop early once their text holds a stop string or is_done(prompt index,
     text so far) says more text cannot matter. tabs: replace tabs by four spaces (Qwen's EvalPlus scripts)."""
-    from qcjax import sampler as S
+    from qcjax.inference import GREEDY, SamplingParams, generate
 
     ctx = model.cfg.max_position_embeddings
     task_ids = list(task_ids) if task_ids is not None else [str(i) for i in range(len(prompts))]
     for i, ids in enumerate(prompts):
         if len(ids) + 1 > ctx:
             raise ValueError(f"{task_ids[i]}: the prompt is {len(ids)} tokens, the model's context {ctx}")
-    sampling = (S.SamplingParams(temperature=a.temperature, top_p=a.top_p) if a.temperature > 0 else S.GREEDY)
-    rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
-    rows.sort(key=lambda r: (len(prompts[r[0]]), r))  # similar lengths together: little padding per batch
+    sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p) if a.temperature > 0 else GREEDY
+    rows = [(i, j) for i in range(len(prompts)) for j in range(n)]  # a prompt's samples together: they share pages
     out: list[list[str]] = [[""] * n for _ in prompts]
     if progress is not None:
         progress.total(len(rows))
-    bs = max(1, int(a.batch_size))
-    for b0 in range(0, len(rows), bs):
-        batch = rows[b0: b0 + bs]
-        ids = [list(prompts[i]) for i, _ in batch]
-        max_new = [max(1, min(a.max_new_tokens, ctx - len(x))) for x in ids]
-        got: list[list[int]] = [[] for _ in batch]
+    ids = [list(prompts[i]) for i, _ in rows]
+    max_new = [max(1, min(a.max_new_tokens, ctx - len(x))) for x in ids]
+    got: list[list[int]] = [[] for _ in rows]
 
-        def on_chunk(new, got=got):
-            done = []
-            for k, toks in enumerate(new):
-                got[k] += toks
-                text = model.tok.decode(got[k])
-                if any(s in text for s in stop_strings) or (is_done is not None and is_done(batch[k][0], text)):
-                    done.append(k)
-            return done
+    def on_chunk(new):
+        done = []
+        for k, toks in enumerate(new):
+            if not toks:
+                continue
+            got[k] += toks
+            text = model.tok.decode(got[k])
+            if any(s in text for s in stop_strings) or (is_done is not None and is_done(rows[k][0], text)):
+                done.append(k)
+        return done
 
-        comps = S.generate(model.cfg, model.params, ids, max_new_tokens=max_new, sampling=sampling,
-                           stop_tokens=model.stop_ids, seed=[sample_seed(a.seed, task_ids[i], j) for i, j in batch],
-                           cache_dtype=model.cache_dtype,
-                           on_chunk=on_chunk if stop_strings or is_done is not None else None)
-        for (i, j), c in zip(batch, comps):
-            out[i][j] = truncate(model.tok.decode(c.tokens), stop_strings, tabs)
+    def on_finish(k, c):
+        i, j = rows[k]
+        out[i][j] = truncate(model.tok.decode(c.tokens), stop_strings, tabs)
         if progress is not None:
-            progress.step(n=len(batch))
+            progress.step(n=1)
+
+    generate(model.cfg, model.params, ids, max_new_tokens=max_new, sampling=sampling, stop_tokens=model.stop_ids,
+             seed=[sample_seed(a.seed, task_ids[i], j) for i, j in rows], cache_dtype=model.cache_dtype,
+             on_chunk=on_chunk if stop_strings or is_done is not None else None, on_finish=on_finish,
+             max_rows=max(1, int(a.batch_size)))
     return out

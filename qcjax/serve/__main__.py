@@ -1,5 +1,5 @@
 """Serve a Qwen2.5-Coder checkpoint over an OpenAI-compatible HTTP API: completions with fill-in-the-middle (`suffix`),
-chat, streaming, continuous batching.
+chat, streaming, continuous batching over a paged KV cache with a prefix cache (qcjax.inference).
 
     python -m qcjax.serve --hf_dir Qwen2.5-Coder-1.5B                    # http://127.0.0.1:8000/v1
     python -m qcjax.serve --ckpt runs/sft/checkpoints --max_batch 8 --max_len 4096 --api_key KEY
@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
   POST /v1/completions       prompt (+ suffix: fill in the middle), max_tokens, temperature, top_p, n, stop, seed,
                              stream, echo
   POST /v1/chat/completions  messages (ChatML), the same sampling fields, stream
-  GET  /v1/models, GET /health (slots, queue, compile counts; no key needed)
+  GET  /v1/models, GET /health (rows, queue, pages, compile counts; no key needed)
+  GET  /metrics (Prometheus text: requests, queue, tokens, TTFT / inter-token latency, pages, prefix-cache hits)
 
 Generation stops at Qwen's FIM/chat stop tokens, a request's stop strings, or max_tokens (default 16 for
 completions, the rest of the context for chat). Requests beyond --max_batch running ones wait in a queue of
@@ -52,7 +53,7 @@ completions, the rest of the context for chat). Requests beyond --max_batch runn
                         "checkpoint as it loads (default none; docs/serving.md)")
     m.add_argument("--mesh", default=None,
                    help="device mesh, e.g. 'tensor=8' (default: on several TPU/GPU devices, tensor parallel up to the "
-                        "KV heads, then data over the slots; on the CPU, one device)")
+                        "KV heads, then data over the rows; on the CPU, one device)")
     m.add_argument("--served_model_name", default=None,
                    help="the model name clients send (default: the checkpoint directory's name)")
 
@@ -64,19 +65,25 @@ completions, the rest of the context for chat). Requests beyond --max_batch runn
 
     e = p.add_argument_group("engine")
     e.add_argument("--max_batch", type=int, default=16,
-                   help="slots: sequences decoded together over one KV cache (default 16)")
+                   help="requests in flight at most: the largest decode batch (default 16)")
     e.add_argument("--max_len", type=int, default=8192,
-                   help="tokens per slot, prompt + completion (default 8192, at most the model's context)")
+                   help="tokens per request, prompt + completion (default 8192, at most the model's context)")
+    e.add_argument("--page_size", type=int, default=16, help="tokens per KV-cache page (default 16)")
+    e.add_argument("--cache_tokens", type=int, default=None,
+                   help="KV-cache size in tokens, shared by all requests in pages (default: max_batch x max_len)")
+    e.add_argument("--no_prefix_cache", action="store_true",
+                   help="do not reuse the cached pages of earlier prompts (default: reuse them)")
     e.add_argument("--max_queue", type=int, default=64,
-                   help="requests that may wait for a slot; more get HTTP 429 (default 64)")
+                   help="requests that may wait for a row; more get HTTP 429 (default 64)")
     e.add_argument("--chunk", type=int, default=8,
                    help="decode steps per device call; new requests join between calls (default 8)")
     e.add_argument("--prefill_batch", type=int, default=4,
                    help="prompts prefilled together at most (a power of two; default 4)")
-    e.add_argument("--prefill_tokens", type=int, default=4096,
-                   help="padded prompt tokens per batched prefill at most (a single prompt always runs; default 4096)")
-    e.add_argument("--prefill_chunk", type=int, default=4096,
-                   help="prompts longer than this prefill in chunks of it (a power of two; default 4096)")
+    e.add_argument("--prefill_tokens", type=int, default=2048,
+                   help="padded prompt tokens prefilled per engine round at most, between decode chunks (default 2048)")
+    e.add_argument("--prefill_chunk", type=int, default=512,
+                   help="prompt tokens of one request per prefill call: longer prompts go in over several rounds, "
+                        "interleaved with decoding (a power of two; default 512)")
     e.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level (default info)")
     return p
@@ -91,7 +98,10 @@ def check_args(a: argparse.Namespace) -> None:
         raise UsageError(f"--{'hf_dir' if a.hf_dir else 'ckpt'} {src}: not a directory")
     if not 0 <= a.port < 65536:
         raise UsageError(f"--port={a.port}: must be in [0, 65535]")
-    for flag, lo in (("max_batch", 1), ("max_len", 2), ("max_queue", 0), ("chunk", 1), ("prefill_tokens", 16)):
+    for flag, lo in (("max_batch", 1), ("max_len", 2), ("max_queue", 0), ("chunk", 1), ("prefill_tokens", 16),
+                     ("page_size", 1), ("cache_tokens", 1)):
+        if flag == "cache_tokens" and a.cache_tokens is None:
+            continue
         if getattr(a, flag) < lo:
             raise UsageError(f"--{flag}={getattr(a, flag)}: must be >= {lo}")
     if a.prefill_batch < 1 or a.prefill_batch & (a.prefill_batch - 1):
@@ -141,8 +151,7 @@ def load_model(a: argparse.Namespace, mesh):
 def make_mesh(a: argparse.Namespace, cfg_source):
     import jax
 
-    from qcjax import sampler as S
-    from qcjax.sharding import make_mesh as mk
+    from qcjax.sharding import make_mesh as mk, serving_mesh_shape
 
     if a.mesh is not None:
         from qcjax.convert import parse_mesh
@@ -152,7 +161,7 @@ def make_mesh(a: argparse.Namespace, cfg_source):
         except (ValueError, argparse.ArgumentTypeError) as e:
             raise UsageError(f"--mesh {a.mesh!r}: {e} (expected e.g. 'tensor=8')") from None
     if jax.device_count() > 1 and jax.default_backend() != "cpu":
-        return mk(S.serving_mesh_shape(cfg_source(), jax.device_count(), a.max_batch))
+        return mk(serving_mesh_shape(cfg_source(), jax.device_count(), a.max_batch))
     return None
 
 
@@ -162,7 +171,7 @@ def build(a: argparse.Namespace, log=print):
 
     from qcjax.config import ModelConfig
     from qcjax.serve.api import create_app
-    from qcjax.serve.engine import Engine
+    from qcjax.inference import Engine
 
     check_args(a)
     tok = load_tokenizer(a)
@@ -193,10 +202,14 @@ def build(a: argparse.Namespace, log=print):
         from qcjax import adapters
 
         log(adapters.describe(cfg, params))
-    engine = Engine(cfg, params, slots=a.max_batch, max_len=a.max_len, cache_dtype=jnp.dtype(a.cache_dtype),
-                    mesh=mesh, chunk=a.chunk, max_queue=a.max_queue, prefill_batch=a.prefill_batch,
-                    prefill_tokens=a.prefill_tokens, prefill_chunk=a.prefill_chunk)
-    log(f"warming up: compiling every program for {a.max_batch} slots x {a.max_len} tokens ...")
+    engine = Engine(cfg, params, max_rows=a.max_batch, max_len=a.max_len, page_size=a.page_size,
+                    num_pages=-(-a.cache_tokens // a.page_size) if a.cache_tokens else None,
+                    prefix_cache=not a.no_prefix_cache, cache_dtype=jnp.dtype(a.cache_dtype), mesh=mesh, chunk=a.chunk,
+                    max_queue=a.max_queue, prefill_batch=a.prefill_batch, prefill_tokens=a.prefill_tokens,
+                    prefill_chunk=a.prefill_chunk)
+    log(f"KV cache: {engine.num_pages} pages of {a.page_size} tokens ({engine.num_pages * a.page_size} tokens), "
+        f"prefix cache {'off' if a.no_prefix_cache else 'on'}")
+    log(f"warming up: compiling every program for up to {a.max_batch} rows x {a.max_len} tokens ...")
     log(f"warm-up done in {engine.warmup():.1f} s ({engine.stats()['compiles']} compiles)")
     engine.start()
     src = a.hf_dir or a.ckpt
@@ -228,7 +241,7 @@ def main(argv=None) -> int:
         return 2
     import uvicorn
 
-    say(f"serving '{name}' on http://{a.host}:{a.port}/v1 ({a.max_batch} slots, {a.max_len} tokens each)")
+    say(f"serving '{name}' on http://{a.host}:{a.port}/v1 (up to {a.max_batch} requests, {a.max_len} tokens each)")
     try:
         uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)
     except KeyboardInterrupt:

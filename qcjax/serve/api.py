@@ -4,8 +4,10 @@ layout), /v1/chat/completions (ChatML), /v1/models, /health; streaming as server
 Request bodies are checked here, field by field, into `Job`s (pure: `parse_completion`, `parse_chat`), so a bad
 request is a 4xx in OpenAI's error shape naming the field, before anything reaches the engine. Prompts come from
 `qcjax.prompts` (the training formats); generation stops at the tokenizer's FIM/chat stop tokens, the request's stop
-strings (host-side, `sampler.TextStream`: the text is cut at the first one and the engine slot is freed) or
-max_tokens. Each choice of a request is one engine request; a client that goes away cancels them.
+strings (host-side, `text_stream.TextStream`: the text is cut at the first one and the request's pages are freed)
+or max_tokens. Each choice of a request is one engine request (qcjax.inference); a client that goes away cancels
+them. Usage reports `prompt_tokens_details.cached_tokens`: the prompt tokens the prefix cache held. `/metrics`
+answers the engine's Prometheus metrics.
 """
 from __future__ import annotations
 
@@ -21,12 +23,14 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from qcjax import prompts as P
-from qcjax import sampler as S
-from qcjax.serve.engine import Engine, QueueFull, Request
+from qcjax.inference import Engine, QueueFull, Request
+from qcjax.sampling import SamplingParams
+from qcjax.text_stream import TextStream
 from qcjax.tokenizer import Tokenizer
 
 log = logging.getLogger("qcjax.serve")
@@ -61,7 +65,7 @@ class ChoiceSpec:
     index: int
     ids: list[int]
     max_new: int
-    sampling: S.SamplingParams
+    sampling: SamplingParams
     seed: int
     stop_ids: tuple[int, ...]
     stop_strings: tuple[str, ...]
@@ -158,7 +162,7 @@ def _common(body: Any, fields: set[str], model: str, limits: Limits) -> dict:
         raise APIError(400, "'stream_options' must be {\"include_usage\": true|false}", "stream_options")
     if so is not None and not stream:
         raise APIError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
-    return {"model": name, "sampling": S.SamplingParams(temperature=temperature, top_p=top_p), "n": n,
+    return {"model": name, "sampling": SamplingParams(temperature=temperature, top_p=top_p), "n": n,
             "seed": seed, "stop": stop, "stream": stream, "include_usage": bool(so and so.get("include_usage"))}
 
 
@@ -294,7 +298,7 @@ class Run:
     def __init__(self, job: Job, engine: Engine, tok: Tokenizer, loop: asyncio.AbstractEventLoop):
         self.job, self.engine = job, engine
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.streams = [S.TextStream(tok.decode, c.stop_ids, c.stop_strings) for c in job.choices]
+        self.streams = [TextStream(tok.decode, c.stop_ids, c.stop_strings) for c in job.choices]
         self.tokens = [0] * len(job.choices)
         self.finish: list[str | None] = [None] * len(job.choices)
 
@@ -336,8 +340,8 @@ class Run:
             ts = self.streams[k]
             self.tokens[k] += len(toks)
             piece = ts.feed(toks)
-            if ts.stopped and fin is None:  # a stop string in the text: free the slot now
-                self.engine.cancel(self.reqs[k])
+            if ts.stopped and fin is None:  # a stop string in the text: free the pages now
+                self.engine.cancel(self.reqs[k], "stop")
                 fin = "stop"
             if fin is not None:
                 if fin == "error":
@@ -349,8 +353,9 @@ class Run:
 
     def usage(self) -> dict:
         done = sum(self.tokens)
+        cached = min(r.cached_tokens for r in self.reqs)  # what the prompt found cached before any choice ran
         return {"prompt_tokens": self.job.prompt_tokens, "completion_tokens": done,
-                "total_tokens": self.job.prompt_tokens + done}
+                "total_tokens": self.job.prompt_tokens + done, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _envelope(job: Job, rid: str, created: int, chunk: bool) -> dict:
@@ -421,7 +426,7 @@ def create_app(engine: Engine, tok: Tokenizer, model: str, api_key: str | None =
     """The FastAPI app. api_key: when set, /v1/* needs `Authorization: Bearer <api_key>` (/health stays open)."""
     app = FastAPI(title="qcjax", description="OpenAI-compatible completions for Qwen2.5-Coder", docs_url=None,
                   redoc_url=None, openapi_url=None)
-    limits = Limits(max_len=engine.max_len, max_n=engine.slots)
+    limits = Limits(max_len=engine.max_len, max_n=engine.max_rows)
 
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
@@ -502,5 +507,9 @@ def create_app(engine: Engine, tok: Tokenizer, model: str, api_key: str | None =
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model, **engine.stats()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(engine.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -1,13 +1,16 @@
-"""The sampler: greedy tokens equal transformers' generate, filters keep to their closed-form sets, seeds reproduce,
-stops and streaming behave, and a tensor-parallel mesh gives the same tokens as one device."""
+"""The inference engine through `generate`: greedy tokens equal transformers' generate (fresh prompts, prefix-cache
+hits, chunked prefill, preemption), filters keep to their closed-form sets, seeds reproduce, stops and streaming
+behave, and a tensor-parallel mesh gives the same tokens as one device; the decode program's shape."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qcjax import decoding, sampler as S, sampling
+from qcjax import sampling as S
 from qcjax.config import ModelConfig
-from qcjax.sampler import SamplingParams, generate
+from qcjax.inference import GREEDY, SamplingParams, generate, programs, rows
+from qcjax.sharding import serving_mesh_shape
+from qcjax.text_stream import TextStream
 
 from conftest import hf_model, params_from_hf
 
@@ -72,10 +75,7 @@ def test_greedy_with_the_cpu_kernels_off_equals_transformers(monkeypatch):
     jax.clear_caches()  # programs this process built with the kernels on would be reused
     try:
         assert "qcjax_" not in _decode_hlo(cfg, params, lowered_only=True)
-        plan = S.plan(cfg, prompts_of(cfg, [16, 9]), max_new_tokens=4)
-        assert "qcjax_" not in S.prefill.lower(cfg, plan.kinds, params, plan.tokens, plan.lengths, S.controls_for(plan),
-                                               batch=plan.batch, cache_len=plan.cache_len, cache_dtype=jnp.float32,
-                                               out_len=plan.out_len).as_text()
+        assert "qcjax_" not in _prefill_hlo(cfg, params)
         prompts = prompts_of(cfg, [5, 16, 1, 12], seed=1)
         got = generate(cfg, params, prompts, max_new_tokens=NEW, cache_dtype=jnp.float32)
         for p, g in zip(prompts, got):
@@ -84,12 +84,27 @@ def test_greedy_with_the_cpu_kernels_off_equals_transformers(monkeypatch):
         jax.clear_caches()
 
 
+BATCH, WIDTH, PAGE = 4, 4, 16  # the decode program lowered below: 4 rows of up to 64 tokens
+
+
+def _pool(cfg, pages=BATCH * WIDTH):
+    return jax.eval_shape(lambda: programs.init_pool(cfg, num_pages=pages, page_size=PAGE, dtype=jnp.float32))
+
+
 def _decode_hlo(cfg, params, lowered_only=False):
-    plan = S.plan(cfg, prompts_of(cfg, [16, 9]), max_new_tokens=4)
-    c = S.controls_for(plan)
-    state = jax.eval_shape(lambda: S.start(cfg, params, plan, c, jnp.float32))
-    lowered = S.decode.lower(cfg, plan.kinds, params, state, c, steps=4)
+    ctl = rows.controls([None] * BATCH, BATCH, lambda x, names: jnp.asarray(x))
+    i32 = jax.ShapeDtypeStruct((BATCH,), jnp.int32)
+    r = programs.Rows(jax.ShapeDtypeStruct((BATCH, WIDTH), jnp.int32), i32, i32, i32,
+                      jax.ShapeDtypeStruct((BATCH,), jnp.bool_))
+    lowered = programs.decode.lower(cfg, rows.GREEDY_KINDS, params, _pool(cfg), r, ctl, steps=4)
     return lowered.as_text() if lowered_only else lowered.compile()
+
+
+def _prefill_hlo(cfg, params):
+    ctl = rows.controls([None] * 2, 2, lambda x, names: jnp.asarray(x))
+    i32 = jax.ShapeDtypeStruct((2,), jnp.int32)
+    return programs.prefill.lower(cfg, rows.GREEDY_KINDS, params, _pool(cfg), jax.ShapeDtypeStruct((2, 16), jnp.int32),
+                                  i32, i32, jax.ShapeDtypeStruct((2, 1), jnp.int32), i32, ctl).as_text()
 
 
 def test_decode_runs_a_static_number_of_steps_with_no_data_dependent_loop():
@@ -115,50 +130,51 @@ def test_decode_program_does_not_grow_with_depth():
 
 def test_decode_holds_the_weights_once():
     """The decode program takes the stacked weights as they are and copies none of them whole: its temporaries stay
-    below one layer's weights plus the cache (the step's activations are tiny here)."""
+    below one layer's weights plus the cache (the step's activations and the rows' gathered pages are small here)."""
     cfg = CFG_TIED.replace(num_layers=8, intermediate_size=1024)
     params = _abstract_params(cfg)
     mem = _decode_hlo(cfg, params).memory_analysis()
     nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))  # noqa: E731
     one_layer = nbytes(params["layers"]) // cfg.num_layers
-    plan = S.plan(cfg, prompts_of(cfg, [16, 9]), max_new_tokens=4)
-    cache = 2 * cfg.num_layers * plan.batch * plan.cache_len * cfg.num_kv_heads * cfg.dim_per_head * 4
+    cache = 2 * cfg.num_layers * BATCH * WIDTH * PAGE * cfg.num_kv_heads * cfg.dim_per_head * 4
     assert mem.argument_size_in_bytes >= nbytes(params) + cache
     assert mem.temp_size_in_bytes < one_layer + cache, (mem.temp_size_in_bytes, one_layer, cache)
 
 
-def test_chunked_prefill_gives_the_one_shot_cache_and_first_logits(monkeypatch):
-    """A long prompt prefilled 16 tokens at a time, each chunk attending to the cache so far, fills the same cache
-    and gives the same last-position logits as the one-shot prefill, for ragged rows ending in different chunks."""
-    cfg, _, params = hf_and_params(CFG_UNTIED)
-    plan = S.plan(cfg, prompts_of(cfg, [64, 37, 5, 16], seed=4), max_new_tokens=4)
-    controls = S.controls_for(plan)
-    kw = dict(batch=plan.batch, cache_len=plan.cache_len, cache_dtype=jnp.float32, out_len=plan.out_len)
-    tokens, lengths = jnp.asarray(plan.tokens), jnp.asarray(plan.lengths)
-    assert tokens.shape[1] == 64
-    first_token = decoding._first_token
+def test_prefix_cache_hits_and_shared_samples_change_speed_never_tokens():
+    """Prompts that share a long prefix (and one prompt four times): later ones find the first one's full pages in
+    the prefix cache and compute only the rest; the tokens are transformers' all the same."""
+    cfg, model, params = hf_and_params(CFG_UNTIED)
+    base = prompts_of(cfg, [40], seed=8)[0]
+    prompts = [base + [3, 4, 5], base[:35] + [9], base + [3, 4, 5], base + [3, 4, 5], base + [3, 4, 5]]
+    got = generate(cfg, params, prompts, max_new_tokens=10, cache_dtype=jnp.float32, page_size=8, max_rows=2)
+    for p, g in zip(prompts, got):
+        assert g.tokens == hf_greedy(model, p, 10)
+    assert got[0].cached_tokens == 0 and got[1].cached_tokens == 32  # 4 full pages of the shared 35 tokens
+    assert [g.cached_tokens for g in got[2:]] == [40, 40, 40]  # 42 of 43 tokens may come from the cache: 5 pages
+    off = generate(cfg, params, prompts, max_new_tokens=10, cache_dtype=jnp.float32, page_size=8, max_rows=2,
+                   prefix_cache=False)
+    assert [g.tokens for g in off] == [g.tokens for g in got] and all(g.cached_tokens == 0 for g in off)
 
-    def first_logits(fn, **extra):  # run unjitted; the state, and the logits its first tokens were drawn from
-        seen = {}
 
-        def spy(kinds, cache, logits, c, out_len):
-            seen["logits"] = np.asarray(logits)
-            return first_token(kinds, cache, logits, c, out_len)
+def test_preempted_requests_continue_exactly():
+    """A pool too small for every row's growth: the newest rows are preempted, recomputed from their tokens so far
+    (mostly from the prefix cache) and continue with the tokens they would have had."""
+    from qcjax.inference import Engine, Request
 
-        monkeypatch.setattr(decoding, "_first_token", spy)
-        state = fn.__wrapped__(cfg, plan.kinds, params, tokens, lengths, controls, **extra, **kw)
-        return state, seen["logits"]
-
-    one, one_logits = first_logits(S.prefill)
-    chunked, chunked_logits = first_logits(S.prefill_chunked, chunk=16)
-    scale = np.max(np.abs(one_logits))
-    np.testing.assert_allclose(chunked_logits, one_logits, rtol=1e-5, atol=1e-5 * scale)
-    np.testing.assert_array_equal(chunked.cache["lengths"], one.cache["lengths"])
-    for name in ("k", "v"):
-        for a, b in zip(one.cache[name], chunked.cache[name]):
-            for row, n in enumerate(plan.lengths):  # the slots each row owns (beyond: padding's keys, unread)
-                np.testing.assert_allclose(b[row, :n], a[row, :n], rtol=1e-5, atol=1e-5 * float(np.max(np.abs(a))))
-    np.testing.assert_array_equal(chunked.out, one.out)
+    cfg, model, params = hf_and_params(CFG_UNTIED)
+    prompts = prompts_of(cfg, [9, 14, 5, 11], seed=9)
+    got = [[] for _ in prompts]
+    reqs = [Request(p, 30, on_event=lambda t, f, i=i: got[i].extend(t)) for i, p in enumerate(prompts)]
+    engine = Engine(cfg, params, max_rows=4, max_len=48, page_size=4, num_pages=24, cache_dtype=jnp.float32, chunk=4)
+    engine.submit(reqs)
+    while engine.busy:
+        engine.step()
+        engine.pages.check()
+    assert engine.counts["preempted"] > 0
+    for p, g in zip(prompts, got):
+        assert g == hf_greedy(model, p, 30)
+    assert engine.pages.used == 0
 
 
 def test_generate_with_chunked_prefill_equals_transformers():
@@ -186,7 +202,8 @@ def test_streamed_chunks_concatenate_to_the_one_shot_result():
     chunked = generate(cfg, params, prompts, max_new_tokens=[20, 13], cache_dtype=jnp.float32, chunk=3,
                        on_chunk=on_chunk, min_batch=4)
     assert [c.tokens for c in chunked] == [c.tokens for c in whole] == streamed
-    assert calls[0] == [1, 1] and max(max(c) for c in calls) <= 3 and len(calls) == 1 + -(-19 // 3)
+    # a round is a prefill (the first token) and a decode chunk of 3 steps; then chunks of 3 until the longest ends
+    assert calls[0] == [4, 4] and max(max(c) for c in calls[1:]) <= 3 and len(calls) == 1 + -(-16 // 3)
 
 
 def test_each_row_stops_on_its_own_stop_tokens():
@@ -207,7 +224,7 @@ def test_on_chunk_can_finish_a_row_early():
     prompts = prompts_of(cfg, [4, 4], seed=3)
     got = generate(cfg, params, prompts, max_new_tokens=30, cache_dtype=jnp.float32, chunk=4, min_batch=4,
                    on_chunk=lambda new: [0])
-    assert got[0].finish_reason == "stop" and len(got[0].tokens) == 1  # finished right after prefill
+    assert got[0].finish_reason == "stop" and len(got[0].tokens) == 5  # after the first round: prefill + 4 steps
     assert got[1].finish_reason == "length" and len(got[1].tokens) == 30
 
 
@@ -230,7 +247,7 @@ def test_greedy_and_sampled_rows_share_a_batch():
     prompts = prompts_of(cfg, [6, 6], seed=5)
     greedy = generate(cfg, params, prompts[:1], max_new_tokens=16, cache_dtype=jnp.float32, min_batch=4)
     mixed = generate(cfg, params, prompts, max_new_tokens=16, cache_dtype=jnp.float32, min_batch=4,
-                     sampling=[S.GREEDY, SamplingParams(temperature=1.0, top_p=0.9)])
+                     sampling=[GREEDY, SamplingParams(temperature=1.0, top_p=0.9)])
     assert mixed[0].tokens == greedy[0].tokens
 
 
@@ -294,7 +311,7 @@ def test_top_p_wider_than_the_probe_uses_the_exact_bisection():
     logits = np.random.default_rng(8).normal(0, 0.05, v)  # nearly flat: top_p 0.5 keeps ~1000 > 256 tokens
     sp = SamplingParams(temperature=1.0, top_p=0.5)
     want = _allowed(logits, sp)
-    assert np.count_nonzero(want) > sampling._TOP_P_PROBE
+    assert np.count_nonzero(want) > S._TOP_P_PROBE
     x = S.filter_logits(jnp.asarray(logits, jnp.float32)[None], S.Filters(
         jnp.ones(1), jnp.zeros(1, jnp.int32), jnp.full(1, 0.5), jnp.zeros(1)), S.FilterKinds.of([sp], v))
     np.testing.assert_array_equal(np.isfinite(np.asarray(x[0])), want > 0)
@@ -326,7 +343,7 @@ def test_tensor_parallel_mesh_of_8_devices_gives_the_same_tokens_as_one_device()
     one = generate(cfg, params, prompts, max_new_tokens=32, cache_dtype=jnp.float32)
     mesh = make_mesh({"tensor": 8})
     with jax.set_mesh(mesh):
-        placed = S.place_params(cfg, params, mesh)
+        placed = programs.place_params(cfg, params, mesh)
     many = generate(cfg, placed, prompts, max_new_tokens=32, cache_dtype=jnp.float32, mesh=mesh)
     attn = placed["layers"]["attn"]  # stacked [layers, ...]: heads over tensor
     spec = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))  # noqa: E731
@@ -336,18 +353,16 @@ def test_tensor_parallel_mesh_of_8_devices_gives_the_same_tokens_as_one_device()
     assert [c.tokens for c in many] == [c.tokens for c in one]
 
 
-def test_cache_is_sharded_kv_heads_over_tensor_and_batch_over_data():
+def test_page_pool_is_sharded_kv_heads_over_tensor():
     from qcjax.sharding import make_mesh
 
-    cfg, _, params = hf_and_params(CFG_TP)
+    cfg, _, _ = hf_and_params(CFG_TP)
     mesh = make_mesh({"data": 2, "tensor": 4})
-    p = S.plan(cfg, prompts_of(cfg, [3, 5]), max_new_tokens=4)
     with jax.set_mesh(mesh):
-        params = S.place_params(cfg, params, mesh)
-        state = S.start(cfg, params, p, S.controls_for(p, mesh), jnp.bfloat16, mesh)
-    k = state.cache["k"]  # [layers, batch, length, kv_heads * head_dim]
+        pool = programs.init_pool(cfg, num_pages=8, page_size=16, dtype=jnp.bfloat16)
+    k = pool["k"]  # [layers, pages, page_size, kv_heads * head_dim]
     assert k.dtype == jnp.bfloat16
-    assert tuple(k.sharding.spec) + (None,) * (4 - len(k.sharding.spec)) == (None, "data", None, "tensor")
+    assert tuple(k.sharding.spec) + (None,) * (4 - len(k.sharding.spec)) == (None, None, None, "tensor")
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------------
@@ -364,13 +379,15 @@ def test_bad_sampling_params_name_the_field_and_value(kw, match):
 
 
 def test_bad_prompts_are_clear_errors():
-    cfg = CFG_UNTIED.replace(max_position_embeddings=64)
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
-        S.plan(cfg, [[1, 2], []], max_new_tokens=4)
-    with pytest.raises(ValueError, match="prompt 0 has 60 tokens; with max_new_tokens=8 it needs 68 .* context of 64"):
-        S.plan(cfg, [[1] * 60], max_new_tokens=8)
+    cfg, _, params = hf_and_params(CFG_UNTIED)
+    cfg = cfg.replace(max_position_embeddings=64)
+    with pytest.raises(ValueError, match="prompt 1: the prompt is empty"):
+        generate(cfg, params, [[1, 2], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompt 0: the prompt has 60 tokens; with max_new_tokens=8 it needs 68 .* "
+                                         "context of 64"):
+        generate(cfg, params, [[1] * 60], max_new_tokens=8)
     with pytest.raises(ValueError, match=r"outside \[0, 320\)"):
-        S.plan(cfg, [[1, 999]], max_new_tokens=4)
+        generate(cfg, params, [[1, 999]], max_new_tokens=4)
 
 
 @pytest.mark.parametrize("preset, devices, batch, want", [
@@ -382,14 +399,14 @@ def test_bad_prompts_are_clear_errors():
 def test_the_serving_mesh_is_tensor_parallel_up_to_the_kv_heads_then_data(preset, devices, batch, want):
     from qcjax.config import get_config
 
-    assert S.serving_mesh_shape(get_config(preset), devices, batch) == want
+    assert serving_mesh_shape(get_config(preset), devices, batch) == want
 
 
 def test_text_stream_holds_back_a_split_stop_string_and_a_partial_utf8_character():
     """Byte-level ids: 0xC3 0xA9 is 'é' only once both bytes are in, and the stop string "\\n\\n" arrives split
     over two chunks; nothing shown is ever taken back and the text ends right before the stop string."""
     decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")  # noqa: E731
-    ts = S.TextStream(decode, stop_ids=[0], stop_strings=["\n\n"])
+    ts = TextStream(decode, stop_ids=[0], stop_strings=["\n\n"])
     shown = [ts.feed(list(b"ab\n"))]  # the newline may start the stop string: held
     shown.append(ts.feed([0xC3]))  # half a character: held, and still the newline
     shown.append(ts.feed([0xA9]))  # the character is whole: newline and 'é' go out
@@ -397,5 +414,5 @@ def test_text_stream_holds_back_a_split_stop_string_and_a_partial_utf8_character
     shown.append(ts.feed(list(b"\nzz")))  # it does: cut before it
     assert shown == ["ab", "", "\né", "", ""] and ts.stopped and ts.text == "ab\né"
     assert ts.flush() == "" and "".join(shown) == ts.text
-    ts = S.TextStream(decode, stop_ids=[0], stop_strings=["\n\n"])
+    ts = TextStream(decode, stop_ids=[0], stop_strings=["\n\n"])
     assert ts.feed(list(b"x\n")) == "x" and ts.feed([0, 65]) == "\n" and ts.stopped  # a stop id ends it too

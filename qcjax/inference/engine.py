@@ -1,0 +1,508 @@
+"""The inference engine: continuous batching over a paged KV cache with a prefix cache.
+
+    engine = Engine(cfg, params, max_rows=16, max_len=8192)
+    engine.warmup(); engine.start()                 # a server: one engine thread owns every device call
+    engine.submit([Request(tokens, max_new=64, sampling=..., seed=1, stop_ids=..., on_event=callback)])
+
+or, in a script, `qcjax.inference.generate` (the same engine stepped on the calling thread).
+
+Each round of the engine (`step`):
+1. cancelled requests leave and their pages are released at once;
+2. prefill: rows still prefilling, then waiting requests (FIFO) while rows and pages allow, run in batches of up to
+   `prefill_batch` rows and `prefill_chunk` tokens per row, until the round's `prefill_tokens` budget is spent: a long
+   prompt goes in over several rounds, with decode chunks between them, so it never stalls running decodes for its
+   whole length. A new request first walks the prefix cache (qcjax.inference.pages): the full pages of its prompt
+   that are cached are taken as they are and only the rest is computed. The n samples of one prompt share its pages
+   (the first is prefilled, the others find its pages in the cache and compute only the last partial page);
+3. decode: `chunk` steps for the running rows only, compacted into the smallest batch bucket that holds them; each
+   row first gets the pages its next `chunk` tokens need. When pages run out, idle cached pages are evicted (least
+   recently used first); if that is not enough the newest running request is preempted: its pages are released (its
+   full pages stay cached) and it waits at the head of the queue to be recomputed, its tokens so far kept as its
+   prompt, so its text continues exactly.
+
+Shapes are bucketed so a session compiles a bounded set of programs: decode on (rows: powers of two up to
+`max_rows`, page-table width: `widths`) x (greedy, sampling); prefill on (rows, prompt-chunk bucket, fresh or
+gathered table). `warmup` runs them all, so no request mix compiles afterwards (`stats()["compiles_after_warmup"]`).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+import time
+from typing import Any, Callable, Sequence as Seq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from qcjax import platform
+from qcjax.config import ModelConfig
+from qcjax.inference import programs
+from qcjax.inference.metrics import EngineMetrics
+from qcjax.inference.pages import PagePool
+from qcjax.inference.rows import (GREEDY_KINDS, SAMPLE_KINDS, Request, Sequence, check_request, controls,
+                                  kinds_for)
+from qcjax.sampling import GREEDY, SamplingParams, pow2
+from qcjax.sharding import logical_to_spec
+
+log = logging.getLogger("qcjax.inference")
+
+MIN_PREFILL_BUCKET = 16
+DEFAULT_PAGE_SIZE = 16
+DEFAULT_PREFILL_CHUNK = 512
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound: the caller should retry later (HTTP 429)."""
+
+
+def prefill_buckets(prefill_chunk: int) -> list[int]:
+    """The prompt-chunk lengths prefill compiles for: 16, 64, 256, ... (powers of four) and prefill_chunk itself."""
+    out, t = [], MIN_PREFILL_BUCKET
+    while t < prefill_chunk:
+        out.append(t)
+        t *= 4
+    return out + [prefill_chunk]
+
+
+def table_widths(max_pages: int, page_size: int) -> list[int]:
+    """The page-table widths (pages per row) programs compile for: 256, 1K, 4K, ... tokens (powers of four) and the
+    whole context. A batch runs at the smallest width that holds its longest row, so a step reads and attends over
+    about what its rows hold, not the context limit."""
+    out, tokens = [], 256
+    while -(-tokens // page_size) < max_pages:
+        out.append(-(-tokens // page_size))
+        tokens *= 4
+    return out + [max_pages]
+
+
+def _bucket(n: int, buckets: Seq[int]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+class Engine:
+    """Continuous batching over a paged KV cache; see the module docstring.
+
+    max_rows: requests in flight at most (the largest decode batch); max_len: a request's prompt + completion
+    tokens at most; page_size: tokens per page; num_pages: the pool's size (default: max_rows x max_len tokens, the
+    memory a dense cache would take; requests that use less leave room for more); prefix_cache: reuse cached pages
+    across requests; chunk: decode steps per device call; max_queue: waiting requests beyond the free rows before
+    `submit` raises QueueFull; prefill_batch / prefill_chunk / prefill_tokens: rows and tokens per row of one prefill
+    call, and prefill tokens per round (the most a round delays running decodes by)."""
+
+    def __init__(self, cfg: ModelConfig, params: Any, *, max_rows: int = 16, max_len: int = 8192,
+                 page_size: int = DEFAULT_PAGE_SIZE, num_pages: int | None = None, prefix_cache: bool = True,
+                 cache_dtype: Any = jnp.bfloat16, mesh=None, chunk: int = 8, max_queue: int = 64,
+                 prefill_batch: int = 4, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefill_tokens: int = 2048,
+                 min_batch: int | None = None):
+        for name, v, lo in (("max_rows", max_rows, 1), ("max_len", max_len, 2), ("page_size", page_size, 1),
+                            ("chunk", chunk, 1), ("max_queue", max_queue, 0), ("prefill_batch", prefill_batch, 1),
+                            ("prefill_tokens", prefill_tokens, 1), ("num_pages", num_pages or 1, 1)):
+            if not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"{name}={v!r}: must be an integer >= {lo}")
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_len={max_len}: more than the model's context of {cfg.max_position_embeddings}")
+        if not (isinstance(prefill_chunk, (int, np.integer)) and prefill_chunk >= MIN_PREFILL_BUCKET
+                and prefill_chunk & (prefill_chunk - 1) == 0):
+            raise ValueError(f"prefill_chunk={prefill_chunk!r}: must be a power of two >= {MIN_PREFILL_BUCKET}")
+        self.cfg, self.mesh = cfg, mesh
+        self.params = programs.place_params(cfg, params, mesh)
+        self.max_rows, self.max_len, self.page_size = int(max_rows), int(max_len), int(page_size)
+        self.max_pages = -(-self.max_len // self.page_size)  # one row's pages at most
+        self.num_pages = int(num_pages) if num_pages else self.max_rows * self.max_pages
+        self.chunk, self.max_queue = int(chunk), int(max_queue)
+        self.prefill_batch, self.prefill_chunk = int(prefill_batch), int(prefill_chunk)
+        self.prefill_tokens = int(prefill_tokens)
+        self.cache_dtype = jnp.dtype(cache_dtype)
+        self.widths = table_widths(self.max_pages, self.page_size)
+        self.t_buckets = prefill_buckets(self.prefill_chunk)
+        lo = pow2(platform.min_batch(cfg.dtype) if min_batch is None else min_batch)
+        self.batch_buckets = sorted({min(max(lo, 1 << k), pow2(self.max_rows))
+                                     for k in range(pow2(self.max_rows).bit_length())})
+        self.pages = PagePool(self.num_pages, self.page_size, prefix_cache)
+        self.metrics = EngineMetrics()
+
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._cancel: dict[Request, str] = {}
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._prefilling: list[Sequence] = []
+        self._running: list[Sequence] = []
+        self._order = 0
+        self._pool: programs.Pool | None = None
+        self._compiles = 0
+        self._compiles_at_warmup: int | None = None
+        self._engine_thread_id: int | None = None
+        self.counts = collections.Counter()  # submitted, completed, cancelled, errors, preempted, prompt tokens ...
+        jax.monitoring.register_event_duration_secs_listener(self._on_jax_event)
+
+    # ---- public, any thread ------------------------------------------------------------------------------------------
+    def validate(self, r: Request) -> None:
+        """ValueError naming the limit, for a request this engine can never run (too long for the context or the
+        pool, bad ids or settings)."""
+        check_request(r, self.cfg, self.max_len, self.num_pages, self.page_size)
+
+    def submit(self, reqs: Seq[Request]) -> None:
+        """Queue requests (all or none). ValueError: a request the engine cannot run; QueueFull: no room now."""
+        for r in reqs:
+            self.validate(r)
+        with self._cv:
+            if self._closing:
+                raise QueueFull("the server is shutting down")
+            free = self.max_rows - len(self._running) - len(self._prefilling)
+            if len(self._waiting) + len(reqs) > self.max_queue + max(0, free):
+                raise QueueFull(f"{len(self._waiting)} requests are waiting for one of {self.max_rows} rows (the queue "
+                                f"holds {self.max_queue}); retry later")
+            now = time.perf_counter()
+            for r in reqs:
+                r.submitted = now
+                self._waiting.append(Sequence(r, list(map(int, r.tokens)), len(r.tokens)))
+                self.metrics.submitted(len(r.tokens))
+            self.counts["submitted"] += len(reqs)
+            self._cv.notify_all()
+
+    def cancel(self, r: Request, reason: str = "cancelled") -> None:
+        """Finish a request now (a client went away: "cancelled"; its text reached a stop string: "stop"). Its pages
+        are released before the next device call."""
+        with self._cv:
+            if r.finished:
+                return
+            r.cancelled = reason == "cancelled"
+            self._cancel[r] = reason
+            self._cv.notify_all()
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {"max_rows": self.max_rows, "busy": len(self._running) + len(self._prefilling),
+                    "running": len(self._running), "prefilling": len(self._prefilling),
+                    "waiting": len(self._waiting), "max_queue": self.max_queue, "max_len": self.max_len,
+                    "page_size": self.page_size, "pages": self.num_pages, "pages_used": self.pages.used,
+                    "pages_cached": self.pages.cached, "compiles": self._compiles,
+                    "compiles_after_warmup": (None if self._compiles_at_warmup is None
+                                              else self._compiles - self._compiles_at_warmup),
+                    **{k: self.counts[k] for k in ("submitted", "completed", "cancelled", "errors", "preempted",
+                                                   "prompt_tokens", "cached_tokens", "computed_tokens")}}
+
+    @property
+    def busy(self) -> bool:
+        with self._cv:
+            return bool(self._waiting or self._prefilling or self._running or self._cancel)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="qcjax-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Finish: waiting and running requests end with "cancelled"; the engine thread exits."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:
+            self._drain()
+        with contextlib.suppress(ValueError):
+            jax.monitoring.unregister_event_duration_listener(self._on_jax_event)
+
+    def warmup(self) -> float:
+        """Compile (by running once) every program a request mix can need. Call before `start` (it runs on the
+        calling thread); returns the seconds taken. The pool's contents afterwards are junk in free pages only."""
+        t0 = time.perf_counter()
+        self._engine_thread_id = threading.get_ident()
+        with self._mesh_ctx():
+            self._ensure_pool()
+            for p, t, w in self.prefill_shapes():
+                self._prefill_call([None] * p, [0] * p, t, w, GREEDY_KINDS)
+                self._prefill_call([None] * p, [0] * p, t, w, SAMPLE_KINDS)
+            for b in self.batch_buckets:
+                for w in self.widths:
+                    for kinds in (GREEDY_KINDS, SAMPLE_KINDS):
+                        self._decode_call([None] * b, b, w, kinds)
+        self._compiles_at_warmup = self._compiles
+        self._engine_thread_id = None
+        return time.perf_counter() - t0
+
+    def prefill_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (rows, chunk bucket, table width) a prefill may run with: rows a power of two up to prefill_batch
+        with rows x bucket <= prefill_tokens (one row always), a fresh table (width bucket / page_size, when the
+        page size divides the bucket) or any of `widths`."""
+        shapes = []
+        rows = [1 << k for k in range(16) if 1 << k <= self.prefill_batch]
+        for t in self.t_buckets:
+            ws = list(self.widths)
+            if t % self.page_size == 0 and t // self.page_size <= self.max_pages:
+                ws = sorted(set(ws) | {t // self.page_size})
+            shapes += [(p, t, w) for p in rows if p == 1 or p * t <= self.prefill_tokens for w in ws]
+        return shapes
+
+    # ---- one round (the engine thread, or `generate`'s caller) ---------------------------------------------------------
+    def step(self) -> None:
+        """One round: cancellations, prefill within the round's budget, one decode chunk, gauges."""
+        self._ensure_pool()
+        self._take_cancels()
+        self._prefill_round()
+        if self._running:
+            self._decode_round()
+        self.metrics.gauges(self)
+
+    # ---- internals ----------------------------------------------------------------------------------------------------
+    def _on_jax_event(self, event: str, duration: float, **_: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration" and threading.get_ident() == self._engine_thread_id:
+            self._compiles += 1
+
+    def _mesh_ctx(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _ensure_pool(self) -> None:
+        if self._pool is None:
+            with self._mesh_ctx():
+                self._pool = programs.init_pool(self.cfg, num_pages=self.num_pages, page_size=self.page_size,
+                                                dtype=self.cache_dtype)
+
+    def _place(self, x: np.ndarray, names: tuple) -> jax.Array:
+        """A host array as the programs take it: uncommitted on one device, by the logical-axis rules on a mesh (the
+        same argument kinds every call, so nothing recompiles)."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, NamedSharding(self.mesh, logical_to_spec(names, np.shape(x), self.mesh)))
+
+    def _run(self) -> None:
+        self._engine_thread_id = threading.get_ident()
+        with self._mesh_ctx():
+            while True:
+                with self._cv:
+                    while not (self._closing or self._waiting or self._cancel or self._prefilling or self._running):
+                        self._cv.wait()
+                    if self._closing:
+                        break
+                try:
+                    self.step()
+                except Exception:  # a device failure: fail the requests in flight, keep serving
+                    log.exception("engine step failed")
+                    self._fail_all()
+            self._drain()
+
+    def _fail_all(self) -> None:
+        for s in self._prefilling + self._running:
+            self.counts["errors"] += 1
+            s.req._emit([], "error")
+        self._prefilling, self._running = [], []
+        self.pages = PagePool(self.num_pages, self.page_size, self.pages.prefix_cache)  # device state unknown: anew
+        self._pool = None
+
+    def _drain(self) -> None:
+        """End everything still in the engine with "cancelled" (shutdown)."""
+        for s in self._prefilling + self._running:
+            self._finish(s, "cancelled")
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for s in waiting:
+            s.req._emit([], "cancelled")
+
+    def _take_cancels(self) -> None:
+        with self._cv:
+            cancels, self._cancel = self._cancel, {}
+            for s in [s for s in self._waiting if s.req in cancels]:
+                self._waiting.remove(s)
+                self.counts["cancelled" if cancels[s.req] == "cancelled" else "completed"] += 1
+                s.req._emit([], cancels[s.req])
+        for s in [s for s in self._prefilling + self._running if s.req in cancels]:
+            (self._prefilling if s in self._prefilling else self._running).remove(s)
+            self._finish(s, cancels[s.req])
+
+    def _finish(self, s: Sequence, reason: str, tokens: list[int] | None = None) -> None:
+        """Release a sequence's pages (its full pages stay in the prefix cache) and tell its caller."""
+        self.pages.register(s.tokens, s.pages, s.cached, s.req.namespace)
+        self.pages.release(s.pages)
+        s.pages = []
+        self.counts["cancelled" if reason == "cancelled" else "completed"] += 1
+        self.metrics.finished(reason)
+        s.req._emit(tokens or [], reason)
+
+    def _emit(self, s: Sequence, new: list[int], reason: str | None) -> None:
+        """Hand new tokens out (a stop token is not text), finishing the sequence if reason says so."""
+        now = time.perf_counter()
+        if new and s.req.first_token_at is None:
+            s.req.first_token_at = now
+            self.metrics.first_token(now - s.req.submitted)
+            self.metrics.tokens(len(new) - 1, None)
+        elif new:
+            self.metrics.tokens(len(new), (now - s.last_emit) / len(new))
+        s.last_emit = now
+        if reason == "stop" and new and new[-1] in s.req.stop_ids:
+            s.req.stop_token = new[-1]
+            new = new[:-1]
+        if reason is not None:
+            self._finish(s, reason, new)
+        elif new:
+            s.req._emit(new)
+
+    # -- prefill --
+    def _admit(self, batch_sigs: set) -> Sequence | None:
+        """The head of the queue as a prefilling sequence (prefix-cache pages taken, the rest of its prompt's pages
+        allocated), or None: no row or page for it now, or its first uncached page is being computed in this batch
+        (it waits one sub-round and then finds that page cached)."""
+        with self._cv:
+            if not self._waiting or len(self._running) + len(self._prefilling) >= self.max_rows:
+                return None
+            s = self._waiting[0]
+        ns, ps = s.req.namespace, self.page_size
+        hit = self.pages.lookup(s.tokens, len(s.tokens) - 1, ns)
+        cached = len(hit) * ps
+        sig = tuple(s.tokens[: cached + ps]) if cached + ps <= len(s.tokens) - 1 else None
+        need = -(-len(s.tokens) // ps) - len(hit)
+        if (sig is not None and sig in batch_sigs) or need > self.pages.available():
+            self.pages.release(hit)
+            return None
+        with self._cv:
+            self._waiting.popleft()
+        s.pages = hit + self.pages.allocate(need)
+        s.cached = cached
+        if s.num == 0:  # first admission (a preempted request keeps the figure it had)
+            s.req.cached_tokens = cached
+            self.counts["prompt_tokens"] += len(s.tokens)
+            self.counts["cached_tokens"] += cached
+            self.metrics.prefix_hit(cached)
+        self._order += 1
+        s.admitted_at = self._order
+        self._prefilling.append(s)
+        return s
+
+    def _prefill_round(self) -> None:
+        budget = self.prefill_tokens
+        while budget > 0:
+            rows: list[Sequence] = []
+            counts: list[int] = []
+            sigs: set = set()
+            cands = iter(list(self._prefilling))
+            while len(rows) < self.prefill_batch:
+                s = next(cands, None) or self._admit(sigs)
+                if s is None:
+                    break
+                count = min(len(s.tokens) - s.cached, self.prefill_chunk)
+                t = _bucket(max(counts + [count]), self.t_buckets)
+                if rows and pow2(len(rows) + 1) * t > budget:
+                    break
+                rows.append(s)
+                counts.append(count)
+                if s.cached + self.page_size <= len(s.tokens):
+                    sigs.add(tuple(s.tokens[: s.cached + self.page_size]))
+            if not rows:
+                return
+            t = _bucket(max(counts), self.t_buckets)
+            fresh = all(s.cached == 0 for s in rows) and t % self.page_size == 0
+            w = t // self.page_size if fresh else _bucket(
+                -(-max(s.cached + c for s, c in zip(rows, counts)) // self.page_size), self.widths)
+            kinds = kinds_for([s.req.sampling for s in rows], self.cfg.vocab_size)
+            toks = self._prefill_call(rows, counts, t, w, kinds)
+            budget -= pow2(len(rows)) * t
+            self.counts["computed_tokens"] += sum(counts)
+            for s, c, tok in zip(rows, counts, toks):
+                s.cached += c
+                self.pages.register(s.tokens, s.pages, s.cached, s.req.namespace)
+                if s.cached == len(s.tokens):  # the prompt is in: its first token (or, after a preemption, the next)
+                    self._prefilling.remove(s)
+                    reason = s.record(tok)
+                    s.cached = len(s.tokens) - 1
+                    if reason is None:
+                        self._running.append(s)
+                    self._emit(s, [int(tok)], reason)
+
+    def _prefill_call(self, rows: list[Sequence | None], counts: list[int], t: int, w: int, kinds) -> np.ndarray:
+        p = pow2(len(rows))
+        tokens = np.zeros((p, t), np.int32)
+        lengths = np.zeros(p, np.int32)
+        cnt = np.zeros(p, np.int32)
+        pages = np.zeros((p, w), np.int32)
+        num = np.zeros(p, np.int32)
+        for i, (s, c) in enumerate(zip(rows, counts)):
+            if s is None:
+                continue
+            tokens[i, :c] = s.tokens[s.cached: s.cached + c]
+            lengths[i], cnt[i], num[i] = s.cached, c, s.num
+            table = s.pages[:w]
+            pages[i, : len(table)] = table
+        ctl = controls(rows, p, self._place)
+        self._pool, toks = programs.prefill(
+            self.cfg, kinds, self.params, self._pool, self._place(tokens, ("cache_batch", None)),
+            self._place(lengths, ("cache_batch",)), self._place(cnt, ("cache_batch",)),
+            self._place(pages, ("cache_batch", None)), self._place(num, ("cache_batch",)), ctl)
+        return np.asarray(jax.device_get(toks))
+
+    # -- decode --
+    def _pages_for_chunk(self) -> None:
+        """Give every running row the pages its next chunk writes into; preempt the newest rows while pages lack."""
+        ps = self.page_size
+        for s in sorted(self._running, key=lambda s: s.admitted_at):
+            if s not in self._running:
+                continue  # preempted below
+            last_pos = min(len(s.tokens) - 1 + self.chunk, s.limit() - 1)  # positions written: < last_pos
+            extra = -(-last_pos // ps) - len(s.pages)
+            while extra > self.pages.available():
+                victim = max(self._running, key=lambda v: v.admitted_at)
+                self._preempt(victim)
+                if victim is s:
+                    break
+            if s in self._running and extra > 0:
+                s.pages += self.pages.allocate(extra)
+
+    def _preempt(self, s: Sequence) -> None:
+        """Release a running row's pages (its full pages stay cached) and put it back at the head of the queue with
+        its tokens so far as its prompt: re-admitted, it is prefilled (mostly from the cache) and continues."""
+        self._running.remove(s)
+        self.pages.register(s.tokens, s.pages, s.cached, s.req.namespace)
+        self.pages.release(s.pages)
+        s.pages, s.cached = [], 0
+        self.counts["preempted"] += 1
+        self.metrics.preempted()
+        with self._cv:
+            self._waiting.appendleft(s)
+
+    def _decode_round(self) -> None:
+        self._pages_for_chunk()
+        seqs = sorted(self._running, key=lambda s: s.admitted_at)
+        if not seqs:
+            return
+        b = _bucket(len(seqs), self.batch_buckets)
+        w = _bucket(max(len(s.pages) for s in seqs), self.widths)
+        kinds = kinds_for([s.req.sampling for s in seqs], self.cfg.vocab_size)
+        out = self._decode_call(seqs, b, w, kinds)
+        for i, s in enumerate(seqs):
+            new: list[int] = []
+            reason = None
+            for tok in out[i]:
+                if tok < 0:
+                    break
+                new.append(int(tok))
+                reason = s.record(tok)
+                if reason is not None:
+                    break
+            s.cached = len(s.tokens) - 1
+            if reason is not None:
+                self._running.remove(s)
+            self._emit(s, new, reason)
+
+    def _decode_call(self, rows: list[Sequence | None], b: int, w: int, kinds) -> np.ndarray:
+        pages = np.zeros((b, w), np.int32)
+        lengths, last, num = (np.zeros(b, np.int32) for _ in range(3))
+        done = np.ones(b, bool)
+        for i, s in enumerate(rows):
+            if s is None:
+                continue
+            pages[i, : len(s.pages)] = s.pages
+            lengths[i], last[i], num[i], done[i] = len(s.tokens) - 1, s.tokens[-1], s.num, False
+        r = programs.Rows(self._place(pages, ("cache_batch", None)), self._place(lengths, ("cache_batch",)),
+                          self._place(last, ("cache_batch",)), self._place(num, ("cache_batch",)),
+                          self._place(done, ("cache_batch",)))
+        self._pool, out, _ = programs.decode(self.cfg, kinds, self.params, self._pool, r, controls(rows, b, self._place),
+                                             steps=self.chunk)
+        return np.asarray(jax.device_get(out))
+
+
+__all__ = ["DEFAULT_PAGE_SIZE", "DEFAULT_PREFILL_CHUNK", "Engine", "QueueFull", "Request", "SamplingParams",
+           "prefill_buckets", "table_widths"]
