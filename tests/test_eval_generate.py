@@ -1,11 +1,11 @@
-"""`python -m qcjax.eval humaneval|mbpp`: completions from the jitted sampler in batches, cut at Qwen's stop strings,
+"""`python -m qcjax.eval humaneval|mbpp`: completions from the inference engine, cut at Qwen's stop strings,
 then scored in the sandbox (a tiny random-weight model with the real Qwen tokenizer; 2-3 problems)."""
 import json
 
 import pytest
 
 import qcjax
-from qcjax import sampler as S
+from qcjax import inference as S
 from qcjax.eval import cli
 from qcjax.eval import generate as G
 from qcjax.eval.problems import base_prompt, load_problems

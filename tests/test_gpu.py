@@ -92,10 +92,10 @@ def torch_cuda_fp32():
 def test_sampler_greedy_on_gpu_equals_transformers(tied, torch_cuda_fp32):
     """The whole sampler on the GPU (prefill through the flash kernel, decode through the cache kernel): a batch of
     different-length prompts, each row equal to transformers' generate on that prompt alone, on the same GPU."""
-    from qcjax.sampler import generate
+    from qcjax.inference import generate
 
     from conftest import hf_model, params_from_hf
-    from test_sampler import CFG_TIED, CFG_UNTIED, NEW, hf_greedy, prompts_of
+    from test_inference import CFG_TIED, CFG_UNTIED, NEW, hf_greedy, prompts_of
 
     cfg = (CFG_TIED if tied else CFG_UNTIED).replace(attention_impl="auto")
     model = hf_model(cfg)

@@ -19,7 +19,7 @@ import pytest
 
 import qcjax
 from qcjax import adapters
-from qcjax import sampler as S
+from qcjax import inference as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -294,7 +294,7 @@ def _greedy_text(tok, cfg, params, ids, n, cache_dtype=jnp.float32) -> str:
 
 def test_infer_cli_with_quant_int8_prints_the_weights_and_samples_the_quantized_model(trained, models):
     """`python infer.py --ckpt ... --quant int8` as users run it: stdout is the int8 model's greedy text (as
-    qcjax.sampler.generate gives it on qcjax.load(quant="int8")), stderr says int8 and the bytes vs bf16."""
+    qcjax.inference.generate gives it on qcjax.load(quant="int8")), stderr says int8 and the bytes vs bf16."""
     ckpt, tok = trained
     _, _, qcfg, qparams = models
     prompt = "def read_config(path):\n    "

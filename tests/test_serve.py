@@ -1,7 +1,7 @@
 """qcjax.serve: the OpenAI-compatible server, driven by the official `openai` client against a server this module
-starts on 127.0.0.1 (a tiny random-weight model, the real Qwen tokenizer). Results equal qcjax.sampler.generate for
-the same prompts; concurrent clients get their one-at-a-time results; bad requests are 4xx in OpenAI's shape and the
-server keeps serving; nothing compiles after warm-up."""
+starts on 127.0.0.1 (a tiny random-weight model, the real Qwen tokenizer). Results equal qcjax.inference.generate for
+the same prompts one at a time; concurrent clients get their one-at-a-time results; bad requests are 4xx in OpenAI's
+shape and the server keeps serving; nothing compiles after warm-up."""
 import concurrent.futures
 import json
 import socket

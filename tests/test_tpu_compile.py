@@ -1,5 +1,5 @@
 """Ahead-of-time compiles for TPU slices on this CPU host (qcjax.tpu_compile, `--compile_only` of train.py and
-infer.py): the loop's own train step and the sampler's prefill/decode compile for real TPU topologies, per-chip
+infer.py): the loop's own train step and the inference engine's prefill/decode compile for real TPU topologies, per-chip
 memory is checked against HBM (and against a prediction from parameter counts), and a step that does not fit, or a
 host without libtpu, is a clear error."""
 from __future__ import annotations
@@ -158,8 +158,10 @@ def test_tiny_sampler_prefill_and_decode_compile_for_a_4_chip_slice():
     out = cli("infer.py", "--config", "tiny", "--compile_only", "--topology", "v5p-8", "--batch", "4", "--context",
               "512", "--max_new_tokens", "64", "--temperature", "0.7", "--top_p", "0.9")
     assert out.returncode == 0, out.stderr
-    assert "prefill: lowered" in out.stdout and "decode (16 steps a call): lowered" in out.stdout
-    assert "prompt bucket 512, cache 512 slots, 64 new tokens" in out.stdout and out.stdout.rstrip().endswith("fits")
+    assert "prefill (512 tokens a row, 32-page tables): lowered" in out.stdout
+    assert "decode (16 steps a call): lowered" in out.stdout
+    assert "batch 4, context 512 (64 new tokens), KV pool 128 pages of 16 tokens" in out.stdout
+    assert out.stdout.rstrip().endswith("fits")
 
 
 @needs_libtpu
@@ -177,11 +179,12 @@ def test_decode_on_tpu_keeps_the_cache_in_one_layout(batch):
 
 
 @needs_libtpu
-def test_a_prompt_longer_than_the_prefill_chunk_compiles_the_chunked_prefill():
+def test_a_prompt_longer_than_the_prefill_chunk_compiles_a_chunk_of_it():
     out = cli("infer.py", "--config", "tiny", "--compile_only", "--topology", "v5e-4", "--batch", "1", "--context",
               "2048", "--max_new_tokens", "64", "--prefill_chunk", "512")
     assert out.returncode == 0, out.stderr
-    assert "prefill (512-token chunks): lowered" in out.stdout and "decode (16 steps a call): lowered" in out.stdout
+    assert "prefill (512 tokens a row, 128-page tables): lowered" in out.stdout
+    assert "decode (16 steps a call): lowered" in out.stdout
 
 
 @needs_libtpu
@@ -242,5 +245,5 @@ def test_yarn_preset_compiles_a_chunked_128k_prefill_for_batch_1():
     out = cli("infer.py", "--config", "tiny", "--yarn", "--compile_only", "--topology", "v5e-4", "--batch", "1",
               "--max_context", "16384", "--max_new_tokens", "64", "--prefill_chunk", "4096")
     assert out.returncode == 0, out.stderr
-    assert "prompt bucket 16384, cache 16384 slots" in out.stdout and "prefill (4096-token chunks)" in out.stdout
+    assert "context 16384 (64 new tokens)" in out.stdout and "prefill (4096 tokens a row, 1024-page tables)" in out.stdout
     assert "XLA cost analysis:" in out.stdout and out.stdout.rstrip().endswith("fits")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from qcjax import platform
 from qcjax.cpu import build, matmul
-from qcjax import sampler as S
+from qcjax.inference import programs, rows
 from qcjax.config import ModelConfig
 from qcjax.model import init_params
 
@@ -76,10 +76,11 @@ def _compiled(fn, *args, **kw) -> str:
 def test_the_tied_head_of_a_decode_step_takes_the_kernel():
     # the [vocab, embed] table is read in its stored order; the layers' projections are XLA's dots
     params = init_params(CFG, jax.random.key(0))
-    plan = S.plan(CFG, [[1, 2, 3, 4] * 5, [5, 6]], max_new_tokens=4)
-    c = S.controls_for(plan)
-    state = S.start(CFG, params, plan, c, jnp.float32)
-    decode = _compiled(S.decode, CFG, plan.kinds, params, state, c, steps=4)
+    pool = programs.init_pool(CFG, num_pages=8, page_size=16, dtype=jnp.float32)
+    r = programs.Rows(jnp.arange(8, dtype=jnp.int32).reshape(2, 4), jnp.array([20, 2]), jnp.array([4, 6]),
+                      jnp.zeros(2, jnp.int32), jnp.zeros(2, bool))
+    c = rows.controls([None, None], 2, lambda x, names: jnp.asarray(x))
+    decode = _compiled(programs.decode, CFG, rows.GREEDY_KINDS, params, pool, r, c, steps=4)
     assert decode.count(f'custom_call_target="{build.MATMUL_TARGET}"') == 1
 
 
