@@ -160,6 +160,44 @@ def test_streaming_sends_text_as_it_comes_and_usage_at_the_end(server):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
 
 
+def test_a_repeated_prefix_is_served_from_the_prefix_cache_with_the_same_text(server, tok):
+    """An editor re-sends its file with the cursor further on: the second request's prompt starts with the first's
+    full pages, which usage reports as cached_tokens (OpenAI's field, streamed with include_usage too); the text is
+    what the same request gives with nothing cached."""
+    head = "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):\n        self.path = path\n"
+    first = server.client.completions.create(model=server.name, prompt=head, max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    prompt = head + "    def load(self):\n"
+    again = server.client.completions.create(model=server.name, prompt=prompt, max_tokens=6, temperature=0)
+    a, b = tok.encode_with_special(head), tok.encode_with_special(prompt)
+    common = next(i for i, (x, y) in enumerate(zip(a + [-1], b)) if x != y)  # the tokens the two prompts share
+    n = common // 16 * 16  # in full 16-token pages (the first request's generated tokens differ from the new text)
+    assert again.usage.prompt_tokens_details.cached_tokens == n > 0
+    [(want, _)] = server.reference([tok.encode_with_special(prompt)], 6)
+    assert again.choices[0].text == want
+    chunks = list(server.client.completions.create(model=server.name, prompt=prompt, max_tokens=6, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= n
+
+
+def test_metrics_are_prometheus_text(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server.client.completions.create(model=server.name, prompt=PROMPTS[0], max_tokens=3, temperature=0)
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    value = lambda name, **labels: next(s.value for s in families[name].samples  # noqa: E731
+                                        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    assert value("qcjax_requests_total") >= 1 and value("qcjax_generation_tokens_total") >= 3
+    assert value("qcjax_time_to_first_token_seconds_count") >= 1
+    assert value("qcjax_inter_token_latency_seconds_count") >= 1
+    assert value("qcjax_cache_pages", state="used") == 0  # nothing in flight
+    assert value("qcjax_cache_pages", state="free") + value("qcjax_cache_pages", state="cached") > 0
+    for name in ("qcjax_prefix_cache_hit_tokens", "qcjax_preemptions", "qcjax_queue_depth"):
+        assert name in families
+
+
 def test_n_choices_with_a_seed_are_reproducible_and_equal_generate(server, tok):
     ids = tok.encode_with_special(PROMPTS[0])
     kw = dict(model=server.name, prompt=PROMPTS[0], max_tokens=8, temperature=1.0, top_p=0.9, n=3, seed=7)

@@ -13,7 +13,10 @@ Each round of the engine (`step`):
    prompt goes in over several rounds, with decode chunks between them, so it never stalls running decodes for its
    whole length. A new request first walks the prefix cache (qcjax.inference.pages): the full pages of its prompt
    that are cached are taken as they are and only the rest is computed. The n samples of one prompt share its pages
-   (the first is prefilled, the others find its pages in the cache and compute only the last partial page);
+   (the first is prefilled, the others find its pages in the cache and compute only the last partial page). A
+   fresh prompt (nothing cached) and a partly cached one never share a prefill call, so each row's numbers depend
+   on its own prefix-cache hit only, not on what it was batched with (a seed gives the same samples whatever the
+   batching, as long as the cache holds the same pages);
 3. decode: `chunk` steps for the running rows only, compacted into the smallest batch bucket that holds them; each
    row first gets the pages its next `chunk` tokens need. When pages run out, idle cached pages are evicted (least
    recently used first); if that is not enough the newest running request is preempted: its pages are released (its
@@ -386,8 +389,9 @@ class Engine:
                     break
                 count = min(len(s.tokens) - s.cached, self.prefill_chunk)
                 t = _bucket(max(counts + [count]), self.t_buckets)
-                if rows and pow2(len(rows) + 1) * t > budget:
-                    break
+                if rows and (pow2(len(rows) + 1) * t > budget or (s.cached == 0) != (rows[0].cached == 0)):
+                    break  # over the budget, or a fresh prompt beside a cached one: each row takes its own path
+
                 rows.append(s)
                 counts.append(count)
                 if s.cached + self.page_size <= len(s.tokens):
