@@ -1,4 +1,4 @@
-"""Prefill and decode throughput of qcjax's sampler vs transformers `generate`, on this CPU or a CUDA GPU, in one run.
+"""Prefill and decode throughput of qcjax's inference programs vs transformers `generate`, on this CPU or a CUDA GPU, in one run.
 
     python bench/decode.py                       # 0.5B architecture, random weights, fp32 and bf16, batch 1 and 8
     python bench/decode.py --dtypes float32 --batches 1 --repeats 5 --record
@@ -96,7 +96,8 @@ def main(argv=None):
             flags[d] = got["flags"]
         report(a, rows, bws, flags, got["machine"])
         return
-    from qcjax import platform as switch, sampler as S
+    from qcjax import platform as switch
+    from _direct import Batch
 
     flags = None if a.xla_flags is None else (() if a.xla_flags == "none" else tuple(a.xla_flags.split()))
     flags = switch.configure_xla(dtypes[0], flags)
@@ -156,13 +157,12 @@ def main(argv=None):
 
         # -- prefill, batch 1 x prefill_len
         prompt = rng.integers(0, 150000, a.prefill_len).tolist()
-        p = S.plan(cfg, [prompt], max_new_tokens=1, min_batch=switch.min_batch(cfg.dtype))
-        c = S.controls_for(p)
+        batch = Batch(cfg, [prompt] * switch.min_batch(cfg.dtype), 1, cache_dt)
         ids = torch.tensor([prompt], device=dev)
         ours, theirs = [], []
         def prefill_ours():
             t = time.perf_counter()
-            jax.block_until_ready(S.start(cfg, params, p, c, cache_dt))
+            jax.block_until_ready(batch.prefill(params))
             ours.append(a.prefill_len / (time.perf_counter() - t))
 
         def prefill_theirs():
@@ -186,18 +186,16 @@ def main(argv=None):
         n = a.new_tokens
         for b in batches:
             prompts = [rng.integers(0, 150000, a.decode_prompt).tolist() for _ in range(b)]
-            p = S.plan(cfg, prompts, max_new_tokens=n, min_batch=switch.min_batch(cfg.dtype))
-            c = S.controls_for(p)
+            batch = Batch(cfg, prompts + prompts[:1] * (switch.min_batch(cfg.dtype) - b), n, cache_dt)
             ids = torch.tensor(prompts, device=dev)
             ours, theirs, bw_here = [], [], []
             got = {}
 
             def decode_ours():  # then the bandwidth, right after
-                st = S.start(cfg, params, p, c, cache_dt)
-                jax.block_until_ready(st)
+                pool, first = jax.block_until_ready(batch.prefill(params))
                 t = time.perf_counter()
-                st = S.decode(cfg, p.kinds, params, st, c, steps=n - 1)
-                got["out"] = np.asarray(st.out)
+                pool, out, _ = batch.decode(params, pool, first, n - 1)
+                got["out"] = np.concatenate([np.asarray(first)[:, None], np.asarray(out)], axis=1)
                 ours.append(b * (n - 1) / (time.perf_counter() - t))
                 bw_here.append(bandwidth())
 
@@ -235,7 +233,7 @@ def main(argv=None):
                 f"{same}/{b}")
 
         if dname == dtypes[0] and not a.no_stream:
-            rows.append(stream_costs(S, cfg, params, a, cache_dt, dname, log))
+            rows.append(stream_costs(cfg, params, a, cache_dt, dname, log))
         del hf, params
 
     import json
@@ -244,47 +242,30 @@ def main(argv=None):
         json.dump({"rows": rows, "bws": bws, "flags": list(flags), "machine": machine(a, torch)}, f)
 
 
-def stream_costs(S, cfg, params, a, cache_dt, dname, log) -> dict:
-    """ms per decode step at batch 1: one call; chunks of 8 and 1 (host reads new tokens between calls); a host
-    callback per token inside the loop."""
+def stream_costs(cfg, params, a, cache_dt, dname, log) -> dict:
+    """ms per decode step at batch 1: one call; chunks of 8 and 1 (the host reads new tokens between calls)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from jax.experimental import io_callback
+
+    from _direct import Batch
 
     n = a.new_tokens
-    p = S.plan(cfg, [list(range(100, 100 + a.decode_prompt))], max_new_tokens=n)
-    c = S.controls_for(p)
-    got = []
-
-    def host(tok, num):
-        got.append((int(tok[0]), int(num[0])))
-
-    def cb_loop(params, state, controls):
-        def body(s):
-            s = S.decode_step(cfg, p.kinds, params, s, controls)
-            io_callback(host, None, s.last, s.num, ordered=True)
-            return s
-
-        return jax.lax.while_loop(lambda s: (s.steps < n) & ~jnp.all(s.done), body, state)
-
-    cb = jax.jit(cb_loop, donate_argnums=1)
-    modes = {"one call": None, "chunks of 8": 8, "chunks of 1": 1, "host callback": "cb"}
+    batch = Batch(cfg, [list(range(100, 100 + a.decode_prompt))], n, cache_dt)
+    modes = {"one call": None, "chunks of 8": 8, "chunks of 1": 1}
     res = {m: [] for m in modes}
     for r in range(a.repeats + 1):
         for m, chunk in modes.items():
-            st = S.start(cfg, params, p, c, cache_dt)
-            jax.block_until_ready(st)
+            pool, first = jax.block_until_ready(batch.prefill(params))
             t = time.perf_counter()
             if chunk is None:
-                st = S.decode(cfg, p.kinds, params, st, c, steps=n - 1)
-            elif chunk == "cb":
-                st = cb(params, st, c)
+                pool, out, _ = batch.decode(params, pool, first, n - 1)
             else:
-                while not bool(st.done[0]):
-                    st = S.decode(cfg, p.kinds, params, st, c, steps=chunk)
-                    np.asarray(st.out), np.asarray(st.num)
-            np.asarray(st.out)
+                state, done = None, 0
+                while done < n - 1:
+                    pool, out, state = batch.decode(params, pool, first, chunk, state)
+                    np.asarray(out)
+                    done += chunk
+            np.asarray(out)
             res[m].append((time.perf_counter() - t) / (n - 1) * 1e3)
     out = {m: med(v[1:]) for m, v in res.items()}
     log(f"[{dname}] streaming, ms per step at batch 1: " + ", ".join(f"{m} {v:.1f}" for m, v in out.items()))

@@ -54,8 +54,9 @@ def main(argv=None):
 
     import qcjax
     from qcjax import adapters
-    from qcjax import sampler as S
     from qcjax.model import init_params
+
+    from _direct import Batch
 
     log = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731
     cfg = qcjax.get_config(a.model).replace(param_dtype="bfloat16", dtype="bfloat16")
@@ -88,18 +89,16 @@ def main(argv=None):
     rows, bws = [], []
     for b in [int(x) for x in a.batches.split(",")]:
         prompts = [rng.integers(0, 150000, a.prompt).tolist() for _ in range(b)]
-        p = S.plan(cfg, prompts, max_new_tokens=n, min_batch=switch.min_batch(cfg.dtype))
-        c = S.controls_for(p)
+        batches = {k: Batch(m[0], prompts + prompts[:1] * (switch.min_batch(cfg.dtype) - b), n, jnp.bfloat16)
+                   for k, m in models.items()}
         tps = {k: [] for k in models}
         bw_here = []
 
         def decode(name):
-            mcfg, mp = models[name]
-            st = S.start(mcfg, mp, p, c, jnp.bfloat16)
-            jax.block_until_ready(st)
+            mp = models[name][1]
+            pool, first = jax.block_until_ready(batches[name].prefill(mp))
             t = time.perf_counter()
-            st = S.decode(mcfg, p.kinds, mp, st, c, steps=n - 1)
-            jax.block_until_ready(st.out)
+            jax.block_until_ready(batches[name].decode(mp, pool, first, n - 1)[1])
             tps[name].append(b * (n - 1) / (time.perf_counter() - t))
 
         for r in range(a.repeats + 1):

@@ -117,7 +117,9 @@ class Engine:
         self.max_pages = -(-self.max_len // self.page_size)  # one row's pages at most
         self.num_pages = int(num_pages) if num_pages else self.max_rows * self.max_pages
         self.chunk, self.max_queue = int(chunk), int(max_queue)
-        self.prefill_batch, self.prefill_chunk = int(prefill_batch), int(prefill_chunk)
+        # no chunk longer than a request can be: fewer programs for a short context
+        self.prefill_batch, self.prefill_chunk = int(prefill_batch), min(int(prefill_chunk), max(
+            MIN_PREFILL_BUCKET, pow2(self.max_len)))
         self.prefill_tokens = int(prefill_tokens)
         self.cache_dtype = jnp.dtype(cache_dtype)
         self.widths = table_widths(self.max_pages, self.page_size)
