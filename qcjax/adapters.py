@@ -186,7 +186,7 @@ def quantize(cfg: ModelConfig, params: Any, mesh=None) -> Any:
     """Float params (of the plain model, with or without adapters) -> the tree `build(cfg)` applies with cfg.quant
     set: the quantized projections' kernels as qwix WithAux QArrays, everything else as it was. With `mesh` each
     quantized kernel's values and scales are placed there by the logical-axis rules (qcjax.sharding), as
-    `decoding.place_params` places them.
+    `inference.programs.place_params` places them.
 
     Quantized per layer (one scale set per layer of the stacked kernel) with the `how` qwix records at init inside
     the layer scan: qwix.quantize_params would read that per-layer `how` against the stacked kernel and put the

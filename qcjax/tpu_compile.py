@@ -418,11 +418,14 @@ def predict_train_bytes(cfg: ModelConfig, n_chips: int, rows_per_chip: int, seq_
 def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, context: int, max_new_tokens: int,
                     mesh_shape: dict[str, int] | None = None, cache_dtype: Any = jnp.bfloat16, sampling=None,
                     prefill_chunk: int | None = None, decode_steps: int = 16, page_size: int | None = None,
-                    num_pages: int | None = None) -> CompileReport:
+                    num_pages: int | None = None, max_len: int | None = None, prefill_rows: int | None = None
+                    ) -> CompileReport:
     """Compile the inference engine's programs (qcjax.inference.programs) for `batch` rows of `context` tokens (a
     prompt of context - max_new_tokens) on a TPU slice: one prefill call of `prefill_chunk` tokens per row into a
     page table as wide as the context, and a decode call of `decode_steps` steps over the batch. cfg's dtypes are
     the run's. The page pool holds num_pages pages (default: batch x context tokens, what the rows can fill).
+    max_len: the engine's limit per request (default: context); the page tables are as wide as the engine's bucket
+    for a context-long row (`engine.table_widths`). prefill_rows: rows of the prefill call (default: batch).
     mesh_shape None: the serving mesh (`sharding.serving_mesh_shape`: tensor parallel up to the KV heads first)."""
     from flax import linen as nn
 
@@ -439,8 +442,10 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
                          "rest of the context")
     ps = page_size or E.DEFAULT_PAGE_SIZE
     chunk = min(prefill_chunk or E.DEFAULT_PREFILL_CHUNK, 1 << (context - max_new_tokens - 1).bit_length())
-    width = -(-context // ps)
-    pages = num_pages or batch * width
+    need = -(-context // ps)
+    width = next(w for w in E.table_widths(-(-(max_len or context) // ps), ps) if w >= need)
+    pages = num_pages or batch * need
+    prows = prefill_rows or batch
     mesh = topology_mesh(topo, mesh_shape or serving_mesh_shape(cfg, len(compile_devices(topo)), batch))
     kinds = R.kinds_for([sampling or GREEDY], cfg.vocab_size)
 
@@ -455,11 +460,12 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
             lambda: PR.init_pool(cfg, num_pages=pages, page_size=ps, dtype=jnp.dtype(cache_dtype))))
         ctl = jax.tree.map(lambda a: place(a.shape, a.dtype), jax.eval_shape(
             lambda: R.controls([None] * batch, batch, lambda x, names: jnp.asarray(x))))
-        row = lambda dtype=jnp.int32: place((batch,), dtype)  # noqa: E731
+        row = lambda dtype=jnp.int32, n=batch: place((n,), dtype)  # noqa: E731
+        pctl = jax.tree.map(lambda a: place((prows,) + a.shape[1:], a.dtype), ctl)
         pre, compiled = compile_program(
             f"prefill ({chunk} tokens a row, {width}-page tables)", PR.prefill,
-            (cfg, kinds, params, pool, place((batch, chunk), jnp.int32), row(), row(), place((batch, width), jnp.int32),
-             row(), ctl), None, topo.hbm_bytes)
+            (cfg, kinds, params, pool, place((prows, chunk), jnp.int32), row(n=prows), row(n=prows),
+             place((prows, width), jnp.int32), row(n=prows), pctl), None, topo.hbm_bytes)
         programs = [pre]
         if compiled is not None:
             rows = PR.Rows(place((batch, width), jnp.int32), row(), row(), row(), row(jnp.bool_))
@@ -470,5 +476,5 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
     setup = [f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, params "
              f"{cfg.param_dtype}{quant}, compute {cfg.dtype}, KV cache {jnp.dtype(cache_dtype).name}",
              f"batch {batch}, context {context} ({max_new_tokens} new tokens), KV pool {pages} pages of {ps} tokens "
-             f"({pages * ps} tokens)"]
+             f"({pages * ps} tokens)" + (f", prefill {prows} rows" if prows != batch else "")]
     return CompileReport(topology=topo, mesh=dict(mesh.shape), setup=setup, programs=programs)

@@ -186,16 +186,16 @@ def test_metrics_are_prometheus_text(server):
     server.client.completions.create(model=server.name, prompt=PROMPTS[0], max_tokens=3, temperature=0)
     with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
         assert r.headers["Content-Type"].startswith("text/plain")
-        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
-    value = lambda name, **labels: next(s.value for s in families[name].samples  # noqa: E731
-                                        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        samples = [x for f in text_string_to_metric_families(r.read().decode()) for x in f.samples]
+    value = lambda name, **labels: next(x.value for x in samples  # noqa: E731
+                                        if x.name == name and all(x.labels.get(k) == v for k, v in labels.items()))
     assert value("qcjax_requests_total") >= 1 and value("qcjax_generation_tokens_total") >= 3
     assert value("qcjax_time_to_first_token_seconds_count") >= 1
     assert value("qcjax_inter_token_latency_seconds_count") >= 1
     assert value("qcjax_cache_pages", state="used") == 0  # nothing in flight
     assert value("qcjax_cache_pages", state="free") + value("qcjax_cache_pages", state="cached") > 0
-    for name in ("qcjax_prefix_cache_hit_tokens", "qcjax_preemptions", "qcjax_queue_depth"):
-        assert name in families
+    names = {x.name for x in samples}
+    assert {"qcjax_prefix_cache_hit_tokens_total", "qcjax_preemptions_total", "qcjax_queue_depth"} <= names
 
 
 def test_n_choices_with_a_seed_are_reproducible_and_equal_generate(server, tok):
@@ -299,6 +299,9 @@ def test_a_full_queue_answers_429_and_the_server_recovers(server):
     ({"prompt": "x", "temperature": "hot"}, 400, "temperature", "must be a number"),
     ({"prompt": 5}, 400, "prompt", "must be a string"),
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", ">= 1"),
+    ({"prompt": ["def f():"] * 200_000, "max_tokens": 1}, 400, "prompt", "at most 4 per request"),  # before tokenizing
+    ({"prompt": "a\ud800b"}, 400, "prompt", "lone UTF-16 surrogate"),
+    ({"prompt": "x", "suffix": "\ud800"}, 400, "suffix", "lone UTF-16 surrogate"),
     ({"prompt": "x", "max_tokens": MAX_LEN}, 400, "max_tokens", "maximum context length is 64"),
     ({"prompt": "word " * 80, "max_tokens": 1}, 400, "prompt", "maximum context length is 64"),
     ({"prompt": "", "max_tokens": 4}, 400, "prompt", "empty"),
@@ -321,12 +324,28 @@ def test_bad_requests_are_4xx_in_openai_shape_and_the_server_keeps_serving(serve
 def test_bad_chat_requests_name_the_problem(server):
     for body, words in [({"messages": []}, "non-empty array"),
                         ({"messages": [{"role": "robot", "content": "hi"}]}, "role must be"),
-                        ({"messages": [{"role": "user", "content": 3}]}, "content must be a string")]:
+                        ({"messages": [{"role": "user", "content": 3}]}, "content must be a string"),
+                        ({"messages": [{"role": "user", "content": "\udfff"}]}, "lone UTF-16 surrogate")]:
         code, answer = server.post("/v1/chat/completions", {"model": server.name} | body)
         assert code == 400 and words in answer["error"]["message"], answer
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         server.client.chat.completions.create(model=server.name, messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=0)
+
+
+def test_an_oversized_body_is_413_and_health_answers_meanwhile(server):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=30)
+    conn.putrequest("POST", "/v1/completions")  # 9 MiB announced: refused before a byte of it is read
+    for k, v in {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}",
+                 "Content-Length": str(9 << 20)}.items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    r = conn.getresponse()
+    assert r.status == 413 and "over" in json.loads(r.read())["error"]["message"]
+    conn.close()
+    assert server.health()["status"] == "ok"
 
 
 def test_a_missing_or_wrong_key_is_401(server):
@@ -346,6 +365,16 @@ def test_no_compilation_after_warmup_for_any_mix(server, tok):
            for k, m, t, n in [(1, 3, 0, 1), (20, 5, 0.7, 2), (45, 10, 0, 1), (8, 2, 1.0, 1), (30, 4, 0, 3)]]
     with concurrent.futures.ThreadPoolExecutor(len(kws)) as pool:
         list(pool.map(lambda kw: server.client.completions.create(model=server.name, **kw), kws))
+
+    def drop(k):  # streaming clients that leave together, mid-stream
+        stream = server.client.completions.create(model=server.name, prompt="word " * (3 + k), max_tokens=40,
+                                                  temperature=0.5, seed=k, stream=True)
+        next(iter(stream))
+        stream.close()
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        list(pool.map(drop, range(3)))
+    assert _wait(lambda: server.health()["busy"] == 0)
     h = server.health()
     assert h["compiles"] > 0 and h["compiles_after_warmup"] == 0, h
 

@@ -54,10 +54,28 @@ class APIError(Exception):
 
 @dataclasses.dataclass
 class Limits:
-    """What the server allows: the context (prompt + completion tokens) and choices per request."""
+    """What the server allows: the context (prompt + completion tokens), choices per request (prompts x n) and the
+    request body's size."""
 
     max_len: int
     max_n: int
+    max_body: int = 8 << 20  # bytes: a 128K-token prompt as an id list is about 1 MB
+
+
+def _check_text(value: Any, field: str) -> None:
+    """A 400 naming the field for a string that is not valid Unicode (a lone UTF-16 surrogate such as \\ud800, which
+    JSON can carry but no tokenizer can encode)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"'{field}' holds a lone UTF-16 surrogate: not valid Unicode text", field) from None
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v, field)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _check_text(v, field)
 
 
 @dataclasses.dataclass
@@ -124,6 +142,8 @@ def _common(body: Any, fields: set[str], model: str, limits: Limits) -> dict:
     """The checks every endpoint shares: an object, known fields, the model, sampling, n, seed, stop, stream."""
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {_type_name(body)}")
+    for field, value in body.items():
+        _check_text(value, field)
     unknown = sorted(set(body) - fields)
     if unknown:
         raise APIError(400, f"unknown field(s) {', '.join(repr(u) for u in unknown)}; this endpoint takes "
@@ -223,6 +243,9 @@ def parse_completion(body: Any, tok: Tokenizer, model: str, limits: Limits) -> J
     else:
         raise APIError(400, "'prompt' must be a string, an array of strings, an array of token ids or an array of "
                             "token-id arrays", "prompt")
+    if len(prompts) * c["n"] > limits.max_n:  # before any tokenizing: a long prompt list is refused at once
+        raise APIError(400, f"'prompt' holds {len(prompts)} prompts x n={c['n']}: {len(prompts) * c['n']} choices, at "
+                            f"most {limits.max_n} per request", "prompt")
     encoded = []
     for k, p in enumerate(prompts):
         where = "prompt" if len(prompts) == 1 else f"prompt[{k}]"
@@ -456,15 +479,23 @@ def create_app(engine: Engine, tok: Tokenizer, model: str, api_key: str | None =
             raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
 
     async def json_body(request: HTTPRequest) -> Any:
-        raw = await request.body()
+        """The body, read up to limits.max_body bytes (413 beyond), parsed off the event loop."""
+        if int(request.headers.get("content-length") or 0) > limits.max_body:
+            raise APIError(413, f"the request body is over {limits.max_body} bytes")
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > limits.max_body:
+                raise APIError(413, f"the request body is over {limits.max_body} bytes")
         try:
-            return json.loads(raw)
+            return await asyncio.to_thread(json.loads, bytes(raw))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON ({e})") from None
 
     async def serve(request: HTTPRequest, parse: Callable[..., Job], prefix: str):
         authorize(request)
-        job = parse(await json_body(request), tok, model, limits)
+        # checking and tokenizing run on a worker thread: /health and streams stay responsive meanwhile
+        job = await asyncio.to_thread(parse, await json_body(request), tok, model, limits)
         run = Run(job, engine, tok, asyncio.get_running_loop())
         run.submit()
         rid, created = f"{prefix}-{secrets.token_hex(12)}", int(time.time())
