@@ -424,7 +424,7 @@ class Engine:
         tokens = np.zeros((p, t), np.int32)
         lengths = np.zeros(p, np.int32)
         cnt = np.zeros(p, np.int32)
-        pages = np.zeros((p, w), np.int32)
+        pages = np.full((p, w), self.num_pages, np.int32)  # past a row's own pages: no page (a write is dropped)
         num = np.zeros(p, np.int32)
         for i, (s, c) in enumerate(zip(rows, counts)):
             if s is None:
@@ -494,7 +494,7 @@ class Engine:
             self._emit(s, new, reason)
 
     def _decode_call(self, rows: list[Sequence | None], b: int, w: int, kinds) -> np.ndarray:
-        pages = np.zeros((b, w), np.int32)
+        pages = np.full((b, w), self.num_pages, np.int32)
         lengths, last, num = (np.zeros(b, np.int32) for _ in range(3))
         done = np.ones(b, bool)
         for i, s in enumerate(rows):
