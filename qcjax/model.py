@@ -6,7 +6,6 @@ axes. Matmuls run in `cfg.dtype` with float32 accumulation; RMSNorm, RoPE, softm
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -349,27 +348,36 @@ def constrain_cache(cfg: ModelConfig, name: str, x: jax.Array) -> jax.Array:
     return constrain(x, names)
 
 
+# How an adapted config (cfg.lora, cfg.quant) is built and initialized is qcjax.adapters' to know: it registers
+# itself here when imported (qcjax/__init__.py imports it, so any use of the package has it), as the CPU kernels
+# register into the platform switch. The model applies adapters without importing them (docs/architecture.md).
+_ADAPTED: dict[str, Any] = {}
+
+
+def register_adapted(build_fn, init_fn) -> None:
+    """build_fn(cfg, deterministic) -> module for an adapted cfg; init_fn(cfg, params) -> its fresh params."""
+    _ADAPTED.update(build=build_fn, init=init_fn)
+
+
+def _adapted(name: str):
+    if name not in _ADAPTED:
+        raise RuntimeError("cfg.lora / cfg.quant need qcjax.adapters imported (it registers the adapted model)")
+    return _ADAPTED[name]
+
+
 def build(cfg: ModelConfig, deterministic: bool = True) -> nn.Module:
     """The model module for `cfg`: Qwen2, or with LoRA adapters / quantized projections (cfg.lora, cfg.quant) the
-    qwix-wrapped Qwen2 (qcjax.adapters). Apply methods by name (`method="hidden_states"`): the wrapped class
+    qwix-wrapped Qwen2 (qcjax.adapters.build). Apply methods by name (`method="hidden_states"`): the wrapped class
     intercepts its own methods. deterministic: no adapter dropout (training passes False and a "dropout" rng)."""
-    if not cfg.adapted:
-        return Qwen2(cfg)
-    from qcjax import adapters
-
-    if deterministic and cfg.lora is not None and cfg.lora.dropout:
-        cfg = cfg.replace(lora=dataclasses.replace(cfg.lora, dropout=0.0))
-    return adapters.wrap(Qwen2(cfg), cfg)
+    return _adapted("build")(cfg, deterministic) if cfg.adapted else Qwen2(cfg)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, boxed: bool = False) -> Any:
     """Random params (boxed: keep the nn.Partitioned logical-axis annotations)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     params = build(cfg).init(rng, tokens)["params"]
-    if cfg.lora is not None:  # qwix makes adapters in the kernel's dtype (a quantized one's: the compute dtype)
-        from qcjax import adapters
-
-        params = adapters.adapters_in(params, cfg.param_dtype)  # trained: master weights in param_dtype
+    if cfg.adapted:
+        params = _adapted("init")(cfg, params)
     return params if boxed else nn.meta.unbox(params)
 
 

@@ -155,7 +155,7 @@ def pytest_make_collect_report(collector):
 @pytest.fixture(scope="session")
 def spm_dir(tmp_path_factory):
     """A small SentencePiece tokenizer trained on the Python standard library (the tiny training runs' vocab)."""
-    from qcjax.tokenizer import train_spm
+    from qcjax.data.spm import train_spm
 
     out = tmp_path_factory.mktemp("spm")
     train_spm(str(out), vocab_size=512, max_chars=300_000, progress=False)
