@@ -56,8 +56,7 @@ def provider(cfg: ModelConfig):
     if cfg.lora is None:
         # The provider calls its dot without the float32 accumulation `Linear` asks for (preferred_element_type is
         # dropped); given back here, the dequantized bf16 kernel feeds a bf16 x bf16 -> fp32 dot as the plain
-        # model's does. Without it XLA:CPU widened every dequantized kernel to an fp32 copy at each decode step
-        # (0.5B, batch 8: 222 -> 185 ms per step with it; batch 1 the same within noise; bench/RESULTS.md).
+        # model's does. Without it XLA:CPU widened every dequantized kernel to an fp32 copy at each decode step.
         from qwix._src.core import dot_general
 
         dot = functools.partial(dot_general.dot_general, preferred_element_type=jnp.float32)
