@@ -36,7 +36,8 @@ def main() -> None:
 
     from qcjax.data import DataConfig, SourceConfig, iterator_stats, make_pretrain_iterator
     from qcjax.data.sources import STDLIB_EXCLUDE, stdlib_source
-    from qcjax.tokenizer import load_tokenizer, train_spm
+    from qcjax.data.spm import train_spm
+    from qcjax.tokenizer import load_tokenizer
 
     if a.tokenizer == "spm":
         tok = load_tokenizer(train_spm(tempfile.mkdtemp(), 4096, progress=False))

@@ -94,7 +94,7 @@ def same_params(a, b) -> bool:
 
 
 def run(faults: int, seed: int, steps: int, root: str, log=print) -> dict:
-    from qcjax.tokenizer import train_spm
+    from qcjax.data.spm import train_spm
 
     tokenizer = os.path.join(root, "spm")
     if not os.path.exists(os.path.join(tokenizer, "spm.model")):

@@ -71,7 +71,7 @@ def main() -> None:
 
     from qcjax.prefs import cli
     from qcjax.prefs.tasks import make_splits, sft_records, write_jsonl
-    from qcjax.tokenizer import train_spm
+    from qcjax.data.spm import train_spm
     from qcjax.train.loop import train
 
     t_all = time.perf_counter()

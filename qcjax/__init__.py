@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from qcjax import adapters  # noqa: F401  registers the adapted model (cfg.lora / cfg.quant) with qcjax.model.build
 from qcjax.config import ModelConfig, get_config
 from qcjax.hf import load_hf
 from qcjax.loader import load

@@ -1,7 +1,8 @@
 """LoRA adapters and weight-only quantized projections, through qwix: the one place that knows how.
 
-`ModelConfig.lora` / `ModelConfig.quant` ask for them; `qcjax.model.build(cfg)` wraps Qwen2 with the qwix provider
-made here, and qwix intercepts each projection's dot_general (`Linear` runs a plain one when `cfg.adapted`):
+`ModelConfig.lora` / `ModelConfig.quant` ask for them; `build(cfg)` here (registered as what `qcjax.model.build`
+returns for such a cfg: the model never imports this module) wraps Qwen2 with the qwix provider made here, and qwix
+intercepts each projection's dot_general (`Linear` runs a plain one when `cfg.adapted`):
 - LoRA (qwix.LoraProvider): next to each targeted `kernel` the params hold `kernel_lora_a` [layers, in, rank] and
   `kernel_lora_b` [layers, rank, out] (in/out: the kernel's input/output dims flattened, e.g. q_proj's out is
   heads * head_dim, in HF's order); the output gains (x A) B * alpha / rank.
@@ -14,6 +15,7 @@ together, fold them into the kernels (sampling, HF export), quantize a float bas
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qcjax.config import LORA_TARGETS, ModelConfig
+from qcjax.model import Qwen2, abstract_params, register_adapted
 
 # short target name -> the projection's module path inside a decoder layer
 PROJECTIONS = {
@@ -53,8 +56,7 @@ def provider(cfg: ModelConfig):
     if cfg.lora is None:
         # The provider calls its dot without the float32 accumulation `Linear` asks for (preferred_element_type is
         # dropped); given back here, the dequantized bf16 kernel feeds a bf16 x bf16 -> fp32 dot as the plain
-        # model's does. Without it XLA:CPU widened every dequantized kernel to an fp32 copy at each decode step
-        # (0.5B, batch 8: 222 -> 185 ms per step with it; batch 1 the same within noise; bench/RESULTS.md).
+        # model's does. Without it XLA:CPU widened every dequantized kernel to an fp32 copy at each decode step.
         from qwix._src.core import dot_general
 
         dot = functools.partial(dot_general.dot_general, preferred_element_type=jnp.float32)
@@ -74,6 +76,23 @@ def wrap(module, cfg: ModelConfig):
     import qwix
 
     return qwix.quantize_model(module, provider(cfg), methods=("__call__", "hidden_states"))
+
+
+def build(cfg: ModelConfig, deterministic: bool = True):
+    """The adapted model for cfg.lora / cfg.quant (what `qcjax.model.build` returns for such a cfg).
+    deterministic: no adapter dropout."""
+    if deterministic and cfg.lora is not None and cfg.lora.dropout:
+        cfg = cfg.replace(lora=dataclasses.replace(cfg.lora, dropout=0.0))
+    return wrap(Qwen2(cfg), cfg)
+
+
+def _init(cfg: ModelConfig, params: Any) -> Any:
+    """Fresh adapted params: qwix makes adapters in the kernel's dtype (a quantized one's: the compute dtype);
+    trained, they are master weights in param_dtype."""
+    return adapters_in(params, cfg.param_dtype) if cfg.lora is not None else params
+
+
+register_adapted(build, _init)
 
 
 # ---- param trees ----------------------------------------------------------------------------------------------------
@@ -198,7 +217,6 @@ def quantize(cfg: ModelConfig, params: Any, mesh=None) -> Any:
     from flax import linen as nn
     from qwix._src.providers import ptq
 
-    from qcjax.model import abstract_params
     from qcjax.sharding import param_shardings
 
     if cfg.quant == "none":

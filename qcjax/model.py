@@ -6,7 +6,6 @@ axes. Matmuls run in `cfg.dtype` with float32 accumulation; RMSNorm, RoPE, softm
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -45,9 +44,9 @@ def _project(x: jax.Array, w: jax.Array, n_in: int, out_dtype=None) -> jax.Array
 
     The backward is written out so each gradient is ONE dot_general in its natural output order: dw = x^T g over
     all leading dims, dx = g w^T. Autodiff of the same einsum emits a dot plus a transpose that XLA:CPU turns into a
-    strided copy of the widest activation (the [tokens, mlp] gradient) per layer; this form measured ~1.8x faster
-    for an MLP projection's backward and makes no difference on TPU/GPU, where XLA picks layouts itself. dw leaves
-    the float32 accumulator in w's dtype, without a round trip through bf16.
+    strided copy of the widest activation (the [tokens, mlp] gradient) per layer (bench/train_step.py measures the
+    step); TPU and GPU are unaffected, XLA picks layouts there itself. dw leaves the float32 accumulator in w's
+    dtype, without a round trip through bf16.
     """
     return _contract(x, w.astype(x.dtype), range(x.ndim - n_in, x.ndim), range(n_in), out_dtype)
 
@@ -390,27 +389,36 @@ def constrain_cache(cfg: ModelConfig, name: str, x: jax.Array) -> jax.Array:
     return constrain(x, names)
 
 
+# How an adapted config (cfg.lora, cfg.quant) is built and initialized is qcjax.adapters' to know: it registers
+# itself here when imported (qcjax/__init__.py imports it, so any use of the package has it), as the CPU kernels
+# register into the platform switch. The model applies adapters without importing them (docs/architecture.md).
+_ADAPTED: dict[str, Any] = {}
+
+
+def register_adapted(build_fn, init_fn) -> None:
+    """build_fn(cfg, deterministic) -> module for an adapted cfg; init_fn(cfg, params) -> its fresh params."""
+    _ADAPTED.update(build=build_fn, init=init_fn)
+
+
+def _adapted(name: str):
+    if name not in _ADAPTED:
+        raise RuntimeError("cfg.lora / cfg.quant need qcjax.adapters imported (it registers the adapted model)")
+    return _ADAPTED[name]
+
+
 def build(cfg: ModelConfig, deterministic: bool = True) -> nn.Module:
     """The model module for `cfg`: Qwen2, or with LoRA adapters / quantized projections (cfg.lora, cfg.quant) the
-    qwix-wrapped Qwen2 (qcjax.adapters). Apply methods by name (`method="hidden_states"`): the wrapped class
+    qwix-wrapped Qwen2 (qcjax.adapters.build). Apply methods by name (`method="hidden_states"`): the wrapped class
     intercepts its own methods. deterministic: no adapter dropout (training passes False and a "dropout" rng)."""
-    if not cfg.adapted:
-        return Qwen2(cfg)
-    from qcjax import adapters
-
-    if deterministic and cfg.lora is not None and cfg.lora.dropout:
-        cfg = cfg.replace(lora=dataclasses.replace(cfg.lora, dropout=0.0))
-    return adapters.wrap(Qwen2(cfg), cfg)
+    return _adapted("build")(cfg, deterministic) if cfg.adapted else Qwen2(cfg)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, boxed: bool = False) -> Any:
     """Random params (boxed: keep the nn.Partitioned logical-axis annotations)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     params = build(cfg).init(rng, tokens)["params"]
-    if cfg.lora is not None:  # qwix makes adapters in the kernel's dtype (a quantized one's: the compute dtype)
-        from qcjax import adapters
-
-        params = adapters.adapters_in(params, cfg.param_dtype)  # trained: master weights in param_dtype
+    if cfg.adapted:
+        params = _adapted("init")(cfg, params)
     return params if boxed else nn.meta.unbox(params)
 
 

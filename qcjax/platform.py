@@ -129,13 +129,12 @@ def one_device() -> bool:
 
 
 # ---- process-wide and host-side choices -------------------------------------------------------------------------------
-# XLA:CPU flags for decoding, measured with bench/decode.py (docs/sampling.md). Process-wide, so applied only by the
-# CLIs (infer.py, the server, the evaluation, bench/decode.py), only when the process runs on the CPU, and only for
-# the dtype they help.
+# XLA:CPU flags for decoding, chosen with bench/decode.py (the figures: docs/sampling.md, "The CPU path").
+# Process-wide, so applied only by the CLIs (infer.py, the server, the evaluation, bench/decode.py), only when the
+# process runs on the CPU, and only for the dtype they help.
 CPU_XLA_FLAGS: dict[str, tuple[str, ...]] = {
-    # XLA hoists loop-invariant work out of the decode while_loop; in bf16 that costs ~20-30% per step (0.5B,
-    # batch 8: 212 ms/step in the loop, 135-180 ms for the same step outside it, 163-177 ms in the loop with the
-    # pass off). fp32 shows no gain (203-226 vs 223-232 ms/step), so it stays on there.
+    # XLA hoists loop-invariant work out of the decode while_loop, which slows each bf16 step; fp32 gains nothing
+    # from turning it off, so it stays on there.
     "bfloat16": ("--xla_disable_hlo_passes=while-loop-invariant-code-motion",),
     "float32": (),
 }
@@ -180,8 +179,8 @@ def quiet_libtpu(cpu_only: bool = False) -> None:
 
 def min_batch(dtype: Any) -> int:
     """Rows the sampler pads a batch to. On the CPU, bf16 decode at batch 1 takes a path where XLA converts every
-    weight to fp32 on each call (~1 GB/s); from 2 rows the bf16 x bf16 -> fp32 kernel reads bf16 weights directly
-    (measured 0.7 vs 8-13 GB/s on [896, 4864])."""
+    weight to fp32 on each call; from 2 rows the bf16 x bf16 -> fp32 kernel reads bf16 weights directly, an order of
+    magnitude faster (docs/sampling.md)."""
     return 2 if jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.bfloat16 else 1
 
 

@@ -5,7 +5,10 @@
     tok.encode("def f(): pass")                        # plain text: control-token strings in it stay plain text
     tok.encode_with_special("<|fim_prefix|>a<|fim_suffix|>b<|fim_middle|>")   # parses control tokens (prompts)
 
-    python -m qcjax.tokenizer train-spm --out DIR --vocab_size 4096   # small BPE model on the stdlib corpus
+    python -m qcjax.tokenizer encode --tokenizer qwen '<|fim_prefix|>x'   # the ids, control tokens parsed
+
+Training a small SentencePiece model on a corpus is qcjax.data.spm's (it reads qcjax.data.sources): the tokenizer
+sits below the data path and imports nothing of it (docs/architecture.md).
 
 Why `encode` treats "<|endoftext|>" in the text as text: training data (code about tokenizers, chat logs) contains
 these strings; parsing them would let data inject control tokens. Formats (qcjax.data.formats) insert control tokens
@@ -16,13 +19,9 @@ from __future__ import annotations
 import abc
 import argparse
 import importlib.util
-import io
-import json
 import os
-import random
 import re
 import sys
-import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -164,7 +163,7 @@ class Tokenizer(abc.ABC):
         if missing:
             raise ValueError(
                 f"tokenizer {self.path} lacks {', '.join(missing)}, needed for {why}. Use a tokenizer that has them "
-                f"(the Qwen tokenizer.json, or `python -m qcjax.tokenizer train-spm`, which adds them), or turn the "
+                f"(the Qwen tokenizer.json, or `python -m qcjax.data.spm`, which adds them), or turn the "
                 f"feature off.")
 
     @property
@@ -331,122 +330,14 @@ def load_tokenizer(path: str) -> Tokenizer:
     raise ValueError(f"cannot tell the tokenizer type of {path}: expected a tokenizer.json or a SentencePiece .model")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Training a small SentencePiece BPE model (CPU demo configs, small models pretrained from scratch).
-
-def stdlib_sample(max_chars: int = 3_000_000, seed: int = 0, progress: bool = True) -> list[str]:
-    """Source files of the running interpreter's standard library, shuffled by `seed`, up to `max_chars` chars."""
-    from qcjax.data.sources import stdlib_files
-
-    files = stdlib_files()
-    random.Random(seed).shuffle(files)
-    texts: list[str] = []
-    n = 0
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=max_chars, unit="char", unit_scale=True, desc="reading stdlib", disable=not progress)
-    except ImportError:  # pragma: no cover
-        bar = None
-    for f in files:
-        try:
-            with open(f, encoding="utf-8") as fh:
-                t = fh.read()
-        except (OSError, UnicodeDecodeError):
-            continue  # a few stdlib files are not UTF-8: this is only a sample
-        t = t[: max_chars - n]
-        texts.append(t)
-        n += len(t)
-        if bar is not None:
-            bar.update(len(t))
-        if n >= max_chars:
-            break
-    if bar is not None:
-        bar.close()
-    return texts
-
-
-def train_spm(out_dir: str, vocab_size: int = 4096, texts: Iterable[str] | None = None, *,
-              max_chars: int = 3_000_000, seed: int = 0, model_type: str = "bpe", progress: bool = True) -> str:
-    """Train a SentencePiece model on `texts` (default: a sample of the stdlib) and write `out_dir/spm.model`.
-
-    Settings keep code intact: identity normalization, whitespace preserved (indentation pieces allowed), byte
-    fallback (every string encodes; newlines become the byte piece <0x0A> because SentencePiece trains on lines),
-    digits split. The table's special tokens are user-defined symbols with ids 1..9 (0 is <unk>; no BOS/EOS: the
-    formats append <|endoftext|>). Returns the model path.
-    """
-    import sentencepiece as spm
-
-    n_fixed = 1 + len(SPECIAL_TOKENS) + 256
-    if vocab_size < n_fixed + 16:
-        raise ValueError(f"vocab_size {vocab_size} too small: {n_fixed} ids are fixed (unk, {len(SPECIAL_TOKENS)} "
-                         f"special tokens, 256 byte pieces); use at least {n_fixed + 16}")
-    if texts is None:
-        texts = stdlib_sample(max_chars, seed, progress)
-    lines = [ln for t in texts for ln in t.split("\n") if ln.strip()]
-    if not lines:
-        raise ValueError("train_spm: the corpus is empty")
-    os.makedirs(out_dir, exist_ok=True)
-    model = io.BytesIO()
-    t0 = time.perf_counter()
-    if progress:
-        print(f"training {model_type} SentencePiece, vocab {vocab_size}, on {len(lines)} lines ...", file=sys.stderr)
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-            user_defined_symbols=list(SPECIAL_TOKENS), byte_fallback=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
-            split_digits=True, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, character_coverage=1.0,
-            max_sentence_length=1 << 16, input_sentence_size=0, num_threads=os.cpu_count() or 1,
-            minloglevel=2)
-    except RuntimeError as e:
-        raise RuntimeError(f"SentencePiece training failed (vocab_size {vocab_size} may be too large for a corpus of "
-                           f"{sum(map(len, lines))} chars: lower it or give more text): {e}") from e
-    path = os.path.join(out_dir, "spm.model")
-    with open(path, "wb") as f:
-        f.write(model.getvalue())
-    if progress:
-        print(f"wrote {path} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return path
-
-
-def _read_corpus(path: str) -> list[str]:
-    """Texts for train-spm --corpus: a JSONL file (field "text"), a text file, or a directory of source files."""
-    if os.path.isdir(path):
-        out = []
-        for root, _, files in os.walk(path):
-            for name in sorted(files):
-                try:
-                    with open(os.path.join(root, name), encoding="utf-8") as f:
-                        out.append(f.read())
-                except (OSError, UnicodeDecodeError):
-                    continue
-        return out
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            return [json.loads(line)["text"] for line in f if line.strip()]
-        return [f.read()]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m qcjax.tokenizer", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train-spm", help="train a small SentencePiece BPE model with the special tokens")
-    t.add_argument("--out", required=True, help="output directory (writes spm.model)")
-    t.add_argument("--vocab_size", type=int, default=4096)
-    t.add_argument("--max_chars", type=int, default=3_000_000, help="stdlib sample size in characters")
-    t.add_argument("--corpus", default=None, help="JSONL (text field), text file or directory; default: stdlib")
-    t.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"])
-    t.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("encode", help="print the ids of a string (control tokens parsed)")
     e.add_argument("--tokenizer", required=True, help="tokenizer.json, .model, directory, or 'qwen'")
     e.add_argument("text")
     a = p.parse_args(argv)
-    if a.cmd == "train-spm":
-        texts = _read_corpus(a.corpus) if a.corpus else None
-        path = train_spm(a.out, a.vocab_size, texts, max_chars=a.max_chars, seed=a.seed, model_type=a.model_type)
-        print(path)
-    else:
-        print(load_tokenizer(a.tokenizer).encode_with_special(a.text))
+    print(load_tokenizer(a.tokenizer).encode_with_special(a.text))
     return 0
 
 

@@ -7,7 +7,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from qcjax.config import ModelConfig  # noqa: E402
+from qcjax.config import ModelConfig, get_config  # noqa: E402
 
 
 def hf_model(cfg: ModelConfig, seed: int = 0, std: float = 0.08):
@@ -152,11 +152,96 @@ def pytest_make_collect_report(collector):
         _fail(report, reason)
 
 
+# ---- what several test files share, made once per session -----------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache_dir(tmp_path_factory):
+    """One persistent JAX compilation cache for the session, for the subprocesses the tests start (train.py runs,
+    the CLIs, the notebook's kernel): most of a tiny train.py run is compiling its step, and the resume, kill and
+    fault tests run the same command many times. The variable is set once JAX has started in this process
+    (conftest imported it), so this process reads it only where a module asks (`compilation_cache`): in-process
+    tests that count compiles (the server's compiles_after_warmup) see every one."""
+    import jax  # noqa: F401  (already imported: its config read the environment then, without this variable)
+
+    path = str(tmp_path_factory.mktemp("jax_compilation_cache"))
+    before = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    yield path
+    if before is None:
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR")
+    else:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = before
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(compilation_cache_dir):
+    """The session's compilation cache in this process too, for one module (`pytestmark =
+    pytest.mark.usefixtures("compilation_cache")`): for modules whose tests call train() many times with the same
+    config, each call a new jitted step that would compile again. Off again after the module."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
+    cc.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", None)
+    cc.reset_cache()
+
+
 @pytest.fixture(scope="session")
 def spm_dir(tmp_path_factory):
     """A small SentencePiece tokenizer trained on the Python standard library (the tiny training runs' vocab)."""
-    from qcjax.tokenizer import train_spm
+    from qcjax.data.spm import train_spm
 
     out = tmp_path_factory.mktemp("spm")
     train_spm(str(out), vocab_size=512, max_chars=300_000, progress=False)
     return str(out)
+
+
+def tiny(spm_dir, **overrides):
+    """configs/tiny.py made small and quick for tests (64-token rows, batch 8, 12 steps, evaluations and checkpoints
+    every 6), with dotted overrides: tiny(spm_dir, steps=30, **{"optimizer.lr": 1e-2})."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(ROOT, "configs", "tiny.py"))
+    sys.path.insert(0, ROOT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c.tokenizer = spm_dir
+    c.seq_len, c.batch_size, c.steps, c.log_every = 64, 8, 12, 1
+    c.eval_every, c.eval_steps, c.checkpoint_every = 6, 2, 6
+    c.optimizer.warmup_steps = 2
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, spm_dir):
+    """(workdir, TrainResult): the tiny config trained from scratch for 30 steps on the stdlib at lr 1e-2, evaluated
+    and checkpointed every 6 steps (the last two kept). test_train checks the run; LoRA tests adapt its last
+    checkpoint (a trained base: a random init's near-uniform logits are no base for adapters to sharpen). Read
+    only."""
+    from qcjax.train.loop import train
+
+    work = tmp_path_factory.mktemp("tiny_run")
+    return work, train(tiny(spm_dir, steps=30, **{"optimizer.lr": 1e-2}), str(work))
+
+
+TINY_HF_CFG = get_config("tiny", max_position_embeddings=256)  # the real vocabulary: real token ids work
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory, tok):
+    """(directory, transformers model): the tiny preset with the real Qwen vocabulary (real token ids work) and
+    random weights (TINY_HF_CFG), saved as an HF checkpoint with the real tokenizer.json beside it. Read only."""
+    d = tmp_path_factory.mktemp("tiny_hf")
+    return str(d), save_hf_dir(d, TINY_HF_CFG, tok)

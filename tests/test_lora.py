@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import _dpo_rows, _sft_rows, _write_jsonl, metrics, tiny, train_losses  # noqa: E402
+from conftest import tiny  # noqa: E402
+from test_train import _dpo_rows, _sft_rows, _write_jsonl, metrics, train_losses  # noqa: E402
 
 from qcjax import adapters  # noqa: E402
 from qcjax.config import LoraSpec, get_config  # noqa: E402
 from qcjax.model import build, init_params  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # many train() calls compile the same step
 CFG = get_config("tiny", vocab_size=512)
 SPEC = LoraSpec(rank=4, alpha=8.0)
 
@@ -116,14 +118,10 @@ def test_bf16_lora_step_trains_fp32_adapters_over_a_bf16_base(quant):
 
 # ---- the trainer ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def base_ckpt(tmp_path_factory, spm_dir):
-    """A briefly pretrained tiny base (a random init has near-uniform logits that adapters cannot sharpen: its tied
-    embeddings are tiny and frozen)."""
-    from qcjax.train.loop import train
-
-    out = tmp_path_factory.mktemp("base")
-    train(tiny(spm_dir, steps=30, eval_every=0, checkpoint_every=30, **{"optimizer.lr": 1e-2}), str(out))
-    return str(out / "checkpoints")
+def base_ckpt(tiny_run):
+    """A briefly pretrained tiny base, conftest's tiny_run (a random init has near-uniform logits that adapters
+    cannot sharpen: its tied embeddings are tiny and frozen)."""
+    return str(tiny_run[0] / "checkpoints")
 
 
 def _sft(spm_dir, tmp_path, base_ckpt, **kw):
@@ -169,7 +167,7 @@ def test_lora_run_resumes_bitwise_and_trains_only_its_layers(tmp_path, spm_dir, 
 
     c = _sft(spm_dir, tmp_path, base_ckpt, steps=8, checkpoint_every=4, **{"lora.dropout": 0.1, "lora.layers": "1"})
     train(c, str(tmp_path / "whole"))
-    train(c, str(tmp_path / "cut"))
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "8")  # as if killed after step 4's checkpoint
     result = train(c, str(tmp_path / "cut"))
     assert result.resumed_from == 4

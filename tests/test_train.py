@@ -1,5 +1,4 @@
 """The training loop end to end on the tiny config: metrics, checkpoints, exact resume, failure handling."""
-import importlib.util
 import json
 import os
 import signal
@@ -10,26 +9,10 @@ import time
 import numpy as np
 import pytest
 
+from conftest import tiny
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny(spm_dir, **overrides):
-    spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(ROOT, "configs", "tiny.py"))
-    sys.path.insert(0, ROOT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
-    c.tokenizer = spm_dir
-    c.seq_len, c.batch_size, c.steps, c.log_every = 64, 8, 12, 1
-    c.eval_every, c.eval_steps, c.checkpoint_every = 6, 2, 6
-    c.optimizer.warmup_steps = 2
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # many train() calls compile the same step
 
 
 def metrics(workdir):
@@ -41,21 +24,20 @@ def train_losses(workdir):
     return {r["step"]: r["loss"] for r in metrics(workdir) if "loss" in r}
 
 
-def test_tiny_run_logs_evaluates_checkpoints_and_learns(tmp_path, spm_dir):
-    from qcjax.train.loop import train
-
-    result = train(tiny(spm_dir, steps=30, **{"optimizer.lr": 1e-2}), str(tmp_path))
-    losses = train_losses(tmp_path)
+def test_tiny_run_logs_evaluates_checkpoints_and_learns(tiny_run):
+    """conftest's tiny_run: 30 steps at lr 1e-2, evaluated and checkpointed every 6 steps."""
+    work, result = tiny_run
+    losses = train_losses(work)
     assert sorted(losses) == list(range(1, 31))
-    evals = [r for r in metrics(tmp_path) if "eval_loss" in r]
+    evals = [r for r in metrics(work) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [6, 12, 18, 24, 30] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     # It learns the stdlib's statistics: held-out loss well under the uniform guess over the 512 ids, ln 512 = 6.24
     # (measured at step 30: 5.00 on Python 3.11's stdlib, 5.21 on 3.12's; the training loss at this learning rate is
     # too noisy to judge on 3.12's corpus).
     assert evals[-1]["eval_loss"] < np.log(512) - 0.75
     assert np.isclose(evals[-1]["eval_perplexity"], np.exp(evals[-1]["eval_loss"]))
-    assert os.listdir(tmp_path / "tensorboard")
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["24", "30"]  # keep_checkpoints=2
+    assert os.listdir(work / "tensorboard")
+    assert sorted(os.listdir(work / "checkpoints")) == ["24", "30"]  # keep_checkpoints=2
     assert result.final_step == 30 and result.resumed_from is None
 
 
@@ -72,9 +54,16 @@ def _env(devices=1):
     return env
 
 
-def test_exact_resume_after_sigkill(tmp_path, spm_dir):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_train_cmd(straight, spm_dir, 20), check=True, env=_env(), capture_output=True)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, spm_dir):
+    """An uninterrupted 20-step train.py run: the losses the interrupted runs below must end with, bit for bit."""
+    work = tmp_path_factory.mktemp("straight")
+    subprocess.run(_train_cmd(work, spm_dir, 20), check=True, env=_env(), capture_output=True)
+    return work
+
+
+def test_exact_resume_after_sigkill(tmp_path, spm_dir, straight):
+    killed = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(killed, spm_dir, 20), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     while not os.path.isdir(killed / "checkpoints" / "10") and proc.poll() is None:
@@ -89,33 +78,49 @@ def test_exact_resume_after_sigkill(tmp_path, spm_dir):
         assert a[step] == b[step], (step, a[step], b[step])  # bit for bit
 
 
-def test_half_written_checkpoint_is_never_restored(tmp_path, spm_dir, capsys):
+@pytest.fixture(scope="module")
+def run_12(tmp_path_factory, spm_dir):
+    """A finished 12-step run (checkpoints at 6 and 12); each test damages its own copy (copy_run)."""
     from qcjax.train.loop import train
 
-    train(tiny(spm_dir, steps=12), str(tmp_path))
-    before = train_losses(tmp_path)
+    work = tmp_path_factory.mktemp("run_12")
+    train(tiny(spm_dir, steps=12), str(work))
+    return work
+
+
+def copy_run(run, tmp_path):
+    import shutil
+
+    return shutil.copytree(run, tmp_path / "run")
+
+
+def test_half_written_checkpoint_is_never_restored(tmp_path, spm_dir, run_12, capsys):
+    from qcjax.train.loop import train
+
+    work = copy_run(run_12, tmp_path)
+    before = train_losses(work)
     # cut the newest checkpoint off mid-write: its params item loses its data files
-    params_dir = tmp_path / "checkpoints" / "12" / "params"
+    params_dir = work / "checkpoints" / "12" / "params"
     for root, _, files in os.walk(params_dir):
         for f in files:
             if f != "_METADATA":
                 os.remove(os.path.join(root, f))
-    result = train(tiny(spm_dir, steps=12), str(tmp_path))
+    result = train(tiny(spm_dir, steps=12), str(work))
     err = capsys.readouterr().err
     assert "checkpoint step 12 is corrupt or unreadable" in err and "resuming from checkpoint step 6" in err
     assert result.resumed_from == 6
-    after = train_losses(tmp_path)
+    after = train_losses(work)
     assert after[12] == before[12]
-    steps = [r["step"] for r in metrics(tmp_path) if "loss" in r]
+    steps = [r["step"] for r in metrics(work) if "loss" in r]
     assert steps == sorted(set(steps)) == list(range(1, 13))  # the re-run steps 7-12 are logged once
 
 
-def test_flipped_bytes_fall_back_to_the_previous_step(tmp_path, spm_dir, capsys):
+def test_flipped_bytes_fall_back_to_the_previous_step(tmp_path, spm_dir, run_12, capsys):
     from qcjax.train.loop import train
 
-    train(tiny(spm_dir, steps=12, keep_checkpoints=2), str(tmp_path))
-    before = train_losses(tmp_path)
-    ckpts = tmp_path / "checkpoints"
+    work = copy_run(run_12, tmp_path)
+    before = train_losses(work)
+    ckpts = work / "checkpoints"
     # flip 64 bytes in the middle of the largest params data file of step 12: still readable, wrong values
     files = [os.path.join(r, f) for r, _, fs in os.walk(ckpts / "12" / "params") for f in fs]
     data = max(files, key=os.path.getsize)
@@ -124,22 +129,22 @@ def test_flipped_bytes_fall_back_to_the_previous_step(tmp_path, spm_dir, capsys)
         chunk = f.read(64)
         f.seek(os.path.getsize(data) // 2)
         f.write(bytes(b ^ 0xFF for b in chunk))
-    result = train(tiny(spm_dir, steps=12, keep_checkpoints=2), str(tmp_path))
+    result = train(tiny(spm_dir, steps=12, keep_checkpoints=2), str(work))
     err = capsys.readouterr().err
     assert "checkpoint step 12 is corrupt or unreadable" in err and "differ from their checksum" in err
     assert result.resumed_from == 6 and "moved the corrupt checkpoint step 12" in err
-    assert train_losses(tmp_path)[12] == before[12]  # steps 7-12 trained again, bitwise as before
+    assert train_losses(work)[12] == before[12]  # steps 7-12 trained again, bitwise as before
     assert any(p.name.startswith("unreadable-step-12-") for p in ckpts.iterdir())  # set aside, not deleted
 
 
-def test_a_changed_model_on_resume_stops_with_what_differs(tmp_path, spm_dir):
+def test_a_changed_model_on_resume_stops_with_what_differs(tmp_path, spm_dir, run_12):
     from qcjax.train.loop import ConfigError, train
 
-    train(tiny(spm_dir, steps=6), str(tmp_path))
+    work = copy_run(run_12, tmp_path)
     with pytest.raises(ConfigError, match=r"does not match this run.*model.num_layers: 0 in the checkpoint, 3 now"
                                           r".*--config.init_from="):
-        train(tiny(spm_dir, steps=12, **{"model.num_layers": 3}), str(tmp_path))
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["6"]  # nothing moved
+        train(tiny(spm_dir, steps=12, **{"model.num_layers": 3}), str(work))
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["12", "6"]  # nothing moved
 
 
 def test_nonfinite_params_are_never_saved(tmp_path, spm_dir):
@@ -381,18 +386,14 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid() and lock.held
 
 
-def test_sigterm_saves_the_step_reached_and_the_rerun_resumes_bitwise(tmp_path, spm_dir):
+def test_sigterm_saves_the_step_reached_and_the_rerun_resumes_bitwise(tmp_path, spm_dir, straight):
     """A preemption notice mid-run: the run saves the step it reached, exits 130 with a rerun hint, and the rerun
-    ends with the losses of an uninterrupted run."""
-    straight = tmp_path / "straight"
-    run = [sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/tiny.py", "--config.steps=20",
-           "--config.seq_len=64", "--config.checkpoint_every=100", "--config.eval_every=0", "--config.log_every=1",
-           "--config.tokenizer=" + spm_dir]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    assert subprocess.run(run + [f"--workdir={straight}"], cwd=ROOT, env=env, capture_output=True).returncode == 0
+    ends with the losses of an uninterrupted run (checkpoints only at the notice here: their cadence does not
+    change the losses)."""
     work = tmp_path / "stopped"
-    proc = subprocess.Popen(run + [f"--workdir={work}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    run = _train_cmd(work, spm_dir, 20) + ["--config.checkpoint_every=100"]
+    env = _env()
+    proc = subprocess.Popen(run, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not (os.path.exists(work / "metrics.jsonl")
                                           and (work / "metrics.jsonl").read_text().count("\n") >= 5):
@@ -403,6 +404,6 @@ def test_sigterm_saves_the_step_reached_and_the_rerun_resumes_bitwise(tmp_path, 
     [reached] = [int(s) for s in os.listdir(work / "checkpoints") if s.isdigit()]
     assert 5 <= reached < 20 and f"stopped at step {reached} (checkpoint saved)" in err
     assert max(r["step"] for r in metrics(work)) == reached
-    out = subprocess.run(run + [f"--workdir={work}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    out = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and f"resuming from checkpoint step {reached}" in out.stderr
     assert train_losses(work) == train_losses(straight)  # bit for bit, one row per step

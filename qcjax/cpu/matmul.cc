@@ -3,7 +3,7 @@
 //
 // Why: a decode step is a handful of rows against every weight, so its cost should be one read of the weights. XLA:CPU's
 // GEMM kernels for 1-8 rows read fp32 weights at ~10-13 GB/s and bf16 ones at ~1-13 GB/s on a machine that reads
-// ~25 GB/s (bench/RESULTS.md). Here each weight row is loaded once and multiplied into every x row while it is hot;
+// ~25 GB/s (docs/sampling.md, "The CPU path"). Here each weight row is loaded once and multiplied into every x row while it is hot;
 // the N rows are shared out over XLA's intra-op threads (parallel.h).
 //
 // fp32: GCC/Clang vector extensions, one register's lanes (16 floats with AVX-512, 8 with AVX2). bf16: AMX tiles

@@ -3,7 +3,7 @@ implementation of "matmul" (qcjax.platform), which the model's tied head takes (
 
 Decoding reads every weight once per step for a handful of rows; the cost should be that read. XLA:CPU's GEMMs at
 1-8 rows fall short of it (fp32 at 8 rows ~12-13 GB/s, bf16 at 1 row ~1.3 GB/s, on a machine that reads ~25 GB/s;
-bench/RESULTS.md): here each weight row is read once, multiplied into every input row while in cache, and the rows
+docs/sampling.md): here each weight row is read once, multiplied into every input row while in cache, and the rows
 are shared over XLA's threads.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from qcjax import platform
 from qcjax.cpu import build
 
-# Above this the rows are a prompt's GEMM, which XLA's kernels run well; the kernel is for decode steps. (bf16
-# prompts through the AMX tiles measured slower end to end: 0.5B prefill 1x512 433 vs 686 tok/s, bench/RESULTS.md.)
+# Above this the rows are a prompt's GEMM, which XLA's kernels run well; the kernel is for decode steps (bf16
+# prompts through the AMX tiles measured slower end to end: docs/sampling.md).
 MAX_ROWS = 8
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 

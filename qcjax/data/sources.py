@@ -18,6 +18,7 @@ import fnmatch
 import glob
 import json
 import os
+import random
 import sysconfig
 import threading
 from collections.abc import Sequence
@@ -330,6 +331,35 @@ def stdlib_files() -> list[str]:
     """Absolute paths of the stdlib .py files (default exclusions), sorted."""
     src = stdlib_source("file")
     return [os.path.join(src.root, rel) for _, rel in src.files]
+
+
+def stdlib_sample(max_chars: int = 3_000_000, seed: int = 0, progress: bool = True) -> list[str]:
+    """Source files of the running interpreter's standard library, shuffled by `seed`, up to `max_chars` chars."""
+    files = stdlib_files()
+    random.Random(seed).shuffle(files)
+    texts: list[str] = []
+    n = 0
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=max_chars, unit="char", unit_scale=True, desc="reading stdlib", disable=not progress)
+    except ImportError:  # pragma: no cover
+        bar = None
+    for f in files:
+        try:
+            with open(f, encoding="utf-8") as fh:
+                t = fh.read()
+        except (OSError, UnicodeDecodeError):
+            continue  # a few stdlib files are not UTF-8: this is only a sample
+        t = t[: max_chars - n]
+        texts.append(t)
+        n += len(t)
+        if bar is not None:
+            bar.update(len(t))
+        if n >= max_chars:
+            break
+    if bar is not None:
+        bar.close()
+    return texts
 
 
 def _to_str(x: Any) -> Any:

@@ -265,7 +265,8 @@ def build_train_program(c: ConfigDict, cfg: ModelConfig, mesh) -> TrainProgram:
 def setup_tokenizer(c: ConfigDict, workdir: str):
     """The run's tokenizer; "spm:stdlib:VOCAB" trains a small SentencePiece model on the stdlib once per run
     directory (process 0 trains, the others wait for the file)."""
-    from qcjax.tokenizer import load_tokenizer, train_spm
+    from qcjax.data.spm import train_spm
+    from qcjax.tokenizer import load_tokenizer
 
     spec = c.tokenizer
     if spec.startswith("spm:stdlib"):
