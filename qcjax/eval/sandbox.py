@@ -1,30 +1,32 @@
-"""Run untrusted programs (model-written code plus its tests) one process each, contained.
+"""Run untrusted programs (model-written code plus its tests) contained, one sandboxed process each, or as a
+Tested pair (the program's process and a trusted tester's, joined by pipes that only carry builtin values).
 
     iso = detect_isolation()                      # once per process: which isolation this machine allows
     r = run_program("assert 1 + 1 == 2\\n", Limits(timeout_s=3.0), iso)
     r.passed, r.reason                            # True, "passed"
+    r = run_program(Tested(program, tester), Limits(), iso)   # r.tests: each test's verdict
     results = run_programs([src1, src2, ...], Limits(), iso, workers=8)
 
-Every program runs in a fresh `python -I -S` process (`site=True` keeps site-packages) started with an empty
-environment, through a small trusted bootstrap (`_boot.py`) that:
-- with isolation "namespaces" (the `unshare` binary: new mount, network, pid, ipc and uts namespaces, plus a user
-  namespace when not root): makes every mount read-only, mounts a size-capped tmpfs as the working directory and
-  HOME (the only writable place, gone with the namespace), leaves the program only a loopback interface that is
-  down (no network), and a private /proc (the evaluator's processes and their environments are invisible);
-- forks; the child sets resource limits (CPU seconds, address space, processes, file size, open files, no core
-  files), drops to an unprivileged uid of its own (one per worker slot, when the evaluator runs as root), clears
-  the environment but HOME/TMPDIR (the temp dir) and PATH, and runs the program; the parent waits and exits with
-  the child's status, so a program's leftover processes die with the pid namespace when it ends.
-The evaluator kills the whole tree (the namespace's init, the process group, every descendant found in /proc) at
-the wall-clock timeout or when stdout+stderr pass the output cap, and reads the result from a pipe of its own:
-a program passes only when the bootstrap reports, with a per-run random nonce, that the program ran to its end
-without an exception (`os._exit(0)` or `sys.exit(0)` before the tests finish is a failure).
+Every process is a fresh `python -I -S` started with an empty environment, through a small trusted bootstrap
+(`_boot.py`), inside (best first, as the probe finds them working):
+- bubblewrap: pid, network, ipc and uts namespaces and a root built from the interpreter's files only (its binary,
+  standard library and shared libraries, read-only), a size-capped tmpfs as the working directory and HOME, its own
+  /proc, no network and no host Unix socket or file;
+- `unshare` (mount, network, pid, ipc, uts namespaces): the host's root read-only (visible), the same tmpfs,
+  network and /proc;
+- rlimits only: the limits, uid drop and process-group kill; the program can read and write what that uid may and
+  use the network; `require=True` refuses that.
+In each, the bootstrap forks; the child sets resource limits (CPU seconds, address space, processes, file size, open
+files, no core files), drops to an unprivileged uid of its own (one per worker slot, when the evaluator runs as
+root), clears the environment but HOME/TMPDIR/PATH, installs the seccomp filter (libseccomp through pyseccomp:
+ptrace, keyctl, bpf, new namespaces, mounts, socket(AF_UNIX), ... denied) and runs the program; the parent waits and
+exits with the child's status, so a program's leftover processes die with the pid namespace when it ends.
+The evaluator kills the whole tree at the wall-clock timeout or when stdout+stderr pass the output cap, and reads the
+result from a pipe of its own: a program passes only when the bootstrap reports, with a per-run random nonce, that
+it ran to its end without an exception (`os._exit(0)` or `sys.exit(0)` before the tests finish is a failure).
 
-Without namespaces (isolation "rlimits") the same runs happen with the limits, uid drop and process-group kill
-only: the program can then read and write what that uid may and use the network; `require=True` refuses that.
-
-Known limit: a program that inspects the interpreter it runs in (frames, gc) can find the nonce and forge a pass;
-the sandbox contains what programs do to the machine, it does not make reward hacking impossible.
+Known limit: a plain program (not Tested) that inspects the interpreter it runs in (frames, gc) can find the nonce
+and forge a pass; in a Tested run the verdict is the tester's, whose process the program never enters.
 """
 from __future__ import annotations
 
