@@ -23,6 +23,7 @@ What a restore may decide, and where it is decided (here, once):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -47,6 +48,20 @@ _METADATA_FILE = "_CHECKPOINT_METADATA"  # Orbax's per-step metadata (lists each
 CHECKSUM_CASTS = ("bfloat16",)  # float params also get the checksum of their cast, so a cast restore is verified too
 
 log = logging.getLogger("qcjax.checkpoint")
+
+
+class _QuietDiskFull(logging.Filter):
+    """Drops Orbax's error logs (tracebacks from each of its threads) of a save that failed for a full disk: the
+    Checkpointer raises DiskFull, one line, for it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return not qpaths.is_disk_full(Exception(text))
+
+
+logging.getLogger("absl").addFilter(_QuietDiskFull())
 
 
 class CheckpointCorrupt(ValueError):
@@ -311,12 +326,47 @@ class Checkpointer:
             record[OPT_STATE] = checksums(opt_state)[0]
         extra = {**(extra_config or {}), "checksums": record, "processes": jax.process_count()}
         self.prune()
+        need, free = self._step_bytes(params, opt_state), qpaths.free_bytes(self.directory)
+        if free is not None and need > free:  # refuse before Orbax writes half a step into a full disk
+            raise self._disk_full(f"checkpoint step {step} (about {qpaths.human_bytes(need)})")
         args = {PARAMS: ocp.args.StandardSave(params), CONFIG: ocp.args.JsonSave(config_json(cfg, extra))}
         if opt_state is not None:
             args[OPT_STATE] = ocp.args.StandardSave(opt_state)
         if data_iter is not None:
             args[DATA_ITER] = self._grain_args("CheckpointSave", data_iter)
-        return self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
+        with self._full_disk(f"checkpoint step {step}"):
+            return self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def _step_bytes(self, params: Any, opt_state: Any) -> int:
+        """What the next step will take on disk: the newest saved step's size (local disks), else the arrays'."""
+        steps = self.all_steps()
+        if steps and not qpaths.is_url(self.directory):
+            total = 0
+            for root, _, files in os.walk(os.path.join(self.directory, str(max(steps)))):
+                for f in files:
+                    try:
+                        total += os.path.getsize(os.path.join(root, f))
+                    except OSError:
+                        pass
+            if total:
+                return total
+        return sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves((params, opt_state)))
+
+    def _disk_full(self, what: str) -> OSError:
+        return qpaths.DiskFull(self.directory, what,
+                               f"nothing was lost: the newest complete checkpoint is step {self.latest_step()}; free "
+                               "some space and rerun the same command to resume")
+
+    @contextlib.contextmanager
+    def _full_disk(self, what: str):
+        """A save that fails for a full disk (Orbax reports TensorStore's ENOSPC in a ValueError) raises DiskFull in
+        one line; Orbax's own error logs of it are dropped (_QuietDiskFull)."""
+        try:
+            yield
+        except Exception as e:
+            if qpaths.is_disk_full(e):
+                raise self._disk_full(what) from None
+            raise
 
     def protect(self, step: int | None) -> None:
         """Never delete this step (the newest one known to be good) while this Checkpointer prunes."""
@@ -327,7 +377,7 @@ class Checkpointer:
         pending saves first, so only committed steps count. Returns the deleted steps."""
         if self.max_to_keep is None or self.read_only:
             return []
-        self._mngr.wait_until_finished()
+        self.wait()
         deleted = []
         newest = sorted(self.all_steps(), reverse=True)
         for step in newest[self.max_to_keep:]:
@@ -342,8 +392,9 @@ class Checkpointer:
         return deleted
 
     def wait(self) -> None:
-        """Block until any async save has been committed."""
-        self._mngr.wait_until_finished()
+        """Block until any async save has been committed (DiskFull when it failed for a full disk)."""
+        with self._full_disk("the checkpoint being saved"):
+            self._mngr.wait_until_finished()
 
     def close(self) -> None:
         try:
