@@ -48,6 +48,7 @@ _METADATA_FILE = "_CHECKPOINT_METADATA"  # Orbax's per-step metadata (lists each
 CHECKSUM_CASTS = ("bfloat16",)  # float params also get the checksum of their cast, so a cast restore is verified too
 
 log = logging.getLogger("qcjax.checkpoint")
+_REPORTED: set = set()  # (directory, step, reason) of the corrupt steps this process has reported
 
 
 class _QuietDiskFull(logging.Filter):
@@ -252,8 +253,13 @@ class _ReadErrors:
         # array index"): that exact type, never a subclass, is a read failure too.
         if kind is not None and (issubclass(kind, self.errors) or kind is Exception) \
                 and not isinstance(e, (CheckpointCorrupt, CheckpointMismatch)):
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            raise CheckpointCorrupt(self.directory, self.step, f"reading its {self.what}: {kind.__name__}: {first}") \
+            err = e
+            if "See full TensorStore details" in str(e) and (e.__cause__ or e.__context__) is not None:
+                err = e.__cause__ or e.__context__  # Orbax's wrapper formats a bound method, not the details
+            text = str(err).strip()
+            first = text.splitlines()[0][:300] if text else ""
+            raise CheckpointCorrupt(self.directory, self.step,
+                                    f"reading its {self.what}: {type(err).__name__}: {first}") \
                 from e
         return False
 
@@ -528,9 +534,10 @@ class Checkpointer:
                 err = err or CheckpointCorrupt(self.directory, step, "unreadable on another process")
             if err is None:
                 return step, result, corrupt
-            log.warning("%s; trying the previous step", err)
-            print(f"[qcjax] checkpoint step {step} is corrupt or unreadable ({err.reason}); falling back to an "
-                  "earlier one", file=sys.stderr)
+            if (self.directory, step, err.reason) not in _REPORTED:  # once per process, however often it is read
+                _REPORTED.add((self.directory, step, err.reason))
+                print(f"[qcjax] checkpoint step {step} is corrupt or unreadable ({err.reason}); falling back to an "
+                      "earlier one", file=sys.stderr)
             corrupt.append(step)
         if corrupt:
             raise FileNotFoundError(f"{self.directory}: no intact checkpoint step; corrupt or unreadable: {corrupt}")
