@@ -344,19 +344,18 @@ class Checkpointer:
             return self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
 
     def _step_bytes(self, params: Any, opt_state: Any) -> int:
-        """What the next step will take on disk: the newest saved step's size (local disks), else the arrays'."""
+        """What the next step will take on disk: its arrays' bytes, or the newest saved step's size (local disks)
+        where that is larger (metadata, the data iterator's state)."""
+        total = 0
         steps = self.all_steps()
         if steps and not qpaths.is_url(self.directory):
-            total = 0
             for root, _, files in os.walk(os.path.join(self.directory, str(max(steps)))):
                 for f in files:
                     try:
                         total += os.path.getsize(os.path.join(root, f))
                     except OSError:
                         pass
-            if total:
-                return total
-        return sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves((params, opt_state)))
+        return max(total, sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves((params, opt_state))))
 
     def _disk_full(self, what: str) -> OSError:
         return qpaths.DiskFull(self.directory, what,
