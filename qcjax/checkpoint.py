@@ -62,7 +62,22 @@ class _QuietDiskFull(logging.Filter):
         return not qpaths.is_disk_full(Exception(text))
 
 
-logging.getLogger("absl").addFilter(_QuietDiskFull())
+for _name in ("absl", "asyncio"):  # Orbax's own logs; asyncio's "exception was never retrieved" of its writes
+    logging.getLogger(_name).addFilter(_QuietDiskFull())
+
+
+def _quiet_closed_loop(hook):
+    """When one of Orbax's writes fails (a full disk), it closes its event loop while TensorStore still completes
+    the others, whose callbacks then raise RuntimeError('Event loop is closed') where nobody can catch it (one
+    traceback per array). The failure itself is raised (DiskFull); these are dropped, anything else is not."""
+    def unraisable(u):
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            return
+        hook(u)
+    return unraisable
+
+
+sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
 
 
 class CheckpointCorrupt(ValueError):

@@ -400,6 +400,11 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
     try:
         with StopRequests() as stop:
             return _train(c, workdir, stop)
+    except OSError as e:  # a full disk under metrics, TensorBoard or the tokenizer: one line, like the checkpoints'
+        if paths.is_disk_full(e) and not isinstance(e, paths.DiskFull):
+            raise paths.DiskFull(workdir, "the run's files", "free some space and rerun the same command to resume "
+                                 "from the newest checkpoint") from None
+        raise
     finally:
         lock.release()
 
