@@ -224,6 +224,21 @@ def _launch(source: str, mode: str, limits: Limits, iso: Isolation, slot: int, f
     return proc, workdir, rfd, writer, cfg["nonce"]
 
 
+def _reap(launched) -> bytes:
+    """Kill a launched process's tree and clean up after it; what it wrote on its result pipe (setup errors)."""
+    proc, workdir, rfd, _, _ = launched
+    _kill_tree(proc)
+    proc.wait()
+    os.set_blocking(rfd, False)
+    try:
+        res = os.read(rfd, 65536)
+    except OSError:
+        res = b""
+    os.close(rfd)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return res
+
+
 def _reports(res: bytes) -> list[dict]:
     out = []
     for ln in res.decode("utf-8", "replace").splitlines():
@@ -258,6 +273,10 @@ def run_program(source: "str | Tested", limits: Limits = Limits(), isolation: "I
     try:
         proc, workdir, rfd, writer, nonce = _launch(source, "test" if server else "run", limits, iso, slot, fds,
                                                     True)
+    except BaseException:
+        if server is not None:
+            _reap(server)
+        raise
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -270,16 +289,7 @@ def run_program(source: "str | Tested", limits: Limits = Limits(), isolation: "I
         os.close(rfd)
         shutil.rmtree(workdir, ignore_errors=True)
         if server is not None:
-            sproc, sdir, srfd, _, _ = server
-            _kill_tree(sproc)
-            sproc.wait()
-            os.set_blocking(srfd, False)
-            try:
-                sres = os.read(srfd, 65536)
-            except OSError:
-                sres = b""
-            os.close(srfd)
-            shutil.rmtree(sdir, ignore_errors=True)
+            sres = _reap(server)
     reports = _reports(res) + (_reports(sres) if server is not None else [])
     setup = [d["setup_error"] for d in reports if "setup_error" in d]
     if setup and why is None:
@@ -287,8 +297,8 @@ def run_program(source: "str | Tested", limits: Limits = Limits(), isolation: "I
     done = [d for d in reports if d.get("done") is True and d.get("nonce") == nonce]
     failed = [d for d in reports if d.get("done") is False]
     tests = None
-    if server is not None:
-        rep = (done or failed or [{}])[0].get("tests") or []
+    if server is not None and (done or failed):  # no report (a timeout, a crash): no per-test verdicts
+        rep = (done or failed)[0].get("tests") or []
         tests = [(bool(t[0]), str(t[1])) for t in rep if isinstance(t, list) and len(t) == 2]
     if why is not None:
         passed, reason = False, why
