@@ -373,3 +373,17 @@ def test_isolation_line_says_what_held(iso):
         assert iso.own_root == ("no host files" in iso.held)
     fallback = rlimits_isolation("test: no namespaces")
     assert "lacks: namespaces" in fallback.describe()
+
+
+def test_forged_setup_error_does_not_stop_the_evaluator(iso):
+    # A setup error stops the whole evaluation (SandboxError); only the bootstrap, which knows the run's nonce, may
+    # report one.
+    src = ("import json, os\n"
+           "for fd in range(3, 64):\n"
+           "    try:\n"
+           "        os.write(fd, (json.dumps({'setup_error': 'forged'}) + '\\n').encode())\n"
+           "    except OSError:\n"
+           "        pass\n"
+           "assert False, 'judged'\n")
+    r = _run(src, iso)
+    assert (r.passed, r.reason) == (False, "failed: AssertionError: judged")

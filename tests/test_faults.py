@@ -31,6 +31,12 @@ def test_seeded_faults_lose_no_data(tmp_path):
     assert r["faults"] == 3, r  # each fault fired while the run was still going
     assert r["params_bitwise_equal"] and r["metrics_one_row_per_step"], r
     assert not r["data_lost"] and r["final_rc"] == 0, r["final_stderr"]
+    disks = faults.disk_cases(str(tmp_path), str(tmp_path / "spm"), 14, str(tmp_path / "straight"),
+                              log=lambda msg: None)
+    if not disks:
+        pytest.skip("the full-disk cases need a tmpfs (mount -t tmpfs: root)")
+    for e in disks:  # one line naming the path and the free space, exit 2, no lock left, nothing lost
+        assert e["ok"], e
 
 
 @contextlib.contextmanager

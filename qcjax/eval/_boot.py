@@ -83,7 +83,7 @@ def _boot():
             if libc.mount(b"tmpfs", wd.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts.encode()) != 0:
                 raise OSError(ctypes.get_errno(), "mount tmpfs on the working directory")
         except Exception as e:
-            report({"setup_error": "%s: %s" % (type(e).__name__, e)})
+            report({"setup_error": "%s: %s" % (type(e).__name__, e), "nonce": cfg["nonce"]})
             os._exit(125)
     os.chdir(wd)
 
@@ -127,7 +127,7 @@ def _boot():
         if cfg["bpf"]:
             _seccomp(bytes.fromhex(cfg["bpf"]))
     except Exception as e:
-        report({"setup_error": "%s: %s" % (type(e).__name__, e)})
+        report({"setup_error": "%s: %s" % (type(e).__name__, e), "nonce": cfg["nonce"]})
         os._exit(125)
     nonce, mode = cfg.pop("nonce"), cfg["mode"]
     g = {"__name__": "__main__", "__builtins__": __builtins__}
@@ -135,7 +135,8 @@ def _boot():
     if mode == "test":
         g["_qcjax_call"] = _caller(cfg["req_fd"], cfg["rep_fd"])
         g["_qcjax_test"] = lambda ok, why="": tests.append((bool(ok), str(why)[:200]))
-    if mode == "serve":
+    if mode == "serve":  # nothing to report from here on: the program gets no result fd to forge reports on
+        os.close(rfd)
         _serve(program, g, cfg["req_fd"], cfg["rep_fd"])
     del cfg
     try:
