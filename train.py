@@ -92,13 +92,14 @@ def main(argv):
         jax.distributed.initialize()
     logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
+    from qcjax.data.sources import DataError
     from qcjax.train.config import from_config
     from qcjax.train.loop import ConfigError, RunError, train
 
     try:
         from_config(_CONFIG.value)  # the schema's checks (a misspelt field in a config file, a bad choice) first
         result = train(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, RunError, FloatingPointError, OSError) as e:
+    except (ConfigError, RunError, DataError, FloatingPointError, OSError) as e:
         if _DEBUG.value:
             raise
         hint = " (--debug shows the traceback)" if isinstance(e, OSError) else ""

@@ -1,13 +1,15 @@
 """Fault injection on a training run: kill it at seeded random moments (SIGKILL inside checkpoint saves, SIGKILL
 anywhere, SIGTERM as a preemption notice), rerun the same command after each, and check what an operator cares
 about against an uninterrupted run of the same config: the final params bit for bit, metrics.jsonl with one row per
-step, and no checkpoint lost.
+step, and no checkpoint lost. Then full disks (root: a small tmpfs as the run directory): full when the run starts,
+and filled by another writer while a checkpoint is being saved; each must end in one line naming the path and the
+free space (exit 2), leave no lock, and resume to the same params once there is space.
 
-    python bench/faults.py [--faults 8] [--seed 0] [--steps 36] [--workdir DIR]
+    python bench/faults.py [--faults 8] [--seed 0] [--steps 36] [--workdir DIR] [--no_disk]
 
 The run is the tiny config (configs/tiny.py) on this machine's CPU, with a checkpoint every 3 steps so that many
-kills land inside a save. Prints one line per fault and a summary table (faults injected / survived / data lost,
-steps recomputed); exits 1 if any fault lost data. tests/test_train.py runs it with a few faults.
+kills land inside a save. Prints one line per fault and summary tables; exits 1 if any fault lost data or a full
+disk did not end as above. tests/test_faults.py runs it with a few faults.
 """
 from __future__ import annotations
 
@@ -131,12 +133,93 @@ def run(faults: int, seed: int, steps: int, root: str, log=print) -> dict:
             "final_stderr": rerun.stderr[-600:]}
 
 
+def _mount(d: str, size: int) -> bool:
+    os.makedirs(d, exist_ok=True)
+    try:
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", d],
+                              capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def _fill(d: str, name: str = "filler") -> None:
+    """Another writer takes every free byte of d's file system."""
+    with open(os.path.join(d, name), "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+        try:
+            while True:
+                f.write(b"\0" * 512)
+        except OSError:
+            pass
+
+
+def _dir_bytes(d: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
+
+
+def _ended(proc_rc: int, stderr: str, workdir: str) -> dict:
+    """How a run on a full disk ended: status, its stderr lines (progress bars aside), the error line."""
+    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.strip() and not ln.startswith("train:")]
+    err = [ln for ln in lines if ln.startswith("train.py: error:")]
+    return {"rc": proc_rc, "stderr_lines": len(lines), "error": err[0] if err else "",
+            "names_path_and_free": bool(err) and workdir in err[0] and " free)" in err[0],
+            "lock_left": os.path.exists(os.path.join(workdir, "LOCK"))}
+
+
+def disk_cases(root: str, tokenizer: str, steps: int, straight: str, log=print) -> list[dict]:
+    """The full-disk cases (root only: they mount a tmpfs); [] where no tmpfs can be mounted."""
+    ckpt = os.path.join(straight, "checkpoints")
+    step_bytes = max(_dir_bytes(os.path.join(ckpt, s)) for s in os.listdir(ckpt) if s.isdigit())
+    out = []
+    for case in ("full at start", "filled during a save"):
+        d = os.path.join(root, "disk-" + case.split()[0])
+        work = os.path.join(d, "run")
+        size = 256 << 10 if case == "full at start" else 4 * step_bytes + (1 << 20)
+        if not _mount(d, size):
+            log("disk cases skipped: cannot mount a tmpfs (needs root)")
+            return []
+        try:
+            cmd = command(work, tokenizer, steps)
+            if case == "full at start":
+                _fill(d)
+                r = subprocess.run(cmd, env=env(), capture_output=True, text=True)
+                e = _ended(r.returncode, r.stderr, work)
+            else:  # another writer fills the disk once the second save is under way
+                proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                filled = False
+                while proc.poll() is None and not filled:
+                    if saving(work) and max(metric_steps(work), default=0) >= 6:
+                        _fill(d)
+                        filled = True
+                    time.sleep(0.002)
+                _, err = proc.communicate()
+                e = _ended(proc.returncode, err, work)
+                e["filled_in_a_save"] = filled
+            log(f"disk {case}: rc {e['rc']}, {e['stderr_lines']} stderr line(s): {e['error'][:200]}")
+            os.remove(os.path.join(d, "filler"))
+            subprocess.run(["mount", "-o", f"remount,size={64 << 20}", d], check=True)  # space again
+            r = subprocess.run(cmd, env=env(), capture_output=True, text=True)
+            e["resumed_rc"] = r.returncode
+            e["params_bitwise_equal"] = r.returncode == 0 and same_params(final_params(straight), final_params(work))
+            e["ok"] = (e["rc"] == 2 and e["stderr_lines"] == 1 and e["names_path_and_free"] and not e["lock_left"]
+                       and e["params_bitwise_equal"] and e.get("filled_in_a_save", True))
+            out.append({"case": case, **e})
+        finally:
+            subprocess.run(["umount", "-l", d], capture_output=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--faults", type=int, default=8, help="faults to inject (the first three: one of each kind)")
     p.add_argument("--seed", type=int, default=0, help="seeds the fault kinds and moments")
     p.add_argument("--steps", type=int, default=None, help="training steps of the run (default: 4 per fault + 4)")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a fresh temporary one)")
+    p.add_argument("--no_disk", action="store_true", help="skip the full-disk cases")
     a = p.parse_args(argv)
     from qcjax import platform as switch
 
@@ -159,7 +242,17 @@ def main(argv=None) -> int:
           f"{r['params_bitwise_equal']} | {r['metrics_one_row_per_step']} | {'yes' if r['data_lost'] else 'none'} |")
     if r["data_lost"]:
         print(r["final_stderr"], file=sys.stderr)
-    return 1 if r["data_lost"] else 0
+    disks = [] if a.no_disk else disk_cases(root, os.path.join(root, "spm"), a.steps, os.path.join(root, "straight"))
+    if disks:
+        print("\n| full disk | exit status | stderr lines | error names path and free space | lock left | resumed "
+              "to the same params |")
+        print("|---|---|---|---|---|---|")
+        for e in disks:
+            print(f"| {e['case']} | {e['rc']} | {e['stderr_lines']} | {e['names_path_and_free']} | "
+                  f"{e['lock_left']} | {e['params_bitwise_equal']} |")
+        for e in disks:
+            print(f"{e['case']}: {e['error']}")
+    return 1 if r["data_lost"] or not all(e["ok"] for e in disks) else 0
 
 
 if __name__ == "__main__":

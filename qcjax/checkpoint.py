@@ -23,6 +23,7 @@ What a restore may decide, and where it is decided (here, once):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -47,6 +48,36 @@ _METADATA_FILE = "_CHECKPOINT_METADATA"  # Orbax's per-step metadata (lists each
 CHECKSUM_CASTS = ("bfloat16",)  # float params also get the checksum of their cast, so a cast restore is verified too
 
 log = logging.getLogger("qcjax.checkpoint")
+_REPORTED: set = set()  # (directory, step, reason) of the corrupt steps this process has reported
+
+
+class _QuietDiskFull(logging.Filter):
+    """Drops Orbax's error logs (tracebacks from each of its threads) of a save that failed for a full disk: the
+    Checkpointer raises DiskFull, one line, for it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return not qpaths.is_disk_full(Exception(text))
+
+
+for _name in ("absl", "asyncio"):  # Orbax's own logs; asyncio's "exception was never retrieved" of its writes
+    logging.getLogger(_name).addFilter(_QuietDiskFull())
+
+
+def _quiet_closed_loop(hook):
+    """When one of Orbax's writes fails (a full disk), it closes its event loop while TensorStore still completes
+    the others, whose callbacks then raise RuntimeError('Event loop is closed') where nobody can catch it (one
+    traceback per array). The failure itself is raised (DiskFull); these are dropped, anything else is not."""
+    def unraisable(u):
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            return
+        hook(u)
+    return unraisable
+
+
+sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
 
 
 class CheckpointCorrupt(ValueError):
@@ -237,8 +268,13 @@ class _ReadErrors:
         # array index"): that exact type, never a subclass, is a read failure too.
         if kind is not None and (issubclass(kind, self.errors) or kind is Exception) \
                 and not isinstance(e, (CheckpointCorrupt, CheckpointMismatch)):
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-            raise CheckpointCorrupt(self.directory, self.step, f"reading its {self.what}: {kind.__name__}: {first}") \
+            err = e
+            if "See full TensorStore details" in str(e) and (e.__cause__ or e.__context__) is not None:
+                err = e.__cause__ or e.__context__  # Orbax's wrapper formats a bound method, not the details
+            text = str(err).strip()
+            first = text.splitlines()[0][:300] if text else ""
+            raise CheckpointCorrupt(self.directory, self.step,
+                                    f"reading its {self.what}: {type(err).__name__}: {first}") \
                 from e
         return False
 
@@ -311,12 +347,46 @@ class Checkpointer:
             record[OPT_STATE] = checksums(opt_state)[0]
         extra = {**(extra_config or {}), "checksums": record, "processes": jax.process_count()}
         self.prune()
+        need, free = self._step_bytes(params, opt_state), qpaths.free_bytes(self.directory)
+        if free is not None and need > free:  # refuse before Orbax writes half a step into a full disk
+            raise self._disk_full(f"checkpoint step {step} (about {qpaths.human_bytes(need)})")
         args = {PARAMS: ocp.args.StandardSave(params), CONFIG: ocp.args.JsonSave(config_json(cfg, extra))}
         if opt_state is not None:
             args[OPT_STATE] = ocp.args.StandardSave(opt_state)
         if data_iter is not None:
             args[DATA_ITER] = self._grain_args("CheckpointSave", data_iter)
-        return self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
+        with self._full_disk(f"checkpoint step {step}"):
+            return self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def _step_bytes(self, params: Any, opt_state: Any) -> int:
+        """What the next step will take on disk: its arrays' bytes, or the newest saved step's size (local disks)
+        where that is larger (metadata, the data iterator's state)."""
+        total = 0
+        steps = self.all_steps()
+        if steps and not qpaths.is_url(self.directory):
+            for root, _, files in os.walk(os.path.join(self.directory, str(max(steps)))):
+                for f in files:
+                    try:
+                        total += os.path.getsize(os.path.join(root, f))
+                    except OSError:
+                        pass
+        return max(total, sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves((params, opt_state))))
+
+    def _disk_full(self, what: str) -> OSError:
+        return qpaths.DiskFull(self.directory, what,
+                               f"nothing was lost: the newest complete checkpoint is step {self.latest_step()}; free "
+                               "some space and rerun the same command to resume")
+
+    @contextlib.contextmanager
+    def _full_disk(self, what: str):
+        """A save that fails for a full disk (Orbax reports TensorStore's ENOSPC in a ValueError) raises DiskFull in
+        one line; Orbax's own error logs of it are dropped (_QuietDiskFull)."""
+        try:
+            yield
+        except Exception as e:
+            if qpaths.is_disk_full(e):
+                raise self._disk_full(what) from None
+            raise
 
     def protect(self, step: int | None) -> None:
         """Never delete this step (the newest one known to be good) while this Checkpointer prunes."""
@@ -327,7 +397,7 @@ class Checkpointer:
         pending saves first, so only committed steps count. Returns the deleted steps."""
         if self.max_to_keep is None or self.read_only:
             return []
-        self._mngr.wait_until_finished()
+        self.wait()
         deleted = []
         newest = sorted(self.all_steps(), reverse=True)
         for step in newest[self.max_to_keep:]:
@@ -342,8 +412,9 @@ class Checkpointer:
         return deleted
 
     def wait(self) -> None:
-        """Block until any async save has been committed."""
-        self._mngr.wait_until_finished()
+        """Block until any async save has been committed (DiskFull when it failed for a full disk)."""
+        with self._full_disk("the checkpoint being saved"):
+            self._mngr.wait_until_finished()
 
     def close(self) -> None:
         try:
@@ -477,9 +548,10 @@ class Checkpointer:
                 err = err or CheckpointCorrupt(self.directory, step, "unreadable on another process")
             if err is None:
                 return step, result, corrupt
-            log.warning("%s; trying the previous step", err)
-            print(f"[qcjax] checkpoint step {step} is corrupt or unreadable ({err.reason}); falling back to an "
-                  "earlier one", file=sys.stderr)
+            if (self.directory, step, err.reason) not in _REPORTED:  # once per process, however often it is read
+                _REPORTED.add((self.directory, step, err.reason))
+                print(f"[qcjax] checkpoint step {step} is corrupt or unreadable ({err.reason}); falling back to an "
+                      "earlier one", file=sys.stderr)
             corrupt.append(step)
         if corrupt:
             raise FileNotFoundError(f"{self.directory}: no intact checkpoint step; corrupt or unreadable: {corrupt}")

@@ -123,6 +123,50 @@ def getsize(path) -> int:
     return int(_ep(path).stat().length) if is_url(path) else os.path.getsize(path)
 
 
+def free_bytes(path) -> int | None:
+    """Free space on the local disk holding `path` (its nearest existing ancestor); None for a URL."""
+    if is_url(path):
+        return None
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class DiskFull(OSError):
+    """No space left for what a run writes: one line naming the path, what it was for, the free space there and what
+    to do (errno ENOSPC)."""
+
+    def __init__(self, path, what: str = "", then: str = ""):
+        import errno
+
+        free = free_bytes(path)
+        super().__init__(errno.ENOSPC, f"{path}: no space left on the device{' for ' + what if what else ''}"
+                         + (f" ({human_bytes(free)} free)" if free is not None else "") + (f"; {then}" if then else ""))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC, raised directly or reported in the text of a library's error (Orbax/TensorStore: os_error_code=28)."""
+    import errno
+
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e) \
+        or "os_error_code='28'" in str(e)
+
+
 def remove(path) -> None:
     if is_url(path):
         _ep(path).unlink()

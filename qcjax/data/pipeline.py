@@ -371,7 +371,7 @@ class _PackIterator(grain.DatasetIterator):
             self._pieces, self._pi = self._pieces_of(elem), 0
             empty = 0 if self._pieces else empty + 1
             if empty > _MAX_EMPTY_RUN:
-                raise ValueError(f"{_MAX_EMPTY_RUN} records in a row gave no tokens (last: {elem.get('bad')}); "
+                raise DataError(f"{_MAX_EMPTY_RUN} records in a row gave no tokens (last: {elem.get('bad')}); "
                                  f"check the sources' fields and formats")
         return self._pieces[self._pi]
 

@@ -31,6 +31,11 @@ from qcjax.data.config import SourceConfig
 
 BAD = "__bad__"
 WHERE = "__where__"
+PROBE_RECORDS = 32  # a source whose first records are all unreadable is refused before training starts
+
+
+class DataError(ValueError):
+    """A data source that cannot feed training (empty, unreadable, no record giving tokens): one line naming it."""
 
 
 def _expand(path: str, suffix: str) -> list[str]:
@@ -428,5 +433,9 @@ def make_source(cfg: SourceConfig):
     except (OSError, ValueError) as e:
         raise type(e)(f"data source {cfg.label}: {e}") from e
     if len(src) == 0:
-        raise ValueError(f"data source {cfg.label} is empty (no records)")
+        raise DataError(f"data source {cfg.label} is empty (no records)")
+    first = [src[i] for i in range(min(PROBE_RECORDS, len(src)))]
+    if all(BAD in r for r in first):  # e.g. a binary file: every line is invalid JSON
+        raise DataError(f"data source {cfg.label}: none of its first {len(first)} records is readable (first: "
+                        f"{first[0][BAD][:200]}); is it a {cfg.kind} file of {cfg.format} records?")
     return src

@@ -1,9 +1,13 @@
 # The sandbox's trusted bootstrap: run as `python -I [-S] -c <this file's text>`, inside the namespaces when they are
-# on. It reads one JSON line of settings and then the program from stdin, isolates the filesystem (read-only root,
-# a size-capped tmpfs as the working directory), sets resource limits, forks, drops to an unprivileged uid in the
-# child and runs the program there; the parent (pid 1 of the namespace when isolated) waits and exits with the
-# child's status, which tears the namespace (and anything the program left running) down. The child reports on the
-# result fd: one JSON line carrying the nonce once the program ran to its end, or the exception that stopped it.
+# on. It reads one JSON line of settings and then the program from stdin. Without bubblewrap (which built the whole
+# root already) it isolates the filesystem itself (read-only root, a size-capped tmpfs as the working directory). It
+# sets resource limits, forks, drops to an unprivileged uid in the child, installs the seccomp filter and runs the
+# program there; the parent (pid 1 of the namespace when isolated) waits and exits with the child's status, which
+# tears the namespace (and anything the program left running) down. The child reports on the result fd: one JSON
+# line carrying the nonce once the program ran to its end, or the exception that stopped it.
+# Modes (sandbox.Tested): "run" (the above), "serve" (run the program, then answer calls read from req_fd on rep_fd:
+# a function name and arguments in, the result as builtin values out; nothing is reported), "test" (the trusted
+# tester: `_qcjax_call` forwards calls to the program's process, `_qcjax_test` records per-test verdicts).
 # Standard library only; no qcjax import (the child must not see the evaluator's code or state).
 import sys, os
 
@@ -53,7 +57,7 @@ def _boot():
         except OSError:
             pass
 
-    if cfg["isolate"]:
+    if cfg["isolate"] == "unshare":
         try:
             import ctypes
 
@@ -79,7 +83,7 @@ def _boot():
             if libc.mount(b"tmpfs", wd.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts.encode()) != 0:
                 raise OSError(ctypes.get_errno(), "mount tmpfs on the working directory")
         except Exception as e:
-            report({"setup_error": "%s: %s" % (type(e).__name__, e)})
+            report({"setup_error": "%s: %s" % (type(e).__name__, e), "nonce": cfg["nonce"]})
             os._exit(125)
     os.chdir(wd)
 
@@ -120,30 +124,164 @@ def _boot():
         os.environ.update({"HOME": wd, "TMPDIR": wd, "PATH": "/usr/bin:/bin"})
         if lim["as_bytes"] is not None:
             R.setrlimit(R.RLIMIT_AS, (lim["as_bytes"], lim["as_bytes"]))
+        if cfg["bpf"]:
+            _seccomp(bytes.fromhex(cfg["bpf"]))
     except Exception as e:
-        report({"setup_error": "%s: %s" % (type(e).__name__, e)})
+        report({"setup_error": "%s: %s" % (type(e).__name__, e), "nonce": cfg["nonce"]})
         os._exit(125)
-    nonce = cfg.pop("nonce")
-    del cfg
+    nonce, mode = cfg.pop("nonce"), cfg["mode"]
     g = {"__name__": "__main__", "__builtins__": __builtins__}
+    tests = []
+    if mode == "test":
+        g["_qcjax_call"] = _caller(cfg["req_fd"], cfg["rep_fd"])
+        g["_qcjax_test"] = lambda ok, why="": tests.append((bool(ok), str(why)[:200]))
+    if mode == "serve":  # nothing to report from here on: the program gets no result fd to forge reports on
+        os.close(rfd)
+        _serve(program, g, cfg["req_fd"], cfg["rep_fd"])
+    del cfg
     try:
         code = compile(program, "<program>", "exec")
         del program
         exec(code, g)
     except BaseException as e:  # noqa: B036 (SystemExit too: exiting before the end is not a pass)
-        try:
-            msg = str(e)
-        except BaseException:
-            msg = "?"
-        report({"done": False, "error": type(e).__name__, "message": msg[:500]})
+        report({"done": False, "error": type(e).__name__, "message": _msg(e)[:500], "tests": tests})
         os._exit(1)
     for f in (sys.stdout, sys.stderr):
         try:
             f.flush()
         except BaseException:
             pass
-    report({"done": True, "nonce": nonce})
+    report({"done": True, "nonce": nonce, "tests": tests})
     os._exit(0)
+
+
+def _msg(e):
+    try:
+        return str(e)
+    except BaseException:
+        return "?"
+
+
+def _seccomp(bpf):
+    """prctl(PR_SET_NO_NEW_PRIVS), then prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &sock_fprog)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+    prog = Prog(len(bpf) // 8, bpf)
+    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "seccomp filter")
+
+
+def _read(fd, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = os.read(fd, min(n - len(buf), 1 << 20))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def _send(fd, payload):
+    data = len(payload).to_bytes(8, "little") + payload
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _serve(program, g, req_fd, rep_fd):
+    """The program's process: run its code, then answer calls until the tester closes the pipe. A failure of the
+    code itself answers every call."""
+    import marshal
+
+    err = None
+    try:
+        exec(compile(program, "<program>", "exec"), g)
+    except BaseException as e:  # noqa: B036
+        err = ("raise", type(e).__name__, _msg(e)[:500])
+    while True:
+        head = _read(req_fd, 8)
+        if head is None:
+            os._exit(0)
+        req = _read(req_fd, int.from_bytes(head, "little"))
+        if req is None:
+            os._exit(0)
+        reply = err
+        if reply is None:
+            try:
+                name, args = marshal.loads(req)
+                if name not in g:
+                    raise NameError("name %r is not defined" % name)
+                value = g[name](*args)
+            except BaseException as e:  # noqa: B036
+                reply = ("raise", type(e).__name__, _msg(e)[:500])
+            else:
+                try:
+                    out = marshal.dumps(("ok", value))
+                except BaseException:  # noqa: B036 (ValueError: unmarshallable; RecursionError, MemoryError)
+                    reply = ("raise", "TypeError", "the result (%s) is not a builtin value" % type(value).__name__)
+        try:
+            _send(rep_fd, marshal.dumps(reply) if reply is not None else out)
+        except OSError:
+            os._exit(0)
+
+
+_BUILTIN = (int, float, complex, str, bytes, bool, type(None), tuple, list, dict, set, frozenset)
+
+
+def _builtin(v, depth=0):
+    """Whether v is made of builtin values only (what the tester accepts back from the program)."""
+    t = type(v)
+    if t not in _BUILTIN or depth > 1000:
+        return False
+    if t in (tuple, list, set, frozenset):
+        return all(_builtin(x, depth + 1) for x in v)
+    if t is dict:
+        return all(_builtin(k, depth + 1) and _builtin(x, depth + 1) for k, x in v.items())
+    return True
+
+
+def _caller(req_fd, rep_fd):
+    """The tester's `_qcjax_call(name, *args)`: builtin arguments out, the program's result (builtin values only,
+    checked here: the program's side of the pipe is untrusted) or its exception back."""
+    import builtins
+    import marshal
+
+    def call(name, *args):
+        try:
+            payload = marshal.dumps((name, args))
+        except ValueError:
+            raise TypeError("a test argument is not a builtin value") from None
+        try:
+            _send(req_fd, payload)
+            head = _read(rep_fd, 8)
+            n = int.from_bytes(head, "little") if head else 0
+            data = _read(rep_fd, n) if head and n <= 1 << 28 else None
+        except OSError:
+            data = None
+        if data is None:
+            raise EOFError("the program's process ended before the tests finished")
+        try:
+            reply = marshal.loads(data)
+        except Exception:
+            reply = None
+        if type(reply) is tuple and len(reply) == 2 and reply[0] == "ok" and _builtin(reply[1]):
+            return reply[1]
+        if type(reply) is tuple and len(reply) == 3 and reply[0] == "raise" and _builtin(reply):
+            cls = getattr(builtins, reply[1], None)
+            if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+                cls = type(reply[1], (Exception,), {})
+            try:
+                exc = cls(reply[2])
+            except Exception:
+                exc = Exception(reply[2])
+            raise exc
+        raise TypeError("the program's reply is not a builtin value")
+
+    return call
 
 
 _boot()

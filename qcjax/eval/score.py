@@ -81,6 +81,8 @@ def score(problems: Sequence[Problem], samples: Sequence[dict], limits: Limits, 
     for (i, suffix), r in zip(owners, results):
         records[i].update({"passed" + suffix: r.passed, "reason" + suffix: r.reason,
                            "time" + suffix: round(r.time_s, 4)})
+        if r.tests is not None:  # [passed, total]: partial credit (a timeout or crash loses the per-test verdicts)
+            records[i]["tests" + suffix] = r.to_json()["tests"]
     return records
 
 

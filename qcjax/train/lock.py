@@ -68,13 +68,28 @@ class WorkdirLock:
                 raise WorkdirBusy(f"{paths.dirname(self.path)} is in use by another trainer ({who}); wait for it "
                                   f"to finish, use another --workdir, or delete {self.path} if that trainer is gone")
             if fd is not None:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(self.me, f)
+                self._write_owner(fd)
             elif self._owner() != self.me:  # an object store that ignored the precondition: someone else won
                 continue
             self.held = True
             return self
         raise WorkdirBusy(f"could not take the lock {self.path}: another trainer took it at the same moment")
+
+    def _write_owner(self, fd: int) -> None:
+        """Write the owner into the new lock file; if that fails (a full disk), remove the file again, so that no
+        lock is left that nobody holds (every later run would refuse an empty one), and raise in one line."""
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+        except OSError as e:
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+            if paths.is_disk_full(e):
+                raise paths.DiskFull(self.path, "the run's lock file", "free some space or use another --workdir") \
+                    from None
+            raise
 
     def _create(self) -> int | None:
         """Create the lock file if absent (FileExistsError otherwise): a local file descriptor to write the owner

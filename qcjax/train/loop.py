@@ -401,6 +401,11 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
     try:
         with StopRequests() as stop:
             return _train(c, workdir, stop)
+    except OSError as e:  # a full disk under metrics, TensorBoard or the tokenizer: one line, like the checkpoints'
+        if paths.is_disk_full(e) and not isinstance(e, paths.DiskFull):
+            raise paths.DiskFull(workdir, "the run's files", "free some space and rerun the same command to resume "
+                                 "from the newest checkpoint") from None
+        raise
     finally:
         lock.release()
 
@@ -588,9 +593,52 @@ def _resume(c: ConfigDict, ckpt, prog: TrainProgram, train_it):
     except FileNotFoundError as e:
         raise RunError(f"{e}. Nothing was moved or deleted; to start this run over, move {ckpt.directory} away "
                        "(or use a new --workdir)") from None
-    print(f"[qcjax] resuming from checkpoint step {step} in {ckpt.directory}", file=sys.stderr)
+    try:
+        then = ckpt.read_config(step)[1].get("train") or {}
+    except (OSError, ValueError):
+        then = {}
+    refusal, changes = resume_changes(then, c.to_dict(), step, ckpt.directory)
+    if refusal:
+        raise ConfigError(refusal)
+    print(f"[qcjax] resuming from checkpoint step {step} in {ckpt.directory}"
+          + (f"; changed since it was saved: {'; '.join(changes)}" if changes else ""), file=sys.stderr)
     state = {"step": jnp.asarray(step, jnp.int32), "params": out["params"], "opt_state": out["opt_state"]}
     return state, step, corrupt
+
+
+RESUME_FIELDS = ("steps", "seed", "seq_len", "batch_size", "optimizer")  # a resume says when these changed
+
+
+def resume_changes(then: dict, now: dict, step: int, directory: str) -> tuple[str | None, list[str]]:
+    """What differs between the config that saved `step` (`then`, the checkpoint's "train" entry) and this run's,
+    in the fields that change what resuming means: (why resuming cannot mean what the user thinks, or None; each
+    change as 'field: old -> new'). Refused: `steps` below the saved step (nothing left to train), and with
+    resume_data=exact a changed seed or seq_len (the data position restored is the old seed's order, in rows of the
+    old length: the change would silently not apply)."""
+    def flat(d: dict) -> dict:
+        out = {}
+        for k in RESUME_FIELDS:
+            v = d.get(k)
+            if isinstance(v, dict):
+                out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            elif k in d:
+                out[k] = v
+        return out
+
+    a, b = flat(then), flat(now)
+    changes = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if k in b and a[k] != b[k]]
+    if isinstance(b.get("steps"), int) and b["steps"] < step:
+        return (f"steps={b['steps']} is below step {step}, where the run in {directory} already is: raise "
+                f"--config.steps to train on from it, or use a new --workdir to start over"), changes
+    exact = now.get("resume_data", "exact") == "exact"
+    moved = [k for k in ("seed", "seq_len") if k in a and k in b and a[k] != b[k]]
+    if moved and exact:
+        return (f"{' and '.join(f'{k} {a[k]!r} -> {b[k]!r}' for k in moved)} since step {step} in {directory}: a "
+                "resume continues the saved data position (the old seed's order, rows of the old seq_len), so "
+                "the change would not apply; add --config.resume_data=reseed to resume the weights with the data "
+                "re-derived under the new settings, or use a new --workdir (and --config.init_from="
+                f"{directory} to start from these weights)"), changes
+    return None, changes
 
 
 def _mismatch_message(c: ConfigDict, directory: str, e) -> str:
