@@ -166,3 +166,14 @@ def test_require_isolation_refuses_without_namespaces(tmp_path, capsys, monkeypa
     assert "--require_isolation" in err and "rlimits" in err and not (tmp_path / "o").exists()
     assert cli.main(argv) == 0  # without the flag it runs, and says which isolation it had
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["isolation"] == "rlimits (test: no namespaces)"
+
+
+def test_default_k_is_the_pass_at_k_the_samples_define():
+    """--k unset: 1 and 10, without the k above --n when sampling (the default greedy --n 1 reports pass@1 and
+    prints no note about an undefined pass@10); scoring a samples file keeps both."""
+    import argparse
+
+    assert cli._ks(argparse.Namespace(k=None, n=1)) == [1]
+    assert cli._ks(argparse.Namespace(k=None, n=20)) == [1, 10]
+    assert cli._ks(argparse.Namespace(k=None)) == [1, 10]  # `score`: n comes with the samples
+    assert cli._ks(argparse.Namespace(k="1,5", n=1)) == [1, 5]  # asked for: kept (the note says what is undefined)
