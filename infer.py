@@ -5,7 +5,7 @@
     python infer.py --hf_dir DIR --prefix "def add(a, b):\\n    " --suffix "\\n\\nprint(add(1, 2))"
     python infer.py --hf_dir DIR --file src/app.py --cursor 42:9 --repo .          # FIM at a cursor, repo context
     python infer.py --hf_dir Qwen2.5-Coder-0.5B-Instruct --chat --prompt "Write a bubble sort in Python"
-    python infer.py --ckpt runs/sft/checkpoints --prompts_jsonl in.jsonl --out out.jsonl
+    python infer.py --ckpt runs/sft --prompts_jsonl in.jsonl --out out.jsonl        # a training run's newest step
     python infer.py --config 32b --compile_only --topology v5p-8 --batch 8 --context 32768   # fits? (no TPU)
 
 stdout carries only the generated text (streamed as it is produced) or, with --prompts_jsonl, one JSON object per
@@ -49,7 +49,9 @@ Generation stops at Qwen's FIM/chat stop tokens (<|endoftext|> <|fim_prefix|> <|
     src = p.add_argument_group("model")
     m = src.add_mutually_exclusive_group(required=True)
     m.add_argument("--hf_dir", help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)")
-    m.add_argument("--ckpt", help="qcjax (Orbax) checkpoint directory; the model config comes from the checkpoint")
+    m.add_argument("--ckpt", help="qcjax (Orbax) checkpoint: a training run's directory (train.py's --workdir), its "
+                   "checkpoints/, one step directory of it, or a converted checkpoint; the model config comes from "
+                   "the checkpoint")
     m.add_argument("--config", help="a model preset (0.5b ... 32b, tiny), with --compile_only (no weights needed)")
     src.add_argument("--step", type=int, default=None, help="checkpoint step for --ckpt (default: the latest)")
     src.add_argument("--tokenizer", default=None,

@@ -46,7 +46,8 @@ def _model_flags(p: argparse.ArgumentParser, n_default: int = 1, n_flag: str = "
                  temperature: float = 0.0) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf_dir", help="a Hugging Face model directory (config.json + safetensors + tokenizer)")
-    src.add_argument("--ckpt", help="a qcjax checkpoint directory (train.py's checkpoints/)")
+    src.add_argument("--ckpt", help="a qcjax checkpoint: a training run's directory, its checkpoints/ or one step "
+                     "directory of it")
     g = p.add_argument_group("model and sampling")
     g.add_argument("--step", type=int, default=None, help="--ckpt: this step (default: the latest)")
     g.add_argument("--tokenizer", default=None, help="tokenizer.json / directory / 'qwen' (default: the model's)")
