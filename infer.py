@@ -5,7 +5,7 @@
     python infer.py --hf_dir DIR --prefix "def add(a, b):\\n    " --suffix "\\n\\nprint(add(1, 2))"
     python infer.py --hf_dir DIR --file src/app.py --cursor 42:9 --repo .          # FIM at a cursor, repo context
     python infer.py --hf_dir Qwen2.5-Coder-0.5B-Instruct --chat --prompt "Write a bubble sort in Python"
-    python infer.py --ckpt runs/sft/checkpoints --prompts_jsonl in.jsonl --out out.jsonl
+    python infer.py --ckpt runs/sft --prompts_jsonl in.jsonl --out out.jsonl        # a training run's newest step
     python infer.py --config 32b --compile_only --topology v5p-8 --batch 8 --context 32768   # fits? (no TPU)
 
 stdout carries only the generated text (streamed as it is produced) or, with --prompts_jsonl, one JSON object per
@@ -49,7 +49,9 @@ Generation stops at Qwen's FIM/chat stop tokens (<|endoftext|> <|fim_prefix|> <|
     src = p.add_argument_group("model")
     m = src.add_mutually_exclusive_group(required=True)
     m.add_argument("--hf_dir", help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)")
-    m.add_argument("--ckpt", help="qcjax (Orbax) checkpoint directory; the model config comes from the checkpoint")
+    m.add_argument("--ckpt", help="qcjax (Orbax) checkpoint: a training run's directory (train.py's --workdir), its "
+                   "checkpoints/, one step directory of it, or a converted checkpoint; the model config comes from "
+                   "the checkpoint")
     m.add_argument("--config", help="a model preset (0.5b ... 32b, tiny), with --compile_only (no weights needed)")
     src.add_argument("--step", type=int, default=None, help="checkpoint step for --ckpt (default: the latest)")
     src.add_argument("--tokenizer", default=None,
@@ -307,35 +309,28 @@ def _fit_context(req: dict, a, log) -> None:
 # ---- model ----------------------------------------------------------------------------------------------------------
 def _tokenizer(a):
     from qcjax import paths
+    from qcjax.loader import checkpoint_tokenizer
     from qcjax.tokenizer import load_tokenizer
 
     src = a.hf_dir or a.ckpt
     if not paths.isdir(src):
         raise UsageError(f"--{'hf_dir' if a.hf_dir else 'ckpt'} {src}: not a directory")
     try:
-        return load_tokenizer(a.tokenizer or _checkpoint_tokenizer(a) or src)
+        return load_tokenizer(a.tokenizer or (a.ckpt and checkpoint_tokenizer(a.ckpt, a.step)) or src)
     except (OSError, ValueError) as e:
         raise UsageError(f"tokenizer: {e}" + ("" if a.tokenizer else " (pass --tokenizer PATH)")) from None
 
 
-def _checkpoint_tokenizer(a) -> str | None:
-    """For --ckpt: the tokenizer train.py recorded in the checkpoint (its path as given at training time, else the
-    run directory's tokenizer/ next to checkpoints/), so a trained run samples with no extra flag."""
-    from qcjax import paths
-
-    if not a.ckpt or any(paths.exists(paths.join(a.ckpt, f)) for f in ("tokenizer.json", "spm.model")):
-        return None
-    from qcjax.checkpoint import read_config
+def _resolve_ckpt(a: argparse.Namespace) -> None:
+    """--ckpt may name the run directory, its checkpoints/ or one step directory (qcjax.loader.resolve_checkpoint)."""
+    if not a.ckpt:
+        return
+    from qcjax.loader import resolve_checkpoint
 
     try:
-        recorded = read_config(a.ckpt, a.step)[1].get("tokenizer")
-    except (OSError, ValueError, KeyError):
-        return None
-    beside = paths.join(paths.dirname(paths.absolute(a.ckpt)), "tokenizer")
-    for cand in (recorded, beside):
-        if cand and (cand == "qwen" or paths.exists(cand)):
-            return cand
-    return None
+        a.ckpt, a.step = resolve_checkpoint(a.ckpt, a.step)
+    except ValueError as e:
+        raise UsageError(f"--ckpt: {e}") from None
 
 
 def _load_model(a, mesh, log):
@@ -437,22 +432,23 @@ def compile_only(a: argparse.Namespace, out=None) -> int:
 def run(a: argparse.Namespace, out=None, log=None) -> int:
     out = out or sys.stdout
     log = log or sys.stderr
+    _resolve_ckpt(a)
     if a.compile_only:
         return compile_only(a, out)
     if a.config:
         raise UsageError("--config (a preset: random weights) only goes with --compile_only; give --hf_dir or --ckpt")
     mode = _check_mode(a)
     sampling = _sampling(a.temperature, a.top_k, a.top_p, a.min_p)
-    tok = _tokenizer(a)
-    import jax
-    import jax.numpy as jnp
-
+    from qcjax import paths
     from qcjax.config import ModelConfig
     from qcjax.inference import generate
     from qcjax.inference.programs import place_params
     from qcjax.text_stream import TextStream
 
-    if a.hf_dir:
+    src = a.hf_dir or a.ckpt
+    if not paths.isdir(src):
+        raise UsageError(f"--{'hf_dir' if a.hf_dir else 'ckpt'} {src}: not a directory")
+    if a.hf_dir:  # the model first: a wrong directory is named as such, not as a missing tokenizer
         try:
             ctx = ModelConfig.from_hf_json(a.hf_dir).max_position_embeddings
         except ValueError as e:
@@ -463,7 +459,12 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
         try:
             ctx = read_config(a.ckpt, a.step)[0].max_position_embeddings
         except (OSError, ValueError, KeyError) as e:
-            raise UsageError(f"--ckpt {a.ckpt}: {e}") from None
+            raise UsageError(f"--ckpt {a.ckpt}: {e} (pass a training run's directory, its checkpoints/, one step "
+                             "directory of it, or a converted checkpoint; an HF directory goes to --hf_dir)") from None
+    tok = _tokenizer(a)
+    import jax
+    import jax.numpy as jnp
+
     if a.max_context is not None and a.max_context < 2:
         raise UsageError(f"--max_context={a.max_context}: must be >= 2")
     a.context = min(ctx, a.max_context) if a.max_context else ctx
@@ -523,8 +524,10 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
 
         [done] = gen([r], on_chunk)
         out.write(ts.flush())
-        if getattr(out, "isatty", lambda: False)() and not ts.text.endswith("\n"):
+        open_line = not ts.text.endswith("\n")
+        if open_line and getattr(out, "isatty", lambda: False)():
             out.write("\n")
+            open_line = False
         out.flush()
         produced = len(done.tokens)
     else:
@@ -557,6 +560,8 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
                 sink.close()
     if not a.quiet:
         dt = time.perf_counter() - t0
+        if mode != "jsonl" and open_line:  # stdout is not a terminal (2>&1 | ...): the text stays as generated, and
+            log.write("\n")  # the statistics still start a line of their own
         print(f"generated {produced} tokens in {dt:.1f} s ({produced / dt:.1f} tok/s, compilation included)",
               file=log)
     return 0

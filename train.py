@@ -27,6 +27,8 @@ def _one_line_error(e: BaseException, what: str = "") -> None:
     if "--debug" in sys.argv:
         raise e
     text = str(e.args[0]) if e.args else str(e)
+    if isinstance(e, OSError) and "Failed loading config file" in text:  # ml_collections' report: its last line
+        text = "cannot load the config file: " + text.strip().splitlines()[-1].strip()  # is the cause
     text = " ".join(text.replace("\\n", "\n").replace("\\'", "'").split())
     if isinstance(e, (KeyError, AttributeError)):  # ml_collections: "'name'" and maybe a "Did you mean" line
         field, _, rest = text.strip("\"'").partition("'")
@@ -116,14 +118,16 @@ def main(argv):
         m = result.last_metrics
         summary = ", ".join(f"{k}={m[k]:.4g}" for k in ("loss", "eval_loss", "eval_perplexity", "tokens_per_s")
                             if m.get(k) is not None)
-        print(f"done: step {result.final_step}; {summary}")
+        print(f"done: step {result.final_step}; {summary}", file=sys.stderr)  # status, like the rest
 
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with a bad flag or a config file that fails to load reported in one line (exit 2); --debug
     keeps the full report."""
     try:
-        return flags.FLAGS(argv)
+        argv = flags.FLAGS(argv)
+        _CONFIG.value.get("steps")  # a config file that failed to load (a relative path) raises on first use
+        return argv
     except (KeyError, AttributeError, OSError) as e:  # an unknown --config.FIELD, a config file that is not there
         _one_line_error(e, "config: ")
     except flags.Error as e:

@@ -87,13 +87,18 @@ def orbax_to_hf(
     checkpoint's: with its lora and quant fields).
 
     dtype: tensor dtype of the output (default: the checkpoint's param dtype).
+    tokenizer_dir: whose tokenizer files the export gets; default the training run's own tokenizer (a SentencePiece
+    run's spm.model, a tokenizer.json: `run_tokenizer_dir`), so the export samples with no --tokenizer.
+    ckpt_dir may be a training run's directory, its checkpoints/ or one step (qcjax.loader.resolve_checkpoint).
     A LoRA training checkpoint holds the adapters alone: merge_lora writes them folded into the base it names
     (computed in float32 from the base as training saw it: dequantized under QLoRA), and peft_dir writes them in
     PEFT's adapter layout (qcjax.peft_export; no base is read when out_dir is None). The options and outputs are
     checked before any weights are read.
     """
     from qcjax import checkpoint, hf
+    from qcjax.loader import resolve_checkpoint
 
+    ckpt_dir, step = resolve_checkpoint(ckpt_dir, step)
     reader = checkpoint.ParamsReader(ckpt_dir, step)
     cfg = reader.config
     _check_lora_outputs(ckpt_dir, cfg, out_dir, merge_lora, peft_dir)
@@ -101,6 +106,8 @@ def orbax_to_hf(
         if d is not None:
             hf.check_output(d, overwrite)
     out_dtype = dtype or cfg.param_dtype
+    if tokenizer_dir is None and out_dir is not None:
+        tokenizer_dir = run_tokenizer_dir(ckpt_dir, reader.step)
     if cfg.lora is None:
         hf.write_hf_dir(out_dir, cfg, reader, dtype=out_dtype, max_shard_size=max_shard_size,
                         tokenizer_dir=tokenizer_dir, torch_bin=torch_bin, overwrite=overwrite, progress=progress)
@@ -124,6 +131,24 @@ def orbax_to_hf(
     hf.save_hf(out_dir, plain, merged, dtype=out_dtype, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir,
                torch_bin=torch_bin, overwrite=overwrite, progress=progress)
     return cfg
+
+
+def run_tokenizer_dir(ckpt_dir: str, step: int | None = None) -> str | None:
+    """The directory holding a checkpoint's own tokenizer files (qcjax.loader.checkpoint_tokenizer: the one training
+    recorded, or the run's tokenizer/; "qwen": the real Qwen tokenizer.json's package directory), or None when there
+    is none to copy."""
+    from qcjax.hf import TOKENIZER_FILES
+    from qcjax.loader import checkpoint_tokenizer
+    from qcjax.tokenizer import qwen_tokenizer_json
+
+    src = checkpoint_tokenizer(ckpt_dir, step) or str(ckpt_dir)
+    if src == "qwen":
+        src = qwen_tokenizer_json()
+        if src is None:
+            return None
+    folder = src if paths.isdir(src) else paths.dirname(src)
+    wanted = [f for f in TOKENIZER_FILES if f != "generation_config.json"]
+    return folder if any(paths.isfile(paths.join(folder, f)) for f in wanted) else None
 
 
 def _check_lora_outputs(ckpt_dir: str, cfg: ModelConfig, out_dir: str | None, merge_lora: bool,
@@ -218,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
         "needs --merge_lora (the adapters folded into the base the checkpoint names, in float32; a QLoRA run's "
         "from its dequantized base) and/or --peft_dir (the adapters as PEFT loads them).",
     )
-    b.add_argument("--ckpt", required=True, help="qcjax checkpoint directory")
+    b.add_argument("--ckpt", required=True, help="qcjax checkpoint: a training run's directory, its checkpoints/, "
+                   "one step directory of it, or a converted checkpoint")
     b.add_argument("--out", default=None,
                    help="HF directory to create (must be absent or empty); required unless --peft_dir alone")
     b.add_argument("--merge_lora", action="store_true",
@@ -230,9 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=DTYPES, default=None,
                    help="tensor dtype of the output (default: the checkpoint's param dtype)")
     b.add_argument("--tokenizer_dir", default=None,
-                   help="copy tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, ... from here "
-                   "(e.g. the original HF directory; its generation_config.json, with the instruct models' "
-                   "<|im_end|> stop id, replaces the default one)")
+                   help="copy tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, spm.model, ... from "
+                   "here (e.g. the original HF directory; its generation_config.json, with the instruct models' "
+                   "<|im_end|> stop id, replaces the default one); default: the training run's own tokenizer, "
+                   "where the checkpoint names one")
     b.add_argument("--max_shard_size", type=parse_size, default=5 * 10**9,
                    help="largest safetensors shard, e.g. 5GB (default), 500MB, 2GiB")
     b.add_argument("--torch_bin", action="store_true",

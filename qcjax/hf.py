@@ -473,8 +473,9 @@ def _atomic_url_dir(path: str, overwrite: bool) -> Iterator[str]:
 
 
 # ---- an HF model directory ----------------------------------------------------------------------------------------
+# spm.model: a SentencePiece run's tokenizer (qcjax reads it; transformers does not)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
+                   "added_tokens.json", "chat_template.jinja", "spm.model", "generation_config.json")
 
 
 def write_hf_dir(

@@ -8,7 +8,9 @@ A LoRA run's checkpoint holds the adapters and names its base (the run's init_fr
 rebuilds the base, and returns the adapters folded into it (a plain model) or, with merge_lora=False, the adapted
 tree (cfg.lora set; quantized base under QLoRA) that `qcjax.model.build(cfg)` applies.
 
-Every CLI and the training loop load through here, so the two formats are told apart in one place.
+Every CLI and the training loop load through here, so the two formats are told apart in one place; the paths a
+user names a trained model by (its run directory, its checkpoints/, one step of it) are resolved here too
+(`resolve_checkpoint`), as is where a checkpoint's tokenizer is (`checkpoint_tokenizer`).
 """
 from __future__ import annotations
 
@@ -23,9 +25,56 @@ from qcjax.config import ModelConfig
 SAMPLING_QUANT = ("none", "int8")
 
 
+# train.py's --workdir keeps its checkpoints here, and each step's config item in this subdirectory of the step
+RUN_CHECKPOINTS, STEP_CONFIG = "checkpoints", "config"
+
+
 def is_hf_dir(path: str) -> bool:
     """An HF model directory holds config.json (a qcjax checkpoint holds step directories)."""
     return paths.exists(paths.join(str(path), "config.json"))
+
+
+def _is_step_dir(path: str) -> bool:
+    return paths.basename(path).isdigit() and paths.isdir(paths.join(path, STEP_CONFIG))
+
+
+def resolve_checkpoint(path: str, step: int | None = None) -> tuple[str, int | None]:
+    """(checkpoint directory, step) for any of the three unambiguous names of a trained model: the checkpoint
+    directory (runs/tiny/checkpoints), the run directory train.py wrote it in (runs/tiny), or one of its steps
+    (runs/tiny/checkpoints/300: step 300). Users pass whichever they see, so every loader and CLI takes all three;
+    anything else (an HF directory, a missing path) comes back as given, for the loaders' own errors."""
+    path = str(path)
+    trimmed = path.rstrip("/") or path
+    if is_hf_dir(trimmed):
+        return path, step
+    if _is_step_dir(trimmed):
+        named = int(paths.basename(trimmed))
+        if step is not None and step != named:
+            raise ValueError(f"{path} is the directory of step {named}, but step {step} was asked for")
+        return paths.dirname(trimmed), named
+    inner = paths.join(trimmed, RUN_CHECKPOINTS)
+    if paths.isdir(inner):
+        return inner, step
+    return path, step
+
+
+def checkpoint_tokenizer(ckpt: str, step: int | None = None) -> str | None:
+    """The tokenizer of a qcjax checkpoint, for sampling it with no --tokenizer: tokenizer files in the checkpoint
+    directory itself (None: the directory is the answer), else the tokenizer train.py recorded in the checkpoint (its
+    path as given at training time), else the run directory's tokenizer/ next to checkpoints/."""
+    if any(paths.exists(paths.join(ckpt, f)) for f in ("tokenizer.json", "spm.model")):
+        return None
+    from qcjax.checkpoint import read_config
+
+    try:
+        recorded = read_config(ckpt, step)[1].get("tokenizer")
+    except (OSError, ValueError, KeyError):
+        recorded = None
+    beside = paths.join(paths.dirname(paths.absolute(ckpt)), "tokenizer")
+    for cand in (recorded, beside):
+        if cand and (cand == "qwen" or paths.exists(cand)):
+            return cand
+    return None
 
 
 def load(path: str, *, mesh=None, dtype: str | None = None, step: int | None = None, merge_lora: bool = True,
@@ -55,6 +104,7 @@ def load(path: str, *, mesh=None, dtype: str | None = None, step: int | None = N
 
 def _load(path: str, *, mesh, dtype: str | None, step: int | None, merge_lora: bool) -> tuple[ModelConfig, Any]:
     """`load` before any quantization: the float model (or a LoRA checkpoint's base + adapters)."""
+    path, step = resolve_checkpoint(path, step)
     if not paths.isdir(str(path)):
         raise FileNotFoundError(f"{path}: no such directory (expected an HF model directory or a qcjax checkpoint)")
     if is_hf_dir(path):
@@ -110,6 +160,7 @@ def with_lora_base(cfg: ModelConfig, lora: Any, meta: dict, path: str, *, mesh=N
 
 def load_config(path: str, step: int | None = None) -> ModelConfig:
     """The model config of an HF directory or a qcjax checkpoint, without reading any weights."""
+    path, step = resolve_checkpoint(path, step)
     if is_hf_dir(path):
         return ModelConfig.from_hf_json(path)
     from qcjax.checkpoint import read_config

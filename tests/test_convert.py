@@ -308,3 +308,22 @@ def test_conversions_hold_one_param_at_a_time(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint.ParamsReader, "_read", tracking(checkpoint.ParamsReader._read))
     convert.orbax_to_hf(tmp_path / "ckpt", tmp_path / "out", max_shard_size=TINY_SHARD)
+
+
+def test_export_of_a_sentencepiece_run_carries_its_tokenizer(tmp_path, spm_dir):
+    """orbax-to-hf of a training run (named by its run directory) copies the run's own tokenizer (here the
+    SentencePiece spm.model train.py records), so the export samples with no --tokenizer."""
+    import shutil
+
+    from qcjax.tokenizer import load_tokenizer
+
+    run = tmp_path / "run"
+    (run / "tokenizer").mkdir(parents=True)
+    shutil.copy(os.path.join(spm_dir, "spm.model"), run / "tokenizer" / "spm.model")
+    params = jax.jit(lambda: qcjax.init_params(CFG, jax.random.key(0)))()
+    checkpoint.save(str(run / "checkpoints"), 3, params, CFG, async_=False,
+                    extra_config={"tokenizer": str(run / "tokenizer" / "spm.model")}).close()
+    assert convert.main(["orbax-to-hf", "--ckpt", str(run), "--out", str(tmp_path / "out"), "--no_progress"]) == 0
+    assert (tmp_path / "out" / "spm.model").read_bytes() == (run / "tokenizer" / "spm.model").read_bytes()
+    assert load_tokenizer(str(tmp_path / "out")).vocab_size == load_tokenizer(spm_dir).vocab_size
+    assert qcjax.loader.load_config(str(tmp_path / "out")) == CFG.replace(param_dtype="float32")

@@ -2,7 +2,7 @@
 
 A fenced ```bash block right after a `<!-- test -->` line is an example the tests run: all of one file's marked
 blocks in order, as one `set -euo pipefail` script, in a fresh directory that links the repository's CLIs and configs
-and holds a tiny stand-in for the `Qwen2.5-Coder-0.5B` hub directory (no network).
+and holds a tiny stand-in for the `Qwen2.5-Coder-0.5B` hub directory (no network; `tools/stand_in.py` makes it).
 """
 import glob
 import os
@@ -32,29 +32,11 @@ def marked_blocks() -> dict[str, list[str]]:
 
 
 def make_stand_in(path: str) -> None:
-    """A tiny random Qwen2 (the "tiny" preset) with a 1024-id byte-level BPE trained on the stdlib (Qwen's special
-    tokens included), written like a hub checkpoint: config.json, model.safetensors, tokenizer.json."""
-    import jax
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    import qcjax
-    from qcjax import hf
-    from qcjax.data.sources import stdlib_sample
-    from qcjax.tokenizer import SPECIAL_TOKENS
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(stdlib_sample(300_000, progress=False), trainer)
-    tok_dir = path + ".tokenizer"
-    os.makedirs(tok_dir)
-    tok.save(os.path.join(tok_dir, "tokenizer.json"))
-    cfg = qcjax.get_config("tiny", vocab_size=1024)
-    params = jax.jit(lambda key: qcjax.init_params(cfg, key))(jax.random.key(0))  # jitted: 2x faster than eager
-    hf.save_hf(path, cfg, params, tokenizer_dir=tok_dir)
-    shutil.rmtree(tok_dir)
+    """The stand-in as a user makes it: `python tools/stand_in.py DIR` (a tiny random Qwen2 with a small BPE, written
+    like a hub checkpoint)."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "stand_in.py"), path], capture_output=True,
+                       text=True, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), timeout=300)
+    assert r.returncode == 0 and os.path.exists(os.path.join(path, "config.json")), r.stderr[-3000:]
 
 
 def test_config_reference_is_current():

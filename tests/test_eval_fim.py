@@ -121,3 +121,12 @@ def test_edit_similarity_and_exact_match():
     assert F.exact_match("  return y  ", "    return y\n")
     assert F.exact_match("    a = 1\n\n    return a", "  a = 1\n  return a\n")  # line by line, blank lines dropped
     assert not F.exact_match("return x", "return y")
+
+
+def test_fim_and_repo_fim_tables_say_their_numbers_are_percentages():
+    """summary.json holds fractions (0.012); the tables print percent and say so (1.2%)."""
+    from qcjax.eval import repofim as R
+
+    s = {"benchmark": "HumanEval single-line infilling", "n_tasks": 3, "n_problems": 1, "exact_match": 0.5,
+         "edit_similarity": 0.012, "pass_rate": None, "repo": "r"}
+    assert "50.0%" in F.format_table(s) and "1.2%" in F.format_table(s) and "1.2%" in R.format_table(s)

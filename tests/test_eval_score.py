@@ -227,3 +227,14 @@ def test_per_test_verdicts(humaneval, iso):
     # has_close_elements: 7 asserts, 4 expect True; `return True` passes exactly those.
     [rec] = score(humaneval[:1], [{"task_id": "HumanEval/0", "completion": "    return True\n"}], LIM, iso)
     assert not rec["passed"] and rec["tests"] == [4, 7] and rec["reason"] == "failed: AssertionError"
+
+
+def test_default_k_is_the_pass_at_k_the_samples_define():
+    """--k unset: 1 and 10, without the k above --n when sampling (the default greedy --n 1 reports pass@1 and
+    prints no note about an undefined pass@10); scoring a samples file keeps both."""
+    import argparse
+
+    assert cli._ks(argparse.Namespace(k=None, n=1)) == [1]
+    assert cli._ks(argparse.Namespace(k=None, n=20)) == [1, 10]
+    assert cli._ks(argparse.Namespace(k=None)) == [1, 10]  # `score`: n comes with the samples
+    assert cli._ks(argparse.Namespace(k="1,5", n=1)) == [1, 5]  # asked for: kept (the note says what is undefined)

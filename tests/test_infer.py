@@ -147,6 +147,30 @@ def test_file_cursor_and_ckpt_give_the_same_text_as_hf_dir(hf_dir, tok, tmp_path
         assert "".join(out.writes) == want, src_flags
 
 
+def test_a_run_directory_or_a_step_directory_samples_and_the_statistics_start_their_own_line(hf_dir, tok, tmp_path):
+    """train.py's --workdir and one step directory are --ckpt too (the run's tokenizer/ found beside checkpoints/);
+    with stdout and stderr in one stream (`2>&1 | ...`) the statistics still start a line of their own."""
+    import io
+    import re
+
+    from qcjax.checkpoint import save
+
+    hf, model = hf_dir
+    cfg, params = qcjax.load_hf(hf)
+    run = tmp_path / "run"
+    save(str(run / "checkpoints"), 7, params, cfg, async_=False).close()
+    (run / "tokenizer").mkdir()
+    shutil.copy(tok.path, run / "tokenizer" / "tokenizer.json")
+    text = "import numpy as np\n"
+    want = hf_greedy_text(model, tok, tok.encode(text))
+    for ckpt in (run, run / "checkpoints" / "7"):
+        both = io.StringIO()
+        flags = [f for f in args(hf, "--prompt", text)[2:] if f != "--quiet"] + ["--ckpt", str(ckpt)]
+        assert infer.run(infer.build_parser().parse_args(flags), out=both, log=both) == 0
+        printed = both.getvalue()
+        assert f"tokens\n{want}" in printed and re.search(r"\ngenerated \d+ tokens in ", printed), printed
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_step(hf_dir, tok, tmp_path, capsys, damage):
     hf, model = hf_dir

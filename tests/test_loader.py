@@ -41,3 +41,33 @@ def test_init_from_with_a_conflicting_layer_count_is_an_error(tmp_path):
         model_config(c)
     c.model.num_layers = cfg.num_layers  # the same as the checkpoint's: fine
     assert model_config(c).num_layers == cfg.num_layers
+
+
+def test_a_run_directory_its_checkpoints_and_a_step_directory_name_one_checkpoint(tmp_path):
+    """What users pass as --ckpt: train.py's --workdir, its checkpoints/, or checkpoints/STEP; all load."""
+    from qcjax.loader import checkpoint_tokenizer, resolve_checkpoint
+
+    cfg = small(4, 2, 16, True)
+    params = jax.jit(lambda: qcjax.init_params(cfg, jax.random.key(0)))()
+    run = tmp_path / "run"
+    ck = save(str(run / "checkpoints"), 1, params, cfg, async_=False)
+    ck.save(2, jax.tree.map(lambda x: x * 2, params), cfg, force=True)
+    ck.close()
+    ckpts = str(run / "checkpoints")
+    assert resolve_checkpoint(str(run)) == (ckpts, None)
+    assert resolve_checkpoint(str(run) + "/", 2) == (ckpts, 2)
+    assert resolve_checkpoint(ckpts) == (ckpts, None)
+    assert resolve_checkpoint(str(run / "checkpoints" / "1")) == (ckpts, 1)
+    with pytest.raises(ValueError, match=r"the directory of step 1, but step 2 was asked for"):
+        resolve_checkpoint(str(run / "checkpoints" / "1"), 2)
+    assert resolve_checkpoint(str(tmp_path / "nowhere")) == (str(tmp_path / "nowhere"), None)  # the loaders say
+
+    assert load_config(str(run)) == cfg
+    _, one = qcjax.load(str(run / "checkpoints" / "1"))
+    _, newest = qcjax.load(str(run))
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(one)[0]) * 2, np.asarray(jax.tree.leaves(newest)[0]))
+
+    assert checkpoint_tokenizer(ckpts) is None  # no tokenizer anywhere: the caller says so
+    (run / "tokenizer").mkdir()
+    (run / "tokenizer" / "spm.model").write_bytes(b"")
+    assert checkpoint_tokenizer(ckpts) == str(run / "tokenizer")  # the run's tokenizer/, beside checkpoints/

@@ -392,6 +392,26 @@ def test_help_explains_and_bad_flags_are_one_line_errors(hf_dir, capsys):
         assert err.startswith("python -m qcjax.serve: error: ") and flag in err and "\n" not in err, err
 
 
+def test_max_len_follows_the_model_and_the_name_follows_the_run():
+    """No flag: the model's context up to 8192 (the tiny config's 4096 serves as it is); a training run's
+    checkpoints/ serves under the run's name, whichever of its paths was given."""
+    import argparse
+
+    from qcjax.serve.__main__ import UsageError, build_parser, max_len, served_name
+
+    assert build_parser().parse_args(["--hf_dir", "x"]).max_len is None
+    assert (max_len(None, 4096), max_len(None, 32768), max_len(512, 4096)) == (4096, 8192, 512)
+    with pytest.raises(UsageError, match=r"--max_len=8192: more than the model's context of 4096"):
+        max_len(8192, 4096)
+
+    def name(**kw):
+        return served_name(argparse.Namespace(**{"hf_dir": None, "ckpt": None, "served_model_name": None, **kw}))
+
+    assert name(ckpt="runs/tiny/checkpoints") == name(ckpt="/abs/runs/tiny/checkpoints/") == "tiny"
+    assert name(ckpt="ckpt/7b") == "7b" and name(hf_dir="models/Qwen2.5-Coder-1.5B/") == "Qwen2.5-Coder-1.5B"
+    assert name(ckpt="runs/tiny/checkpoints", served_model_name="coder") == "coder"
+
+
 @pytest.mark.slow
 def test_the_cli_serves_fim_completions_until_interrupted(hf_dir, tok):
     """`python -m qcjax.serve` as users run it, in its own process: warm-up, listen, answer a FIM request with

@@ -177,6 +177,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, spm_dir):
     ({"grad_accum": 3}, "not divisible by grad_accum=3"),
     ({"optimizer.lr": float("inf")}, r"optimizer.lr=inf: must be a finite number > 0"),
     ({"optimizer.lr": 0.0}, r"optimizer.lr=0.0: must be a finite number > 0"),
+    ({"lora.rank": 4}, r"lora.rank=4 without init_from: the adapters would train on a frozen random base"),
 ])
 def test_bad_config_fails_before_compiling(tmp_path, spm_dir, override, message):
     from qcjax.train.loop import ConfigError, train
@@ -185,11 +186,22 @@ def test_bad_config_fails_before_compiling(tmp_path, spm_dir, override, message)
         train(tiny(spm_dir, **override), str(tmp_path))
 
 
+def test_a_missing_init_from_fails_before_the_tokenizer_is_trained(tmp_path):
+    from qcjax.train.loop import ConfigError, train
+
+    c = tiny("spm:stdlib:512", init_from=str(tmp_path / "no_such_model"))
+    with pytest.raises(ConfigError, match=rf"init_from={tmp_path / 'no_such_model'}: .*no checkpoint directory"):
+        train(c, str(tmp_path / "run"))
+    assert not [p for p in os.listdir(tmp_path / "run") if p.startswith("tokenizer")]  # nothing left behind
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--config.optimizer.learning_rate=1e-3", "config: unknown field 'learning_rate'"),
     ("--config.stepz=5", "config: unknown field 'stepz' (Did you mean \"steps\""),
     ("--config=CONFIGS/tiny.py:stf", "unknown config stage 'stf': expected one of file, repo, sft, dpo"),
     ("--config=CONFIGS/nope.py", "No such file or directory: 'CONFIGS/nope.py'"),
+    ("--config=configs/nope.py", "config: cannot load the config file: [Errno 2] No such file or directory: "
+                                 "'configs/nope.py'"),  # relative: ml_collections fails later, in other words
     ("--config.optimizer.lr=abc", "--config.optimizer.lr=abc: could not convert string to float"),
 ])
 def test_bad_config_on_the_command_line_is_one_line_and_exit_2(tmp_path, spm_dir, flag, message):
@@ -406,4 +418,5 @@ def test_sigterm_saves_the_step_reached_and_the_rerun_resumes_bitwise(tmp_path, 
     assert max(r["step"] for r in metrics(work)) == reached
     out = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and f"resuming from checkpoint step {reached}" in out.stderr
+    assert "done: step 20;" in out.stderr and not out.stdout.strip()  # status, progress bar included, on stderr
     assert train_losses(work) == train_losses(straight)  # bit for bit, one row per step

@@ -28,7 +28,8 @@ def _sandbox_flags(p: argparse.ArgumentParser, out: str | None, k: bool = True) 
     if out is not None:
         g.add_argument("--out", default=out, help=f"directory for results.jsonl and summary.json (default {out})")
     if k:
-        g.add_argument("--k", default="1,10", help="pass@k for these k (comma-separated; default 1,10)")
+        g.add_argument("--k", default=None, help="pass@k for these k (comma-separated; default 1,10, without the k "
+                                                 "above --n when sampling)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="programs run in parallel (default: min(8, CPUs))")
     g.add_argument("--timeout", type=float, default=10.0, help="seconds per program, wall clock (default 10)")
@@ -45,7 +46,8 @@ def _model_flags(p: argparse.ArgumentParser, n_default: int = 1, n_flag: str = "
                  temperature: float = 0.0) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf_dir", help="a Hugging Face model directory (config.json + safetensors + tokenizer)")
-    src.add_argument("--ckpt", help="a qcjax checkpoint directory (train.py's checkpoints/)")
+    src.add_argument("--ckpt", help="a qcjax checkpoint: a training run's directory, its checkpoints/ or one step "
+                     "directory of it")
     g = p.add_argument_group("model and sampling")
     g.add_argument("--step", type=int, default=None, help="--ckpt: this step (default: the latest)")
     g.add_argument("--tokenizer", default=None, help="tokenizer.json / directory / 'qwen' (default: the model's)")
@@ -109,9 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- shared pieces -------------------------------------------------------------------------------------------------
+DEFAULT_KS = (1, 10)
+
+
 def _ks(a) -> list[int]:
+    """--k; by default 1 and 10, but only the k that --n samples per problem define (a run that samples computes
+    pass@k for k <= n only: the default greedy --n 1 reports pass@1 and needs no note about pass@10)."""
     from qcjax.eval.passk import parse_ks
 
+    if a.k is None:
+        n = getattr(a, "n", None)
+        return [k for k in DEFAULT_KS if n is None or k <= n] or [1]
     try:
         return parse_ks(a.k)
     except ValueError as e:

@@ -164,7 +164,7 @@ def summarize(records: Sequence[dict], kind: str, **info) -> dict:
 
 
 def format_table(s: dict) -> str:
-    pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731  (summary.json holds the fractions)
     return "\n".join([
         f"{s['benchmark']}: {s['n_tasks']} tasks from {s['n_problems']} problems"
         + (f"; isolation: {s['isolation']}" if s.get("isolation") else ""),

@@ -56,26 +56,10 @@ class Prompt:
 
 
 def _tokenizer_source(a) -> str:
-    """--tokenizer, else the model directory, else (a checkpoint) the tokenizer train.py recorded or the run
-    directory's tokenizer/ (the same order infer.py uses)."""
-    from qcjax import paths
+    """--tokenizer, else the model directory, else (a checkpoint) qcjax.loader.checkpoint_tokenizer (as infer.py)."""
+    from qcjax.loader import checkpoint_tokenizer
 
-    src = a.hf_dir or a.ckpt
-    if a.tokenizer:
-        return a.tokenizer
-    if a.hf_dir or any(paths.exists(paths.join(src, f)) for f in ("tokenizer.json", "spm.model")):
-        return src
-    from qcjax.checkpoint import read_config
-
-    try:
-        recorded = read_config(a.ckpt, a.step)[1].get("tokenizer")
-    except (OSError, ValueError, KeyError):
-        recorded = None
-    beside = paths.join(paths.dirname(paths.absolute(a.ckpt)), "tokenizer")
-    for cand in (recorded, beside):
-        if cand and (cand == "qwen" or paths.exists(cand)):
-            return cand
-    return src
+    return a.tokenizer or (a.ckpt and checkpoint_tokenizer(a.ckpt, a.step)) or a.hf_dir or a.ckpt
 
 
 def load(a, usage_error, log) -> Model:
@@ -90,6 +74,13 @@ def load(a, usage_error, log) -> Model:
 
     from qcjax import paths
 
+    from qcjax.loader import resolve_checkpoint
+
+    if a.ckpt:  # the run directory, its checkpoints/ or one step of it
+        try:
+            a.ckpt, a.step = resolve_checkpoint(a.ckpt, a.step)
+        except ValueError as e:
+            raise usage_error(f"--ckpt: {e}") from e
     flag, src = ("--hf_dir", a.hf_dir) if a.hf_dir else ("--ckpt", a.ckpt)
     if not paths.isdir(src):
         raise usage_error(f"{flag} {src}: not a directory")

@@ -87,7 +87,7 @@ def summarize(records: Sequence[dict], **info) -> dict:
 
 
 def format_table(s: dict) -> str:
-    pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731  (summary.json holds the fractions)
     return "\n".join([f"repo-fim on {s.get('repo', '?')}: {s['n_tasks']} held-out files, one masked line each",
                       f"{'exact match':>14}{'edit sim':>10}",
                       f"{pct(s['exact_match']):>14}{pct(s['edit_similarity']):>10}"])

@@ -2,7 +2,7 @@
 chat, streaming, continuous batching over a paged KV cache with a prefix cache (qcjax.inference).
 
     python -m qcjax.serve --hf_dir Qwen2.5-Coder-1.5B                    # http://127.0.0.1:8000/v1
-    python -m qcjax.serve --ckpt runs/sft/checkpoints --max_batch 8 --max_len 4096 --api_key KEY
+    python -m qcjax.serve --ckpt runs/sft --max_batch 8 --max_len 4096 --api_key KEY    # a training run
 
 Bad flags are a one-line error naming the flag (exit status 2). The server compiles every program it needs before it
 listens (warm-up), so no request waits on a compilation.
@@ -16,6 +16,7 @@ import sys
 import time
 
 PROG = "python -m qcjax.serve"
+DEFAULT_MAX_LEN = 8192  # --max_len when not given, for a model whose context is longer
 
 
 class UsageError(ValueError):
@@ -40,7 +41,8 @@ completions, the rest of the context for chat). Requests beyond --max_batch runn
     m = p.add_argument_group("model (as infer.py)")
     src = m.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf_dir", help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)")
-    src.add_argument("--ckpt", help="qcjax (Orbax) checkpoint directory")
+    src.add_argument("--ckpt", help="qcjax (Orbax) checkpoint: a training run's directory, its checkpoints/, one "
+                     "step directory of it, or a converted checkpoint")
     m.add_argument("--step", type=int, default=None, help="checkpoint step for --ckpt (default: the latest)")
     m.add_argument("--tokenizer", default=None,
                    help="tokenizer.json / SentencePiece .model / directory / 'qwen' (default: the checkpoint's)")
@@ -55,7 +57,8 @@ completions, the rest of the context for chat). Requests beyond --max_batch runn
                    help="device mesh, e.g. 'tensor=8' (default: on several TPU/GPU devices, tensor parallel up to the "
                         "KV heads, then data over the rows; on the CPU, one device)")
     m.add_argument("--served_model_name", default=None,
-                   help="the model name clients send (default: the checkpoint directory's name)")
+                   help="the model name clients send (default: the run directory's name for a training run's "
+                        "checkpoint, else the directory's name)")
 
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -66,8 +69,9 @@ completions, the rest of the context for chat). Requests beyond --max_batch runn
     e = p.add_argument_group("engine")
     e.add_argument("--max_batch", type=int, default=16,
                    help="requests in flight at most: the largest decode batch (default 16)")
-    e.add_argument("--max_len", type=int, default=8192,
-                   help="tokens per request, prompt + completion (default 8192, at most the model's context)")
+    e.add_argument("--max_len", type=int, default=None,
+                   help=f"tokens per request, prompt + completion (default: the model's context, at most "
+                        f"{DEFAULT_MAX_LEN}; never more than the model's context)")
     e.add_argument("--page_size", type=int, default=16, help="tokens per KV-cache page (default 16)")
     e.add_argument("--cache_tokens", type=int, default=None,
                    help="KV-cache size in tokens, shared by all requests in pages (default: max_batch x max_len)")
@@ -93,6 +97,13 @@ def check_args(a: argparse.Namespace) -> None:
     """Flag checks that need no model: one-line errors naming the flag."""
     from qcjax import paths
 
+    if a.ckpt:
+        from qcjax.loader import resolve_checkpoint
+
+        try:
+            a.ckpt, a.step = resolve_checkpoint(a.ckpt, a.step)
+        except ValueError as e:
+            raise UsageError(f"--ckpt: {e}") from None
     src = a.hf_dir or a.ckpt
     if not paths.isdir(src):
         raise UsageError(f"--{'hf_dir' if a.hf_dir else 'ckpt'} {src}: not a directory")
@@ -100,9 +111,7 @@ def check_args(a: argparse.Namespace) -> None:
         raise UsageError(f"--port={a.port}: must be in [0, 65535]")
     for flag, lo in (("max_batch", 1), ("max_len", 2), ("max_queue", 0), ("chunk", 1), ("prefill_tokens", 16),
                      ("page_size", 1), ("cache_tokens", 1)):
-        if flag == "cache_tokens" and a.cache_tokens is None:
-            continue
-        if getattr(a, flag) < lo:
+        if getattr(a, flag) is not None and getattr(a, flag) < lo:
             raise UsageError(f"--{flag}={getattr(a, flag)}: must be >= {lo}")
     if a.prefill_batch < 1 or a.prefill_batch & (a.prefill_batch - 1):
         raise UsageError(f"--prefill_batch={a.prefill_batch}: must be a power of two >= 1")
@@ -113,27 +122,37 @@ def check_args(a: argparse.Namespace) -> None:
 
 
 def load_tokenizer(a: argparse.Namespace):
+    from qcjax.loader import checkpoint_tokenizer
     from qcjax.tokenizer import load_tokenizer as load
 
-    candidates = [a.tokenizer] if a.tokenizer else [a.hf_dir or a.ckpt]
-    if a.ckpt and not a.tokenizer:  # a trained run: the tokenizer train.py recorded, or run_dir/tokenizer
-        from qcjax.checkpoint import read_config
+    try:
+        return load(a.tokenizer or (a.ckpt and checkpoint_tokenizer(a.ckpt, a.step)) or a.hf_dir or a.ckpt)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--tokenizer: cannot load a tokenizer ({e})" + ("" if a.tokenizer else
+                                                                         "; pass --tokenizer PATH")) from None
 
-        try:
-            candidates.append(read_config(a.ckpt, a.step)[1].get("tokenizer"))
-        except (OSError, ValueError, KeyError):
-            pass
-        from qcjax import paths
 
-        candidates.append(paths.join(paths.dirname(paths.absolute(a.ckpt)), "tokenizer"))
-    errors = []
-    for c in [c for c in candidates if c]:
-        try:
-            return load(c)
-        except (OSError, ValueError) as e:
-            errors.append(str(e))
-    raise UsageError(f"--tokenizer: cannot load a tokenizer ({errors[0] if errors else 'none found'}); pass "
-                     "--tokenizer PATH")
+def max_len(asked: int | None, context: int) -> int:
+    """--max_len: the model's context capped at DEFAULT_MAX_LEN when not given (a small model's short context, a
+    large one's 32K, both serve with no flag); more than the context is an error."""
+    if asked is None:
+        return min(DEFAULT_MAX_LEN, context)
+    if asked > context:
+        raise UsageError(f"--max_len={asked}: more than the model's context of {context}")
+    return asked
+
+
+def served_name(a: argparse.Namespace) -> str:
+    """--served_model_name, else the model's own name: the run directory of a training run's checkpoints/
+    (runs/tiny/checkpoints -> tiny), else the directory's name (an HF directory, a converted checkpoint)."""
+    from qcjax import paths
+    from qcjax.loader import RUN_CHECKPOINTS
+
+    if a.served_model_name:
+        return a.served_model_name
+    src = paths.absolute(a.hf_dir or a.ckpt).rstrip("/")
+    name = paths.basename(src)
+    return paths.basename(paths.dirname(src)) if name == RUN_CHECKPOINTS else name
 
 
 def load_model(a: argparse.Namespace, mesh):
@@ -187,8 +206,7 @@ def build(a: argparse.Namespace, log=print):
         context = cfg_only().max_position_embeddings
     except (OSError, ValueError, KeyError) as e:
         raise UsageError(f"--{'hf_dir' if a.hf_dir else 'ckpt'} {a.hf_dir or a.ckpt}: {e}") from None
-    if a.max_len > context:
-        raise UsageError(f"--max_len={a.max_len}: more than the model's context of {context}")
+    a.max_len = max_len(a.max_len, context)
     mesh = make_mesh(a, cfg_only)
     t = time.perf_counter()
     cfg, params = load_model(a, mesh)
@@ -212,9 +230,7 @@ def build(a: argparse.Namespace, log=print):
     log(f"warming up: compiling every program for up to {a.max_batch} rows x {a.max_len} tokens ...")
     log(f"warm-up done in {engine.warmup():.1f} s ({engine.stats()['compiles']} compiles)")
     engine.start()
-    src = a.hf_dir or a.ckpt
-    name = a.served_model_name or (src.rstrip("/").rsplit("/", 1)[-1] if "://" in src
-                                   else os.path.basename(os.path.normpath(src)))
+    name = served_name(a)
     key = a.api_key if a.api_key is not None else os.environ.get("QCJAX_API_KEY") or None
     return engine, create_app(engine, tok, name, key), name
 
@@ -234,6 +250,8 @@ def main(argv=None) -> int:
     absl_logging.set_verbosity(absl_logging.ERROR)
     platform.configure_xla(a.dtype)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if a.log_level != "debug":  # JAX's start-up notes ("Unable to initialize backend 'tpu'") are not server news
+        logging.getLogger("jax").setLevel(logging.WARNING)
     try:
         engine, app, name = build(a, say)
     except UsageError as e:

@@ -123,7 +123,8 @@ class LoraFields:
     and their Adam state in model.param_dtype. DPO's frozen reference is then the base itself (no second copy).
 
     Fields:
-    rank: adapter rank; 0: no adapters (full fine-tuning)
+    rank: adapter rank; 0: no adapters (full fine-tuning); > 0 trains from init_from (the base to adapt: a run
+      without one is refused)
     alpha: see LoraSpec.alpha
     dropout: see LoraSpec.dropout
     targets: comma-separated projections that get adapters: q, k, v, o, gate, up, down

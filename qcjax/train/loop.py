@@ -334,7 +334,7 @@ def _progress(total: int, initial: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stdout, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
 
 class StopRequests:
@@ -410,9 +410,31 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
         lock.release()
 
 
+def check_start(c: ConfigDict, workdir: str) -> None:
+    """What a new run's start needs, checked before anything is written (a tokenizer trained into the workdir):
+    init_from names a model, and adapters have a base to adapt (LoRA on a frozen random base learns nothing). A run
+    with checkpoints resumes and ignores init_from, so it is not asked."""
+    ckpts = paths.join(workdir, "checkpoints")
+    if paths.isdir(ckpts) and any(d.isdigit() for d in paths.listdir(ckpts)):
+        return
+    tc = from_config(c)
+    if tc.init_from:
+        from qcjax.loader import load_config
+
+        try:
+            load_config(tc.init_from)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"init_from={tc.init_from}: {' '.join(str(e).split())}") from None
+    elif tc.lora.rank:
+        raise ConfigError(f"lora.rank={tc.lora.rank} without init_from: the adapters would train on a frozen random "
+                          "base and learn nothing; set init_from to the model to adapt (an HF directory or a qcjax "
+                          "checkpoint)")
+
+
 def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
     from qcjax.checkpoint import Checkpointer
 
+    check_start(c, workdir)
     tok, tok_path = setup_tokenizer(c, workdir)
     cfg = model_config(c, vocab_hint=tok.vocab_size)
     if tok.vocab_size > cfg.vocab_size:
