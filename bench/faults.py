@@ -167,7 +167,8 @@ def _ended(proc_rc: int, stderr: str, workdir: str) -> dict:
     err = [ln for ln in lines if ln.startswith("train.py: error:")]
     return {"rc": proc_rc, "stderr_lines": len(lines), "error": err[0] if err else "",
             "names_path_and_free": bool(err) and workdir in err[0] and " free)" in err[0],
-            "lock_left": os.path.exists(os.path.join(workdir, "LOCK"))}
+            "lock_left": os.path.exists(os.path.join(workdir, "LOCK")),
+            "other_lines": [ln[:300] for ln in lines if not ln.startswith("train.py: error:")][:8]}
 
 
 def disk_cases(root: str, tokenizer: str, steps: int, straight: str, log=print) -> list[dict]:

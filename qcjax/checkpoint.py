@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -78,6 +79,9 @@ def _quiet_closed_loop(hook):
 
 
 sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+# ... and the save coroutines of its other handlers, abandoned by that failure, are collected un-awaited at exit.
+warnings.filterwarnings("ignore", message=r"coroutine '\w+CheckpointHandler\.\w+' was never awaited",
+                        category=RuntimeWarning)
 
 
 class CheckpointCorrupt(ValueError):

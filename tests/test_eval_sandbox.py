@@ -387,3 +387,16 @@ def test_forged_setup_error_does_not_stop_the_evaluator(iso):
            "assert False, 'judged'\n")
     r = _run(src, iso)
     assert (r.passed, r.reason) == (False, "failed: AssertionError: judged")
+
+
+def test_the_unshare_fallback_says_what_it_lacks(ns):
+    # Without bubblewrap: the host's root read-only, so its files stay visible (the probe reports it); the seccomp
+    # filter still closes Unix sockets.
+    from qcjax.eval import sandbox as S
+
+    root = os.geteuid() == 0
+    cand = Isolation("namespaces", "test: unshare", S._unshare_cmd(root), drop_uid=root, bpf=ns.bpf)
+    held, err = S._probe(cand, root)
+    assert err == "" and held["read-only outside the working directory"] and held["no network"]
+    assert held["no host files"] is False
+    assert held["no Unix sockets"] is bool(ns.bpf) and held["seccomp filter"] is bool(ns.bpf)

@@ -607,7 +607,7 @@ def rlimits_isolation(why: str, python: str | None = None) -> Isolation:
     else:
         note = "programs keep the evaluator's uid"
     bpf, no_bpf = seccomp_filter()
-    return Isolation("rlimits", f"{why}; rlimits, process-group kill; {note}" + (f"; {no_bpf}" if no_bpf else ""),
+    return Isolation("rlimits", f"{why}; rlimits, process-group kill; {no_bpf or 'seccomp filter'}; {note}",
                      drop_uid=drop, python=python, bpf=bpf,
                      lacks=("namespaces: programs read and write what their uid may and use the network",))
 
