@@ -60,6 +60,7 @@ class Limits:
     max_len: int
     max_n: int
     max_body: int = 8 << 20  # bytes: a 128K-token prompt as an id list is about 1 MB
+    read_timeout: float = 30.0  # seconds to receive a request body (a half-open or trickling client gets a 408)
 
 
 def _check_text(value: Any, field: str) -> None:
@@ -483,10 +484,14 @@ def create_app(engine: Engine, tok: Tokenizer, model: str, api_key: str | None =
         if int(request.headers.get("content-length") or 0) > limits.max_body:
             raise APIError(413, f"the request body is over {limits.max_body} bytes")
         raw = bytearray()
-        async for part in request.stream():
-            raw += part
-            if len(raw) > limits.max_body:
-                raise APIError(413, f"the request body is over {limits.max_body} bytes")
+        try:
+            async with asyncio.timeout(limits.read_timeout):
+                async for part in request.stream():
+                    raw += part
+                    if len(raw) > limits.max_body:
+                        raise APIError(413, f"the request body is over {limits.max_body} bytes")
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {limits.read_timeout:g} s") from None
         try:
             return await asyncio.to_thread(json.loads, bytes(raw))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
