@@ -261,7 +261,10 @@ def main(argv=None) -> int:
 
     say(f"serving '{name}' on http://{a.host}:{a.port}/v1 (up to {a.max_batch} requests, {a.max_len} tokens each)")
     try:
-        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)
+        from qcjax.serve.connections import DeadlineH11Protocol
+
+        uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5,
+                    http=DeadlineH11Protocol)
     except KeyboardInterrupt:
         pass
     finally:
