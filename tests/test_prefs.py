@@ -143,10 +143,10 @@ def test_pass1_interval_and_paired_difference():
 
 
 # ---- the command ---------------------------------------------------------------------------------------------------
-# Problems whose pass/fail a random-weight model decides by chance: the completion lands inside a raw string that
-# the tests close, and they pass when its length is even. So a tiny random model gives mixed outcomes, and pairs.
-PARITY = [{"task_id": f"parity/{i}", "prompt": f"s{i} = r'''{'x' * i}",
-           "tests": f"'''\nassert len(s{i}) % 2 == 0\n"} for i in range(4)]
+# `f` returns what the completion says: the tests pass when it is even. A random model cannot write code that sometimes
+# passes, so the `numbered` fixture makes sample j's text `return j` (then the model's own words, in a comment): every
+# problem gets passing and failing samples, and the program and the tests run apart in the sandbox as always.
+PARITY = [{"task_id": f"parity/{i}", "prompt": "def f():", "tests": "assert f() % 2 == 0\n"} for i in range(4)]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,22 @@ MODEL = ["--dtype", "float32", "--cache_dtype", "float32", "--max_new_tokens", "
          "--workers", "2", "--quiet"]
 
 
-def test_one_pass_writes_pairs_with_reference_logps_that_train_py_reads(tmp_path, hf_dir):
+@pytest.fixture
+def numbered(monkeypatch):
+    """Sample j of every problem says `return j` (then the model's own words on one line, in a comment)."""
+    from qcjax.eval import generate as G
+
+    real = G.complete
+
+    def complete(model, prompts, n, *args, **kw):
+        texts = real(model, prompts, n, *args, **kw)
+        return [[f"    return {j}  # " + t.replace("\n", " ").replace("\r", " ") for j, t in enumerate(row)]
+                for row in texts]
+
+    monkeypatch.setattr(G, "complete", complete)
+
+
+def test_one_pass_writes_pairs_with_reference_logps_that_train_py_reads(tmp_path, hf_dir, numbered):
     out = tmp_path / "pairs.jsonl"
     assert cli.main(["--hf_dir", hf_dir, "--problems", _problems_file(tmp_path), "--k", "6", "--out", str(out),
                      "--pairs_per_problem", "3", "--ref_logps", "--config",
@@ -175,9 +190,9 @@ def test_one_pass_writes_pairs_with_reference_logps_that_train_py_reads(tmp_path
         src = s["prompt"] + s["completion"] + "\n\n" + PARITY[int(s["task_id"].split("/")[1])]["tests"]
         ns: dict = {}
         try:
-            exec(compile(src, "<t>", "exec"), ns)  # noqa: S102 - a 6-token string literal, checked for length
+            exec(compile(src, "<t>", "exec"), ns)  # noqa: S102 - a function, a comment and one assert
             expect = True
-        except (AssertionError, SyntaxError):
+        except AssertionError:
             expect = False
         assert s["passed"] == expect, s
     pairs = [json.loads(x) for x in out.read_text().splitlines()]
@@ -229,7 +244,7 @@ def test_missing_problems_file_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_round_trains_dpo_on_the_pairs_and_resumes(tmp_path, hf_dir, capsys):
+def test_a_round_trains_dpo_on_the_pairs_and_resumes(tmp_path, hf_dir, capsys, numbered):
     w = tmp_path / "loop"
     argv = ["--hf_dir", hf_dir, "--problems", _problems_file(tmp_path), "--k", "6", "--rounds", "1",
             "--workdir", str(w), "--config", os.path.join(ROOT, "configs", "prefs.py") + ":tiny",
@@ -253,7 +268,7 @@ def test_a_round_trains_dpo_on_the_pairs_and_resumes(tmp_path, hf_dir, capsys):
 
 
 @pytest.mark.slow
-def test_the_documented_train_py_command_trains_on_the_pairs(tmp_path, hf_dir):
+def test_the_documented_train_py_command_trains_on_the_pairs(tmp_path, hf_dir, numbered):
     import shlex
     import subprocess
     import sys
