@@ -69,7 +69,7 @@ def test_adapted_forward_and_gradients_match_the_hand_written_reference():
 
 def test_fresh_adapters_leave_the_base_unchanged_and_merge_folds_them_in():
     cfg = CFG.replace(lora=SPEC)
-    full = init_params(cfg, jax.random.key(0))
+    full = _init(cfg, jax.random.key(0))
     base, ad = adapters.split(full)
     assert all(adapters.is_adapter(p) for p, _ in jax.tree_util.tree_leaves_with_path(ad))
     tokens = jnp.arange(10, dtype=jnp.int32)[None]
@@ -107,7 +107,7 @@ def test_bf16_lora_step_trains_fp32_adapters_over_a_bf16_base(quant):
         make_train_step
 
     cfg = CFG.replace(dtype="bfloat16", lora=SPEC, quant=quant)
-    base, ad = adapters.split(init_params(cfg.replace(quant="none"), jax.random.key(0)))
+    base, ad = adapters.split(_init(cfg.replace(quant="none"), jax.random.key(0)))
     base = adapters.freeze_base(cfg, base)
     assert {x.dtype for x in jax.tree.leaves(ad)} == {jnp.dtype("float32")}
     assert jnp.dtype("float32") not in {x.dtype for x in jax.tree.leaves(base) if x.ndim == 3}  # bf16 or int8
