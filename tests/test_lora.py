@@ -23,9 +23,14 @@ CFG = get_config("tiny", vocab_size=512)
 SPEC = LoraSpec(rank=4, alpha=8.0)
 
 
+def _init(cfg, key):
+    """init_params, jitted: one compile instead of one per op."""
+    return jax.jit(init_params, static_argnums=0)(cfg, key)
+
+
 def _random_adapters(cfg, seed=1):
     """Adapters with non-zero B (a fresh init has B = 0, which would hide a wrong adapter path)."""
-    ad = adapters.split(init_params(cfg, jax.random.key(0)))[1]
+    ad = adapters.split(_init(cfg, jax.random.key(0)))[1]
     leaves, tree = jax.tree.flatten(ad)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
@@ -45,16 +50,17 @@ def _reference_logits(cfg, base, ad, tokens):
 
 def test_adapted_forward_and_gradients_match_the_hand_written_reference():
     cfg = CFG.replace(lora=SPEC)
-    base = init_params(CFG, jax.random.key(0))
+    base = _init(CFG, jax.random.key(0))
     ad = _random_adapters(cfg)
     tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, CFG.vocab_size)
     mine = lambda a: build(cfg).apply({"params": adapters.combine(base, a)}, tokens)
     ref = lambda a: _reference_logits(cfg, base, a, tokens)
-    np.testing.assert_allclose(mine(ad), ref(ad), rtol=1e-5, atol=1e-5)
-    assert float(jnp.max(jnp.abs(ref(ad) - build(CFG).apply({"params": base}, tokens)))) > 0.1  # adapters matter
+    np.testing.assert_allclose(jax.jit(mine)(ad), jax.jit(ref)(ad), rtol=1e-5, atol=1e-5)
+    plain = jax.jit(lambda p: build(CFG).apply({"params": p}, tokens))(base)
+    assert float(jnp.max(jnp.abs(jax.jit(ref)(ad) - plain))) > 0.1  # adapters matter
 
     loss = lambda f: lambda a: jnp.mean(jax.nn.log_softmax(f(a))[..., 7])
-    g_mine, g_ref = jax.grad(loss(mine))(ad), jax.grad(loss(ref))(ad)
+    g_mine, g_ref = jax.jit(jax.grad(loss(mine)))(ad), jax.jit(jax.grad(loss(ref)))(ad)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(g_mine), jax.tree.leaves(g_ref)):
         scale = float(jnp.max(jnp.abs(y)))
         assert scale > 0, jax.tree_util.keystr(path)
@@ -63,7 +69,7 @@ def test_adapted_forward_and_gradients_match_the_hand_written_reference():
 
 def test_fresh_adapters_leave_the_base_unchanged_and_merge_folds_them_in():
     cfg = CFG.replace(lora=SPEC)
-    full = init_params(cfg, jax.random.key(0))
+    full = _init(cfg, jax.random.key(0))
     base, ad = adapters.split(full)
     assert all(adapters.is_adapter(p) for p, _ in jax.tree_util.tree_leaves_with_path(ad))
     tokens = jnp.arange(10, dtype=jnp.int32)[None]
@@ -79,15 +85,17 @@ def test_fresh_adapters_leave_the_base_unchanged_and_merge_folds_them_in():
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
 def test_qlora_runs_on_a_quantized_base_and_merges_into_its_dequantized_weights(quant):
     cfg = CFG.replace(lora=SPEC, quant=quant)
-    base = adapters.quantize(cfg.replace(lora=None), init_params(CFG, jax.random.key(0)))
+    base = adapters.quantize(cfg.replace(lora=None), _init(CFG, jax.random.key(0)))
     kernel = base["layers"]["mlp"]["up_proj"]["kernel"]
     assert type(kernel).__name__ == "WithAux"  # held quantized: int8 / 4-bit values plus scales
     ad = _random_adapters(cfg)
     tokens = jnp.arange(10, dtype=jnp.int32)[None]
-    out = build(cfg).apply({"params": adapters.combine(base, ad)}, tokens)
+    out = jax.jit(lambda a: build(cfg).apply({"params": adapters.combine(base, a)}, tokens))(ad)
     plain, merged = adapters.merge(cfg, adapters.combine(base, ad))
-    np.testing.assert_allclose(build(plain).apply({"params": merged}, tokens), out, rtol=1e-5, atol=1e-5)
-    g = jax.grad(lambda a: jnp.sum(build(cfg).apply({"params": adapters.combine(base, a)}, tokens)[0, -1, :3]))(ad)
+    np.testing.assert_allclose(jax.jit(lambda p: build(plain).apply({"params": p}, tokens))(merged), out, rtol=1e-5,
+                               atol=1e-5)
+    g = jax.jit(jax.grad(lambda a: jnp.sum(build(cfg).apply({"params": adapters.combine(base, a)},
+                                                            tokens)[0, -1, :3])))(ad)
     assert all(float(jnp.max(jnp.abs(x))) > 0 for x in jax.tree.leaves(g))
 
 
@@ -99,7 +107,7 @@ def test_bf16_lora_step_trains_fp32_adapters_over_a_bf16_base(quant):
         make_train_step
 
     cfg = CFG.replace(dtype="bfloat16", lora=SPEC, quant=quant)
-    base, ad = adapters.split(init_params(cfg.replace(quant="none"), jax.random.key(0)))
+    base, ad = adapters.split(_init(cfg.replace(quant="none"), jax.random.key(0)))
     base = adapters.freeze_base(cfg, base)
     assert {x.dtype for x in jax.tree.leaves(ad)} == {jnp.dtype("float32")}
     assert jnp.dtype("float32") not in {x.dtype for x in jax.tree.leaves(base) if x.ndim == 3}  # bf16 or int8

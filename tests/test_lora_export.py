@@ -20,13 +20,16 @@ CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_laye
 TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 12))
 
 
+_init = jax.jit(init_params, static_argnums=0)  # one compile per config instead of one per op
+
+
 def lora_checkpoint(path, lora: LoraSpec, *, quant: str = "none", init_from: str | None = None, seed: int = 0,
                     b_std: float = 0.05) -> ModelConfig:
     """A LoRA run's checkpoint as the training loop saves it (the adapters alone, with "lora_base" naming the base),
     with the adapters as after some training: A at its random init, B random in the layers that train, zero in the
     others (whose updates the loop masks)."""
     cfg = CFG.replace(lora=lora, quant=quant)
-    tree = adapters.split(init_params(cfg, jax.random.key(seed + 1)))[1]
+    tree = adapters.split(_init(cfg, jax.random.key(seed + 1)))[1]
     mask = adapters.layer_mask(cfg)
     rng = np.random.default_rng(seed)
 
@@ -146,7 +149,7 @@ def test_peft_adapters_match_adapted_forward(tmp_path, capsys, case):
 def test_wrong_flags_are_one_line_errors_and_write_nothing(tmp_path, capsys):
     lora_ckpt, plain_ckpt = tmp_path / "lora", tmp_path / "plain"
     lora_checkpoint(lora_ckpt, LoraSpec(rank=2, alpha=4.0))
-    checkpoint.save(str(plain_ckpt), 0, init_params(CFG, jax.random.key(0)), CFG, async_=False).close()
+    checkpoint.save(str(plain_ckpt), 0, _init(CFG, jax.random.key(0)), CFG, async_=False).close()
     out_dir, peft_dir = tmp_path / "out", tmp_path / "peft"
 
     def error(*argv) -> str:

@@ -191,18 +191,23 @@ def test_bf16_cache_write_is_exact_in_place_and_never_widened_to_fp32():
     np.testing.assert_array_equal(np.array(write(cache, new, 1, rows, slots)).view(np.uint16), want.view(np.uint16))
 
 
+def _next_token_loss(p, c, tokens):
+    lg = Qwen2(c).apply({"params": p}, tokens)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg[:, :-1]), tokens[:, 1:, None], -1))
+
+
+# Module-level, so the no-remat reference and the params compile once for every policy below.
+_loss_and_grads = jax.jit(jax.value_and_grad(_next_token_loss), static_argnums=1)
+_init_params = jax.jit(qcjax.init_params, static_argnums=0)
+
+
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "minimal"])
 def test_remat_policy_keeps_loss_and_grads(remat):
     cfg = CASES["3b-16/2-tied"]
-    params = qcjax.init_params(cfg, jax.random.key(0))
+    params = _init_params(cfg, jax.random.key(0))
     tokens = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 16)))
-
-    def loss(p, c):
-        lg = Qwen2(c).apply({"params": p}, tokens)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg[:, :-1]), tokens[:, 1:, None], -1))
-
-    l0, g0 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, cfg)
-    l1, g1 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, cfg.replace(remat=remat))
+    l0, g0 = _loss_and_grads(params, cfg, tokens)
+    l1, g1 = _loss_and_grads(params, cfg.replace(remat=remat), tokens)
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g0, g1)
 
