@@ -69,8 +69,9 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-@pytest.mark.parametrize("quant", ["none", pytest.param("int8", marks=pytest.mark.slow), "nf4"])  # not slow: one
-def test_merged_hf_dir_matches_adapted_forward(tmp_path, capsys, quant):                        # QLoRA format
+# The not-slow set: plain LoRA and one QLoRA format (nf4); int8 runs with the slow tests.
+@pytest.mark.parametrize("quant", ["none", pytest.param("int8", marks=pytest.mark.slow), "nf4"])
+def test_merged_hf_dir_matches_adapted_forward(tmp_path, capsys, quant):
     """--merge_lora: transformers on the merged directory == qcjax on base + adapters (QLoRA: the quantized base
     the adapters trained on, which the merge dequantizes)."""
     lora = LoraSpec(rank=4, alpha=8.0)
