@@ -50,7 +50,8 @@ def assert_close(ours, ref, dtype, what: str = "output") -> None:
     assert err <= TOL[dtype] * scale, f"{what}: max |diff| {err:.3g} > {TOL[dtype]} x max |ref| {scale:.3g}"
 
 
-@pytest.mark.parametrize("length, blocks", [(37, 8), (64, 8), (20, 3)])
+@pytest.mark.parametrize("length, blocks", [pytest.param(37, 8, marks=pytest.mark.slow),
+                                            pytest.param(64, 8, marks=pytest.mark.slow), (20, 3)])  # fast: one
 def test_causal_query_blocks_compute_the_one_block_attention(length, blocks):
     """The prefill form (qcjax.attention.xla.PROMPT_QUERY_BLOCKS): uneven blocks, packed segments, padding, GQA."""
     rng = np.random.default_rng(length)
@@ -137,7 +138,9 @@ def test_pallas_off_platform_without_interpret_is_refused():
 
 
 # ---- training kernels vs the reference -------------------------------------------------------------------------
-@pytest.mark.parametrize("ratio", list(RATIOS))
+# The not-slow set keeps one GQA ratio per test (hd64 in fp32, hd128 in bf16); the others run with the slow tests.
+@pytest.mark.parametrize("ratio", [r if r == "0.5b-14/2-hd64" else pytest.param(r, marks=pytest.mark.slow)
+                                   for r in RATIOS])
 @pytest.mark.parametrize("impl", KERNELS)
 def test_kernel_matches_reference_fp32(impl, ratio):
     h, kvh, d = RATIOS[ratio]
@@ -149,7 +152,7 @@ def test_kernel_matches_reference_fp32(impl, ratio):
     assert_matches_reference(_kernel(impl, q, k, v, seg, do), q, k, v, seg, do, jnp.float32, f"{impl} {ratio}")
 
 
-@pytest.mark.parametrize("ratio", ["0.5b-14/2-hd64", "7b-28/4"])
+@pytest.mark.parametrize("ratio", [pytest.param("0.5b-14/2-hd64", marks=pytest.mark.slow), "7b-28/4"])
 @pytest.mark.parametrize("impl", KERNELS)
 def test_kernel_matches_reference_bf16(impl, ratio):
     h, kvh, d = RATIOS[ratio]

@@ -44,7 +44,7 @@ def _fits(compiled, topology: str) -> None:
 
 
 @needs_libtpu
-@pytest.mark.parametrize("ratio", ["0.5b-14/2-hd64", "32b-40/8"])
+@pytest.mark.parametrize("ratio", ["0.5b-14/2-hd64", pytest.param("32b-40/8", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("topology", TOPOLOGIES)
 def test_training_attention_compiles_for_tpu(topology, ratio):
     """"auto" on a TPU mesh is splash: forward and both backward kernels lower through Mosaic, default blocks."""

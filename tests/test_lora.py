@@ -82,7 +82,7 @@ def test_fresh_adapters_leave_the_base_unchanged_and_merge_folds_them_in():
                                build(cfg).apply({"params": adapters.combine(base, ad)}, tokens), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("quant", ["int8", "nf4"])
+@pytest.mark.parametrize("quant", [pytest.param("int8", marks=pytest.mark.slow), "nf4"])  # not slow: one format
 def test_qlora_runs_on_a_quantized_base_and_merges_into_its_dequantized_weights(quant):
     cfg = CFG.replace(lora=SPEC, quant=quant)
     base = adapters.quantize(cfg.replace(lora=None), _init(CFG, jax.random.key(0)))
@@ -223,7 +223,7 @@ def test_lora_continued_pretraining_with_fim_evaluates_and_checkpoints_the_adapt
     assert all(adapters.is_adapter(p) for p, _ in jax.tree_util.tree_leaves_with_path(ad))
 
 
-@pytest.mark.parametrize("quant", ["int8", "nf4"])
+@pytest.mark.parametrize("quant", [pytest.param("int8", marks=pytest.mark.slow), "nf4"])  # not slow: one format
 def test_qlora_sft_learns(tmp_path, spm_dir, base_ckpt, quant):
     import qcjax
     from qcjax.train.loop import train

@@ -72,7 +72,8 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-@pytest.mark.parametrize("quant", ["none", "int8", "nf4"])
+# The not-slow set: plain LoRA and one QLoRA format (nf4); int8 runs with the slow tests.
+@pytest.mark.parametrize("quant", ["none", pytest.param("int8", marks=pytest.mark.slow), "nf4"])
 def test_merged_hf_dir_matches_adapted_forward(tmp_path, capsys, quant):
     """--merge_lora: transformers on the merged directory == qcjax on base + adapters (QLoRA: the quantized base
     the adapters trained on, which the merge dequantizes)."""

@@ -165,7 +165,7 @@ def test_tiny_sampler_prefill_and_decode_compile_for_a_4_chip_slice():
 
 
 @needs_libtpu
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [1, pytest.param(4, marks=pytest.mark.slow)])  # not slow: one batch size
 def test_decode_on_tpu_keeps_the_cache_in_one_layout(batch):
     # The 0.5B's attention shapes (2 KV heads x 64). With the cache's heads as two minor dims XLA:TPU laid the
     # program's cache argument out with the length minor-most and copied the whole cache into the per-layer write's
