@@ -320,7 +320,11 @@ class Qwen2(nn.Module):
             kv_seg = (jnp.arange(kv_len)[None, :] < new_lengths[:, None]).astype(jnp.int32)
             layer_caches = (cache["k"], cache["v"], pages)
         layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, layer_caches), _ = self.layers((x, layer_caches), layers, cos, sin, q_seg, kv_seg, q_offset)
+        scan = lambda _cfg, _params, carry, *rest: self.layers(carry, layers, *rest)[0]  # noqa: E731
+        # the platform switch's "layers": the scan above, or a platform's own loop over the same stacked params
+        stacked = None if self.is_initializing() else self.variables.get("params", {}).get("layers")
+        x, layer_caches = platform.dispatch("layers", scan, cfg, stacked, (x, layer_caches), cos, sin, q_seg, kv_seg,
+                                            q_offset)
         if cache is not None:
             cache = {**cache, "k": layer_caches[0], "v": layer_caches[1], "lengths": new_lengths}
         return self.final_norm(x), cache

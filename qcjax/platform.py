@@ -11,6 +11,8 @@ host see a TPU; else the default backend's). Nothing else in the core asks which
                   also by name: "cudnn" (GPU; cuDNN flash attention, our Triton decode kernel)
     cache_write   one scatter into the stacked cache        CPU: "cpu" (16-bit caches scattered as uint16 bits)
     matmul        XLA's dot (the tied head, [out, in])      CPU: "cpu" (qcjax.cpu's few-row C++ kernel)
+    layers        the model's layer scan (Qwen2.hidden_states) CPU: "cpu" (decode steps: a loop reading each layer's
+                                                            weights in place from the stacks, qcjax.cpu.layers)
 
 Implementations other than the core's come from optional packages (`PLUGINS`: today `qcjax.cpu`), imported the
 first time a program for their platform is built and registered here (`register`); the core never imports them.
@@ -33,7 +35,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-OPS = ("attention", "cache_write", "matmul")
+OPS = ("attention", "cache_write", "matmul", "layers")
 ATTENTION_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu", "cudnn", "cpu")  # ModelConfig.attention_impl
 
 # (platform, operation) -> the implementation "auto" picks; absent: "xla".
@@ -43,6 +45,7 @@ AUTO: dict[tuple[str, str], str] = {
     ("cpu", "attention"): "cpu",
     ("cpu", "cache_write"): "cpu",
     ("cpu", "matmul"): "cpu",
+    ("cpu", "layers"): "cpu",
 }
 # The platforms an implementation compiles for (Pallas kernels also run anywhere in interpret mode, for tests).
 NEEDS: dict[str, tuple[str, ...]] = {

@@ -1,0 +1,141 @@
+"""The decoder layers of a decode step on one CPU device: the platform switch's "cpu" implementation of "layers"
+(qcjax.platform), which `Qwen2.hidden_states` hands its layer scan to.
+
+The model scans its layers over one stacked copy of the weights ([layers, ...] per param). Inside that scan XLA:CPU
+copies each layer's weights out of the stack (a dynamic-slice per kernel) before the layer's dots, so a decode step
+wrote and re-read every weight besides reading it (docs/architecture.md, "The CPU layer loop"). Here the loop over
+the layers closes over the stacked params instead of scanning them, and the seven projections are
+`stacked_matmul(x, kernel_stack, layer)`: stacked.cc reads layer `layer` of the stack in place (float32, bfloat16,
+or qwix's int8 values with their per-output-channel scales, dequantized in the kernel's float32 sums). The rest of
+the layer is the model's own functions (RMSNorm's formula, qcjax.rope, qcjax.model's cache targets/write/read,
+qcjax.attention.attend), in the model's order and dtypes; tests/cpu/test_cpu_layers.py checks it against the
+model's scan.
+
+It applies to decode steps (at most matmul.MAX_ROWS tokens in the batch) with a cache, on one CPU device, for the
+plain model and the int8-quantized one (cfg.quant "int8"; not LoRA or nf4); prompts keep the model's scan, whose
+GEMMs XLA runs well.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qcjax import platform, rope
+from qcjax.cpu import build
+from qcjax.cpu.matmul import MAX_ROWS
+
+_FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+PROJECTIONS = (("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj"), ("attn", "o_proj"),
+               ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+def _int8(kernel: Any, n_in: int = 1) -> bool:
+    """Whether a kernel leaf is qwix's int8 WithAux with one scale per output channel: values [L, in..., out...],
+    scales [L, 1 (per input dim)..., out...]."""
+    qarray = getattr(kernel, "array", None)
+    qvalue, scale = getattr(qarray, "qvalue", None), getattr(qarray, "scale", None)
+    if qvalue is None or scale is None or getattr(qarray, "zero_point", None) is not None:
+        return False
+    return (jnp.dtype(qvalue.dtype) == jnp.int8 and jnp.dtype(scale.dtype) in _FLOATS
+            and tuple(scale.shape) == (qvalue.shape[0], *(1,) * n_in, *qvalue.shape[1 + n_in:]))
+
+
+def _kernel_ok(kernel: Any, n_in: int) -> bool:
+    return _int8(kernel, n_in) or (isinstance(kernel, jax.Array) and jnp.dtype(kernel.dtype) in _FLOATS)
+
+
+def stacked_matmul(x: jax.Array, kernel: Any, layer: jax.Array, n_in: int = 1) -> jax.Array:
+    """x [M, in] (any float dtype; widened to float32) . layer `layer` of `kernel` ([L, in..., out...]: float32 or
+    bfloat16, or qwix's int8 WithAux with scales [L, 1, out...]), contracting the `n_in` input dims -> float32
+    [M, out] (flattened out dims), summed in float32. The stack is read in place (no copy of the layer)."""
+    scale = jnp.zeros((0,), jnp.float32)
+    if _int8(kernel, n_in):
+        w, scale = kernel.array.qvalue, kernel.array.scale
+        scale = scale.reshape(scale.shape[0], -1)
+    else:
+        w = kernel
+    lead = w.shape[0]
+    k = 1
+    for d in w.shape[1:1 + n_in]:
+        k *= d
+    w = w.reshape(lead, k, -1)  # a bitcast: the stack's own bytes
+    if x.shape[-1] != k:
+        raise ValueError(f"stacked_matmul: x {x.shape} against kernel {w.shape} (in {k})")
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[2]), jnp.float32)
+    return jax.ffi.ffi_call(build.STACKED_TARGET, out)(x.astype(jnp.float32), w,
+                                                      jnp.asarray(layer, jnp.int32), scale)
+
+
+def applies(cfg, params, carry, cos, sin, q_seg, kv_seg, q_offset) -> bool:
+    """Whether the layer loop takes this forward: a cache (inference), at most MAX_ROWS tokens (decode steps), one
+    CPU device, the plain or int8 model with every projection's kernel in a form stacked.cc reads, kernels built."""
+    x, cache = carry
+    if params is None or cache is None or cfg.lora is not None or cfg.quant not in ("none", "int8"):
+        return False
+    if x.shape[0] * x.shape[1] > MAX_ROWS or not platform.one_device() or not build.available():
+        return False
+    try:
+        kernels = [(params[a][b]["kernel"], 2 if b == "o_proj" else 1) for a, b in PROJECTIONS]
+    except (KeyError, TypeError):
+        return False
+    return all(_kernel_ok(k, n) for k, n in kernels) and jnp.dtype(cfg.dtype) in _FLOATS
+
+
+def _rms_norm(cfg, x: jax.Array, scale: jax.Array) -> jax.Array:
+    """qcjax.model.RMSNorm's formula on one layer's scale."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    return (y * scale.astype(jnp.float32)).astype(cfg.dtype)
+
+
+def decoder_layers(cfg, params, carry, cos, sin, q_seg, kv_seg, q_offset):
+    """`Qwen2.layers` (the scan of DecoderLayer) for a decode step: carry (x [B, T, E], (k pool, v pool, pages))
+    -> the same after every layer, the layers' weights read in place from the stacks in `params` (params["layers"])."""
+    from qcjax.attention import attend
+    from qcjax.model import cache_targets, read_pages, write_cache
+
+    x, (k_cache, v_cache, pages) = carry
+    dt = cfg.dtype
+    b, t, e = x.shape
+    h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+    attn, mlp = params["attn"], params["mlp"]
+
+    def proj(node, rows, layer, n_in=1):  # the model's Linear: dot in float32 -> dt, + bias in dt
+        y = stacked_matmul(rows, node["kernel"], layer, n_in).astype(dt)
+        if "bias" in node:
+            y = y + jax.lax.dynamic_index_in_dim(node["bias"], layer, 0, keepdims=False).reshape(-1).astype(dt)
+        return y
+
+    def layer_fn(layer, state):
+        x, k_cache, v_cache = state
+        norm = lambda name, v: _rms_norm(cfg, v, jax.lax.dynamic_index_in_dim(  # noqa: E731
+            params[name]["scale"], layer, 0, keepdims=False))
+        rows = norm("input_norm", x).reshape(b * t, e)
+        q = rope.apply_rope(proj(attn["q_proj"], rows, layer).reshape(b, t, h, d), cos, sin)
+        k = rope.apply_rope(proj(attn["k_proj"], rows, layer).reshape(b, t, kvh, d), cos, sin)
+        v = proj(attn["v_proj"], rows, layer).reshape(b, t, kvh, d)
+        page_size = k_cache.shape[2]
+        index, slot = cache_targets(q_offset, t, pages, page_size, q_seg != 0)
+        k_cache, v_cache = (write_cache(c, n.reshape(b, t, kvh * d), layer, index, slot)
+                            for c, n in ((k_cache, k), (v_cache, v)))
+        if pages is None:
+            kc, vc = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in (k_cache, v_cache))
+        elif pages.shape[1] * page_size == t:
+            kc, vc = (n.astype(k_cache.dtype) for n in (k, v))
+        else:
+            kc, vc = (read_pages(c, layer, pages) for c in (k_cache, v_cache))
+        kc, vc = (c.reshape(b, -1, kvh, d) for c in (kc, vc))
+        out = attend(q, kc, vc, q_seg, kv_seg, q_offset, scale=d**-0.5, impl=cfg.attention_impl,
+                     prompt=q.shape[1] == kc.shape[1])
+        x = x + proj(attn["o_proj"], out.reshape(b * t, h * d), layer, 2).reshape(b, t, e)
+        rows = norm("post_attn_norm", x).reshape(b * t, e)
+        gate = proj(mlp["gate_proj"], rows, layer)
+        up = proj(mlp["up_proj"], rows, layer)
+        hidden = jax.nn.silu(gate) * up
+        x = x + proj(mlp["down_proj"], hidden, layer).reshape(b, t, e)
+        return x, k_cache, v_cache
+
+    x, k_cache, v_cache = jax.lax.fori_loop(0, cfg.num_layers, layer_fn, (x, k_cache, v_cache))
+    return x, (k_cache, v_cache, pages)
