@@ -40,6 +40,9 @@ typedef uint16_t u16v __attribute__((vector_size(2 * L)));
 typedef uint32_t u32v __attribute__((vector_size(4 * L)));
 typedef int8_t i8v __attribute__((vector_size(L)));
 
+#ifndef PREFETCH
+#define PREFETCH 1024
+#endif
 constexpr int64_t NB = 256;  // outputs per column block (the unit's outputs: 8 rows x 256 x 4 B = 8 KiB of L1)
 
 inline f32v widen(const float* p) {
@@ -76,22 +79,24 @@ inline float scalar(int8_t v) { return float(v); }
 // go to out[r * out_stride + j], j in [0, nb) (the caller offsets out to column n0 or its scratch).
 template <int R, typename T>
 void unit(const float* x, int64_t k, const T* w, int64_t n, int64_t k0, int64_t k1, int64_t n0, int64_t nb,
-          float* out, int64_t out_stride) {
-  alignas(64) float acc[R][NB];
-  for (int r = 0; r < R; ++r) std::memset(acc[r], 0, sizeof(float) * nb);
+          float* out, int64_t out_stride, float* scratch) {
+  float* acc[R];  // the unit's sums: R rows of nb in the thread's scratch (at most 32 KiB: L1)
+  for (int r = 0; r < R; ++r) {
+    acc[r] = scratch + r * nb;
+    std::memset(acc[r], 0, sizeof(float) * nb);
+  }
   const int64_t nv = nb / L * L;
+  // Prefetch, one line per line read, inside the loop (a burst of a whole row's lines stalled it): whole rows are
+  // one contiguous stream, prefetched PREFETCH bytes ahead in each of the 4 rows; a column block's segments are
+  // `ahead` rows down (~2 KiB of its segments ahead).
+  const bool whole = nb == n;
   const int64_t row_bytes = nb * int64_t(sizeof(T));
-  // weight rows ahead to prefetch: ~2 KiB ahead of the rows being read, in whole groups of 4
   const int64_t ahead = std::max<int64_t>(4, std::min<int64_t>(32, (2048 / row_bytes + 3) / 4 * 4));
+  const int64_t pf = whole ? int64_t(PREFETCH / sizeof(T)) : ahead * n;
+  constexpr int64_t line = 64 / sizeof(T) < L ? L : 64 / sizeof(T);  // elements per prefetched line (or vector)
   int64_t kk = k0;
   for (; kk + 4 <= k1; kk += 4) {
     const T* w0 = w + kk * n + n0;
-    if (kk + ahead < k1) {
-      for (int i = 0; i < 4; ++i) {
-        const char* p = reinterpret_cast<const char*>(w0 + (ahead + i) * n);
-        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + b);
-      }
-    }
     f32v xs[R][4];
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < 4; ++i) {
@@ -101,6 +106,8 @@ void unit(const float* x, int64_t k, const T* w, int64_t n, int64_t k0, int64_t 
       }
     int64_t j = 0;
     for (; j < nv; j += L) {
+      if (j % line == 0)
+        for (int i = 0; i < 4; ++i) __builtin_prefetch(w0 + i * n + j + pf);
       const f32v a = widen(w0 + j), b = widen(w0 + n + j), c = widen(w0 + 2 * n + j), d = widen(w0 + 3 * n + j);
       for (int r = 0; r < R; ++r) {
         f32v s = widen(&acc[r][j]);
@@ -130,23 +137,24 @@ void unit(const float* x, int64_t k, const T* w, int64_t n, int64_t k0, int64_t 
       for (int r = 0; r < R; ++r) acc[r][j] += x[r * k + kk] * scalar(w0[j]);
   }
   for (int r = 0; r < R; ++r) std::memcpy(out + r * out_stride, acc[r], sizeof(float) * nb);
+  (void)NB;
 }
 
 template <typename T>
 void unit_rows(const float* x, int64_t m, int64_t k, const T* w, int64_t n, int64_t k0, int64_t k1, int64_t n0,
-               int64_t nb, float* out, int64_t out_stride) {
+               int64_t nb, float* out, int64_t out_stride, float* scratch) {
   for (int64_t m0 = 0; m0 < m; m0 += 8) {  // blocks of 8 x rows (a decode batch is at most 8: one block)
     const float* xb = x + m0 * k;
     float* ob = out + m0 * out_stride;
     switch (std::min<int64_t>(8, m - m0)) {
-      case 1: unit<1>(xb, k, w, n, k0, k1, n0, nb, ob, out_stride); break;
-      case 2: unit<2>(xb, k, w, n, k0, k1, n0, nb, ob, out_stride); break;
-      case 3: unit<3>(xb, k, w, n, k0, k1, n0, nb, ob, out_stride); break;
-      case 4: unit<4>(xb, k, w, n, k0, k1, n0, nb, ob, out_stride); break;
-      case 5: unit<5>(xb, k, w, n, k0, k1, n0, nb, ob, out_stride); break;
-      case 6: unit<6>(xb, k, w, n, k0, k1, n0, nb, ob, out_stride); break;
-      case 7: unit<7>(xb, k, w, n, k0, k1, n0, nb, ob, out_stride); break;
-      default: unit<8>(xb, k, w, n, k0, k1, n0, nb, ob, out_stride); break;
+      case 1: unit<1>(xb, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
+      case 2: unit<2>(xb, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
+      case 3: unit<3>(xb, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
+      case 4: unit<4>(xb, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
+      case 5: unit<5>(xb, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
+      case 6: unit<6>(xb, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
+      case 7: unit<7>(xb, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
+      default: unit<8>(xb, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
     }
   }
 }
@@ -158,28 +166,53 @@ void apply_scale(float* y, int64_t m, int64_t n, int64_t n0, int64_t nb, const S
 }
 
 constexpr int64_t UNITS = 16;  // units to aim for: enough to share over the threads when one wakes late
+constexpr int64_t SCRATCH = 8192;  // floats of sums a unit keeps (32 KiB: L1)
+
+// How the work is cut (the shapes alone decide, not the thread count, so the order of the sums is fixed):
+// while a unit can keep the sums of whole output rows (n x min(m, 8) <= SCRATCH floats), units are chunks of whole
+// weight rows (contiguous memory, the stream the hardware prefetcher follows) whose partial sums are added in chunk
+// order; wider outputs are cut into column blocks (row segments of >= 256 outputs).
+struct Plan {
+  int64_t nb, blocks, chunks, rows_per;
+};
+
+Plan plan(int64_t m, int64_t k, int64_t n) {
+  Plan p;
+  const int64_t cap = SCRATCH / std::min<int64_t>(8, m);
+  if (n <= cap) {
+    p.nb = n;
+    p.blocks = 1;
+    p.chunks = std::max<int64_t>(1, std::min<int64_t>(UNITS, k / 64));
+  } else {
+    p.nb = std::min(cap, std::max(NB, (n + UNITS - 1) / UNITS / L * L + L));
+    p.blocks = (n + p.nb - 1) / p.nb;
+    p.chunks = p.blocks >= UNITS / 2 ? 1 : std::max<int64_t>(1, std::min<int64_t>((UNITS + p.blocks - 1) / p.blocks, k / 128));
+  }
+  p.rows_per = (k + p.chunks - 1) / p.chunks;
+  p.chunks = (k + p.rows_per - 1) / p.rows_per;
+  return p;
+}
 
 template <typename T, typename S>
 ffi::Error run(ffi::ThreadPool pool, const float* x, const T* w, const S* scale, float* y, int64_t m, int64_t k,
                int64_t n) {
-  const int64_t blocks = (n + NB - 1) / NB;
-  // row chunks only where the column blocks are too few; at least 128 rows each. Shapes alone decide (not the
-  // thread count), so the sums' order is fixed.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((UNITS + blocks - 1) / blocks, k / 128));
-  const int64_t rows_per = (k + chunks - 1) / chunks;
+  const Plan p = plan(m, k, n);
+  const int64_t blocks = p.blocks, chunks = p.chunks, rows_per = p.rows_per, nbw = p.nb;
   std::shared_ptr<std::vector<float>> partial;
   if (chunks > 1) partial = std::make_shared<std::vector<float>>(chunks * m * n);
   float* part = partial ? partial->data() : nullptr;
   ffi::Error err = qcjax::parallel_for(pool, blocks * chunks, "qcjax_stacked_matmul", [=]() {
+    auto scratch = std::make_shared<std::vector<float>>(SCRATCH + 64);
     return [=](int64_t u) {
+      float* s = scratch->data();
       const int64_t b = u % blocks, c = u / blocks;
-      const int64_t n0 = b * NB, nb = std::min(NB, n - n0);
+      const int64_t n0 = b * nbw, nb = std::min(nbw, n - n0);
       const int64_t k0 = c * rows_per, k1 = std::min(k, k0 + rows_per);
       if (part == nullptr) {
-        unit_rows(x, m, k, w, n, k0, k1, n0, nb, y + n0, n);
+        unit_rows(x, m, k, w, n, k0, k1, n0, nb, y + n0, n, s);
         if (scale) apply_scale(y, m, n, n0, nb, scale);
       } else {
-        unit_rows(x, m, k, w, n, k0, k1, n0, nb, part + c * m * n + n0, n);
+        unit_rows(x, m, k, w, n, k0, k1, n0, nb, part + c * m * n + n0, n, s);
       }
     };
   });
