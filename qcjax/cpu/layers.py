@@ -43,7 +43,10 @@ def _int8(kernel: Any, n_in: int = 1) -> bool:
 
 
 def _kernel_ok(kernel: Any, n_in: int) -> bool:
-    return _int8(kernel, n_in) or (isinstance(kernel, jax.Array) and jnp.dtype(kernel.dtype) in _FLOATS)
+    if _int8(kernel, n_in):
+        return True
+    dtype = getattr(kernel, "dtype", None)  # an array (or its shape and dtype), not a quantized or LoRA'd form
+    return dtype is not None and getattr(kernel, "ndim", 0) >= 1 + n_in + 1 and jnp.dtype(dtype) in _FLOATS
 
 
 def stacked_matmul(x: jax.Array, kernel: Any, layer: jax.Array, n_in: int = 1) -> jax.Array:

@@ -1,4 +1,6 @@
 """The CPU decode matmul (qcjax.cpu.matmul): the C++ kernel against float64 numpy, and where the model uses it."""
+import re
+
 import numpy as np
 import pytest
 
@@ -73,8 +75,9 @@ def _compiled(fn, *args, **kw) -> str:
     return fn.lower(*args, **kw).compile().as_text()
 
 
-def test_the_tied_head_of_a_decode_step_takes_the_kernel():
-    # the [vocab, embed] table is read in its stored order; the layers' projections are XLA's dots
+def test_a_decode_step_takes_the_kernels_and_copies_no_layer_weights():
+    # the tied head: the [vocab, embed] table read in its stored order (rows_matmul); the layers' seven projections:
+    # the stacked kernel reading each layer of the weight stacks in place (qcjax.cpu.layers)
     params = init_params(CFG, jax.random.key(0))
     pool = programs.init_pool(CFG, num_pages=8, page_size=16, dtype=jnp.float32)
     r = programs.Rows(jnp.arange(8, dtype=jnp.int32).reshape(2, 4), jnp.array([20, 2]), jnp.array([4, 6]),
@@ -82,6 +85,11 @@ def test_the_tied_head_of_a_decode_step_takes_the_kernel():
     c = rows.controls([None, None], 2, lambda x, names: jnp.asarray(x))
     decode = _compiled(programs.decode, CFG, rows.GREEDY_KINDS, params, pool, r, c, steps=4)
     assert decode.count(f'custom_call_target="{build.MATMUL_TARGET}"') == 1
+    assert decode.count(f'custom_call_target="{build.STACKED_TARGET}"') == 7
+    # no dynamic-slice takes a whole layer of a weight stack (XLA's copy of the layer inside the model's scan)
+    kernels = {tuple(v.shape[1:]) for v in jax.tree.leaves(params["layers"]) if v.ndim >= 3}
+    sliced = {tuple(int(d) for d in s.split(",")[1:]) for s in re.findall(r"\[1,([\d,]+)\][^\n]*dynamic-slice\(", decode)}
+    assert kernels and not kernels & sliced, kernels & sliced
 
 
 def test_a_build_failure_warns_and_keeps_xla(monkeypatch):
