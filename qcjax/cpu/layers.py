@@ -50,7 +50,7 @@ def _kernel_ok(kernel: Any, n_in: int) -> bool:
 
 
 def stacked_matmul(x: jax.Array, kernel: Any, layer: jax.Array, n_in: int = 1) -> jax.Array:
-    """x [M, in] (any float dtype; widened to float32) . layer `layer` of `kernel` ([L, in..., out...]: float32 or
+    """x [M, in] (bfloat16 as it is, other floats widened to float32) . layer `layer` of `kernel` ([L, in..., out...]: float32 or
     bfloat16, or qwix's int8 WithAux with scales [L, 1, out...]), contracting the `n_in` input dims -> float32
     [M, out] (flattened out dims), summed in float32. The stack is read in place (no copy of the layer)."""
     scale = jnp.zeros((0,), jnp.float32)
@@ -67,8 +67,8 @@ def stacked_matmul(x: jax.Array, kernel: Any, layer: jax.Array, n_in: int = 1) -
     if x.shape[-1] != k:
         raise ValueError(f"stacked_matmul: x {x.shape} against kernel {w.shape} (in {k})")
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[2]), jnp.float32)
-    return jax.ffi.ffi_call(build.STACKED_TARGET, out)(x.astype(jnp.float32), w,
-                                                      jnp.asarray(layer, jnp.int32), scale)
+    x = x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)  # bf16 rows: bf16 dot products where built
+    return jax.ffi.ffi_call(build.STACKED_TARGET, out)(x, w, jnp.asarray(layer, jnp.int32), scale)
 
 
 def applies(cfg, params, carry, cos, sin, q_seg, kv_seg, q_offset) -> bool:

@@ -23,6 +23,10 @@
 #include <string>
 #include <vector>
 
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 #include "parallel.h"
 
@@ -140,9 +144,107 @@ void unit(const float* x, int64_t k, const T* w, int64_t n, int64_t k0, int64_t 
   (void)NB;
 }
 
+
+#ifdef __AVX512BF16__
+// bf16 x (exact bf16 values: a bf16 model's activations) against bf16 or int8 weights (int8 widened to bf16
+// exactly): AVX512-BF16 dot products take a pair of weight rows (k, k + 1) per instruction, 32 products, half the
+// instructions of the float32 loop above, whose multiplies bound 8-row steps. The pairs are the two rows
+// interleaved, per 128-bit lane: a 32-column block's sums sit in the scratch in that order, `slot_column` says
+// which column each slot holds, and they are put back in order at the end.
+inline int64_t slot_column(int64_t p) { return (p & 15) / 4 * 8 + (p >> 4) * 4 + (p & 3); }
+
+inline __m512i bf16x32(const uint16_t* p) { return _mm512_loadu_si512(p); }
+inline __m512i bf16x32(const int8_t* p) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+template <int R, typename T>
+void unit_bf16(const uint16_t* x, int64_t k, const T* w, int64_t n, int64_t k0, int64_t k1, int64_t n0, int64_t nb,
+               float* out, int64_t out_stride, float* scratch) {
+  float* acc[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = scratch + r * nb;
+    std::memset(acc[r], 0, sizeof(float) * nb);
+  }
+  const int64_t nv = nb / 32 * 32;
+  const bool whole = nb == n;
+  const int64_t row_bytes = nb * int64_t(sizeof(T));
+  const int64_t ahead = std::max<int64_t>(4, std::min<int64_t>(32, (2048 / row_bytes + 3) / 4 * 4));
+  const int64_t pf = whole ? int64_t(PREFETCH / sizeof(T)) : ahead * n;
+  int64_t kk = k0;
+  for (; kk + 4 <= k1; kk += 4) {
+    const T* w0 = w + kk * n + n0;
+    __m512bh p0[R], p1[R];
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* xr = x + r * k + kk;
+      p0[r] = (__m512bh)_mm512_set1_epi32(int(uint32_t(xr[0]) | (uint32_t(xr[1]) << 16)));
+      p1[r] = (__m512bh)_mm512_set1_epi32(int(uint32_t(xr[2]) | (uint32_t(xr[3]) << 16)));
+    }
+    for (int64_t j = 0; j < nv; j += 32) {
+      if (j * int64_t(sizeof(T)) % 64 == 0)
+        for (int i = 0; i < 4; ++i) __builtin_prefetch(w0 + i * n + j + pf);
+      const __m512i a = bf16x32(w0 + j), b = bf16x32(w0 + n + j), c = bf16x32(w0 + 2 * n + j),
+                    d = bf16x32(w0 + 3 * n + j);
+      const __m512bh ab_lo = (__m512bh)_mm512_unpacklo_epi16(a, b), ab_hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+      const __m512bh cd_lo = (__m512bh)_mm512_unpacklo_epi16(c, d), cd_hi = (__m512bh)_mm512_unpackhi_epi16(c, d);
+      for (int r = 0; r < R; ++r) {
+        __m512 lo = _mm512_loadu_ps(acc[r] + j), hi = _mm512_loadu_ps(acc[r] + j + 16);
+        lo = _mm512_dpbf16_ps(_mm512_dpbf16_ps(lo, ab_lo, p0[r]), cd_lo, p1[r]);
+        hi = _mm512_dpbf16_ps(_mm512_dpbf16_ps(hi, ab_hi, p0[r]), cd_hi, p1[r]);
+        _mm512_storeu_ps(acc[r] + j, lo);
+        _mm512_storeu_ps(acc[r] + j + 16, hi);
+      }
+    }
+    for (int64_t j = nv; j < nb; ++j)
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < 4; ++i) acc[r][j] += scalar(x[r * k + kk + i]) * scalar(w0[i * n + j]);
+  }
+  for (; kk < k1; ++kk) {  // the last rows (fewer than 4): one at a time, into the slots their columns have
+    const T* w0 = w + kk * n + n0;
+    for (int r = 0; r < R; ++r) {
+      const float xv = scalar(x[r * k + kk]);
+      for (int64_t j = 0; j < nv; ++j) acc[r][j] += xv * scalar(w0[j / 32 * 32 + slot_column(j % 32)]);
+      for (int64_t j = nv; j < nb; ++j) acc[r][j] += xv * scalar(w0[j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* o = out + r * out_stride;
+    for (int64_t j = 0; j < nv; ++j) o[j / 32 * 32 + slot_column(j % 32)] = acc[r][j];
+    std::memcpy(o + nv, acc[r] + nv, sizeof(float) * (nb - nv));
+  }
+}
+#endif
+
+// x rows in blocks of 8 through the unit for their count; bf16 x takes the bf16 dot products where the build has
+// them and the weights are bf16 or int8 (else x widened to float32, `xf`).
 template <typename T>
-void unit_rows(const float* x, int64_t m, int64_t k, const T* w, int64_t n, int64_t k0, int64_t k1, int64_t n0,
-               int64_t nb, float* out, int64_t out_stride, float* scratch) {
+void unit_rows(const float* xf, const uint16_t* xb, int64_t m, int64_t k, const T* w, int64_t n, int64_t k0,
+               int64_t k1, int64_t n0, int64_t nb, float* out, int64_t out_stride, float* scratch) {
+#ifdef __AVX512BF16__
+  if constexpr (sizeof(T) <= 2) {
+    if (xb != nullptr) {
+      for (int64_t m0 = 0; m0 < m; m0 += 8) {
+        const uint16_t* xr = xb + m0 * k;
+        float* ob = out + m0 * out_stride;
+        switch (std::min<int64_t>(8, m - m0)) {
+          case 1: unit_bf16<1>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
+          case 2: unit_bf16<2>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
+          case 3: unit_bf16<3>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
+          case 4: unit_bf16<4>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
+          case 5: unit_bf16<5>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
+          case 6: unit_bf16<6>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
+          case 7: unit_bf16<7>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
+          default: unit_bf16<8>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
+        }
+      }
+      return;
+    }
+  }
+#endif
+  const float* x = xf;
   for (int64_t m0 = 0; m0 < m; m0 += 8) {  // blocks of 8 x rows (a decode batch is at most 8: one block)
     const float* xb = x + m0 * k;
     float* ob = out + m0 * out_stride;
@@ -194,8 +296,8 @@ Plan plan(int64_t m, int64_t k, int64_t n) {
 }
 
 template <typename T, typename S>
-ffi::Error run(ffi::ThreadPool pool, const float* x, const T* w, const S* scale, float* y, int64_t m, int64_t k,
-               int64_t n) {
+ffi::Error run(ffi::ThreadPool pool, const float* x, const uint16_t* xb, const T* w, const S* scale, float* y,
+               int64_t m, int64_t k, int64_t n) {
   const Plan p = plan(m, k, n);
   const int64_t blocks = p.blocks, chunks = p.chunks, rows_per = p.rows_per, nbw = p.nb;
   std::shared_ptr<std::vector<float>> partial;
@@ -209,10 +311,10 @@ ffi::Error run(ffi::ThreadPool pool, const float* x, const T* w, const S* scale,
       const int64_t n0 = b * nbw, nb = std::min(nbw, n - n0);
       const int64_t k0 = c * rows_per, k1 = std::min(k, k0 + rows_per);
       if (part == nullptr) {
-        unit_rows(x, m, k, w, n, k0, k1, n0, nb, y + n0, n, s);
+        unit_rows(x, xb, m, k, w, n, k0, k1, n0, nb, y + n0, n, s);
         if (scale) apply_scale(y, m, n, n0, nb, scale);
       } else {
-        unit_rows(x, m, k, w, n, k0, k1, n0, nb, part + c * m * n + n0, n, s);
+        unit_rows(x, xb, m, k, w, n, k0, k1, n0, nb, part + c * m * n + n0, n, s);
       }
     };
   });
@@ -227,44 +329,53 @@ ffi::Error run(ffi::ThreadPool pool, const float* x, const T* w, const S* scale,
 }
 
 template <typename T>
-ffi::Error with_scale(ffi::ThreadPool pool, const float* x, const T* w, ffi::AnyBuffer scale, int64_t layer,
-                      float* y, int64_t m, int64_t k, int64_t n) {
-  if (scale.element_count() == 0) return run<T, float>(pool, x, w, nullptr, y, m, k, n);
+ffi::Error with_scale(ffi::ThreadPool pool, const float* x, const uint16_t* xb, const T* w, ffi::AnyBuffer scale,
+                      int64_t layer, float* y, int64_t m, int64_t k, int64_t n) {
+  if (scale.element_count() == 0) return run<T, float>(pool, x, xb, w, nullptr, y, m, k, n);
   switch (scale.element_type()) {
     case ffi::F32:
-      return run(pool, x, w, static_cast<const float*>(scale.untyped_data()) + layer * n, y, m, k, n);
+      return run(pool, x, xb, w, static_cast<const float*>(scale.untyped_data()) + layer * n, y, m, k, n);
     case ffi::BF16:
-      return run(pool, x, w, static_cast<const uint16_t*>(scale.untyped_data()) + layer * n, y, m, k, n);
+      return run(pool, x, xb, w, static_cast<const uint16_t*>(scale.untyped_data()) + layer * n, y, m, k, n);
     default:
       return ffi::Error::InvalidArgument("qcjax_stacked_matmul: scale must be float32 or bfloat16");
   }
 }
 
-ffi::Error StackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
+ffi::Error StackedMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> layer,
                          ffi::AnyBuffer scale, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   auto yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || xd[1] != wd[1] || yd.size() != 2 || yd[0] != xd[0] || yd[1] != wd[2] ||
-      layer.element_count() != 1 ||
+      layer.element_count() != 1 || (x.element_type() != ffi::F32 && x.element_type() != ffi::BF16) ||
       (scale.element_count() != 0 && int64_t(scale.element_count()) != wd[0] * wd[2])) {
-    return ffi::Error::InvalidArgument(
-        "qcjax_stacked_matmul: expected x [M, K], w [L, K, N], layer [], scale [L, N] or empty, y [M, N]");
+    return ffi::Error::InvalidArgument("qcjax_stacked_matmul: expected x [M, K] float32 or bfloat16, w [L, K, N], "
+                                       "layer [], scale [L, N] or empty, y [M, N]");
   }
   const int64_t m = xd[0], k = xd[1], n = wd[2], layers = wd[0];
   const int64_t l = layer.typed_data()[0];
   if (l < 0 || l >= layers) return ffi::Error::InvalidArgument("qcjax_stacked_matmul: layer out of range");
-  const float* xp = x.typed_data();
   float* out = y->typed_data();
   const int64_t off = l * k * n;
   try {  // nothing may unwind into XLA (an allocation failure for the partial sums or the task queue)
+    // bf16 x: as it is for the bf16 dot products (bf16 or int8 weights, where built), widened to float32 for the rest
+    const uint16_t* xb = x.element_type() == ffi::BF16 ? static_cast<const uint16_t*>(x.untyped_data()) : nullptr;
+    std::vector<float> wide;
+    const float* xf = static_cast<const float*>(x.untyped_data());
+    if (xb != nullptr) {
+      wide.resize(m * k);
+      for (int64_t i = 0; i < m * k; ++i) wide[i] = scalar(xb[i]);
+      xf = wide.data();
+    }
     switch (w.element_type()) {
       case ffi::F32:
-        return with_scale(pool, xp, static_cast<const float*>(w.untyped_data()) + off, scale, l, out, m, k, n);
+        return with_scale(pool, xf, nullptr, static_cast<const float*>(w.untyped_data()) + off, scale, l, out, m, k,
+                          n);
       case ffi::BF16:
-        return with_scale(pool, xp, static_cast<const uint16_t*>(w.untyped_data()) + off, scale, l, out, m, k, n);
+        return with_scale(pool, xf, xb, static_cast<const uint16_t*>(w.untyped_data()) + off, scale, l, out, m, k, n);
       case ffi::S8:
-        return with_scale(pool, xp, static_cast<const int8_t*>(w.untyped_data()) + off, scale, l, out, m, k, n);
+        return with_scale(pool, xf, xb, static_cast<const int8_t*>(w.untyped_data()) + off, scale, l, out, m, k, n);
       default:
         return ffi::Error::InvalidArgument("qcjax_stacked_matmul: w must be float32, bfloat16 or int8");
     }
@@ -278,7 +389,7 @@ ffi::Error StackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Any
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QcjaxStackedMatmul, StackedMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::AnyBuffer>()
