@@ -181,10 +181,12 @@ def quiet_libtpu(cpu_only: bool = False) -> None:
 
 
 def min_batch(dtype: Any) -> int:
-    """Rows the sampler pads a batch to. On the CPU, bf16 decode at batch 1 takes a path where XLA converts every
-    weight to fp32 on each call; from 2 rows the bf16 x bf16 -> fp32 kernel reads bf16 weights directly, an order of
-    magnitude faster (docs/sampling.md)."""
-    return 2 if jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.bfloat16 else 1
+    """Rows the sampler pads a batch to. On the CPU without its kernels, bf16 decode at batch 1 takes a path where
+    XLA converts every weight to fp32 on each call; from 2 rows the bf16 x bf16 -> fp32 kernel reads bf16 weights
+    directly, an order of magnitude faster (docs/sampling.md). The CPU kernels' decode layers read bf16 at one row."""
+    if jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.bfloat16:
+        return 1
+    return 1 if plugin("layers", "cpu") is not None else 2
 
 
 def accelerator() -> bool:
