@@ -3,7 +3,7 @@
 
 The model scans its layers over one stacked copy of the weights ([layers, ...] per param). Inside that scan XLA:CPU
 copies each layer's weights out of the stack (a dynamic-slice per kernel) before the layer's dots, so a decode step
-wrote and re-read every weight besides reading it (docs/architecture.md, "The CPU layer loop"). Here the loop over
+wrote and re-read every weight besides reading it (docs/sampling.md, "The CPU layer loop"). Here the loop over
 the layers closes over the stacked params instead of scanning them, and the seven projections are
 `stacked_matmul(x, kernel_stack, layer)`: stacked.cc reads layer `layer` of the stack in place (float32, bfloat16,
 or qwix's int8 values with their per-output-channel scales, dequantized in the kernel's float32 sums). The rest of
