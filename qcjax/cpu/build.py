@@ -1,4 +1,4 @@
-"""Build and load qcjax's C++ CPU kernels (matmul.cc, attention.cc, stacked.cc) and register them with XLA:CPU (jax.ffi).
+"""Build and load qcjax's C++ CPU kernels (matmul.cc, attention.cc, stacked.cc); register them with XLA:CPU (jax.ffi).
 
 The library is compiled on first use with the system's C++ compiler (`-O3 -march=native`, against jaxlib's FFI
 headers) into a cache directory (QCJAX_CACHE, default ~/.cache/qcjax), keyed by the sources, jaxlib's version and
@@ -23,7 +23,7 @@ from qcjax import platform
 MATMUL_TARGET = "qcjax_rows_matmul"  # matmul.cc (qcjax/cpu/matmul.py)
 ATTENTION_TARGET = "qcjax_causal_attention"  # attention.cc's prompt kernel (qcjax/cpu/attention.py)
 CACHE_ATTENTION_TARGET = "qcjax_cache_attention"  # attention.cc's decode-step kernel (qcjax/cpu/attention.py)
-STACKED_TARGET = "qcjax_stacked_matmul"  # stacked.cc: one layer of a stacked weight, read in place (qcjax/cpu/layers.py)
+STACKED_TARGET = "qcjax_stacked_matmul"  # stacked.cc: one layer of a weight stack, in place (qcjax/cpu/layers.py)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = tuple(os.path.join(_HERE, f) for f in ("matmul.cc", "attention.cc", "stacked.cc"))
 _HEADERS = (os.path.join(_HERE, "parallel.h"),)  # included by the sources: part of the build key

@@ -50,8 +50,8 @@ def _kernel_ok(kernel: Any, n_in: int) -> bool:
 
 
 def stacked_matmul(x: jax.Array, kernel: Any, layer: jax.Array, n_in: int = 1) -> jax.Array:
-    """x [M, in] (bfloat16 as it is, other floats widened to float32) . layer `layer` of `kernel` ([L, in..., out...]: float32 or
-    bfloat16, or qwix's int8 WithAux with scales [L, 1, out...]), contracting the `n_in` input dims -> float32
+    """x [M, in] (bfloat16 as it is, other floats widened to float32) . layer `layer` of `kernel` ([L, in...,
+    out...]: float32 or bfloat16, or qwix's int8 WithAux with scales [L, 1, out...]), contracting the `n_in` input dims -> float32
     [M, out] (flattened out dims), summed in float32. The stack is read in place (no copy of the layer)."""
     scale = jnp.zeros((0,), jnp.float32)
     if _int8(kernel, n_in):

@@ -288,7 +288,9 @@ Plan plan(int64_t m, int64_t k, int64_t n) {
   } else {
     p.nb = std::min(cap, std::max(NB, (n + UNITS - 1) / UNITS / L * L + L));
     p.blocks = (n + p.nb - 1) / p.nb;
-    p.chunks = p.blocks >= UNITS / 2 ? 1 : std::max<int64_t>(1, std::min<int64_t>((UNITS + p.blocks - 1) / p.blocks, k / 128));
+    p.chunks = p.blocks >= UNITS / 2
+                   ? 1
+                   : std::max<int64_t>(1, std::min<int64_t>((UNITS + p.blocks - 1) / p.blocks, k / 128));
   }
   p.rows_per = (k + p.chunks - 1) / p.chunks;
   p.chunks = (k + p.rows_per - 1) / p.rows_per;

@@ -119,3 +119,26 @@ def test_prompts_and_switched_off_kernels_keep_the_models_scan(monkeypatch):
     assert not layers.applies(cfg.replace(quant="nf4"), *step[1:])
     monkeypatch.setenv("QCJAX_CPU_KERNELS", "0")
     assert platform.plugin("layers", "cpu") is None
+
+
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v4"])
+def test_older_instruction_sets_match_float64(march):
+    # what this CPU's own build compiles out: AVX2 (8-float vectors), AVX-512 without bf16 dot products (bf16 rows
+    # then widen to float32); the builds test_cpu_matmul.py makes, so the cache has them
+    needs = {"x86-64-v3": {"avx2", "fma", "f16c"}, "x86-64-v4": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}
+    line = build._cpu_flags()
+    if not line.startswith("flags") or not needs[march] <= set(line.split()):
+        pytest.skip(f"this CPU cannot run {march} code")
+    build._load(march)
+    target = f"{build.STACKED_TARGET}_{march}"
+    rng = np.random.default_rng(1)
+    m, k, n = 3, 130, 37
+    kernel, (q, s) = _quantized(rng, 2, k, n, jnp.bfloat16)
+    for x_dtype, w, want_w in [("bfloat16", q, _as64(q[1]) * _as64(s[1])),
+                               ("float32", jnp.asarray(rng.normal(size=(2, k, n)), jnp.float32), None)]:
+        x = jnp.asarray(rng.normal(size=(m, k)), x_dtype)
+        want_w = _as64(w[1]) if want_w is None else want_w
+        scale = s.reshape(2, n) if w.dtype == jnp.int8 else jnp.zeros((0,), jnp.float32)
+        got = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(x, w, jnp.int32(1), scale)
+        np.testing.assert_allclose(np.asarray(got), _as64(x) @ want_w, rtol=1e-5,
+                                   atol=1e-5 * np.sqrt(k) * np.abs(want_w).max(), err_msg=f"{march} {x_dtype}")

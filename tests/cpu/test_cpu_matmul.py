@@ -88,7 +88,8 @@ def test_a_decode_step_takes_the_kernels_and_copies_no_layer_weights():
     assert decode.count(f'custom_call_target="{build.STACKED_TARGET}"') == 7
     # no dynamic-slice takes a whole layer of a weight stack (XLA's copy of the layer inside the model's scan)
     kernels = {tuple(v.shape[1:]) for v in jax.tree.leaves(params["layers"]) if v.ndim >= 3}
-    sliced = {tuple(int(d) for d in s.split(",")[1:]) for s in re.findall(r"\[1,([\d,]+)\][^\n]*dynamic-slice\(", decode)}
+    slices = re.findall(r"\[1,([\d,]+)\][^\n]*dynamic-slice\(", decode)
+    sliced = {tuple(int(d) for d in s.split(",")[1:]) for s in slices}
     assert kernels and not kernels & sliced, kernels & sliced
 
 
