@@ -107,7 +107,7 @@ def main(argv=None):
             bw_here.append(bandwidth())
         bws += bw_here[1:]
         ctx = a.prompt + n / 2  # mean valid context over the timed steps
-        kv = 2 * cfg.num_layers * p.batch * ctx * cfg.num_kv_heads * cfg.dim_per_head * 2  # k and v, bf16 rows
+        kv = 2 * cfg.num_layers * batches["bf16"].b * ctx * cfg.num_kv_heads * cfg.dim_per_head * 2  # k and v, bf16 rows
         for name in models:
             step_bytes = held[name] + kv
             limits = [b * bw * 1e9 / step_bytes for bw in bw_here[1:]]
@@ -126,9 +126,13 @@ def implementations(switch, cfg) -> str:
     """Which implementation each operation of a decode step takes on this machine (qcjax.platform's switch)."""
     head = "the qcjax.cpu few-row kernel" if switch.plugin("matmul", "cpu") is not None else "XLA's dot (kernel off)"
     attn = "qcjax.cpu's decode kernel" if switch.choose("attention") == "cpu" else "XLA"
-    return (f"bf16 projections: XLA:CPU dots on the stacked [in, out] bf16 kernels; int8 projections: qwix "
-            f"dequantizes each layer's int8 kernel (x its per-channel scales, to bf16) and XLA:CPU dots the result; "
-            f"both: the tied head ({cfg.tie_word_embeddings}) through {head}, attention through {attn}")
+    if switch.plugin("layers", "cpu") is not None:
+        proj = ("both models' projections: qcjax.cpu's layer loop, each layer's kernel read in place from the stack "
+                "(bf16, or int8 values with the per-channel scales applied to each sum)")
+    else:
+        proj = ("bf16 projections: XLA:CPU dots on the stacked [in, out] bf16 kernels; int8 projections: qwix "
+                "dequantizes each layer's int8 kernel (x its per-channel scales, to bf16) and XLA:CPU dots the result")
+    return f"{proj}; both: the tied head ({cfg.tie_word_embeddings}) through {head}, attention through {attn}"
 
 
 def report(a, rows, bws, flags, paths, held):
