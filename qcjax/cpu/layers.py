@@ -7,7 +7,7 @@ wrote and re-read every weight besides reading it (docs/sampling.md, "The CPU la
 the layers closes over the stacked params instead of scanning them, and the seven projections are
 `stacked_matmul(x, kernel_stack, layer)`: stacked.cc reads layer `layer` of the stack in place (float32, bfloat16,
 or qwix's int8 values with their per-output-channel scales, dequantized in the kernel's float32 sums). The rest of
-the layer is the model's own functions (RMSNorm's formula, qcjax.rope, qcjax.model's cache targets/write/read,
+the layer is the model's own functions (RMSNorm's formula, qcjax.rope, qcjax.model's cache targets/scatter/read,
 qcjax.attention.attend), in the model's order and dtypes; tests/cpu/test_cpu_layers.py checks it against the
 model's scan.
 
@@ -97,10 +97,17 @@ def decoder_layers(cfg, params, carry, cos, sin, q_seg, kv_seg, q_offset):
     """`Qwen2.layers` (the scan of DecoderLayer) for a decode step: carry (x [B, T, E], (k pool, v pool, pages))
     -> the same after every layer, the layers' weights read in place from the stacks in `params` (params["layers"])."""
     from qcjax.attention import attend
-    from qcjax.model import cache_targets, read_pages, write_cache
+    from qcjax.model import cache_targets, read_pages, scatter_cache
 
     x, (k_cache, v_cache, pages) = carry
     dt = cfg.dtype
+    # A 16-bit cache is carried through the loop as its uint16 bits (cast once each way around the loop): inside
+    # the loop XLA:CPU materialised the bitcasts of qcjax.cpu.cache's bits write as copies of the whole pool, two
+    # per layer per array. The scatter itself is the core's (qcjax.model.scatter_cache), on the bits.
+    cache_dt = k_cache.dtype
+    bits = jnp.dtype(cache_dt).itemsize == 2
+    to_bits = (lambda c: jax.lax.bitcast_convert_type(c, jnp.uint16)) if bits else (lambda c: c)  # noqa: E731
+    from_bits = (lambda c: jax.lax.bitcast_convert_type(c, cache_dt)) if bits else (lambda c: c)  # noqa: E731
     b, t, e = x.shape
     h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
     attn, mlp = params["attn"], params["mlp"]
@@ -121,15 +128,15 @@ def decoder_layers(cfg, params, carry, cos, sin, q_seg, kv_seg, q_offset):
         v = proj(attn["v_proj"], rows, layer).reshape(b, t, kvh, d)
         page_size = k_cache.shape[2]
         index, slot = cache_targets(q_offset, t, pages, page_size, q_seg != 0)
-        k_cache, v_cache = (write_cache(c, n.reshape(b, t, kvh * d), layer, index, slot)
+        k_cache, v_cache = (scatter_cache(c, to_bits(n.reshape(b, t, kvh * d).astype(cache_dt)), layer, index, slot)
                             for c, n in ((k_cache, k), (v_cache, v)))
         if pages is None:
             kc, vc = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in (k_cache, v_cache))
         elif pages.shape[1] * page_size == t:
-            kc, vc = (n.astype(k_cache.dtype) for n in (k, v))
+            kc, vc = (to_bits(n.astype(cache_dt)) for n in (k, v))
         else:
             kc, vc = (read_pages(c, layer, pages) for c in (k_cache, v_cache))
-        kc, vc = (c.reshape(b, -1, kvh, d) for c in (kc, vc))
+        kc, vc = (from_bits(c).reshape(b, -1, kvh, d) for c in (kc, vc))
         out = attend(q, kc, vc, q_seg, kv_seg, q_offset, scale=d**-0.5, impl=cfg.attention_impl,
                      prompt=q.shape[1] == kc.shape[1])
         x = x + proj(attn["o_proj"], out.reshape(b * t, h * d), layer, 2).reshape(b, t, e)
@@ -140,5 +147,5 @@ def decoder_layers(cfg, params, carry, cos, sin, q_seg, kv_seg, q_offset):
         x = x + proj(mlp["down_proj"], hidden, layer).reshape(b, t, e)
         return x, k_cache, v_cache
 
-    x, k_cache, v_cache = jax.lax.fori_loop(0, cfg.num_layers, layer_fn, (x, k_cache, v_cache))
-    return x, (k_cache, v_cache, pages)
+    x, k_cache, v_cache = jax.lax.fori_loop(0, cfg.num_layers, layer_fn, (x, to_bits(k_cache), to_bits(v_cache)))
+    return x, (from_bits(k_cache), from_bits(v_cache), pages)
