@@ -25,6 +25,10 @@ from qcjax.inference.speculative import Speculation
 from qcjax.sampling import GREEDY, SamplingParams, pow2
 
 
+_COUNTERS = ("prompt_tokens", "cached_tokens", "computed_tokens", "preempted", "spec_drafted", "spec_accepted",
+             "verify_steps", "decode_steps")
+
+
 @dataclasses.dataclass
 class Completion:
     """One prompt's result. tokens excludes the stop token; finish_reason is "stop" (a stop token, or a stop the
@@ -84,7 +88,7 @@ def generate(
     all of them, up to 64). The KV cache holds max_rows rows of the longest request (in pages of page_size).
     on_finish(i, completion) is called as each prompt finishes (progress). speculative: draft and verify
     (qcjax.inference.speculative; greedy text is unchanged, sampling keeps the model's distribution). stats: a dict
-    filled with the engine's counters at the end (prefix-cache tokens, speculation's drafted / accepted tokens)."""
+    the engine's counters are added to at the end (prefix-cache tokens, speculation's drafted / accepted tokens)."""
     n = len(prompts)
     if n == 0:
         raise ValueError("no prompts")
@@ -134,7 +138,8 @@ def generate(
                     if 0 <= int(i) < n and not reqs[int(i)].finished:
                         engine.cancel(reqs[int(i)], "stop")
     engine.stop()
-    if stats is not None:
-        stats.update(engine.stats())
+    if stats is not None:  # counters add up over calls (one dict for a whole run)
+        for k, v in engine.stats().items():
+            stats[k] = stats.get(k, 0) + v if isinstance(v, int) and k in _COUNTERS else v
     return [completion(i) for i in range(n)]
 
