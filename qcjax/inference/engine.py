@@ -201,7 +201,8 @@ class Engine:
                                               else self._compiles - self._compiles_at_warmup),
                     **{k: self.counts[k] for k in ("submitted", "completed", "cancelled", "errors", "preempted",
                                                    "prompt_tokens", "cached_tokens", "computed_tokens",
-                                                   "spec_drafted", "spec_accepted", "verify_steps", "decode_steps")}}
+                                                   "spec_drafted", "spec_accepted", "verify_steps", "decode_steps",
+                                                   "decode_tokens", "row_forwards")}}
 
     @property
     def busy(self) -> bool:
@@ -506,7 +507,8 @@ class Engine:
         w = _bucket(max(len(s.pages) for s in seqs), self.widths)
         kinds = kinds_for([s.req.sampling for s in seqs], self.cfg.vocab_size)
         out = self._decode_call(seqs, b, w, kinds)
-        self._take(seqs, out)
+        self.counts["decode_steps"] += self.chunk
+        self.counts["row_forwards"] += sum(self._take(seqs, out))
 
     def _take(self, seqs: list[Sequence], out: np.ndarray) -> list[int]:
         """Record each row's new tokens [B, T] (-1: none) up to its finish, hand them out; the count taken per row."""
@@ -526,6 +528,7 @@ class Engine:
                 self._running.remove(s)
             taken.append(len(new))
             self._emit(s, new, reason)
+        self.counts["decode_tokens"] += sum(taken)
         return taken
 
     # -- speculative decoding --
@@ -548,7 +551,7 @@ class Engine:
             for s in seqs:
                 s.spec.backoff = max(0, s.spec.backoff - (steps - 1))
             self.counts["decode_steps"] += steps
-            self._take(seqs, out)
+            self.counts["row_forwards"] += sum(self._take(seqs, out))
             self.proposer.after(seqs, [0] * len(seqs), [0] * len(seqs))
             return
         t = _bucket(1 + max(len(d) for d in drafts), self.spec.verify_widths())
@@ -560,6 +563,7 @@ class Engine:
         self.counts["spec_drafted"] += nd
         self.counts["spec_accepted"] += na
         self.counts["verify_steps"] += 1
+        self.counts["row_forwards"] += len(seqs)
         self.metrics.speculated(nd, na)
         self._take(seqs, out)
         self.proposer.after(seqs, [len(d) for d in drafts], accepted)

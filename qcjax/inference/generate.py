@@ -26,7 +26,7 @@ from qcjax.sampling import GREEDY, SamplingParams, pow2
 
 
 _COUNTERS = ("prompt_tokens", "cached_tokens", "computed_tokens", "preempted", "spec_drafted", "spec_accepted",
-             "verify_steps", "decode_steps")
+             "verify_steps", "decode_steps", "decode_tokens", "row_forwards")
 
 
 @dataclasses.dataclass
