@@ -91,14 +91,16 @@ class RowState:
     draft_from: int = 0  # draft model: the position of the newest proposal's first token
 
 
-def update(state: RowState, drafted: int, accepted: int, k_max: int, adaptive: bool, tried: bool = True) -> None:
-    """After a verify step: the row's acceptance counters, its gain estimate (if it was asked for a draft: `tried`,
-    found one or not) and its next draft length / backoff."""
+def note_gain(state: RowState, accepted: int) -> None:
+    """A round in which the row was asked for a draft: what it gained (0 where it had none) into its running gain."""
+    state.gain = GAIN_DECAY * state.gain + (1 - GAIN_DECAY) * accepted
+
+
+def update(state: RowState, drafted: int, accepted: int, k_max: int, adaptive: bool) -> None:
+    """After a verify step: the row's acceptance counters and its next draft length / backoff."""
     state.drafted += drafted
     state.accepted += accepted
     state.verifies += 1
-    if tried:
-        state.gain = GAIN_DECAY * state.gain + (1 - GAIN_DECAY) * accepted
     if not adaptive or drafted == 0:
         return
     if accepted == drafted:
@@ -202,4 +204,4 @@ class NgramProposer:
         """The target's prefill call (nothing to do)."""
 
 
-__all__ = ["NgramProposer", "RowState", "SOURCES", "Speculation", "update"]
+__all__ = ["NgramProposer", "RowState", "SOURCES", "Speculation", "note_gain", "update"]
