@@ -29,8 +29,10 @@ def _sandbox_flags(p: argparse.ArgumentParser, out: str | None, k: bool = True) 
     if k:
         g.add_argument("--k", default=None, help="pass@k for these k (comma-separated; default 1,10, without the k "
                                                  "above --n when sampling)")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="programs run in parallel (default: min(8, CPUs))")
+    g.add_argument("--workers", type=int, default=min(16, 2 * (os.cpu_count() or 1)),
+                   help="programs run in parallel (default: min(16, 2 x CPUs): a sandboxed program waits on its "
+                        "namespaces' set-up and tear-down more than it computes; 2 CPUs ran 1.4-1.8x more programs "
+                        "a second with 4 workers than with 2)")
     g.add_argument("--timeout", type=float, default=10.0, help="seconds per program, wall clock (default 10)")
     g.add_argument("--memory_gb", type=float, default=4.0, help="address-space limit per program (default 4)")
     g.add_argument("--require_isolation", action="store_true",
