@@ -11,7 +11,8 @@ on the Python standard library with FIM (configs/tiny.py, 50% PSM), leaving ever
           suffix around it (the code below the cursor is in the prompt); up to --max_new tokens, greedy.
   plain   completion: a file's first lines up to a cursor, --max_new tokens, greedy.
 Each trace runs at batch 1 (one request at a time) and batch 8 (all requests submitted, 8 rows) with speculation
-off, ngram and draft, on one engine configuration (fp32, page 16), each run once untimed first (compilation).
+off, ngram and draft, on one engine configuration (fp32, page 16), each engine warmed up as the server's is (every
+program compiled, the gate's call times measured) and the trace run once untimed first.
 Arms: off; ngram and draft as served (gated: a verify round runs where the measured call times say it pays); and
 ngram-always / draft-always (gate off: every round with a draft verifies, so tokens per forward show the drafts'
 quality). Measured: tokens per target forward (generated tokens after the first / the target forwards each row took
@@ -184,6 +185,7 @@ def measure(a, w: str, spm: str, target: str, draft: str) -> None:
     def once(prompts, batch, spec):
         e = Engine(cfg, params, max_rows=batch, max_len=max_len, cache_dtype=jnp.float32, speculative=spec,
                    max_queue=len(prompts))
+        e.warmup()  # as the server does: every shape compiled (the first engine) and timed for the gate
         return run_trace(e, prompts, batch, a.max_new, stops)
 
     for name, prompts in tr.items():

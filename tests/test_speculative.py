@@ -92,7 +92,7 @@ def test_the_gate_runs_decode_chunks_where_verifying_costs_more_and_the_text_sta
     timed = Engine._timed
     for verify_cost, few_verifies in ((50.0, True), (1.0, False)):  # noqa: B007
         monkeypatch.setattr(Engine, "_timed", lambda self, key, s, c0, c=verify_cost: timed(
-            self, key, c if key[0] == "verify" else float(key[2]), c0))
+            self, key, c if key[0] == "verify" else float(key[3]), c0))
         stats = {}
         [c] = generate(cfg, params, [prompt], max_new_tokens=80, cache_dtype=F32, stats=stats,
                        speculative=Speculation(method="draft", k=3, draft=(cfg, params)))  # every draft right

@@ -133,7 +133,7 @@ class Engine:
         self.pages = PagePool(self.num_pages, self.page_size, prefix_cache)
         self.metrics = EngineMetrics()
         self.spec = speculative
-        self._call_times: dict[tuple, tuple[int, float]] = {}  # (program, batch, width) -> (calls, seconds estimate)
+        self._call_times: dict[tuple, tuple[int, float]] = {}  # (program, rows, table width, tokens) -> (calls, s)
         self._since_verify = 0
         self.proposer = None
         if speculative is not None:
@@ -247,6 +247,8 @@ class Engine:
                             self._decode_call([None] * b, b, w, kinds, steps=1)
                             for t in self.spec.verify_widths():
                                 self._verify_call([None] * b, [[]] * b, b, w, t, kinds)
+                    if self.spec is not None and self.spec.gate:  # the gate starts from measured call times
+                        self._time_calls(b, w)
             if self.proposer is not None and hasattr(self.proposer, "warmup"):
                 self.proposer.warmup()
         self._compiles_at_warmup = self._compiles
@@ -554,7 +556,7 @@ class Engine:
         kinds = kinds_for([s.req.sampling for s in seqs], self.cfg.vocab_size)
         room = [s.req.max_new - s.num - 1 for s in seqs]  # a verify step adds drafts + 1 tokens
         tried = [s.spec.backoff == 0 and r > 0 for s, r in zip(seqs, room)]  # rows asked for a draft this round
-        if any(tried) and not self._verify_pays(seqs, room, b):
+        if any(tried) and not self._verify_pays(seqs, room, b, w):
             self._spec_decode(seqs, b, w, kinds, self.chunk)
             return
         t0, c0 = time.perf_counter(), self._compiles
@@ -564,12 +566,12 @@ class Engine:
                 if asked:
                     spec_mod.note_gain(s.spec, 0)
             every_row_waits = min(s.spec.backoff for s in seqs) >= self.chunk
-            self._spec_decode(seqs, b, w, kinds, self.chunk if every_row_waits or self._chunk_pays(b) else 1,
+            self._spec_decode(seqs, b, w, kinds, self.chunk if every_row_waits or self._chunk_pays(b, w) else 1,
                               drafted=True)
             return
         t = _bucket(1 + max(len(d) for d in drafts), self.spec.verify_widths())
         out = self._verify_call(seqs, drafts, b, w, t, kinds)
-        self._timed(("verify", b, t), time.perf_counter() - t0, c0)
+        self._timed(("verify", b, w, t), time.perf_counter() - t0, c0)
         self._since_verify = 0
         accepted = [int(np.sum(out[i] >= 0)) - 1 for i in range(len(seqs))]
         for s, d, a, asked in zip(seqs, drafts, accepted, tried):
@@ -590,7 +592,7 @@ class Engine:
         its steps (the proposer already counted one round when it was asked for drafts)."""
         t0, c0 = time.perf_counter(), self._compiles
         out = self._decode_call(seqs, b, w, kinds, steps=steps)
-        self._timed(("decode", b, steps), time.perf_counter() - t0, c0)
+        self._timed(("decode", b, w, steps), time.perf_counter() - t0, c0)
         self._since_verify += 1
         for s in seqs:
             s.spec.backoff = max(0, s.spec.backoff - (steps - 1 if drafted else steps))
@@ -605,21 +607,33 @@ class Engine:
         n, est = self._call_times.get(key, (0, 0.0))
         self._call_times[key] = (n + 1, seconds if n == 0 else 0.8 * est + 0.2 * seconds)
 
-    def _chunk_pays(self, b: int) -> bool:
+    def _time_calls(self, b: int, w: int) -> None:
+        """Time the (compiled) greedy decode and verify programs at b rows, table width w, into the gate's table."""
+        rows = [None] * b
+        for steps in (self.chunk, 1):
+            t0, c0 = time.perf_counter(), self._compiles
+            self._decode_call(rows, b, w, GREEDY_KINDS, steps=steps)
+            self._timed(("decode", b, w, steps), time.perf_counter() - t0, c0)
+        for t in self.spec.verify_widths():
+            t0, c0 = time.perf_counter(), self._compiles
+            self._verify_call(rows, [[]] * b, b, w, t, GREEDY_KINDS)
+            self._timed(("verify", b, w, t), time.perf_counter() - t0, c0)
+
+    def _chunk_pays(self, b: int, w: int) -> bool:
         """Gated, with no draft this round: whether a chunk beats one decode step per token by more than a quarter
         (on a CPU a call's fixed cost is several steps' worth; elsewhere one step keeps the next round's drafts)."""
-        n1, t1 = self._call_times.get(("decode", b, 1), (0, 0.0))
-        nc, tc = self._call_times.get(("decode", b, self.chunk), (0, 0.0))
+        n1, t1 = self._call_times.get(("decode", b, w, 1), (0, 0.0))
+        nc, tc = self._call_times.get(("decode", b, w, self.chunk), (0, 0.0))
         return self.spec.gate and n1 > 0 and nc > 0 and t1 > 1.25 * tc / self.chunk
 
-    def _verify_pays(self, seqs: list[Sequence], room: list[int], b: int) -> bool:
+    def _verify_pays(self, seqs: list[Sequence], room: list[int], b: int, w: int) -> bool:
         """Whether a verify round is expected to give more tokens per second than a decode chunk of `self.chunk`
         steps (see `_spec_round`). Unmeasured shapes are tried first: verify, then the chunk."""
         if not self.spec.gate or self._since_verify >= GATE_PROBE:
             return True
         t = _bucket(1 + max(min(s.spec.k, r) for s, r in zip(seqs, room)), self.spec.verify_widths())
-        nv, tv = self._call_times.get(("verify", b, t), (0, 0.0))
-        nd, td = self._call_times.get(("decode", b, self.chunk), (0, 0.0))
+        nv, tv = self._call_times.get(("verify", b, w, t), (0, 0.0))
+        nd, td = self._call_times.get(("decode", b, w, self.chunk), (0, 0.0))
         if nv == 0:
             return True
         if nd == 0:
