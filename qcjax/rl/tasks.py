@@ -101,7 +101,7 @@ def fim_tasks(family: Sequence, layout: str = "file", seed: int = 0) -> list[RlT
 def load_tasks(rl, seed: int = 0) -> list[RlTask]:
     """The run's task list, in a fixed order (the rollout order is a seeded permutation of it, per epoch): rl.problems
     (every problem of the file, posed as completion) or the procedural family's train split of rl.n_problems
-    instances; with rl.fim_fraction > 0, that share of the family's instances posed as FIM instead (the rest as
+    instances (never one of the rl.n_held_out held-out ones); with rl.fim_fraction > 0, that share of the family's instances posed as FIM instead (the rest as
     completion). Bad input raises ValueError naming the field."""
     if not 0.0 <= rl.fim_fraction <= 1.0:
         raise ValueError(f"rl.fim_fraction={rl.fim_fraction}: must be in [0, 1]")
@@ -119,9 +119,9 @@ def load_tasks(rl, seed: int = 0) -> list[RlTask]:
     if rl.n_problems < 1:
         raise ValueError(f"rl.n_problems={rl.n_problems}: must be >= 1")
     try:
-        train, _ = make_splits(rl.n_problems, 0, seed)
+        train, _ = make_splits(rl.n_problems, rl.n_held_out, seed)
     except ValueError as e:
-        raise ValueError(f"rl.n_problems={rl.n_problems}: {e}") from None
+        raise ValueError(f"rl.n_problems={rl.n_problems}, rl.n_held_out={rl.n_held_out}: {e}") from None
     n_fim = round(rl.fim_fraction * len(train))
     r = random.Random(f"{seed}\0fim-pick")
     fim_ids = set(r.sample(range(len(train)), n_fim))

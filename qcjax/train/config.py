@@ -126,6 +126,8 @@ class RlConfig:
     problems: the tasks: "" (the procedural family's train split, qcjax.prefs.tasks, n_problems of it) or a JSONL
       of problems in human-eval / EvalPlus / MBPP / {prompt, tests} format (qcjax.eval.problems)
     n_problems: "" problems: how many train instances of the procedural family
+    n_held_out: "" problems: instances of the family kept out of training: the held-out split of the same seed
+      (qcjax.prefs.tasks.make_splits; `python -m qcjax.prefs.tasks` writes it as held_out.jsonl)
     fim_fraction: share of the tasks posed as fill-in-the-middle with execution (a function body removed from a
       file of the family's functions; its tests must pass when the middle is filled), in the training FIM layout
     fim_layout: file (<|fim_prefix|>... of one file) | repo (the file as the last of a repository layout whose other
@@ -156,6 +158,7 @@ class RlConfig:
 
     problems: str = ""
     n_problems: int = 600
+    n_held_out: int = 150
     fim_fraction: float = 0.0
     fim_layout: str = choice("file", "repo")
     group_size: int = 8

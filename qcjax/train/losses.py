@@ -142,6 +142,9 @@ def policy_loss(
     if loss_type not in RL_LOSSES:
         raise ValueError(f"rl.loss_type={loss_type!r}: expected one of {', '.join(RL_LOSSES)}")
     mask = mask.astype(jnp.float32)
+    on = mask > 0  # outside the completion every difference is 0 before exp (no inf x 0 from a masked token)
+    logp, old_logp = jnp.where(on, logp, 0.0), jnp.where(on, old_logp, 0.0)
+    ref_logp = None if ref_logp is None else jnp.where(on, ref_logp, 0.0)
     n = jnp.sum(mask, axis=-1)  # [rows]
     has = (n > 0).astype(jnp.float32)
     per_tok_mean = lambda x: jnp.sum(x * mask, axis=-1) / jnp.maximum(n, 1.0)  # noqa: E731
