@@ -147,9 +147,12 @@ def sample(cfg, params, tok, tasks: Sequence[RlTask], rows: Sequence[int], *, ma
         futures[k] = sandbox.submit(task.program(text))
 
     sampling = SamplingParams(temperature=temperature, top_p=top_p) if temperature > 0 else GREEDY
+    width = max(1, min(max_rows, len(rows)))
+    # min_batch = max_rows: decode always runs the full row width (finished rows idle), so a run compiles one decode
+    # program per table width instead of one per power-of-two count of busy rows
     generate(cfg, params, prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=list(seeds),
              stop_tokens=sorted(tok.fim_stop_ids), cache_dtype=cache_dtype or cfg.dtype, mesh=mesh,
-             on_chunk=on_chunk, on_finish=on_finish, max_rows=max(1, min(max_rows, len(rows))))
+             on_chunk=on_chunk, on_finish=on_finish, max_rows=width, min_batch=width)
     for k, s in enumerate(out):
         r = futures[k].result()
         s.passed, s.reason, s.tests = r.passed, r.reason, r.tests

@@ -27,9 +27,11 @@ def next_token_targets(tokens, segment_ids, loss_mask):
     return targets, weights.astype(jnp.float32)
 
 
-def target_logprobs(cfg: ModelConfig, params, hidden: jax.Array, targets: jax.Array, chunk: int = 2048) -> jax.Array:
+def target_logprobs(cfg: ModelConfig, params, hidden: jax.Array, targets: jax.Array, chunk: int = 2048,
+                    temperature: float = 1.0) -> jax.Array:
     """log p(targets) [batch, seq] float32 from final hidden states [batch, seq, embed], about `chunk` tokens per
-    device at a time.
+    device at a time. temperature != 1: of the distribution softmax(logits / temperature) (what a sampler at that
+    temperature draws from: RL's policy).
 
     Chunks split the sequence, never the batch: each device computes the logits of its own rows against the
     gathered head, as the rest of the step does. (Chunks of the flattened tokens would each live on one device, and
@@ -50,6 +52,8 @@ def target_logprobs(cfg: ModelConfig, params, hidden: jax.Array, targets: jax.Ar
         # As one [batch * ct, embed] matrix: the 3-D form, inside this checkpointed scan with fp32 params and bf16
         # compute, reached XLA:CPU's DotThunk, which has no bf16 x bf16 -> f32 kernel (a lone _project does not).
         logits = head_logits(cfg, hc.reshape(-1, e), w)  # [batch * ct, vocab] fp32
+        if temperature != 1.0:
+            logits = logits / temperature
         lp = jnp.take_along_axis(logits, yc.reshape(-1, 1), axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
         return lp.reshape(yc.shape)
 

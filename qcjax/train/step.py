@@ -108,13 +108,14 @@ def dpo_logprobs(cfg: ModelConfig, params, micro: dict, chunk: int, rngs: dict |
     return lp[:n], lp[n:]
 
 
-def token_logprobs(cfg: ModelConfig, params, micro: dict, chunk: int, rngs: dict | None = None
-                   ) -> tuple[jax.Array, jax.Array]:
-    """(log p of each next token [rows, seq], its weight: 1 where the target is a loss_mask token) of RL rows."""
+def token_logprobs(cfg: ModelConfig, params, micro: dict, chunk: int, rngs: dict | None = None,
+                   temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """(log p of each next token [rows, seq], its weight: 1 where the target is a loss_mask token) of RL rows, under
+    the sampling temperature (the policy the rollouts drew from)."""
     hidden, _ = build(cfg, deterministic=rngs is None).apply({"params": params}, micro["tokens"], micro["positions"],
                                                              micro["segment_ids"], method="hidden_states", rngs=rngs)
     targets, weights = next_token_targets(micro["tokens"], micro["segment_ids"], micro["loss_mask"])
-    return target_logprobs(cfg, params, hidden, targets, chunk), weights
+    return target_logprobs(cfg, params, hidden, targets, chunk, temperature), weights
 
 
 RL_METRICS = ("kl", "clip_fraction", "ratio", "entropy")
@@ -125,7 +126,7 @@ def rl_terms(cfg: ModelConfig, sc: "StepConfig", params, micro: dict, ref_logp_f
     the completion, advantages [rows]). On-policy: the rows were sampled from `params`, so the old log-probs are
     the policy's own, held constant (one update per rollout batch: the ratio is 1 and its gradient the policy
     gradient). ref_logp_fn(micro): the reference's token log-probs (rl.kl_coef > 0)."""
-    logp, w = token_logprobs(cfg, params, micro, sc.loss_chunk, rngs)
+    logp, w = token_logprobs(cfg, params, micro, sc.loss_chunk, rngs, sc.rl.temperature)
     ref = jax.lax.stop_gradient(ref_logp_fn(micro)) if ref_logp_fn is not None else None
     r = sc.rl
     loss_sum, norm, m = policy_loss(logp, jax.lax.stop_gradient(logp), micro["advantages"], w, r.loss_type,
@@ -169,9 +170,11 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
         if sc.task == "rl":
             ref_fn = None
             if sc.rl.kl_coef and lora:  # the reference is the base without adapters
-                ref_fn = lambda mb: token_logprobs(base_cfg, base_params, mb, sc.loss_chunk)[0]  # noqa: E731
+                ref_fn = lambda mb: token_logprobs(base_cfg, base_params, mb, sc.loss_chunk,  # noqa: E731
+                                                   temperature=sc.rl.temperature)[0]
             elif sc.rl.kl_coef:
-                ref_fn = lambda mb: token_logprobs(cfg, ref_params, mb, sc.loss_chunk)[0]  # noqa: E731
+                ref_fn = lambda mb: token_logprobs(cfg, ref_params, mb, sc.loss_chunk,  # noqa: E731
+                                                   temperature=sc.rl.temperature)[0]
             return rl_terms(cfg, sc, full, micro, ref_fn, rngs)
         if sc.task != "dpo":
             raise ValueError(f"task {sc.task!r}: expected 'pretrain', 'sft', 'dpo' or 'rl'")
