@@ -20,6 +20,8 @@ import os
 import sys
 import time
 
+from qcjax.inference.flags import add_flags, speculation
+
 class UsageError(ValueError):
     """Bad flags or input: reported as `infer.py: error: ...` with exit status 2."""
 
@@ -109,6 +111,8 @@ Generation stops at Qwen's FIM/chat stop tokens (<|endoftext|> <|fim_prefix|> <|
                           "so far (bounded activation memory for 32K-128K prompts); a power of two "
                           "(default 512)")
     gen.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    add_flags(p)
 
     aot = p.add_argument_group("compile only (no TPU needed; libtpu)")
     aot.add_argument("--compile_only", action="store_true",
@@ -501,11 +505,26 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
     cache_dtype = jnp.dtype(a.cache_dtype)
     prefill_chunk = _prefill_chunk(a)
 
+    def load_draft(path):
+        import qcjax
+
+        dcfg, dparams = qcjax.load(path, mesh=mesh, dtype=a.dtype)
+        return dcfg.replace(param_dtype=a.dtype, dtype=a.dtype), dparams
+
+    spec = speculation(a, tok, load_draft, UsageError)
+    stats: dict = {}
+
     def gen(batch: list[dict], on_chunk=None):
-        return generate(cfg, params, [r["ids"] for r in batch], max_new_tokens=[r["max_new"] for r in batch],
-                        sampling=[r["sampling"] for r in batch], stop_tokens=[r["stop_ids"] for r in batch],
-                        seed=[r["seed"] for r in batch], cache_dtype=cache_dtype, mesh=mesh, chunk=a.chunk,
-                        on_chunk=on_chunk, prefill_chunk=prefill_chunk, max_rows=a.batch_size)
+        try:
+            return generate(cfg, params, [r["ids"] for r in batch], max_new_tokens=[r["max_new"] for r in batch],
+                            sampling=[r["sampling"] for r in batch], stop_tokens=[r["stop_ids"] for r in batch],
+                            seed=[r["seed"] for r in batch], cache_dtype=cache_dtype, mesh=mesh, chunk=a.chunk,
+                            on_chunk=on_chunk, prefill_chunk=prefill_chunk, max_rows=a.batch_size,
+                            speculative=spec, stats=stats)
+        except ValueError as e:
+            if spec is not None and "draft" in str(e):
+                raise UsageError(str(e)) from None
+            raise
 
     t0 = time.perf_counter()
     produced = 0
@@ -564,6 +583,9 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
             log.write("\n")  # the statistics still start a line of their own
         print(f"generated {produced} tokens in {dt:.1f} s ({produced / dt:.1f} tok/s, compilation included)",
               file=log)
+        if spec is not None and stats.get("verify_steps"):
+            print(f"speculative ({spec.method}): {stats['spec_accepted']} of {stats['spec_drafted']} draft tokens "
+                  f"accepted in {stats['verify_steps']} verify steps", file=log)
     return 0
 
 

@@ -418,14 +418,15 @@ def predict_train_bytes(cfg: ModelConfig, n_chips: int, rows_per_chip: int, seq_
 def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, context: int, max_new_tokens: int,
                     mesh_shape: dict[str, int] | None = None, cache_dtype: Any = jnp.bfloat16, sampling=None,
                     prefill_chunk: int | None = None, decode_steps: int = 16, page_size: int | None = None,
-                    num_pages: int | None = None, max_len: int | None = None, prefill_rows: int | None = None
-                    ) -> CompileReport:
+                    num_pages: int | None = None, max_len: int | None = None, prefill_rows: int | None = None,
+                    verify_tokens: int = 0) -> CompileReport:
     """Compile the inference engine's programs (qcjax.inference.programs) for `batch` rows of `context` tokens (a
     prompt of context - max_new_tokens) on a TPU slice: one prefill call of `prefill_chunk` tokens per row into a
     page table as wide as the context, and a decode call of `decode_steps` steps over the batch. cfg's dtypes are
     the run's. The page pool holds num_pages pages (default: batch x context tokens, what the rows can fill).
     max_len: the engine's limit per request (default: context); the page tables are as wide as the engine's bucket
     for a context-long row (`engine.table_widths`). prefill_rows: rows of the prefill call (default: batch).
+    verify_tokens > 0: also the speculative verify step (each row's newest token and verify_tokens - 1 drafts).
     mesh_shape None: the serving mesh (`sharding.serving_mesh_shape`: tensor parallel up to the KV heads first)."""
     from flax import linen as nn
 
@@ -472,6 +473,11 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
             programs.append(compile_program(f"decode ({decode_steps} steps a call)", PR.decode,
                                             (cfg, kinds, params, pool, rows, ctl), {"steps": decode_steps},
                                             topo.hbm_bytes)[0])
+            if verify_tokens > 0:
+                programs.append(compile_program(
+                    f"verify ({verify_tokens} tokens a row)", PR.verify,
+                    (cfg, kinds, params, pool, place((batch, verify_tokens), jnp.int32), row(), row(),
+                     place((batch, width), jnp.int32), row(), ctl), None, topo.hbm_bytes)[0])
     quant = "" if cfg.quant == "none" else f" ({cfg.quant} projections)"
     setup = [f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, params "
              f"{cfg.param_dtype}{quant}, compute {cfg.dtype}, KV cache {jnp.dtype(cache_dtype).name}",

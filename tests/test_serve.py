@@ -1,7 +1,9 @@
 """qcjax.serve: the OpenAI-compatible server, driven by the official `openai` client against a server this module
 starts on 127.0.0.1 (a tiny random-weight model, the real Qwen tokenizer). Results equal qcjax.inference.generate for
 the same prompts one at a time; concurrent clients get their one-at-a-time results; bad requests are 4xx in OpenAI's
-shape and the server keeps serving; nothing compiles after warm-up."""
+shape and the server keeps serving; nothing compiles after warm-up. The server speculates (prompt lookup, as
+`--speculative ngram`): greedy text is compared with plain decoding, sampled text with generate under the same
+speculation (a seed reproduces it)."""
 import concurrent.futures
 import json
 import socket
@@ -60,7 +62,8 @@ class Server:
         n = len(prompts)
         each = lambda v: v if isinstance(v, list) else [v] * n  # noqa: E731
         done = [generate(self.engine.cfg, self.engine.params, [p], max_new_tokens=m, sampling=s, seed=sd,
-                         stop_tokens=self.tok.fim_stop_ids, cache_dtype=jnp.float32)[0]
+                         stop_tokens=self.tok.fim_stop_ids, cache_dtype=jnp.float32,
+                         speculative=None if s.greedy else self.engine.spec)[0]
                 for p, m, s, sd in zip(prompts, each(max_new), each(sampling), each(seed))]
         return [(self.tok.decode(d.tokens), d.finish_reason) for d in done]
 
@@ -74,7 +77,7 @@ def server(hf_dir, tok):
     a = build_parser().parse_args(
         ["--hf_dir", hf_dir, "--dtype", "float32", "--cache_dtype", "float32", "--max_batch", str(SLOTS),
          "--max_len", str(MAX_LEN), "--chunk", "4", "--prefill_batch", "2", "--prefill_tokens", "64",
-         "--max_queue", "12", "--api_key", KEY])
+         "--max_queue", "12", "--api_key", KEY, "--speculative", "ngram", "--num_speculative_tokens", "3"])
     engine, app, name = build(a, log=lambda msg: None)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -194,6 +197,34 @@ def test_metrics_are_prometheus_text(server):
     assert value("qcjax_cache_pages", state="free") + value("qcjax_cache_pages", state="cached") > 0
     names = {x.name for x in samples}
     assert {"qcjax_prefix_cache_hit_tokens_total", "qcjax_preemptions_total", "qcjax_queue_depth"} <= names
+
+
+def test_the_server_speculates_with_the_same_text_for_completions_fim_and_chat(server, tok):
+    """Greedy completions, FIM and chat through `--speculative ngram` equal plain decoding of the same prompts;
+    /metrics counts the draft tokens; nothing compiles after warm-up."""
+    import urllib.request
+
+    from qcjax import prompts as P
+
+    s = server
+    code = "x = 1\ny = 2\nx = 1\ny = 2\nx = 1\n"
+    r = s.client.completions.create(model=s.name, prompt=code, max_tokens=12, temperature=0)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == s.reference([tok.encode(code)], 12)[0]
+    prefix, suffix = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\nprint(add(1, 2))\n"
+    r = s.client.completions.create(model=s.name, prompt=prefix, suffix=suffix, max_tokens=12, temperature=0)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == s.reference(
+        [P.encode(tok, P.fim_prompt(prefix, suffix))], 12)[0]
+    msgs = [{"role": "user", "content": "Repeat: a b a b a b"}]
+    chunks = list(s.client.chat.completions.create(model=s.name, messages=msgs, max_tokens=10, temperature=0,
+                                                   stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == s.reference([P.encode(tok, P.chat_prompt(msgs))], 10)[0][0]
+    with urllib.request.urlopen(s.url + "/metrics", timeout=30) as m:
+        metrics = m.read().decode()
+    drafted = [float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("qcjax_spec_draft_tokens_total")]
+    assert drafted and drafted[0] > 0 and "qcjax_spec_accepted_tokens_total" in metrics
+    assert s.engine.stats()["compiles_after_warmup"] == 0
 
 
 def test_n_choices_with_a_seed_are_reproducible_and_equal_generate(server, tok):

@@ -16,6 +16,7 @@ import sys
 import time
 
 from qcjax.eval.sandbox import Limits, SandboxError, detect_isolation, machine
+from qcjax.inference.flags import add_flags
 
 
 class UsageError(Exception):
@@ -61,6 +62,7 @@ def _model_flags(p: argparse.ArgumentParser, n_default: int = 1, n_flag: str = "
     g.add_argument("--max_new_tokens", type=int, default=768, help="per completion (default 768, as Qwen's scripts)")
     g.add_argument("--batch_size", type=int, default=16, help="prompts per sampler call (default 16)")
     g.add_argument("--seed", type=int, default=0)
+    add_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,6 +47,7 @@ class Model:
     tok: Any
     cache_dtype: Any
     stop_ids: list[int]
+    speculative: Any = None  # qcjax.inference.Speculation (--speculative), or None
 
 
 @dataclasses.dataclass
@@ -100,7 +101,16 @@ def load(a, usage_error, log) -> Model:
     if not a.quiet:
         print(f"loaded {src} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {a.dtype}) in "
               f"{time.perf_counter() - t:.1f} s", file=log)
-    return Model(cfg, params, tok, jnp.dtype(a.cache_dtype), sorted(tok.fim_stop_ids))
+    spec = None
+    if getattr(a, "speculative", "off") != "off":
+        from qcjax.inference.flags import speculation
+
+        def load_draft(path):
+            dcfg, dparams = qcjax.load(path, dtype=a.dtype)
+            return dcfg.replace(param_dtype=a.dtype, dtype=a.dtype), dparams
+
+        spec = speculation(a, tok, load_draft, usage_error)
+    return Model(cfg, params, tok, jnp.dtype(a.cache_dtype), sorted(tok.fim_stop_ids), spec)
 
 
 def make_prompt(model: Model, p: Problem, mode: str = "base") -> Prompt:
@@ -161,5 +171,5 @@ def complete(model: Model, prompts: Sequence[Sequence[int]], n: int, a, stop_str
     generate(model.cfg, model.params, ids, max_new_tokens=max_new, sampling=sampling, stop_tokens=model.stop_ids,
              seed=[sample_seed(a.seed, task_ids[i], j) for i, j in rows], cache_dtype=model.cache_dtype,
              on_chunk=on_chunk if stop_strings or is_done is not None else None, on_finish=on_finish,
-             max_rows=max(1, int(a.batch_size)))
+             max_rows=max(1, int(a.batch_size)), speculative=model.speculative)
     return out

@@ -46,6 +46,7 @@ from qcjax.config import ModelConfig
 from qcjax.inference import programs
 from qcjax.inference.metrics import EngineMetrics
 from qcjax.inference.pages import PagePool
+from qcjax.inference import speculative as spec_mod
 from qcjax.inference.rows import (GREEDY_KINDS, SAMPLE_KINDS, Request, Sequence, check_request, controls,
                                   kinds_for)
 from qcjax.sampling import GREEDY, SamplingParams, pow2
@@ -94,13 +95,14 @@ class Engine:
     memory a dense cache would take; requests that use less leave room for more); prefix_cache: reuse cached pages
     across requests; chunk: decode steps per device call; max_queue: waiting requests beyond the free rows before
     `submit` raises QueueFull; prefill_batch / prefill_chunk / prefill_tokens: rows and tokens per row of one prefill
-    call, and prefill tokens per round (the most a round delays running decodes by)."""
+    call, and prefill tokens per round (the most a round delays running decodes by); speculative: draft tokens
+    proposed by prompt lookup or a draft model and checked by one target forward (qcjax.inference.speculative)."""
 
     def __init__(self, cfg: ModelConfig, params: Any, *, max_rows: int = 16, max_len: int = 8192,
                  page_size: int = DEFAULT_PAGE_SIZE, num_pages: int | None = None, prefix_cache: bool = True,
                  cache_dtype: Any = jnp.bfloat16, mesh=None, chunk: int = 8, max_queue: int = 64,
                  prefill_batch: int = 4, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefill_tokens: int = 2048,
-                 min_batch: int | None = None):
+                 min_batch: int | None = None, speculative: spec_mod.Speculation | None = None):
         for name, v, lo in (("max_rows", max_rows, 1), ("max_len", max_len, 2), ("page_size", page_size, 1),
                             ("chunk", chunk, 1), ("max_queue", max_queue, 0), ("prefill_batch", prefill_batch, 1),
                             ("prefill_tokens", prefill_tokens, 1), ("num_pages", num_pages or 1, 1)):
@@ -129,6 +131,14 @@ class Engine:
                                      for k in range(pow2(self.max_rows).bit_length())})
         self.pages = PagePool(self.num_pages, self.page_size, prefix_cache)
         self.metrics = EngineMetrics()
+        self.spec = speculative
+        self.proposer = None
+        if speculative is not None:
+            if speculative.method == "draft":
+                from qcjax.inference.draft import DraftModelProposer  # a second model: only when asked for
+                self.proposer = DraftModelProposer(self, speculative)
+            else:
+                self.proposer = spec_mod.NgramProposer(speculative)
 
         self._cv = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -190,7 +200,9 @@ class Engine:
                     "compiles_after_warmup": (None if self._compiles_at_warmup is None
                                               else self._compiles - self._compiles_at_warmup),
                     **{k: self.counts[k] for k in ("submitted", "completed", "cancelled", "errors", "preempted",
-                                                   "prompt_tokens", "cached_tokens", "computed_tokens")}}
+                                                   "prompt_tokens", "cached_tokens", "computed_tokens",
+                                                   "spec_drafted", "spec_accepted", "verify_steps", "decode_steps",
+                                                   "decode_tokens", "row_forwards")}}
 
     @property
     def busy(self) -> bool:
@@ -228,6 +240,12 @@ class Engine:
                 for w in self.widths:
                     for kinds in (GREEDY_KINDS, SAMPLE_KINDS):
                         self._decode_call([None] * b, b, w, kinds)
+                        if self.spec is not None:
+                            self._decode_call([None] * b, b, w, kinds, steps=1)
+                            for t in self.spec.verify_widths():
+                                self._verify_call([None] * b, [[]] * b, b, w, t, kinds)
+            if self.proposer is not None and hasattr(self.proposer, "warmup"):
+                self.proposer.warmup()
         self._compiles_at_warmup = self._compiles
         self._engine_thread_id = None
         return time.perf_counter() - t0
@@ -252,7 +270,7 @@ class Engine:
         self._take_cancels()
         self._prefill_round()
         if self._running:
-            self._decode_round()
+            self._spec_round() if self.spec is not None else self._decode_round()
         self.metrics.gauges(self)
 
     # ---- internals ----------------------------------------------------------------------------------------------------
@@ -327,6 +345,10 @@ class Engine:
         s.pages = []
         self.counts["cancelled" if reason == "cancelled" else "completed"] += 1
         self.metrics.finished(reason)
+        if s.spec is not None and s.spec.verifies:
+            log.debug("request done: %d verify steps, %d of %d draft tokens accepted (%.2f tokens per target forward)",
+                      s.spec.verifies, s.spec.accepted, s.spec.drafted, (s.spec.verifies + s.spec.accepted)
+                      / s.spec.verifies)
         s.req._emit(tokens or [], reason)
 
     def _emit(self, s: Sequence, new: list[int], reason: str | None) -> None:
@@ -417,6 +439,10 @@ class Engine:
                     s.cached = len(s.tokens) - 1
                     if reason is None:
                         self._running.append(s)
+                        if self.spec is not None:
+                            if s.spec is None:
+                                s.spec = self.proposer.state(s.tokens, s.prompt_len)
+                            self.proposer.admitted(s)
                     self._emit(s, [int(tok)], reason)
 
     def _prefill_call(self, rows: list[Sequence | None], counts: list[int], t: int, w: int, kinds) -> np.ndarray:
@@ -434,20 +460,23 @@ class Engine:
             table = s.pages[:w]
             pages[i, : len(table)] = table
         ctl = controls(rows, p, self._place)
-        self._pool, toks = programs.prefill(
-            self.cfg, kinds, self.params, self._pool, self._place(tokens, ("cache_batch", None)),
-            self._place(lengths, ("cache_batch",)), self._place(cnt, ("cache_batch",)),
-            self._place(pages, ("cache_batch", None)), self._place(num, ("cache_batch",)), ctl)
+        args = (self._place(tokens, ("cache_batch", None)), self._place(lengths, ("cache_batch",)),
+                self._place(cnt, ("cache_batch",)), self._place(pages, ("cache_batch", None)))
+        if self.proposer is not None:
+            self.proposer.prefill(*args, controls(rows, p, self._place))  # a draft model's pool takes it too
+        self._pool, toks = programs.prefill(self.cfg, kinds, self.params, self._pool, *args,
+                                            self._place(num, ("cache_batch",)), ctl)
         return np.asarray(jax.device_get(toks))
 
     # -- decode --
-    def _pages_for_chunk(self) -> None:
-        """Give every running row the pages its next chunk writes into; preempt the newest rows while pages lack."""
+    def _pages_for_chunk(self, ahead: int | None = None) -> None:
+        """Give every running row the pages its next `ahead` tokens (default: a decode chunk) write into; preempt the
+        newest rows while pages lack."""
         ps = self.page_size
         for s in sorted(self._running, key=lambda s: s.admitted_at):
             if s not in self._running:
                 continue  # preempted below
-            last_pos = min(len(s.tokens) - 1 + self.chunk, s.limit() - 1)  # positions written: < last_pos
+            last_pos = min(len(s.tokens) - 1 + (ahead or self.chunk), s.limit() - 1)  # positions written: < last_pos
             extra = -(-last_pos // ps) - len(s.pages)
             while extra > self.pages.available():
                 victim = max(self._running, key=lambda v: v.admitted_at)
@@ -478,6 +507,12 @@ class Engine:
         w = _bucket(max(len(s.pages) for s in seqs), self.widths)
         kinds = kinds_for([s.req.sampling for s in seqs], self.cfg.vocab_size)
         out = self._decode_call(seqs, b, w, kinds)
+        self.counts["decode_steps"] += self.chunk
+        self.counts["row_forwards"] += sum(self._take(seqs, out))
+
+    def _take(self, seqs: list[Sequence], out: np.ndarray) -> list[int]:
+        """Record each row's new tokens [B, T] (-1: none) up to its finish, hand them out; the count taken per row."""
+        taken = []
         for i, s in enumerate(seqs):
             new: list[int] = []
             reason = None
@@ -491,9 +526,68 @@ class Engine:
             s.cached = len(s.tokens) - 1
             if reason is not None:
                 self._running.remove(s)
+            taken.append(len(new))
             self._emit(s, new, reason)
+        self.counts["decode_tokens"] += sum(taken)
+        return taken
 
-    def _decode_call(self, rows: list[Sequence | None], b: int, w: int, kinds) -> np.ndarray:
+    # -- speculative decoding --
+    def _spec_round(self) -> None:
+        """Draft for every running row, then one verify step (a target forward over each row's newest token and its
+        draft); when no row has a draft, one plain decode step (or a chunk, while every row backs off)."""
+        k = self.spec.k
+        self._pages_for_chunk(max(k + 1, self.chunk))
+        seqs = sorted(self._running, key=lambda s: s.admitted_at)
+        if not seqs:
+            return
+        b = _bucket(len(seqs), self.batch_buckets)
+        w = _bucket(max(len(s.pages) for s in seqs), self.widths)
+        kinds = kinds_for([s.req.sampling for s in seqs], self.cfg.vocab_size)
+        room = [s.req.max_new - s.num - 1 for s in seqs]  # a verify step adds drafts + 1 tokens
+        drafts = self.proposer.drafts(seqs, room)
+        if not any(drafts):
+            steps = self.chunk if min(s.spec.backoff for s in seqs) >= self.chunk else 1
+            out = self._decode_call(seqs, b, w, kinds, steps=steps)
+            for s in seqs:
+                s.spec.backoff = max(0, s.spec.backoff - (steps - 1))
+            self.counts["decode_steps"] += steps
+            self.counts["row_forwards"] += sum(self._take(seqs, out))
+            self.proposer.after(seqs, [0] * len(seqs), [0] * len(seqs))
+            return
+        t = _bucket(1 + max(len(d) for d in drafts), self.spec.verify_widths())
+        out = self._verify_call(seqs, drafts, b, w, t, kinds)
+        accepted = [int(np.sum(out[i] >= 0)) - 1 for i in range(len(seqs))]
+        for s, d, a in zip(seqs, drafts, accepted):
+            spec_mod.update(s.spec, len(d), a, k, self.spec.adaptive)
+        nd, na = sum(map(len, drafts)), sum(accepted)
+        self.counts["spec_drafted"] += nd
+        self.counts["spec_accepted"] += na
+        self.counts["verify_steps"] += 1
+        self.counts["row_forwards"] += len(seqs)
+        self.metrics.speculated(nd, na)
+        self._take(seqs, out)
+        self.proposer.after(seqs, [len(d) for d in drafts], accepted)
+
+    def _verify_call(self, rows: list[Sequence | None], drafts: list[list[int]], b: int, w: int, t: int,
+                     kinds) -> np.ndarray:
+        pages = np.full((b, w), self.num_pages, np.int32)
+        tokens = np.zeros((b, t), np.int32)
+        lengths, counts, num = (np.zeros(b, np.int32) for _ in range(3))
+        for i, (s, d) in enumerate(zip(rows, drafts)):
+            if s is None:
+                continue
+            pages[i, : len(s.pages)] = s.pages[:w]
+            tokens[i, 0] = s.tokens[-1]
+            tokens[i, 1: 1 + len(d)] = d
+            lengths[i], counts[i], num[i] = len(s.tokens) - 1, 1 + len(d), s.num
+        self._pool, out = programs.verify(
+            self.cfg, kinds, self.params, self._pool, self._place(tokens, ("cache_batch", None)),
+            self._place(lengths, ("cache_batch",)), self._place(counts, ("cache_batch",)),
+            self._place(pages, ("cache_batch", None)), self._place(num, ("cache_batch",)),
+            controls(rows, b, self._place))
+        return np.asarray(jax.device_get(out))
+
+    def _decode_call(self, rows: list[Sequence | None], b: int, w: int, kinds, steps: int | None = None) -> np.ndarray:
         pages = np.full((b, w), self.num_pages, np.int32)
         lengths, last, num = (np.zeros(b, np.int32) for _ in range(3))
         done = np.ones(b, bool)
@@ -506,7 +600,7 @@ class Engine:
                           self._place(last, ("cache_batch",)), self._place(num, ("cache_batch",)),
                           self._place(done, ("cache_batch",)))
         self._pool, out, _ = programs.decode(self.cfg, kinds, self.params, self._pool, r, controls(rows, b, self._place),
-                                             steps=self.chunk)
+                                             steps=steps or self.chunk)
         return np.asarray(jax.device_get(out))
 
 

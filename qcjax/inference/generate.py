@@ -21,7 +21,12 @@ import numpy as np
 from qcjax.config import ModelConfig
 from qcjax.inference.engine import DEFAULT_PAGE_SIZE, DEFAULT_PREFILL_CHUNK, Engine
 from qcjax.inference.rows import Request
+from qcjax.inference.speculative import Speculation
 from qcjax.sampling import GREEDY, SamplingParams, pow2
+
+
+_COUNTERS = ("prompt_tokens", "cached_tokens", "computed_tokens", "preempted", "spec_drafted", "spec_accepted",
+             "verify_steps", "decode_steps", "decode_tokens", "row_forwards")
 
 
 @dataclasses.dataclass
@@ -71,6 +76,8 @@ def generate(
     prefix_cache: bool = True,
     min_batch: int | None = None,
     on_finish: Callable[[int, Completion], None] | None = None,
+    speculative: Speculation | None = None,
+    stats: dict | None = None,
 ) -> list[Completion]:
     """Generate for a list of token prompts, each with its own length limit, filters, stop set and seed.
 
@@ -79,7 +86,9 @@ def generate(
     prompt's tokens since the last call (never a stop token; [] for prompts with none); it may return prompt
     indices to finish now (e.g. a stop string appeared in the text). max_rows: prompts in flight at once (default:
     all of them, up to 64). The KV cache holds max_rows rows of the longest request (in pages of page_size).
-    on_finish(i, completion) is called as each prompt finishes (progress)."""
+    on_finish(i, completion) is called as each prompt finishes (progress). speculative: draft and verify
+    (qcjax.inference.speculative; greedy text is unchanged, sampling keeps the model's distribution). stats: a dict
+    the engine's counters are added to at the end (prefix-cache tokens, speculation's drafted / accepted tokens)."""
     n = len(prompts)
     if n == 0:
         raise ValueError("no prompts")
@@ -111,7 +120,7 @@ def generate(
     rows = int(max_rows) if max_rows else min(n, 64)
     engine = Engine(cfg, params, max_rows=rows, max_len=max_len, page_size=page_size, prefix_cache=prefix_cache,
                     cache_dtype=cache_dtype, mesh=mesh, chunk=max(1, int(chunk)), max_queue=n,
-                    prefill_chunk=prefill_chunk, min_batch=min_batch)
+                    prefill_chunk=prefill_chunk, min_batch=min_batch, speculative=speculative)
     for i, r in enumerate(reqs):
         try:
             engine.validate(r)
@@ -129,5 +138,8 @@ def generate(
                     if 0 <= int(i) < n and not reqs[int(i)].finished:
                         engine.cancel(reqs[int(i)], "stop")
     engine.stop()
+    if stats is not None:  # counters add up over calls (one dict for a whole run)
+        for k, v in engine.stats().items():
+            stats[k] = stats.get(k, 0) + v if isinstance(v, int) and k in _COUNTERS else v
     return [completion(i) for i in range(n)]
 

@@ -1,6 +1,6 @@
 """The engine's Prometheus metrics (prometheus_client, one registry per engine): requests, queue depth, tokens in and
 out, time to first token and inter-token latency histograms, cache pages used / cached / free, prefix-cache hit
-tokens, preemptions. `GET /metrics` (qcjax.serve) answers `text()`."""
+tokens, preemptions, speculative draft tokens proposed and accepted. `GET /metrics` (qcjax.serve) answers `text()`."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -19,6 +19,9 @@ class EngineMetrics:
                                      "Prompt tokens taken from the prefix cache (not computed)", registry=r)
         self.preemptions = Counter("qcjax_preemptions", "Running requests preempted for pages (recomputed later)",
                                    registry=r)
+        self.spec_draft = Counter("qcjax_spec_draft_tokens", "Speculative draft tokens proposed", registry=r)
+        self.spec_accepted = Counter("qcjax_spec_accepted_tokens", "Speculative draft tokens accepted by the model",
+                                     registry=r)
         self.ttft = Histogram("qcjax_time_to_first_token_seconds", "Submit to first token", buckets=_LATENCY,
                               registry=r)
         self.itl = Histogram("qcjax_inter_token_latency_seconds", "Time between a request's tokens",
@@ -47,6 +50,10 @@ class EngineMetrics:
 
     def preempted(self) -> None:
         self.preemptions.inc()
+
+    def speculated(self, drafted: int, accepted: int) -> None:
+        self.spec_draft.inc(drafted)
+        self.spec_accepted.inc(accepted)
 
     def finished(self, reason: str) -> None:
         self.finishes.labels(reason=reason).inc()

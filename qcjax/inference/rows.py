@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Hashable, Sequence as Seq
+from typing import Any, Callable, Hashable, Sequence as Seq
 
 import jax
 import numpy as np
@@ -96,6 +96,7 @@ class Sequence:
     num: int = 0
     admitted_at: int = 0  # admission order (preemption takes the newest first)
     last_emit: float = 0.0  # when tokens last went out (inter-token latency)
+    spec: Any = None  # speculative decoding state (qcjax.inference.speculative.RowState)
 
     @property
     def prefilling(self) -> bool:

@@ -3,6 +3,7 @@ chat, streaming, continuous batching over a paged KV cache with a prefix cache (
 
     python -m qcjax.serve --hf_dir Qwen2.5-Coder-1.5B                    # http://127.0.0.1:8000/v1
     python -m qcjax.serve --ckpt runs/sft --max_batch 8 --max_len 4096 --api_key KEY    # a training run
+    python -m qcjax.serve --hf_dir Qwen2.5-Coder-7B --speculative draft --draft_hf_dir Qwen2.5-Coder-0.5B
 
 Bad flags are a one-line error naming the flag (exit status 2). The server compiles every program it needs before it
 listens (warm-up), so no request waits on a compilation.
@@ -14,6 +15,8 @@ import logging
 import os
 import sys
 import time
+
+from qcjax.inference.flags import add_flags, speculation
 
 PROG = "python -m qcjax.serve"
 DEFAULT_MAX_LEN = 8192  # --max_len when not given, for a model whose context is longer
@@ -90,6 +93,7 @@ completions, the rest of the context for chat). Requests beyond --max_batch runn
                         "interleaved with decoding (a power of two; default 512)")
     e.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level (default info)")
+    add_flags(p)
     return p
 
 
@@ -167,6 +171,14 @@ def load_model(a: argparse.Namespace, mesh):
     return cfg.replace(param_dtype=a.dtype, dtype=a.dtype), params
 
 
+def load_draft(path: str, mesh, dtype: str):
+    """A draft model for --speculative draft, loaded as the target is (mesh, dtype)."""
+    import qcjax
+
+    cfg, params = qcjax.load(path, mesh=mesh, dtype=dtype)
+    return cfg.replace(param_dtype=dtype, dtype=dtype), params
+
+
 def make_mesh(a: argparse.Namespace, cfg_source):
     import jax
 
@@ -220,11 +232,17 @@ def build(a: argparse.Namespace, log=print):
         from qcjax import adapters
 
         log(adapters.describe(cfg, params))
-    engine = Engine(cfg, params, max_rows=a.max_batch, max_len=a.max_len, page_size=a.page_size,
-                    num_pages=-(-a.cache_tokens // a.page_size) if a.cache_tokens else None,
-                    prefix_cache=not a.no_prefix_cache, cache_dtype=jnp.dtype(a.cache_dtype), mesh=mesh, chunk=a.chunk,
-                    max_queue=a.max_queue, prefill_batch=a.prefill_batch, prefill_tokens=a.prefill_tokens,
-                    prefill_chunk=a.prefill_chunk)
+    spec = speculation(a, tok, lambda path: load_draft(path, mesh, a.dtype), UsageError)
+    try:
+        engine = Engine(cfg, params, max_rows=a.max_batch, max_len=a.max_len, page_size=a.page_size,
+                        num_pages=-(-a.cache_tokens // a.page_size) if a.cache_tokens else None,
+                        prefix_cache=not a.no_prefix_cache, cache_dtype=jnp.dtype(a.cache_dtype), mesh=mesh,
+                        chunk=a.chunk, max_queue=a.max_queue, prefill_batch=a.prefill_batch,
+                        prefill_tokens=a.prefill_tokens, prefill_chunk=a.prefill_chunk, speculative=spec)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if spec is not None:
+        log(f"speculative decoding: {spec.method}, up to {spec.k} draft tokens per target forward")
     log(f"KV cache: {engine.num_pages} pages of {a.page_size} tokens ({engine.num_pages * a.page_size} tokens), "
         f"prefix cache {'off' if a.no_prefix_cache else 'on'}")
     log(f"warming up: compiling every program for up to {a.max_batch} rows x {a.max_len} tokens ...")

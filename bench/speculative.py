@@ -1,0 +1,225 @@
+"""Speculative decoding on trained models: prompt lookup (ngram) and a draft model vs plain decoding, back to back.
+
+    python bench/speculative.py                        # trains (cached in --workdir), then measures
+    python bench/speculative.py --batches 1 --requests 8
+
+Random weights cannot show acceptance, so the bench first trains (once; cached under --workdir) a SentencePiece
+tokenizer, a target (the "small" preset: 4 layers, hidden 256) and a draft (the "tiny" preset: 2 layers, hidden 64)
+on the Python standard library with FIM (configs/tiny.py, 50% PSM), leaving every file whose path hashes to 0 mod
+10 out. On those held-out files it then runs two traces:
+  edit    FIM holes: a cursor at the start of a line inside a function, the hole its next 1-3 lines, prefix and
+          suffix around it (the code below the cursor is in the prompt); up to --max_new tokens, greedy.
+  plain   completion: a file's first lines up to a cursor, --max_new tokens, greedy.
+Each trace runs at batch 1 (one request at a time) and batch 8 (all requests submitted, 8 rows) with speculation
+off, ngram and draft, on one engine configuration (fp32, page 16), each run once untimed first (compilation).
+Measured: tokens per target forward (generated tokens after the first / the target forwards each row took part in),
+output tokens per second and TTFT p50, the ratio to plain decoding in the same run; and, for ngram on the edit
+trace, what each drafting source adds (prompt / FIM suffix / output only vs all).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import zlib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def split_files() -> tuple[list[str], list[str]]:
+    """(train, held-out) stdlib .py files: held out where crc32(relative path) % 10 == 0."""
+    from qcjax.data.sources import stdlib_root, stdlib_files
+
+    root = stdlib_root()
+    train, held = [], []
+    for f in stdlib_files():
+        (held if zlib.crc32(os.path.relpath(f, root).encode()) % 10 == 0 else train).append(f)
+    return train, held
+
+
+def write_train_jsonl(path: str, files: list[str], max_chars: int) -> None:
+    if os.path.exists(path):
+        return
+    n = 0
+    with open(path + ".tmp", "w") as out:
+        for f in files:
+            try:
+                text = open(f, encoding="utf-8").read()
+            except (UnicodeDecodeError, OSError):
+                continue
+            out.write(json.dumps({"text": text}) + "\n")
+            n += len(text)
+            if n >= max_chars:
+                break
+    os.replace(path + ".tmp", path)
+
+
+def run_config(spm: str, data: str, preset: str, steps: int, seed: int):
+    from qcjax.prefs.cli import load_config
+
+    c = load_config(os.path.join(ROOT, "configs", "tiny.py"), [])
+    c.model.preset = preset
+    c.tokenizer = spm
+    c.steps, c.seed = steps, seed
+    c.optimizer.warmup_steps = max(1, steps // 10)
+    c.log_every, c.eval_every, c.checkpoint_every, c.keep_checkpoints = 50, 0, steps, 1
+    c.data = {**c.data.to_dict(), "sources": ({"kind": "jsonl", "path": data, "format": "text", "weight": 1.0},),
+              "eval_fraction": 0.0}
+    return c
+
+
+def train_models(w: str, a) -> tuple[str, str, str]:
+    from qcjax.data.spm import train_spm
+    from qcjax.train.loop import train
+
+    os.makedirs(w, exist_ok=True)
+    train_files, _ = split_files()
+    data = os.path.join(w, "train.jsonl")
+    write_train_jsonl(data, train_files, a.train_chars)
+    spm = os.path.join(w, "tokenizer")
+    if not os.path.exists(os.path.join(spm, "spm.model")):
+        texts = [json.loads(line)["text"] for line in open(data)]
+        train_spm(spm + ".tmp", vocab_size=a.vocab, texts=texts, max_chars=1_000_000, progress=False)
+        os.replace(spm + ".tmp", spm)
+    out = []
+    for name, preset, steps in (("target", "small", a.target_steps), ("draft", "tiny", a.draft_steps)):
+        d = os.path.join(w, name)
+        if not os.path.exists(os.path.join(d, "checkpoints")) or not os.listdir(os.path.join(d, "checkpoints")):
+            t = time.perf_counter()
+            train(run_config(spm, data, preset, steps, a.seed), d)
+            print(f"trained the {name} ({preset}, {steps} steps) in {time.perf_counter() - t:.0f} s", flush=True)
+        out.append(os.path.join(d, "checkpoints"))
+    return spm, out[0], out[1]
+
+
+def traces(tok, files: list[str], n: int, seed: int) -> dict[str, list[list[int]]]:
+    """The edit trace (FIM holes at line starts inside functions) and the plain trace (a file's head)."""
+    import random
+
+    from qcjax import prompts as P
+
+    rng = random.Random(seed)
+    files = sorted(files)
+    rng.shuffle(files)
+    edit, plain = [], []
+    for f in files:
+        try:
+            lines = open(f, encoding="utf-8").read().splitlines(keepends=True)
+        except (UnicodeDecodeError, OSError):
+            continue
+        body = [i for i in range(40, len(lines) - 20) if lines[i].startswith("        ") and lines[i].strip()]
+        if len(edit) < n and body:
+            i = rng.choice(body)
+            hole = rng.randint(1, 3)
+            prefix = "".join(lines[max(0, i - 40): i])
+            suffix = "".join(lines[i + hole: i + hole + 20])
+            edit.append(P.encode(tok, P.fim_prompt(prefix, suffix)))
+        if len(plain) < n and len(lines) > 60:
+            plain.append(tok.encode("".join(lines[:rng.randint(30, 60)])))
+        if len(edit) >= n and len(plain) >= n:
+            break
+    return {"edit": edit, "plain": plain}
+
+
+def run_trace(engine, prompts, batch: int, max_new: int, stop_ids) -> dict:
+    """All prompts through `engine` (on this thread): one at a time (batch 1) or all submitted at once."""
+    from qcjax.inference import Request
+
+    reqs = [Request(list(p), max_new, stop_ids=tuple(stop_ids)) for p in prompts]
+    t0 = time.perf_counter()
+    for group in ([[r] for r in reqs] if batch == 1 else [reqs]):
+        engine.submit(group)
+        while engine.busy:
+            engine.step()
+    wall = time.perf_counter() - t0
+    gen = 0
+    for r in reqs:
+        assert r.finished and r.finish_reason in ("stop", "length"), r.finish_reason
+    st = engine.stats()
+    gen = st["decode_tokens"] + len(reqs)
+    return {"wall_s": wall, "tokens": gen, "tok_s": gen / wall,
+            "ttft_p50_ms": 1e3 * statistics.median(r.first_token_at - r.submitted for r in reqs),
+            "per_forward": st["decode_tokens"] / max(1, st["row_forwards"]),
+            "drafted": st["spec_drafted"], "accepted": st["spec_accepted"]}
+
+
+def measure(a, w: str, spm: str, target: str, draft: str) -> None:
+    import jax.numpy as jnp
+
+    import qcjax
+    from qcjax.inference import Engine, Speculation
+    from qcjax.inference.flags import markers
+    from qcjax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(spm)
+    cfg, params = qcjax.load(target, dtype="float32")
+    dcfg, dparams = qcjax.load(draft, dtype="float32")
+    _, held = split_files()
+    tr = traces(tok, held, a.requests, a.seed)
+    stops = sorted(tok.fim_stop_ids)
+    need = max(len(p) for t in tr.values() for p in t) + a.max_new
+    max_len = 1 << (need - 1).bit_length()
+    arms = {"off": None, "ngram": Speculation(k=a.k, markers=markers(tok)),
+            "draft": Speculation(method="draft", k=a.k, draft=(dcfg, dparams))}
+    rows = []
+
+    def once(prompts, batch, spec):
+        e = Engine(cfg, params, max_rows=batch, max_len=max_len, cache_dtype=jnp.float32, speculative=spec,
+                   max_queue=len(prompts))
+        return run_trace(e, prompts, batch, a.max_new, stops)
+
+    for name, prompts in tr.items():
+        for batch in [int(b) for b in a.batches.split(",")]:
+            res = {}
+            for arm, spec in arms.items():
+                once(prompts, batch, spec)  # compilation
+                res[arm] = once(prompts, batch, spec)
+                r = res[arm]
+                print(f"{name:5s} batch {batch}  {arm:5s}  {r['per_forward']:.2f} tokens/forward  "
+                      f"{r['tok_s']:7.1f} tok/s ({r['tok_s'] / res['off']['tok_s']:.2f}x)  TTFT p50 "
+                      f"{r['ttft_p50_ms']:.0f} ms  accepted {r['accepted']}/{r['drafted']}", flush=True)
+                rows.append({"trace": name, "batch": batch, "arm": arm, **r,
+                             "speedup": r["tok_s"] / res["off"]["tok_s"]})
+    # what each drafting source adds (edit trace, batch 1, prompt lookup)
+    for sources in (("prompt",), ("suffix",), ("output",), ("prompt", "suffix", "output")):
+        spec = Speculation(k=a.k, sources=sources, markers=markers(tok))
+        r = once(tr["edit"], 1, spec)
+        print(f"edit  batch 1  ngram from {'+'.join(sources):20s} {r['per_forward']:.2f} tokens/forward  "
+              f"accepted {r['accepted']}/{r['drafted']}", flush=True)
+        rows.append({"trace": "edit", "batch": 1, "arm": "ngram:" + "+".join(sources), **r})
+    out = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "settings": vars(a), "rows": rows}
+    with open(os.path.join(w, "results.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="runs/bench_speculative")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--train_chars", type=int, default=6_000_000)
+    p.add_argument("--target_steps", type=int, default=600)
+    p.add_argument("--draft_steps", type=int, default=600)
+    p.add_argument("--train_only", action="store_true")
+    p.add_argument("--requests", type=int, default=16, help="requests per trace (default 16)")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--max_new", type=int, default=48)
+    p.add_argument("--k", type=int, default=7, help="--num_speculative_tokens (default 7)")
+    a = p.parse_args()
+    w = os.path.abspath(a.workdir)
+    spm, target, draft = train_models(w, a)
+    if a.train_only:
+        return
+    measure(a, w, spm, target, draft)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Speculative decoding: who proposes the draft tokens a verify step judges (qcjax.inference.programs.verify).
+
+Two proposers, both deterministic (a draft is a guess, never a sample, so the verify rule is the one-point rejection
+sampler and the output distribution is the model's own, exactly):
+
+- `NgramProposer` (prompt lookup, host side, no model): the last n tokens of a row (n from `max_ngram` down to
+  `min_ngram`) are looked up in the row's own tokens, and the tokens that followed their most recent earlier
+  occurrence are the draft. For code that is where the next tokens usually are: a line above the cursor, the FIM
+  suffix (the text below the cursor is in the prompt), another file of the repository context, the text generated
+  so far. `sources` restricts where a match may lie (by the prompt's FIM / repository markers), which is how
+  docs/serving.md measures what each source adds.
+- `DraftModelProposer`: a smaller model of the same family (one tokenizer) proposes `k` greedy tokens. It keeps its
+  own page pool with the target's page ids and page size (a row's page table serves both models, so prefix-cache
+  hits and preemption need no second bookkeeping); its keys lag the target's by at most one token, which it
+  catches up on at its next proposal.
+
+Adaptive: each row drafts `k` tokens at most, grows its draft after a fully accepted one and shrinks it after a
+rejection; a row whose drafts keep failing backs off (no drafting for 1, 2, 4 ... 16 rounds), so a batch whose
+text does not repeat decodes as if speculation were off.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Sequence as Seq
+
+import numpy as np
+
+SOURCES = ("prompt", "suffix", "repo", "output")
+MAX_BACKOFF = 16
+
+
+@dataclasses.dataclass
+class Speculation:
+    """What a user picks: method "ngram" (prompt lookup) or "draft" (a draft model, given as `draft` = (cfg, params));
+    k: draft tokens per verify step at most (`--num_speculative_tokens`); min_ngram / max_ngram: the lookup's n-gram
+    lengths; sources: where prompt lookup may find a match (see SOURCES); markers: the ids of <|fim_suffix|>,
+    <|fim_middle|>, <|file_sep|> for the tokenizer in use (needed only when sources leave some out); adaptive: grow
+    and shrink each row's draft by its acceptance."""
+
+    method: str = "ngram"
+    k: int = 7
+    min_ngram: int = 2
+    max_ngram: int = 4
+    sources: tuple[str, ...] = SOURCES
+    markers: dict | None = None
+    adaptive: bool = True
+    draft: Any = None  # (ModelConfig, params) of the draft model
+
+    def __post_init__(self):
+        if self.method not in ("ngram", "draft"):
+            raise ValueError(f"speculative={self.method!r}: must be 'ngram' or 'draft'")
+        if not (isinstance(self.k, (int, np.integer)) and 1 <= self.k <= 31):
+            raise ValueError(f"num_speculative_tokens={self.k!r}: must be an integer in [1, 31]")
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError(f"ngram lengths {self.min_ngram}..{self.max_ngram}: need 1 <= min <= max")
+        bad = [s for s in self.sources if s not in SOURCES]
+        if bad or not self.sources:
+            raise ValueError(f"speculative sources {list(self.sources)}: choose from {list(SOURCES)}")
+        if self.method == "draft" and self.draft is None:
+            raise ValueError("speculative='draft' needs a draft model (--draft_hf_dir or --draft_ckpt)")
+
+    def verify_widths(self) -> list[int]:
+        """Token widths the verify program compiles for (1 + drafts, in powers of two)."""
+        top = 1 << self.k.bit_length()  # pow2(k + 1)
+        return [w for w in (2, 4, 8, 16, 32) if w <= top]
+
+
+@dataclasses.dataclass
+class RowState:
+    """A row's speculation state (lives on its engine Sequence)."""
+
+    k: int
+    backoff: int = 0  # rounds left without drafting
+    misses: int = 0  # verify steps in a row that accepted nothing
+    indexed: int = 0  # ngram: tokens[:indexed] are in `index`
+    index: dict = dataclasses.field(default_factory=dict)  # (n-gram) -> end positions, ascending
+    regions: Any = None  # ngram: a function position -> source name
+    drafted: int = 0
+    accepted: int = 0
+    verifies: int = 0
+    draft_len: int = 0  # draft model: tokens whose keys are in the draft's pages
+    draft_from: int = 0  # draft model: the position of the newest proposal's first token
+
+
+def update(state: RowState, drafted: int, accepted: int, k_max: int, adaptive: bool) -> None:
+    """After a verify step: the row's acceptance counters and its next draft length / backoff."""
+    state.drafted += drafted
+    state.accepted += accepted
+    state.verifies += 1
+    if not adaptive or drafted == 0:
+        return
+    if accepted == drafted:
+        state.k = min(k_max, 2 * state.k)
+    else:
+        state.k = max(1, accepted + 1)
+    if accepted == 0:
+        state.misses += 1
+        state.backoff = min(MAX_BACKOFF, 1 << (state.misses - 1))
+    else:
+        state.misses = 0
+
+
+def _regions(prompt: Seq[int], prompt_len: int, markers: dict | None):
+    """position -> source: "repo" before the last <|file_sep|>, "suffix" between <|fim_suffix|> and <|fim_middle|>,
+    "output" after the prompt, else "prompt"."""
+    m = markers or {}
+    toks = list(prompt[:prompt_len])
+
+    def last(name):
+        i = m.get(name)
+        return max((p for p, t in enumerate(toks) if t == i), default=-1) if i is not None else -1
+
+    file_sep, suf, mid = last("file_sep"), last("fim_suffix"), last("fim_middle")
+
+    def region(p: int) -> str:
+        if p >= prompt_len:
+            return "output"
+        if suf >= 0 and suf < p <= mid:
+            return "suffix"
+        if p < file_sep:
+            return "repo"
+        return "prompt"
+
+    return region
+
+
+class NgramProposer:
+    """Prompt lookup over a row's own tokens (see the module docstring)."""
+
+    def __init__(self, spec: Speculation):
+        self.spec = spec
+
+    def state(self, tokens: Seq[int], prompt_len: int) -> RowState:
+        st = RowState(k=self.spec.k)
+        if set(self.spec.sources) != set(SOURCES):
+            st.regions = _regions(tokens, prompt_len, self.spec.markers)
+        return st
+
+    def _index(self, st: RowState, tokens: Seq[int]) -> None:
+        lo, hi = self.spec.min_ngram, self.spec.max_ngram
+        for end in range(max(st.indexed, lo), len(tokens)):  # n-grams ending before `end`, continued by tokens[end]
+            for n in range(lo, min(hi, end) + 1):
+                st.index.setdefault(tuple(tokens[end - n: end]), []).append(end)
+        st.indexed = max(st.indexed, len(tokens))
+
+    def propose(self, st: RowState, tokens: Seq[int], k: int) -> list[int]:
+        """Up to k draft tokens continuing `tokens`, or [] (no earlier occurrence of its last n-gram)."""
+        if k <= 0:
+            return []
+        self._index(st, tokens)  # every n-gram with a continuation; the newest (the query) has none yet
+        allowed = set(self.spec.sources)
+        for n in range(min(self.spec.max_ngram, len(tokens) - 1), self.spec.min_ngram - 1, -1):
+            ends = st.index.get(tuple(tokens[len(tokens) - n:]))
+            if not ends:
+                continue
+            best: list[int] = []
+            for e in reversed(ends):
+                if st.regions is not None and st.regions(e) not in allowed:
+                    continue
+                d = list(tokens[e: e + k])
+                if len(d) > len(best):
+                    best = d
+                if len(best) == k:
+                    break
+            if best:
+                return best
+        return []
+
+
+    def drafts(self, rows: Iterable[Any], room: Seq[int]) -> list[list[int]]:
+        """The drafts of a batch of engine sequences (s.spec: RowState), each at most its row's k and `room` tokens
+        (what its length limit leaves after the verify step's own token); rows backing off draft nothing."""
+        out = []
+        for s, r in zip(rows, room):
+            st = s.spec
+            if st.backoff > 0:
+                st.backoff -= 1
+                out.append([])
+                continue
+            out.append(self.propose(st, s.tokens, min(st.k, r)) if r > 0 else [])
+        return out
+
+    def after(self, rows, drafted, accepted) -> None:
+        """After a round (nothing to do: prompt lookup keeps no device state)."""
+
+    def admitted(self, s) -> None:
+        """A row entered decoding (nothing to do)."""
+
+    def prefill(self, *args) -> None:
+        """The target's prefill call (nothing to do)."""
+
+
+__all__ = ["NgramProposer", "RowState", "SOURCES", "Speculation", "update"]
