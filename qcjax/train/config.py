@@ -120,7 +120,7 @@ class RlConfig:
     """Online RL from execution rewards (task rl, the :grpo stage): each step samples `group_size` completions of
     batch_size / group_size problems on the paged engine with the params being trained (same mesh, no second copy),
     runs each against its tests in the evaluation sandbox, and takes one policy-gradient step on the group-relative
-    advantages (docs/rl.md).
+    advantages (docs/eval.md, "Online RL from execution rewards").
 
     Fields:
     problems: the tasks: "" (the procedural family's train split, qcjax.prefs.tasks, n_problems of it) or a JSONL
