@@ -1,7 +1,8 @@
 """Online RL (GRPO) vs the RPO preference loop on the procedural task family, from the same SFT start, at equal
 numbers of sampled completions; and fill-in-the-middle with execution, which the SFT start does not solve.
 
-    python bench/rl_demo.py --workdir runs/rl_demo --rounds 2        # the figures in bench/RESULTS.md
+    python bench/rl_demo.py --workdir W --rounds 2 --lr 1e-3                       # the figures in bench/RESULTS.md
+    python bench/rl_demo.py --workdir W --rounds 2 --lr 3e-4 --temperature 1.0     # (W: a prefs_demo.py run reused)
 
 1. bench/prefs_demo.py --workdir W --rounds R (reused when already run in W): the tasks (600 train / 150 held-out
    instances), the SFT start (the tiny config from scratch), R rounds of sample (8 per train problem) -> pairs -> RPO,
@@ -46,6 +47,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--temperature", type=float, default=0.8, help="rollouts (the RPO loop samples at 0.8 too)")
     p.add_argument("--loss_type", default="grpo")
+    p.add_argument("--advantage_scale", default="group", help="rl.advantage_scale: group | none | batch")
     p.add_argument("--fim_fraction", type=float, default=0.25)
     p.add_argument("--format_reward", type=float, default=0.1)
     p.add_argument("--eval_n", type=int, default=4)
@@ -89,7 +91,7 @@ def main() -> None:
     c.optimizer.lr, c.optimizer.warmup_steps = a.lr, max(1, per_round // 10)
     c.rl.n_problems, c.rl.n_held_out, c.rl.group_size = a.n_train, a.n_held_out, a.group_size
     c.rl.temperature, c.rl.loss_type, c.rl.fim_fraction = a.temperature, a.loss_type, a.fim_fraction
-    c.rl.format_reward, c.rl.workers = a.format_reward, a.workers
+    c.rl.format_reward, c.rl.workers, c.rl.advantage_scale = a.format_reward, a.workers, a.advantage_scale
     grpo = os.path.join(w, "grpo")
     t = time.perf_counter()
     train(c, grpo)
