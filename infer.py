@@ -20,10 +20,9 @@ import os
 import sys
 import time
 
+from qcjax import cli
+from qcjax.cli import UsageError
 from qcjax.inference.flags import add_flags, speculation
-
-class UsageError(ValueError):
-    """Bad flags or input: reported as `infer.py: error: ...` with exit status 2."""
 
 
 JSONL_FIELDS = {"id", "prompt", "prefix", "suffix", "chat", "messages", "system", "max_new_tokens", "temperature",
@@ -31,8 +30,6 @@ JSONL_FIELDS = {"id", "prompt", "prefix", "suffix", "chat", "messages", "system"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qcjax.loader import SAMPLING_QUANT  # importing JAX starts no backend: the platform set-up can follow
-
     p = argparse.ArgumentParser(
         prog="infer.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -48,29 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 Generation stops at Qwen's FIM/chat stop tokens (<|endoftext|> <|fim_prefix|> <|fim_middle|> <|fim_suffix|>
 <|fim_pad|> <|repo_name|> <|file_sep|> <|im_end|>), at any --stop, or after --max_new_tokens.""")
-    src = p.add_argument_group("model")
-    m = src.add_mutually_exclusive_group(required=True)
-    m.add_argument("--hf_dir", help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)")
-    m.add_argument("--ckpt", help="qcjax (Orbax) checkpoint: a training run's directory (train.py's --workdir), its "
-                   "checkpoints/, one step directory of it, or a converted checkpoint; the model config comes from "
-                   "the checkpoint")
-    m.add_argument("--config", help="a model preset (0.5b ... 32b, tiny), with --compile_only (no weights needed)")
-    src.add_argument("--step", type=int, default=None, help="checkpoint step for --ckpt (default: the latest)")
-    src.add_argument("--tokenizer", default=None,
-                     help="tokenizer.json / SentencePiece .model / directory / 'qwen' (default: the one in the "
-                          "checkpoint directory)")
-    src.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                     help="param and compute dtype (default bfloat16)")
-    src.add_argument("--cache_dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                     help="KV cache dtype (default bfloat16)")
-    src.add_argument("--quant", default="none", choices=SAMPLING_QUANT,
-                     help="int8: weight-only int8 projections (one scale per output channel), quantized from the "
-                          "float checkpoint as it loads; embeddings, norms, biases and the LM head stay in --dtype "
-                          "(default none; docs/sampling.md)")
-    src.add_argument("--mesh", default=None,
-                     help="run on a device mesh, e.g. 'tensor=8' or 'data=2,tensor=4' (default: on several TPU/GPU "
-                          "devices, tensor parallel up to the model's KV heads, then data parallel over the batch; "
-                          "on the CPU, one device)")
+    cli.model_flags(p, preset=True)
 
     inp = p.add_argument_group("input")
     inp.add_argument("--prompt", help="prompt text (backslash escapes such as \\n are not interpreted)")
@@ -358,18 +333,6 @@ def _load_model(a, mesh, log):
     return cfg, params
 
 
-def _mesh(spec: str | None):
-    if spec is None:
-        return None
-    from qcjax.convert import parse_mesh
-    from qcjax.sharding import make_mesh
-
-    try:
-        return make_mesh(parse_mesh(spec))
-    except (ValueError, argparse.ArgumentTypeError) as e:
-        raise UsageError(f"--mesh {spec!r}: {e} (expected e.g. 'tensor=8' or 'data=2,tensor=4')") from None
-
-
 # ---- compile only ---------------------------------------------------------------------------------------------------
 def _model_config(a):
     """The model config alone (no weights): a preset, an HF config.json, or a qcjax checkpoint's config."""
@@ -409,14 +372,10 @@ def compile_only(a: argparse.Namespace, out=None) -> int:
         cfg = cfg.with_yarn()
     cfg = cfg.replace(param_dtype=a.dtype, dtype=a.dtype, quant=a.quant)
     context = a.max_context or cfg.max_position_embeddings
-    mesh = None
-    if a.mesh is not None:
-        from qcjax.convert import parse_mesh
-
-        try:
-            mesh = parse_mesh(a.mesh)
-        except argparse.ArgumentTypeError as e:
-            raise UsageError(f"--mesh: {e}") from None
+    try:
+        mesh = cli.parse_mesh(a.mesh) if a.mesh is not None else None
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"--mesh: {e}") from None
     try:
         report = T.compile_sampler(cfg, a.topology, batch=a.batch_size, context=context,
                                    max_new_tokens=a.max_new_tokens, mesh_shape=mesh, cache_dtype=a.cache_dtype,
@@ -466,7 +425,6 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
             raise UsageError(f"--ckpt {a.ckpt}: {e} (pass a training run's directory, its checkpoints/, one step "
                              "directory of it, or a converted checkpoint; an HF directory goes to --hf_dir)") from None
     tok = _tokenizer(a)
-    import jax
     import jax.numpy as jnp
 
     if a.max_context is not None and a.max_context < 2:
@@ -485,16 +443,11 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
         _fit_context(r, a, log)
         r["stop_ids"] = sorted(default_stops | r["extra_ids"])
 
-    mesh = _mesh(a.mesh)
-    if mesh is None and jax.device_count() > 1 and jax.default_backend() != "cpu":
-        from qcjax.sharding import make_mesh
-
-        from qcjax.sharding import serving_mesh_shape
-
-        shape = serving_mesh_shape(_model_config(a), jax.device_count(), len(reqs))
-        mesh = make_mesh(shape)
-        if not a.quiet:
-            print(f"mesh: {', '.join(f'{k}={v}' for k, v in shape.items())} over {jax.device_count()} devices (the "
+    mesh = cli.mesh(a.mesh)
+    if mesh is None:
+        mesh, shape = cli.serving_mesh(lambda: _model_config(a), len(reqs))
+        if shape and not a.quiet:
+            print(f"mesh: {', '.join(f'{k}={v}' for k, v in shape.items())} over {mesh.size} devices (the "
                   "serving default; --mesh to choose)", file=log)
     cfg, params = _load_model(a, mesh, log)
     if tok.vocab_size > cfg.vocab_size:
@@ -592,21 +545,8 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    from absl import logging as absl_logging
-
-    from qcjax import platform
-
-    platform.quiet_libtpu(cpu_only=a.compile_only)  # before JAX starts
-    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's read-only/restore notices are not for stderr here
-    platform.configure_xla(a.dtype)  # before JAX starts (a no-op when it already has, e.g. called from tests)
-    try:
-        return run(a)
-    except UsageError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+    cli.start(a.dtype, cpu_only=a.compile_only)  # before JAX starts
+    return cli.guarded(parser.prog, lambda: run(a))
 
 
 if __name__ == "__main__":

@@ -116,8 +116,8 @@ def main(argv):
         sys.exit(130)  # interrupted (saved): schedulers see that the run has not finished
     if jax.process_index() == 0:
         m = result.last_metrics
-        summary = ", ".join(f"{k}={m[k]:.4g}" for k in ("loss", "eval_loss", "eval_perplexity", "tokens_per_s")
-                            if m.get(k) is not None)
+        keys = ("loss", "eval_loss", "eval_perplexity", "reward_mean", "pass_rate", "tokens_per_s")
+        summary = ", ".join(f"{k}={m[k]:.4g}" for k in keys if m.get(k) is not None)
         print(f"done: step {result.final_step}; {summary}", file=sys.stderr)  # status, like the rest
 
 

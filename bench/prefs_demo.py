@@ -66,7 +66,8 @@ def main() -> None:
     p.add_argument("--baseline", action="store_true", help="also SFT on round 1's chosen completions")
     p.add_argument("--baseline_steps", type=int, default=120, help="default: as many steps as one DPO round")
     p.add_argument("--baseline_lr", type=float, default=3e-4, help="default: the DPO rounds' learning rate")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=min(16, 2 * (os.cpu_count() or 1)),
+                   help="sandboxed programs in parallel (default: as python -m qcjax.eval, 2 x CPUs)")
     a = p.parse_args()
 
     from qcjax.prefs import cli

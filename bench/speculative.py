@@ -11,10 +11,15 @@ on the Python standard library with FIM (configs/tiny.py, 50% PSM), leaving ever
           suffix around it (the code below the cursor is in the prompt); up to --max_new tokens, greedy.
   plain   completion: a file's first lines up to a cursor, --max_new tokens, greedy.
 Each trace runs at batch 1 (one request at a time) and batch 8 (all requests submitted, 8 rows) with speculation
-off, ngram and draft, on one engine configuration (fp32, page 16), each run once untimed first (compilation).
-Measured: tokens per target forward (generated tokens after the first / the target forwards each row took part in),
-output tokens per second and TTFT p50, the ratio to plain decoding in the same run; and, for ngram on the edit
-trace, what each drafting source adds (prompt / FIM suffix / output only vs all).
+off, ngram and draft, on one engine configuration (fp32, page 16), each engine warmed up as the server's is (every
+program compiled, the gate's call times measured) and the trace run once untimed first.
+Arms: off; ngram and draft as served (gated: a verify round runs where the measured call times say it pays); and
+ngram-always / draft-always (gate off: every round with a draft verifies, so tokens per forward show the drafts'
+quality). Measured: tokens per target forward (generated tokens after the first / the target forwards each row took
+part in), decode tokens per second (tokens after the first / the time from each request's first token to its end),
+all-in tokens per second (all tokens / the trace's wall time, prefill included) and TTFT p50, each against plain
+decoding in the same run; and, for ngram on the edit trace, what each drafting source adds (prompt / FIM suffix /
+output only vs all).
 """
 from __future__ import annotations
 
@@ -131,7 +136,12 @@ def run_trace(engine, prompts, batch: int, max_new: int, stop_ids) -> dict:
     """All prompts through `engine` (on this thread): one at a time (batch 1) or all submitted at once."""
     from qcjax.inference import Request
 
-    reqs = [Request(list(p), max_new, stop_ids=tuple(stop_ids)) for p in prompts]
+    ended = {}
+
+    def on_end(i):
+        return lambda new, reason: ended.setdefault(i, time.perf_counter()) if reason is not None else None
+
+    reqs = [Request(list(p), max_new, stop_ids=tuple(stop_ids), on_event=on_end(i)) for i, p in enumerate(prompts)]
     t0 = time.perf_counter()
     for group in ([[r] for r in reqs] if batch == 1 else [reqs]):
         engine.submit(group)
@@ -143,7 +153,8 @@ def run_trace(engine, prompts, batch: int, max_new: int, stop_ids) -> dict:
         assert r.finished and r.finish_reason in ("stop", "length"), r.finish_reason
     st = engine.stats()
     gen = st["decode_tokens"] + len(reqs)
-    return {"wall_s": wall, "tokens": gen, "tok_s": gen / wall,
+    decode_s = sum(ended[i] - r.first_token_at for i, r in enumerate(reqs))
+    return {"wall_s": wall, "tokens": gen, "tok_s": gen / wall, "decode_tok_s": st["decode_tokens"] / decode_s,
             "ttft_p50_ms": 1e3 * statistics.median(r.first_token_at - r.submitted for r in reqs),
             "per_forward": st["decode_tokens"] / max(1, st["row_forwards"]),
             "drafted": st["spec_drafted"], "accepted": st["spec_accepted"]}
@@ -166,12 +177,15 @@ def measure(a, w: str, spm: str, target: str, draft: str) -> None:
     need = max(len(p) for t in tr.values() for p in t) + a.max_new
     max_len = 1 << (need - 1).bit_length()
     arms = {"off": None, "ngram": Speculation(k=a.k, markers=markers(tok)),
-            "draft": Speculation(method="draft", k=a.k, draft=(dcfg, dparams))}
+            "ngram-always": Speculation(k=a.k, markers=markers(tok), gate=False),
+            "draft": Speculation(method="draft", k=a.k, draft=(dcfg, dparams)),
+            "draft-always": Speculation(method="draft", k=a.k, draft=(dcfg, dparams), gate=False)}
     rows = []
 
     def once(prompts, batch, spec):
         e = Engine(cfg, params, max_rows=batch, max_len=max_len, cache_dtype=jnp.float32, speculative=spec,
                    max_queue=len(prompts))
+        e.warmup()  # as the server does: every shape compiled (the first engine) and timed for the gate
         return run_trace(e, prompts, batch, a.max_new, stops)
 
     for name, prompts in tr.items():
@@ -181,14 +195,16 @@ def measure(a, w: str, spm: str, target: str, draft: str) -> None:
                 once(prompts, batch, spec)  # compilation
                 res[arm] = once(prompts, batch, spec)
                 r = res[arm]
-                print(f"{name:5s} batch {batch}  {arm:5s}  {r['per_forward']:.2f} tokens/forward  "
+                print(f"{name:5s} batch {batch}  {arm:12s}  {r['per_forward']:.2f} tokens/forward  decode "
+                      f"{r['decode_tok_s']:7.1f} tok/s ({r['decode_tok_s'] / res['off']['decode_tok_s']:.2f}x)  all "
                       f"{r['tok_s']:7.1f} tok/s ({r['tok_s'] / res['off']['tok_s']:.2f}x)  TTFT p50 "
                       f"{r['ttft_p50_ms']:.0f} ms  accepted {r['accepted']}/{r['drafted']}", flush=True)
                 rows.append({"trace": name, "batch": batch, "arm": arm, **r,
-                             "speedup": r["tok_s"] / res["off"]["tok_s"]})
+                             "speedup": r["tok_s"] / res["off"]["tok_s"],
+                             "decode_speedup": r["decode_tok_s"] / res["off"]["decode_tok_s"]})
     # what each drafting source adds (edit trace, batch 1, prompt lookup)
     for sources in (("prompt",), ("suffix",), ("output",), ("prompt", "suffix", "output")):
-        spec = Speculation(k=a.k, sources=sources, markers=markers(tok))
+        spec = Speculation(k=a.k, sources=sources, markers=markers(tok), gate=False)
         r = once(tr["edit"], 1, spec)
         print(f"edit  batch 1  ngram from {'+'.join(sources):20s} {r['per_forward']:.2f} tokens/forward  "
               f"accepted {r['accepted']}/{r['drafted']}", flush=True)

@@ -3,7 +3,7 @@ type, default and meaning) as an ml_collections ConfigDict, with the stage's own
 (configs/0.5b.py ... 32b.py, tiny.py) override a few. docs/config.md is generated from the schema and these files
 (docs/gen_config_reference.py).
 
-A config file may take a stage argument: `--config=configs/7b.py:repo` (file | repo | sft | dpo).
+A config file may take a stage argument: `--config=configs/7b.py:repo` (file | repo | sft | dpo | grpo).
 Any field can be overridden on the command line: `--config.optimizer.lr=1e-5 --config.steps=100`.
 """
 
@@ -26,7 +26,7 @@ def get_config(stage: str = "file") -> ConfigDict:
         raise ValueError(f"unknown config stage {stage!r}: expected one of {', '.join(STAGES)}")
     return to_config_dict(TrainConfig(
         stage=stage,
-        task={"sft": "sft", "dpo": "dpo"}.get(stage, "pretrain"),
+        task={"sft": "sft", "dpo": "dpo", "grpo": "rl"}.get(stage, "pretrain"),
         seq_len={"repo": 32768}.get(stage, TrainConfig.seq_len),
         # the built-in stdlib corpus (docs/data.md), files or whole repositories
         data=DataConfig(sources=(SourceConfig("stdlib", format="repo" if stage == "repo" else "text"),)),
@@ -40,6 +40,8 @@ STAGE_DEFAULTS = {
     "repo": dict(batch_size=64, seq_len=32768, lr=1e-5, warmup_steps=100),
     "sft": dict(batch_size=128, seq_len=8192, lr=2e-5, warmup_steps=50),
     "dpo": dict(batch_size=64, seq_len=4096, lr=5e-7, warmup_steps=20),
+    # grpo: 8 problems x rl.group_size 8 completions per step; prompt + rl.max_new_tokens within seq_len
+    "grpo": dict(batch_size=64, seq_len=2048, lr=1e-6, warmup_steps=10),
 }
 
 
@@ -58,8 +60,8 @@ def size_config(preset: str, stage: str = "file", fit: dict | None = None, **ove
     d = {**STAGE_DEFAULTS[stage], **overrides}
     c.batch_size, c.seq_len = d["batch_size"], d["seq_len"]
     c.optimizer.lr, c.optimizer.warmup_steps = d["lr"], d["warmup_steps"]
-    c.optimizer.weight_decay = 0.0 if stage == "dpo" else 0.1
-    c.steps = {"file": 10000, "repo": 2000, "sft": 3000, "dpo": 1000}[stage]
+    c.optimizer.weight_decay = 0.0 if stage in ("dpo", "grpo") else 0.1
+    c.steps = {"file": 10000, "repo": 2000, "sft": 3000, "dpo": 1000, "grpo": 500}[stage]
     if stage == "sft":
         c.data.sources = (
             source("jsonl", "data/sft/*.jsonl", format="chat", weight=9),
@@ -67,5 +69,8 @@ def size_config(preset: str, stage: str = "file", fit: dict | None = None, **ove
         )
     elif stage == "dpo":
         c.data.sources = (source("jsonl", "data/dpo/*.jsonl", format="dpo"),)
+        c.eval_every = 0
+    elif stage == "grpo":  # the rl block's defaults: the procedural family unless --config.rl.problems=FILE
+        c.rl.max_new_tokens = 1024
         c.eval_every = 0
     return c

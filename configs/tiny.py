@@ -25,4 +25,9 @@ def get_config(stage: str = "file"):
     c.eval_steps = 4
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
+    if stage == "grpo":  # online RL on the procedural family: 4 problems x 8 completions of <= 40 tokens per step
+        c.steps, c.batch_size, c.seq_len = 60, 32, 256
+        c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.weight_decay = 1e-4, 5, 0.0
+        c.rl.max_new_tokens, c.rl.n_problems, c.rl.format_reward = 40, 240, 0.1
+        c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 20
     return c

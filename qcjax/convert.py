@@ -18,7 +18,8 @@ import re
 import sys
 from typing import Any, Sequence
 
-from qcjax import paths
+from qcjax import cli, paths
+from qcjax.cli import parse_mesh
 from qcjax.config import ModelConfig, get_config
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -191,14 +192,6 @@ def parse_size(text: str) -> int:
     return size
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    """'fsdp=4,tensor=2' -> {"fsdp": 4, "tensor": 2}."""
-    try:
-        return {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a mesh like fsdp=4,tensor=2") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m qcjax.convert",
@@ -273,9 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from qcjax import platform
-
-    platform.quiet_libtpu()  # before JAX starts
+    cli.start()  # before JAX starts
     progress = not args.no_progress
     try:
         if args.command == "hf-to-orbax":

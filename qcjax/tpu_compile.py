@@ -358,6 +358,9 @@ def compile_train(c, topology: str | Topology) -> CompileReport:
         args = (prog.abstract_state(), prog.abstract_batch(c), prog.abstract_ref_params(c),
                 prog.abstract_base_params())  # LoRA: the frozen base (None without adapters)
         report, _ = compile_program("train step", prog.step_fn, args, None, topo.hbm_bytes)
+    programs = [report]
+    if c.task == "rl" and report.fits:  # the rollouts: the engine's programs on the train mesh and its params
+        programs += rollout_programs(c, cfg, topo, dict(mesh.shape), prog)
     from qcjax.attention import resolve_impl
 
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -375,9 +378,37 @@ def compile_train(c, topology: str | Topology) -> CompileReport:
     ]
     if hosts > 1:
         setup[-1] += f", {hosts} hosts"
-    return CompileReport(topology=topo, mesh=dict(mesh.shape), setup=setup, programs=[report],
+    if c.task == "rl":
+        setup.append(f"rollouts: {min(c.batch_size, 64)} rows at once of {c.seq_len} tokens ({c.rl.max_new_tokens} "
+                     "new), on the train mesh and the train params; each rollout program's total includes the "
+                     "optimizer state, resident meanwhile")
+    return CompileReport(topology=topo, mesh=dict(mesh.shape), setup=setup, programs=programs,
                          flops_per_step=mt.train_flops_per_step(cfg, c.task, c.batch_size, c.seq_len),
                          peak_flops=mt.peak_flops(devices[0]))
+
+
+def rollout_programs(c, cfg: ModelConfig, topo: Topology, mesh_shape: dict, prog) -> list:
+    """An RL run's rollout programs (qcjax.rl.rollouts: `generate` with min(batch_size, 64) rows at the full row
+    width) compiled on the train step's mesh with the train params' dtype (the same arrays: no second copy), each
+    report's total raised by the optimizer state's per-chip bytes (it stays on the chips while the engine runs)."""
+    import dataclasses as dc
+
+    opt = sum(a.size * a.dtype.itemsize / _shards(a.sharding, a.shape)
+              for a in jax.tree.leaves(prog.abstract_state()["opt_state"]))
+    rep = compile_sampler(cfg, topo, batch=min(c.batch_size, 64), context=c.seq_len,
+                          max_new_tokens=c.rl.max_new_tokens, mesh_shape=mesh_shape, cache_dtype=cfg.dtype)
+    out = []
+    for r in rep.programs:
+        m = r.memory
+        if m is not None:
+            m = dc.replace(m, arguments=m.arguments + int(opt))
+        out.append(dc.replace(r, name="rollout " + r.name, memory=m))
+    return out
+
+
+def _shards(sharding, shape) -> int:
+    """How many pieces an array of `shape` is split into by `sharding` (1: replicated)."""
+    return max(1, math.prod(shape) // max(1, math.prod(sharding.shard_shape(shape)))) if shape else 1
 
 
 def predict_train_bytes(cfg: ModelConfig, n_chips: int, rows_per_chip: int, seq_len: int, loss_chunk: int

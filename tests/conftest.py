@@ -93,6 +93,21 @@ ALLOWED_SKIPS = [
 ]
 
 
+def _listed_slow() -> set[str]:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow.txt")
+    if not os.path.exists(path):
+        return set()
+    return {line.strip() for line in open(path) if line.strip() and not line.startswith("#")}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests listed in tests/slow.txt (tests/slow_list.py: slower than 2 s on the 2-core machine) are `slow` too."""
+    listed = _listed_slow()
+    for item in items:
+        if item.nodeid in listed:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_addoption(parser):
     parser.addini("strict_skips", "fail every skipped test not listed in tests/conftest.py ALLOWED_SKIPS",
                   type="bool", default=False)

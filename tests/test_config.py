@@ -115,7 +115,7 @@ def test_the_run_config_defaults_are_the_schemas():
 @pytest.mark.parametrize("tree, message", [
     ({"optimizer": {"learning_rate": 1e-3}}, r"unknown config field 'optimizer.learning_rate'"),
     ({"stepz": 5}, r"unknown config field 'stepz' \(did you mean 'steps'\?\)"),
-    ({"task": "pretrian"}, r"task='pretrian': expected pretrain, sft or dpo"),
+    ({"task": "pretrian"}, r"task='pretrian': expected pretrain, sft, dpo or rl"),
     ({"dpo": {"reference": "live"}}, r"dpo.reference='live': expected frozen or precomputed"),
     ({"resume_data": "again"}, r"resume_data='again': expected exact or reseed"),
     ({"optimizer": {"schedule": "linear"}}, r"optimizer.schedule='linear': expected cosine or constant"),

@@ -289,17 +289,22 @@ def test_rlimits_fallback_programs_can_import_the_standard_library():
     assert (r.passed, r.reason) == (True, "passed")
 
 
-def test_same_results_with_one_and_two_workers(iso):
+def test_same_results_with_one_and_two_workers_and_repeats_run_once(iso, monkeypatch):
+    import qcjax.eval.sandbox as sandbox
+
     srcs = ["assert True\n", "assert False, 'no'\n", "import os\nos._exit(0)\n", "x = 1\n",
-            "raise KeyError('k')\n", "while True:\n    pass\n"]
+            "raise KeyError('k')\n", "while True:\n    pass\n", "assert False, 'no'\n", "assert True\n"]
     lim = Limits(timeout_s=1.0)
-    seen = []
+    seen, ran = [], []
+    real = sandbox.run_program
+    monkeypatch.setattr(sandbox, "run_program", lambda src, *a, **k: (ran.append(src), real(src, *a, **k))[1])
     one = run_programs(srcs, lim, iso, workers=1)
     two = run_programs(srcs, lim, iso, workers=2, on_result=lambda i, r: seen.append(i))
     assert [(r.passed, r.reason) for r in one] == [(r.passed, r.reason) for r in two]
-    assert [r.passed for r in one] == [True, False, False, True, False, False]
-    assert [r.reason for r in one][-1] == "timeout"
+    assert [r.passed for r in one] == [True, False, False, True, False, False, False, True]
+    assert [r.reason for r in one][5] == "timeout"
     assert sorted(seen) == list(range(len(srcs)))
+    assert len(ran) == 2 * 6  # the two repeats ran once per call
 
 
 # ---- holes of the host-root sandbox (issue 41): each hostile program passes if its escape works -------------------

@@ -58,12 +58,12 @@ class Server:
             return e.code, json.loads(e.read())
 
     def reference(self, prompts: list[list[int]], max_new, sampling=GREEDY, seed=0) -> list[tuple[str, str]]:
-        """qcjax.inference.generate on the served weights, one prompt at a time: (text, finish_reason) each."""
+        """qcjax.inference.generate on the served weights, one prompt at a time, without speculation (the server
+        speculates: its text, greedy or seeded, must be plain decoding's): (text, finish_reason) each."""
         n = len(prompts)
         each = lambda v: v if isinstance(v, list) else [v] * n  # noqa: E731
         done = [generate(self.engine.cfg, self.engine.params, [p], max_new_tokens=m, sampling=s, seed=sd,
-                         stop_tokens=self.tok.fim_stop_ids, cache_dtype=jnp.float32,
-                         speculative=None if s.greedy else self.engine.spec)[0]
+                         stop_tokens=self.tok.fim_stop_ids, cache_dtype=jnp.float32)[0]
                 for p, m, s, sd in zip(prompts, each(max_new), each(sampling), each(seed))]
         return [(self.tok.decode(d.tokens), d.finish_reason) for d in done]
 

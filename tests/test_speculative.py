@@ -42,7 +42,7 @@ def test_prompt_lookup_drafts_the_continuation_of_the_latest_match():
     toks = [4, 5, 6, 90, 4, 5, 8, 91, 4, 5]
     st = only_suffix.state(toks, prompt_len=8)
     assert only_suffix.propose(st, toks, 2) == [8, 91]
-    everywhere = NgramProposer(Speculation(k=2))
+    everywhere = NgramProposer(Speculation(k=2, gate=False))
     assert everywhere.propose(everywhere.state(toks, 8), toks, 2) == [8, 91]
     assert everywhere.propose(everywhere.state(toks[:3] + toks[:3], 6), toks[:3] + toks[:3], 2) == [4, 5]  # (4, 5, 6) again
 
@@ -53,7 +53,7 @@ def test_ngram_greedy_equals_transformers_and_plain_decoding(cfg):
     prompts = [repeating_prompt(cfg, params, seed=s) for s in range(2)] + prompts_of(cfg, [7], seed=5)
     plain = generate(cfg, params, prompts, max_new_tokens=NEW, cache_dtype=F32)
     stats = {}
-    spec = generate(cfg, params, prompts, max_new_tokens=NEW, cache_dtype=F32, speculative=Speculation(k=4),
+    spec = generate(cfg, params, prompts, max_new_tokens=NEW, cache_dtype=F32, speculative=Speculation(k=4, gate=False),
                     stats=stats)
     assert [c.tokens for c in spec] == [c.tokens for c in plain]
     assert [c.tokens for c in spec] == [hf_greedy(model, p, NEW) for p in prompts]
@@ -67,7 +67,7 @@ def test_draft_model_greedy_equals_transformers():
     # the target drafting for itself: every draft is accepted, k + 1 tokens per verify step
     stats = {}
     same = generate(cfg, params, prompts, max_new_tokens=NEW, cache_dtype=F32, stats=stats,
-                    speculative=Speculation(method="draft", k=3, draft=(cfg, params)))
+                    speculative=Speculation(method="draft", k=3, draft=(cfg, params), gate=False))
     assert [c.tokens for c in same] == want
     assert stats["spec_accepted"] == stats["spec_drafted"] > 0
     # a different, one-layer model of the same vocabulary: drafts mostly rejected, the text the same
@@ -75,9 +75,29 @@ def test_draft_model_greedy_equals_transformers():
     other = hf_and_params(small, std=0.05)[2]
     stats = {}
     got = generate(cfg, params, prompts, max_new_tokens=NEW, cache_dtype=F32, stats=stats,
-                   speculative=Speculation(method="draft", k=3, draft=(small, other)))
+                   speculative=Speculation(method="draft", k=3, draft=(small, other), gate=False))
     assert [c.tokens for c in got] == want
     assert stats["spec_drafted"] > stats["spec_accepted"]
+
+
+def test_the_gate_runs_decode_chunks_where_verifying_costs_more_and_the_text_stays(monkeypatch):
+    """Call times injected (a decode chunk of 8 steps: 8 s; a verify call: 50 s, then 1 s, as one decode step on an
+    accelerator), drafts from the target itself (all accepted): the gate turns verifying down, then keeps it;
+    greedy text equals plain decoding both times."""
+    from qcjax.inference.engine import Engine
+
+    cfg, _, params = hf_and_params(CFG_TIED)
+    prompt = repeating_prompt(cfg, params)
+    plain = generate(cfg, params, [prompt], max_new_tokens=80, cache_dtype=F32)[0].tokens
+    timed = Engine._timed
+    for verify_cost, few_verifies in ((50.0, True), (1.0, False)):  # noqa: B007
+        monkeypatch.setattr(Engine, "_timed", lambda self, key, s, c0, c=verify_cost: timed(
+            self, key, c if key[0] == "verify" else float(key[3]), c0))
+        stats = {}
+        [c] = generate(cfg, params, [prompt], max_new_tokens=80, cache_dtype=F32, stats=stats,
+                       speculative=Speculation(method="draft", k=3, draft=(cfg, params)))  # every draft right
+        assert c.tokens == plain
+        assert (stats["decode_steps"] > 4 * stats["verify_steps"]) == few_verifies, stats
 
 
 def test_a_draft_model_with_a_larger_vocabulary_is_refused():
@@ -88,23 +108,26 @@ def test_a_draft_model_with_a_larger_vocabulary_is_refused():
                  speculative=Speculation(method="draft", draft=(big, params)))
 
 
-def test_sampling_with_speculation_keeps_the_models_distribution():
+def test_sampling_with_speculation_keeps_the_models_distribution_and_a_seeds_text():
     """Two-sample chi-square on the tokens at generated positions 1-3 (position 0 comes from prefill), 512 seeds
     each, top-k 3 so drafts are accepted often enough to matter. Under the null a test fails with probability 0.001
-    per position; the seeds are fixed, so the outcome is too."""
+    per position; the seeds are fixed, so the outcome is too. And a seed draws the same text with or without
+    speculation (a draft is kept only where it equals plain decoding's draw)."""
     from scipy.stats import chi2_contingency
 
     cfg, _, params = hf_and_params(CFG_TIED)
     prompt = repeating_prompt(cfg, params)
-    n = 512
+    n, same = 512, 64
     sp = SamplingParams(temperature=1.0, top_k=3)
     plain = generate(cfg, params, [prompt] * n, max_new_tokens=4, sampling=sp, seed=list(range(n)),
                      cache_dtype=F32, max_rows=64)
     stats = {}
-    spec = generate(cfg, params, [prompt] * n, max_new_tokens=4, sampling=sp, seed=list(range(n, 2 * n)),
-                    cache_dtype=F32, max_rows=64, speculative=Speculation(k=3), stats=stats)
-    assert stats["spec_accepted"] > 50  # the accept path, not only the residual, is exercised
-    a, b = np.array([c.tokens for c in plain]), np.array([c.tokens for c in spec])
+    spec = generate(cfg, params, [prompt] * (n + same), max_new_tokens=4, sampling=sp,
+                    seed=list(range(n, 2 * n)) + list(range(same)), cache_dtype=F32, max_rows=64,
+                    speculative=Speculation(k=3, gate=False), stats=stats)
+    assert stats["spec_accepted"] > 50  # the accept path, not only the draws at rejections, is exercised
+    assert [c.tokens for c in spec[n:]] == [c.tokens for c in plain[:same]]
+    a, b = np.array([c.tokens for c in plain]), np.array([c.tokens for c in spec[:n]])
     for i in range(1, 4):
         cats = sorted(set(a[:, i]) | set(b[:, i]))
         table = np.array([[np.sum(x[:, i] == c) for c in cats] for x in (a, b)])
@@ -116,13 +139,13 @@ def test_sampling_with_speculation_keeps_the_models_distribution():
 
 
 def test_verify_rejects_a_draft_the_filters_exclude_and_draws_from_the_rest():
-    """The one-point rejection rule on fixed logits: a draft outside top-k is never accepted and never emitted."""
+    """A draft outside top-k is never accepted and never emitted."""
     cfg, _, params = hf_and_params(CFG_TIED)
     prompt = repeating_prompt(cfg, params)
     greedy = generate(cfg, params, [prompt], max_new_tokens=NEW, cache_dtype=F32)[0].tokens
     sp = SamplingParams(temperature=1.0, top_k=1)  # top-k 1: sampling is greedy, any other draft is rejected
     got = generate(cfg, params, [prompt] * 3, max_new_tokens=NEW, sampling=sp, seed=[1, 2, 3], cache_dtype=F32,
-                   speculative=Speculation(k=3))
+                   speculative=Speculation(k=3, gate=False))
     assert all(c.tokens == greedy for c in got)
 
 
@@ -134,14 +157,14 @@ def test_stops_and_length_cut_an_accepted_run_where_they_fall():
     first = plain.index(stop)
     stats = {}
     [c] = generate(cfg, params, [prompt], max_new_tokens=NEW, cache_dtype=F32, stop_tokens=[stop],
-                   speculative=Speculation(k=7), stats=stats)
+                   speculative=Speculation(k=7, gate=False), stats=stats)
     assert (c.tokens, c.finish_reason, c.stop_token) == (plain[:first], "stop", stop)
     for n in (1, 2, 5, 9):
-        [c] = generate(cfg, params, [prompt], max_new_tokens=n, cache_dtype=F32, speculative=Speculation(k=7))
+        [c] = generate(cfg, params, [prompt], max_new_tokens=n, cache_dtype=F32, speculative=Speculation(k=7, gate=False))
         assert (c.tokens, c.finish_reason) == (plain[:n], "length")
     # streaming: chunks concatenate to the one-shot text
     seen = []
-    generate(cfg, params, [prompt], max_new_tokens=NEW, cache_dtype=F32, speculative=Speculation(k=4),
+    generate(cfg, params, [prompt], max_new_tokens=NEW, cache_dtype=F32, speculative=Speculation(k=4, gate=False),
              on_chunk=lambda new: seen.extend(new[0]))
     assert seen == plain
 
@@ -157,5 +180,5 @@ def test_speculation_on_a_tensor_parallel_mesh_gives_the_one_device_tokens():
         placed = programs.place_params(cfg, params, mesh)
     stats = {}
     many = generate(cfg, placed, prompts, max_new_tokens=NEW, cache_dtype=F32, mesh=mesh,
-                    speculative=Speculation(k=4), stats=stats)
+                    speculative=Speculation(k=4, gate=False), stats=stats)
     assert [c.tokens for c in many] == [c.tokens for c in one] and stats["spec_accepted"] > 0

@@ -295,6 +295,39 @@ def lora_section(results: dict) -> list[str]:
     return out + ["", f"A row fits when its total is at most {HEADROOM:.0%} of the HBM, as in the table above."]
 
 
+RL_POINTS = os.path.join(ROOT, "tools", "tpu_memory_rl.jsonl")
+
+
+def rl_section() -> list[str]:
+    """Online RL rows from tools/tpu_memory_rl.jsonl (one JSON object per compile, as for the context rows): the
+    train step and the rollout programs of the :grpo stage (`compile_train` compiles both for task rl)."""
+    rows = read_rows(RL_POINTS)
+    if not rows:
+        return []
+    out = ["", "## Online RL (GRPO): the train step and the rollouts", "",
+           "The `:grpo` stage (task rl, [eval.md](eval.md#online-rl-from-execution-rewards-grpo)) runs two kinds of "
+           "program on one mesh and one copy of the params: the train step (policy-gradient loss over rollout rows "
+           "of `seq_len` tokens) and the inference engine's prefill and decode programs (the rollouts: up to 64 rows "
+           "at once of `seq_len` tokens, `rl.max_new_tokens` of them new, KV pages in the compute dtype). `train.py "
+           "--compile_only` compiles all of them for task rl; a rollout program's total here adds the optimizer "
+           "state's per-chip bytes, which stay resident while the engine runs (its params are the train state's own, "
+           "fp32). Compiled the same way as the table above (the size config's remat and rows per chip, FSDP over "
+           "every chip):", "",
+           "| size | stage | slice | mesh | batch x seq (new) | program | total per chip (GiB) | HBM (GiB) | fits | "
+           "compile (s) | command |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for p in r["programs"]:
+            out.append(f"| {r['size']} | {r['stage']} | {r['slice']} | {r['mesh']} | {r['shape']} | {p['name']} | "
+                       f"{p['total_gib']:.2f} | {r['hbm_gib']:.2f} | "
+                       f"{'yes' if p['total_gib'] <= HEADROOM * r['hbm_gib'] else 'no'} "
+                       f"({100 * p['total_gib'] / r['hbm_gib']:.0f}%) | {p['compile_s']:.0f} | `{r['command']}` |")
+    return out + ["", f"A row fits when its total is at most {HEADROOM:.0%} of the HBM, as in the table above. The "
+                  "rollouts' KV pool (64 rows x 2048 tokens) is not split over the fsdp axis (the engine shards pages "
+                  "over data and tensor only), so every chip holds all of it: 7.0 GiB for 7B, 32.0 GiB for 32B (the "
+                  "rollout programs' outputs above); fewer rows at once, or a tensor axis, would shrink it."]
+
+
 def render(results: dict, defaults: dict, points: Points, args) -> str:
     import jax
 
@@ -383,6 +416,7 @@ def render(results: dict, defaults: dict, points: Points, args) -> str:
                   + (" (With a context axis they do: see below.)" if os.path.exists(CONTEXT_POINTS) else "")]
     lines += context_section()
     lines += lora_section(results)
+    lines += rl_section()
     n = len(points.done)
     secs = sum(r.get("wall_s", 0) for r in points.done.values())
     lines += [

@@ -51,6 +51,8 @@ def batch_shapes(task: str, batch_size: int, seq_len: int, ref_logps: bool = Fal
     out = {s + k: ((batch_size, seq_len), np.dtype(dtypes[k])) for s in streams for k in ROW_KEYS}
     if task == "dpo" and ref_logps:
         out.update({k: ((batch_size,), np.dtype(np.float32)) for k in DPO_REF_KEYS})
+    if task == "rl":  # rollout rows (qcjax.rl.rollouts): prompt + completion, loss_mask on the completion
+        out["advantages"] = ((batch_size,), np.dtype(np.float32))
     return out
 
 

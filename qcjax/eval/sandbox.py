@@ -46,7 +46,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 _BOOT = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_boot.py"), encoding="utf-8").read()
 # mount_setattr(2) is 442 on every architecture that has it (the unified syscall table since Linux 5.12).
@@ -397,31 +397,38 @@ def _collect(proc: subprocess.Popen, rfd: int, deadline: float, cap: int):
 def run_programs(sources: Sequence["str | Tested"], limits: Limits = Limits(), isolation: "Isolation | None" = None,
                  workers: int = 1, on_result: Callable[[int, Result], None] | None = None) -> list[Result]:
     """Run programs on `workers` threads (one sandboxed process each at a time); results in input order.
-    on_result(index, result) is called as each finishes (progress bars)."""
+    Identical programs (the same source, and the same tester) run once and share the result: sampled completions
+    repeat, and a program's verdict is a function of its text. on_result(index, result) is called for every input
+    index as its result arrives (progress bars)."""
     iso = isolation or detect_isolation()
     slots: queue.Queue[int] = queue.Queue()
     for k in range(max(1, workers)):
         slots.put(k)
+    where: dict[Any, list[int]] = {}  # distinct program -> the input indices that hold it
+    for i, src in enumerate(sources):
+        where.setdefault(src, []).append(i)
+    distinct = list(where)
     results: list[Result | None] = [None] * len(sources)
     lock = threading.Lock()
 
-    def one(i: int) -> None:
+    def one(j: int) -> None:
         slot = slots.get()
         try:
-            r = run_program(sources[i], limits, iso, slot=slot)
+            r = run_program(distinct[j], limits, iso, slot=slot)
         finally:
             slots.put(slot)
-        results[i] = r
-        if on_result is not None:
-            with lock:
-                on_result(i, r)
+        for i in where[distinct[j]]:
+            results[i] = r
+            if on_result is not None:
+                with lock:
+                    on_result(i, r)
 
     if workers <= 1:
-        for i in range(len(sources)):
-            one(i)
+        for j in range(len(distinct)):
+            one(j)
     else:
         with ThreadPoolExecutor(max_workers=workers) as ex:
-            for f in [ex.submit(one, i) for i in range(len(sources))]:
+            for f in [ex.submit(one, j) for j in range(len(distinct))]:
                 f.result()
     return results  # type: ignore[return-value]
 

@@ -44,7 +44,7 @@ class DraftModelProposer:
 
     # ---- engine hooks ------------------------------------------------------------------------------------------------
     def state(self, tokens, prompt_len: int) -> RowState:
-        return RowState(k=self.spec.k)
+        return RowState(k=self.spec.k, gain=self.spec.k / 2)
 
     def admitted(self, s) -> None:
         """A row entered decoding: its prompt (every token but the newest) is in both pools."""

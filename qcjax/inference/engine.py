@@ -56,6 +56,7 @@ log = logging.getLogger("qcjax.inference")
 
 MIN_PREFILL_BUCKET = 16
 DEFAULT_PAGE_SIZE = 16
+GATE_PROBE = 4  # speculative decoding: after this many gated decode chunks, a verify round runs anyway
 DEFAULT_PREFILL_CHUNK = 512
 
 
@@ -132,6 +133,8 @@ class Engine:
         self.pages = PagePool(self.num_pages, self.page_size, prefix_cache)
         self.metrics = EngineMetrics()
         self.spec = speculative
+        self._call_times: dict[tuple, tuple[int, float]] = {}  # (program, rows, table width, tokens) -> (calls, s)
+        self._since_verify = 0
         self.proposer = None
         if speculative is not None:
             if speculative.method == "draft":
@@ -244,6 +247,8 @@ class Engine:
                             self._decode_call([None] * b, b, w, kinds, steps=1)
                             for t in self.spec.verify_widths():
                                 self._verify_call([None] * b, [[]] * b, b, w, t, kinds)
+                    if self.spec is not None and self.spec.gate:  # the gate starts from measured call times
+                        self._time_calls(b, w)
             if self.proposer is not None and hasattr(self.proposer, "warmup"):
                 self.proposer.warmup()
         self._compiles_at_warmup = self._compiles
@@ -266,6 +271,8 @@ class Engine:
     # ---- one round (the engine thread, or `generate`'s caller) ---------------------------------------------------------
     def step(self) -> None:
         """One round: cancellations, prefill within the round's budget, one decode chunk, gauges."""
+        if self._engine_thread_id is None:
+            self._engine_thread_id = threading.get_ident()  # compiles count on the thread that steps
         self._ensure_pool()
         self._take_cancels()
         self._prefill_round()
@@ -534,7 +541,11 @@ class Engine:
     # -- speculative decoding --
     def _spec_round(self) -> None:
         """Draft for every running row, then one verify step (a target forward over each row's newest token and its
-        draft); when no row has a draft, one plain decode step (or a chunk, while every row backs off)."""
+        draft); when no row has a draft, one plain decode step (or a chunk, while every row backs off). With
+        `Speculation.gate`, a round first weighs the two on this machine's measured call times: the tokens a verify
+        step is expected to give (each row's recent gain) per second against a plain decode chunk's; where the chunk
+        wins it runs instead (every few such rounds a verify step still runs, so gains and times stay current).
+        The text is the same either way (programs.verify); only the forwards it takes change."""
         k = self.spec.k
         self._pages_for_chunk(max(k + 1, self.chunk))
         seqs = sorted(self._running, key=lambda s: s.admitted_at)
@@ -544,21 +555,29 @@ class Engine:
         w = _bucket(max(len(s.pages) for s in seqs), self.widths)
         kinds = kinds_for([s.req.sampling for s in seqs], self.cfg.vocab_size)
         room = [s.req.max_new - s.num - 1 for s in seqs]  # a verify step adds drafts + 1 tokens
+        tried = [s.spec.backoff == 0 and r > 0 for s, r in zip(seqs, room)]  # rows asked for a draft this round
+        if any(tried) and not self._verify_pays(seqs, room, b, w):
+            self._spec_decode(seqs, b, w, kinds, self.chunk)
+            return
+        t0, c0 = time.perf_counter(), self._compiles
         drafts = self.proposer.drafts(seqs, room)
         if not any(drafts):
-            steps = self.chunk if min(s.spec.backoff for s in seqs) >= self.chunk else 1
-            out = self._decode_call(seqs, b, w, kinds, steps=steps)
-            for s in seqs:
-                s.spec.backoff = max(0, s.spec.backoff - (steps - 1))
-            self.counts["decode_steps"] += steps
-            self.counts["row_forwards"] += sum(self._take(seqs, out))
-            self.proposer.after(seqs, [0] * len(seqs), [0] * len(seqs))
+            for s, asked in zip(seqs, tried):
+                if asked:
+                    spec_mod.note_gain(s.spec, 0)
+            every_row_waits = min(s.spec.backoff for s in seqs) >= self.chunk
+            self._spec_decode(seqs, b, w, kinds, self.chunk if every_row_waits or self._chunk_pays(b, w) else 1,
+                              drafted=True)
             return
         t = _bucket(1 + max(len(d) for d in drafts), self.spec.verify_widths())
         out = self._verify_call(seqs, drafts, b, w, t, kinds)
+        self._timed(("verify", b, w, t), time.perf_counter() - t0, c0)
+        self._since_verify = 0
         accepted = [int(np.sum(out[i] >= 0)) - 1 for i in range(len(seqs))]
-        for s, d, a in zip(seqs, drafts, accepted):
+        for s, d, a, asked in zip(seqs, drafts, accepted, tried):
             spec_mod.update(s.spec, len(d), a, k, self.spec.adaptive)
+            if asked:
+                spec_mod.note_gain(s.spec, a)
         nd, na = sum(map(len, drafts)), sum(accepted)
         self.counts["spec_drafted"] += nd
         self.counts["spec_accepted"] += na
@@ -567,6 +586,61 @@ class Engine:
         self.metrics.speculated(nd, na)
         self._take(seqs, out)
         self.proposer.after(seqs, [len(d) for d in drafts], accepted)
+
+    def _spec_decode(self, seqs: list[Sequence], b: int, w: int, kinds, steps: int, drafted: bool = False) -> None:
+        """A plain decode call inside speculative decoding (no row drafted, or the gate chose it): backoffs count
+        its steps (the proposer already counted one round when it was asked for drafts)."""
+        t0, c0 = time.perf_counter(), self._compiles
+        out = self._decode_call(seqs, b, w, kinds, steps=steps)
+        self._timed(("decode", b, w, steps), time.perf_counter() - t0, c0)
+        self._since_verify += 1
+        for s in seqs:
+            s.spec.backoff = max(0, s.spec.backoff - (steps - 1 if drafted else steps))
+        self.counts["decode_steps"] += steps
+        self.counts["row_forwards"] += sum(self._take(seqs, out))
+        self.proposer.after(seqs, [0] * len(seqs), [0] * len(seqs))
+
+    def _timed(self, key: tuple, seconds: float, compiles_before: int) -> None:
+        """A call's wall time into its running estimate; a call that compiled is not counted."""
+        if self._compiles != compiles_before:
+            return
+        n, est = self._call_times.get(key, (0, 0.0))
+        self._call_times[key] = (n + 1, seconds if n == 0 else 0.8 * est + 0.2 * seconds)
+
+    def _time_calls(self, b: int, w: int) -> None:
+        """Time the (compiled) greedy decode and verify programs at b rows, table width w, into the gate's table."""
+        rows = [None] * b
+        for steps in (self.chunk, 1):
+            t0, c0 = time.perf_counter(), self._compiles
+            self._decode_call(rows, b, w, GREEDY_KINDS, steps=steps)
+            self._timed(("decode", b, w, steps), time.perf_counter() - t0, c0)
+        for t in self.spec.verify_widths():
+            t0, c0 = time.perf_counter(), self._compiles
+            self._verify_call(rows, [[]] * b, b, w, t, GREEDY_KINDS)
+            self._timed(("verify", b, w, t), time.perf_counter() - t0, c0)
+
+    def _chunk_pays(self, b: int, w: int) -> bool:
+        """Gated, with no draft this round: whether a chunk beats one decode step per token by more than a quarter
+        (on a CPU a call's fixed cost is several steps' worth; elsewhere one step keeps the next round's drafts)."""
+        n1, t1 = self._call_times.get(("decode", b, w, 1), (0, 0.0))
+        nc, tc = self._call_times.get(("decode", b, w, self.chunk), (0, 0.0))
+        return self.spec.gate and n1 > 0 and nc > 0 and t1 > 1.25 * tc / self.chunk
+
+    def _verify_pays(self, seqs: list[Sequence], room: list[int], b: int, w: int) -> bool:
+        """Whether a verify round is expected to give more tokens per second than a decode chunk of `self.chunk`
+        steps (see `_spec_round`). Unmeasured shapes are tried first: verify, then the chunk."""
+        if not self.spec.gate or self._since_verify >= GATE_PROBE:
+            return True
+        t = _bucket(1 + max(min(s.spec.k, r) for s, r in zip(seqs, room)), self.spec.verify_widths())
+        nv, tv = self._call_times.get(("verify", b, w, t), (0, 0.0))
+        nd, td = self._call_times.get(("decode", b, w, self.chunk), (0, 0.0))
+        if nv == 0:
+            return True
+        if nd == 0:
+            return False
+        gain_verify = sum(1 + (s.spec.gain if s.spec.backoff == 0 and r > 0 else 0.0) for s, r in zip(seqs, room))
+        gain_chunk = sum(min(self.chunk, s.req.max_new - s.num) for s in seqs)
+        return gain_verify / tv >= gain_chunk / td
 
     def _verify_call(self, rows: list[Sequence | None], drafts: list[list[int]], b: int, w: int, t: int,
                      kinds) -> np.ndarray:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from qcjax.config import ModelConfig
 from qcjax.model import abstract_params, build
-from qcjax.sampling import Controls, FilterKinds, Filters, categorical, filter_logits, sample_tokens
+from qcjax.sampling import Controls, FilterKinds, sample_tokens
 from qcjax.sharding import batch_shards, constrain, param_shardings
 
 Pool = dict  # {"k", "v": [layers, pages, page_size, kv_heads * head_dim]}
@@ -118,49 +118,26 @@ def verify(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, tokens
     """One target forward over each row's newest token and its drafted continuation (speculative decoding).
 
     tokens [B, T]: row b's newest token (not yet in its cache, at position lengths[b]) then counts[b] - 1 drafted
-    tokens, right-padded. The row keeps the longest run of drafts the model accepts, then one more token of its own
-    (the correction at the first rejection, or a bonus token after a full run), so a call emits 1 to counts[b]
-    tokens per row. Drafts are deterministic proposals (prompt lookup, or a draft model's greedy tokens), so the rule
-    that keeps the model's distribution exact is: greedy rows accept a draft equal to the argmax; sampling rows
-    accept draft d with probability p(d) under the row's filtered distribution and, at a rejection, draw from p with
-    d removed (renormalised), the residual of rejection sampling for a one-point proposal. Randomness: the draws for
-    the row's i-th generated token use fold_in(key, i) (the token) and fold_in(fold_in(key, i), 1) (the accept
-    test), whatever the batch or draft length. Keys and values of every position are written; the host keeps the
-    row's length at what was accepted (later writes replace the rest). Returns the pool and the emitted tokens
-    [B, T] (-1 after each row's last)."""
+    tokens, right-padded. At every position the row draws the token plain decoding would draw there (the same
+    filters, the same uniform: fold_in(key, i) for the row's i-th generated token); the row keeps the drafts while
+    each equals that draw, then emits the first draw that differs (or the draw after a full run). Drafts are
+    deterministic proposals (prompt lookup, a draft model's greedy tokens), so a draft d is accepted with
+    probability p(d), the most any exact rule accepts a one-point proposal, and the emitted text is token for token
+    the text plain decoding draws with the same seed: greedy or sampled, speculation changes only how many target
+    forwards it takes. Keys and values of every position are written; the host keeps the row's length at what was
+    accepted (later writes replace the rest). Returns the pool and the emitted tokens [B, T] (-1 after each row's
+    last)."""
     b, t = tokens.shape
     pos = jnp.arange(t, dtype=jnp.int32)
     segs = (pos[None, :] < counts[:, None]).astype(jnp.int32)
     hidden, pool = _forward(cfg, params, pool, tokens, segs, lengths, pages)
     logits = _head(cfg, params, hidden)  # [B, T, V] float32
-    v = logits.shape[-1]
+    # position j draws the row's (num + j)-th token, as decode's step would
+    rep = jax.tree.map(lambda x: jnp.repeat(x, t, axis=0), controls)
+    drawn = sample_tokens(logits.reshape(b * t, -1), rep, (num[:, None] + pos[None, :]).reshape(-1),
+                          kinds).reshape(b, t)
     drafts = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)  # draft judged at position j
-    ndraft = counts - 1  # [B]
-    target = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, T] greedy choices
-    accept = drafts == target
-    if kinds.sample:
-        f = controls.filters
-        rep = Filters(*(jnp.repeat(x, t) for x in f))
-        x = filter_logits(logits.reshape(b * t, v), rep, kinds).reshape(b, t, v)
-        logp = jax.nn.log_softmax(x, axis=-1)
-        p_draft = jnp.exp(jnp.take_along_axis(logp, drafts[..., None], axis=-1)[..., 0])  # [B, T]
-        idx = num[:, None] + pos[None, :]  # the generated-token index each position draws
-        keys = jax.vmap(lambda k, i: jax.vmap(lambda j: jax.random.fold_in(k, j))(i))(controls.keys, idx)  # [B, T]
-        u_accept = jax.vmap(jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1))))(keys)
-        sampled = f.temperature[:, None] > 0
-        accept = jnp.where(sampled, u_accept < p_draft, accept)
-    accept = accept & (pos[None, :] < ndraft[:, None])
+    accept = (drafts == drawn) & (pos[None, :] < (counts - 1)[:, None])
     n = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)  # [B] drafts accepted
-    last = jnp.take_along_axis(target, n[:, None], axis=1)[:, 0]  # greedy: the model's token at position n
-    if kinds.sample:
-        xn = jnp.take_along_axis(x, n[:, None, None], axis=1)[:, 0]  # [B, V]
-        rejected = n < ndraft
-        dn = jnp.take_along_axis(drafts, n[:, None], axis=1)[:, 0]
-        residual = jnp.where(rejected[:, None] & (jnp.arange(v)[None, :] == dn[:, None]), -jnp.inf, xn)
-        # p(d) = 1 in exact arithmetic never rejects; if rounding did, the residual is empty: keep p as it is
-        xn = jnp.where(jnp.any(residual > -jnp.inf, axis=-1, keepdims=True), residual, xn)
-        kn = jnp.take_along_axis(keys, n[:, None], axis=1)[:, 0]
-        u = jax.vmap(jax.random.uniform)(kn)
-        last = jnp.where(f.temperature > 0, categorical(xn, u), last)
-    out = jnp.where(pos[None, :] < n[:, None], drafts, jnp.where(pos[None, :] == n[:, None], last[:, None], -1))
+    out = jnp.where(pos[None, :] <= n[:, None], drawn, -1)  # accepted drafts equal the draws; then the draw at n
     return pool, out.astype(jnp.int32)

@@ -1,7 +1,7 @@
 """Speculative decoding: who proposes the draft tokens a verify step judges (qcjax.inference.programs.verify).
 
-Two proposers, both deterministic (a draft is a guess, never a sample, so the verify rule is the one-point rejection
-sampler and the output distribution is the model's own, exactly):
+Two proposers, both deterministic (a draft is a guess, never a sample: the verify step keeps a draft token while it
+equals the token plain decoding draws there, so greedy or sampled, the text is the one plain decoding gives):
 
 - `NgramProposer` (prompt lookup, host side, no model): the last n tokens of a row (n from `max_ngram` down to
   `min_ngram`) are looked up in the row's own tokens, and the tokens that followed their most recent earlier
@@ -16,7 +16,11 @@ sampler and the output distribution is the model's own, exactly):
 
 Adaptive: each row drafts `k` tokens at most, grows its draft after a fully accepted one and shrinks it after a
 rejection; a row whose drafts keep failing backs off (no drafting for 1, 2, 4 ... 16 rounds), so a batch whose
-text does not repeat decodes as if speculation were off.
+text does not repeat decodes as if speculation were off. Gated (`gate`, on by default): the engine times its verify
+and decode calls and runs a plain decode chunk instead of a verify round wherever the chunk is expected to give more
+tokens per second, from each row's running gain (where a verify step costs what a decode step does, as on TPUs and
+GPUs reading the weights, verifying nearly always wins; on a CPU, where a forward costs by the tokens it computes,
+only rows whose drafts are mostly right verify).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import numpy as np
 
 SOURCES = ("prompt", "suffix", "repo", "output")
 MAX_BACKOFF = 16
+GAIN_DECAY = 0.7  # weight of the past in a row's running gain (the drafts a verify round accepts)
 
 
 @dataclasses.dataclass
@@ -35,7 +40,9 @@ class Speculation:
     k: draft tokens per verify step at most (`--num_speculative_tokens`); min_ngram / max_ngram: the lookup's n-gram
     lengths; sources: where prompt lookup may find a match (see SOURCES); markers: the ids of <|fim_suffix|>,
     <|fim_middle|>, <|file_sep|> for the tokenizer in use (needed only when sources leave some out); adaptive: grow
-    and shrink each row's draft by its acceptance."""
+    and shrink each row's draft by its acceptance; gate: let the engine run a plain decode chunk instead of a verify
+    round where, on this machine's measured call times and the rows' recent gains, the chunk gives more tokens per
+    second (the text is the same either way)."""
 
     method: str = "ngram"
     k: int = 7
@@ -44,6 +51,7 @@ class Speculation:
     sources: tuple[str, ...] = SOURCES
     markers: dict | None = None
     adaptive: bool = True
+    gate: bool = True
     draft: Any = None  # (ModelConfig, params) of the draft model
 
     def __post_init__(self):
@@ -78,8 +86,14 @@ class RowState:
     drafted: int = 0
     accepted: int = 0
     verifies: int = 0
+    gain: float = 0.0  # running estimate of the drafts a verify round accepts for this row (set from k at first)
     draft_len: int = 0  # draft model: tokens whose keys are in the draft's pages
     draft_from: int = 0  # draft model: the position of the newest proposal's first token
+
+
+def note_gain(state: RowState, accepted: int) -> None:
+    """A round in which the row was asked for a draft: what it gained (0 where it had none) into its running gain."""
+    state.gain = GAIN_DECAY * state.gain + (1 - GAIN_DECAY) * accepted
 
 
 def update(state: RowState, drafted: int, accepted: int, k_max: int, adaptive: bool) -> None:
@@ -131,7 +145,7 @@ class NgramProposer:
         self.spec = spec
 
     def state(self, tokens: Seq[int], prompt_len: int) -> RowState:
-        st = RowState(k=self.spec.k)
+        st = RowState(k=self.spec.k, gain=self.spec.k / 2)
         if set(self.spec.sources) != set(SOURCES):
             st.regions = _regions(tokens, prompt_len, self.spec.markers)
         return st
@@ -190,4 +204,4 @@ class NgramProposer:
         """The target's prefill call (nothing to do)."""
 
 
-__all__ = ["NgramProposer", "RowState", "SOURCES", "Speculation", "update"]
+__all__ = ["NgramProposer", "RowState", "SOURCES", "Speculation", "note_gain", "update"]

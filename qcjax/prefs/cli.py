@@ -27,7 +27,9 @@ import os
 import sys
 import time
 
-from qcjax.eval.cli import UsageError, _isolation, _limits, _model_flags, _Progress, _sandbox_flags
+from qcjax import cli
+from qcjax.cli import UsageError
+from qcjax.eval.cli import _isolation, _limits, _model_flags, _Progress, _sandbox_flags
 from qcjax.eval.sandbox import SandboxError, machine
 
 
@@ -375,57 +377,45 @@ def main(argv=None) -> int:
     overrides = [x for x in argv if x.startswith("--config.")]
     a = parser.parse_args([x for x in argv if not x.startswith("--config.")])
     log = sys.stderr
-    try:
-        from absl import logging as absl_logging
+    cli.start(a.dtype)  # before JAX starts
+    return cli.guarded(parser.prog, lambda: _run(a, overrides, log), debug=a.debug,
+                       failures={SandboxError: "sandbox error"},
+                       interrupted="interrupted (rerun the same command to resume)")
 
-        from qcjax.eval.cli import _problems
-        from qcjax import platform
 
-        platform.quiet_libtpu()  # before JAX starts
-        absl_logging.set_verbosity(absl_logging.ERROR)
-        platform.configure_xla(a.dtype)
-        _check(a)
-        if overrides and not a.config:
-            raise UsageError(f"{overrides[0]}: --config.FIELD needs --config")
-        limits = _limits(a)
-        problems = _problems(a.problems, a, "--problems")
-        eval_problems = None
-        if a.eval_problems:
-            from qcjax.eval.problems import load_problems
+def _run(a: argparse.Namespace, overrides: list[str], log) -> int:
+    from qcjax.eval.cli import _problems
 
-            try:
-                eval_problems = load_problems(a.eval_problems)
-            except (OSError, ValueError) as e:
-                raise UsageError(f"--eval_problems {e}") from e
-        if a.config:
-            load_config(a.config, overrides)  # config errors before any work
-        iso = _isolation(a, log)
-        if a.rounds:
-            run_rounds(a, overrides, problems, eval_problems, iso, limits, log)
-            if not a.quiet:
-                print(json.dumps(json.load(open(os.path.join(a.workdir, "report.json"))), indent=1))
-            return 0
-        make_pairs_file(a, (a.hf_dir, a.ckpt), problems, iso, limits, a.out, log)
-        if a.ref_logps:
-            from qcjax.eval import generate as G
-            from qcjax.train.dpo_reference import precompute
+    _check(a)
+    if overrides and not a.config:
+        raise UsageError(f"{overrides[0]}: --config.FIELD needs --config")
+    limits = _limits(a)
+    problems = _problems(a.problems, a, "--problems")
+    eval_problems = None
+    if a.eval_problems:
+        from qcjax.eval.problems import load_problems
 
-            c = dpo_config(load_config(a.config, overrides), a.hf_dir or a.ckpt, a.out, G._tokenizer_source(a),
-                           a.mode, any(o.startswith("--config.tokenizer=") for o in overrides))
-            tmp = a.out + ".ref.tmp"
-            precompute(c, a.out, tmp)
-            os.replace(tmp, a.out)
+        try:
+            eval_problems = load_problems(a.eval_problems)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--eval_problems {e}") from e
+    if a.config:
+        load_config(a.config, overrides)  # config errors before any work
+    iso = _isolation(a, log)
+    if a.rounds:
+        run_rounds(a, overrides, problems, eval_problems, iso, limits, log)
+        if not a.quiet:
+            print(json.dumps(json.load(open(os.path.join(a.workdir, "report.json"))), indent=1))
         return 0
-    except UsageError as e:
-        if a.debug:
-            raise
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    except SandboxError as e:
-        if a.debug:
-            raise
-        print(f"{parser.prog}: sandbox error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted (rerun the same command to resume)", file=sys.stderr)
-        return 130
+    make_pairs_file(a, (a.hf_dir, a.ckpt), problems, iso, limits, a.out, log)
+    if a.ref_logps:
+        from qcjax.eval import generate as G
+        from qcjax.train.dpo_reference import precompute
+
+        c = dpo_config(load_config(a.config, overrides), a.hf_dir or a.ckpt, a.out, G._tokenizer_source(a),
+                       a.mode, any(o.startswith("--config.tokenizer=") for o in overrides))
+        tmp = a.out + ".ref.tmp"
+        precompute(c, a.out, tmp)
+        os.replace(tmp, a.out)
+    return 0
+

@@ -16,19 +16,15 @@ import os
 import sys
 import time
 
+from qcjax import cli
+from qcjax.cli import UsageError
 from qcjax.inference.flags import add_flags, speculation
 
 PROG = "python -m qcjax.serve"
 DEFAULT_MAX_LEN = 8192  # --max_len when not given, for a model whose context is longer
 
 
-class UsageError(ValueError):
-    """Bad flags or input: `python -m qcjax.serve: error: ...`, exit status 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from qcjax.loader import SAMPLING_QUANT  # importing JAX starts no backend: the platform set-up can follow
-
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""endpoints:
@@ -41,24 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 Generation stops at Qwen's FIM/chat stop tokens, a request's stop strings, or max_tokens (default 16 for
 completions, the rest of the context for chat). Requests beyond --max_batch running ones wait in a queue of
 --max_queue, then get HTTP 429. docs/serving.md: editor set-up (FIM completion), examples.""")
-    m = p.add_argument_group("model (as infer.py)")
-    src = m.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf_dir", help="Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)")
-    src.add_argument("--ckpt", help="qcjax (Orbax) checkpoint: a training run's directory, its checkpoints/, one "
-                     "step directory of it, or a converted checkpoint")
-    m.add_argument("--step", type=int, default=None, help="checkpoint step for --ckpt (default: the latest)")
-    m.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json / SentencePiece .model / directory / 'qwen' (default: the checkpoint's)")
-    m.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                   help="param and compute dtype (default bfloat16)")
-    m.add_argument("--cache_dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                   help="KV cache dtype (default bfloat16)")
-    m.add_argument("--quant", default="none", choices=SAMPLING_QUANT,
-                   help="int8: weight-only int8 projections (one scale per output channel), quantized from the float "
-                        "checkpoint as it loads (default none; docs/serving.md)")
-    m.add_argument("--mesh", default=None,
-                   help="device mesh, e.g. 'tensor=8' (default: on several TPU/GPU devices, tensor parallel up to the "
-                        "KV heads, then data over the rows; on the CPU, one device)")
+    m = cli.model_flags(p, title="model (as infer.py)")
     m.add_argument("--served_model_name", default=None,
                    help="the model name clients send (default: the run directory's name for a training run's "
                         "checkpoint, else the directory's name)")
@@ -180,20 +159,8 @@ def load_draft(path: str, mesh, dtype: str):
 
 
 def make_mesh(a: argparse.Namespace, cfg_source):
-    import jax
-
-    from qcjax.sharding import make_mesh as mk, serving_mesh_shape
-
-    if a.mesh is not None:
-        from qcjax.convert import parse_mesh
-
-        try:
-            return mk(parse_mesh(a.mesh))
-        except (ValueError, argparse.ArgumentTypeError) as e:
-            raise UsageError(f"--mesh {a.mesh!r}: {e} (expected e.g. 'tensor=8')") from None
-    if jax.device_count() > 1 and jax.default_backend() != "cpu":
-        return mk(serving_mesh_shape(cfg_source(), jax.device_count(), a.max_batch))
-    return None
+    """--mesh, else the serving default over the host's accelerators (qcjax.cli.serving_mesh)."""
+    return cli.mesh(a.mesh) or cli.serving_mesh(cfg_source, a.max_batch)[0]
 
 
 def build(a: argparse.Namespace, log=print):
@@ -260,21 +227,15 @@ def main(argv=None) -> int:
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    from absl import logging as absl_logging
-
-    from qcjax import platform
-
-    platform.quiet_libtpu()  # before JAX starts
-    absl_logging.set_verbosity(absl_logging.ERROR)
-    platform.configure_xla(a.dtype)
+    cli.start(a.dtype)  # before JAX starts
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if a.log_level != "debug":  # JAX's start-up notes ("Unable to initialize backend 'tpu'") are not server news
         logging.getLogger("jax").setLevel(logging.WARNING)
-    try:
-        engine, app, name = build(a, say)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    return cli.guarded(PROG, lambda: serve(a, say))
+
+
+def serve(a: argparse.Namespace, say) -> int:
+    engine, app, name = build(a, say)
     import uvicorn
 
     say(f"serving '{name}' on http://{a.host}:{a.port}/v1 (up to {a.max_batch} requests, {a.max_len} tokens each)")

