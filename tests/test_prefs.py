@@ -298,16 +298,18 @@ def test_the_documented_train_py_command_trains_on_the_pairs(tmp_path, hf_dir, n
 def test_one_round_of_the_loop_raises_held_out_pass1(tmp_path):
     """bench/prefs_demo.py, one round at seed 0 with 4 samples per train problem (the demo's default is 8; half the
     programs to run): SFT the tiny config on the train split, sample -> test -> pairs -> DPO with the RPO term,
-    held-out pass@1 before and after. Deterministic at a fixed seed (2026-12-07: greedy 12.7% -> 20.7%, paired change
+    held-out pass@1 before and after, on one CPU device as the command runs outside the tests. Deterministic at a
+    fixed seed (2026-12-07: greedy 12.7% -> 20.7%, paired change
     +8.0 [+3.3, +13.3] over 150 problems, 14 better / 2 worse; sampled 13.0% -> 17.2%, +4.2 [+1.5, +7.0]); asserted:
     both paired intervals above zero."""
     import subprocess
     import sys
 
+    # as a user runs it: one CPU device (not the 8 fake ones tests/conftest.py sets up for mesh tests)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "prefs_demo.py"), "--workdir", str(tmp_path),
-                        "--rounds", "1", "--k", "4"], env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-                       text=True,
-                       timeout=1800)
+                        "--rounds", "1", "--k", "4"], env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "demo_report.json").read_text())
     [round_1] = report["rounds"]
