@@ -26,7 +26,7 @@ CACHE_ATTENTION_TARGET = "qcjax_cache_attention"  # attention.cc's decode-step k
 STACKED_TARGET = "qcjax_stacked_matmul"  # stacked.cc: one layer of a weight stack, in place (qcjax/cpu/layers.py)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = tuple(os.path.join(_HERE, f) for f in ("matmul.cc", "attention.cc", "stacked.cc"))
-_HEADERS = (os.path.join(_HERE, "parallel.h"),)  # included by the sources: part of the build key
+_HEADERS = tuple(os.path.join(_HERE, f) for f in ("parallel.h", "simd.h"))  # included: part of the build key
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 
 

@@ -28,45 +28,13 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "parallel.h"
+#include "simd.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// One vector register's worth of lanes: 16 floats on AVX-512 (32 registers), 8 on AVX2 and below (16 registers), so
-// the 8-row loop's accumulators stay in registers (64-byte vectors on AVX2 took two registers each and spilled: 8 rows
-// read 3 GB/s instead of 9-20 on a Zen 3 host).
-#ifdef __AVX512F__
-constexpr int L = 16;
-#else
-constexpr int L = 8;
-#endif
-typedef float f32v __attribute__((vector_size(4 * L)));
-typedef uint16_t u16v __attribute__((vector_size(2 * L)));
-typedef uint32_t u32v __attribute__((vector_size(4 * L)));
-
-inline f32v loadv(const float* p) {
-  f32v v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline f32v loadv(const uint16_t* p) {  // L bfloat16 -> float32: the bits shifted into the high half
-  u16v h;
-  std::memcpy(&h, p, sizeof(h));
-  u32v w = __builtin_convertvector(h, u32v) << 16;
-  f32v v;
-  std::memcpy(&v, &w, sizeof(v));
-  return v;
-}
-
-inline float to_f32(float v) { return v; }
-inline float to_f32(uint16_t v) {
-  uint32_t b = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &b, sizeof(f));
-  return f;
-}
+using namespace qcjax_simd;  // L, f32v, widen, scalar (simd.h)
 
 inline float hsum(f32v v) {
   float s = 0.f;
@@ -121,19 +89,19 @@ void rows_block(const X* x0, const T* w, float* y0, int64_t k, int64_t n_total, 
       for (int b = 64; b < int(U * L * sizeof(T)); b += 64)
         __builtin_prefetch(wr + i + (b + prefetch_bytes<R, T>()) / sizeof(T));
       for (int u = 0; u < U; ++u) {
-        const f32v wv = loadv(wr + i + u * L);
-        for (int r = 0; r < R; ++r) acc[r][u] += wv * loadv(x0 + r * k + i + u * L);
+        const f32v wv = widen(wr + i + u * L);
+        for (int r = 0; r < R; ++r) acc[r][u] += wv * widen(x0 + r * k + i + u * L);
       }
     }
     for (; i + L <= k; i += L) {
-      const f32v wv = loadv(wr + i);
-      for (int r = 0; r < R; ++r) acc[r][0] += wv * loadv(x0 + r * k + i);
+      const f32v wv = widen(wr + i);
+      for (int r = 0; r < R; ++r) acc[r][0] += wv * widen(x0 + r * k + i);
     }
     for (int r = 0; r < R; ++r) {
       f32v a = acc[r][0];
       for (int u = 1; u < U; ++u) a += acc[r][u];
       float s = hsum(a);
-      for (int64_t j = i; j < k; ++j) s += to_f32(wr[j]) * to_f32(x0[r * k + j]);
+      for (int64_t j = i; j < k; ++j) s += scalar(wr[j]) * scalar(x0[r * k + j]);
       y0[r * n_total + n] = s;
     }
   }
@@ -212,7 +180,7 @@ void amx_rows(const uint16_t* x, const uint16_t* xp, const uint16_t* w, float* y
       for (int64_t j = m0; j < std::min(m, m0 + 16); ++j) {
         for (int r = 0; r < 16; ++r) {
           float t = c[r][j - m0];
-          for (int64_t i = kv; i < k; ++i) t += to_f32(wb[r * k + i]) * to_f32(x[j * k + i]);
+          for (int64_t i = kv; i < k; ++i) t += scalar(wb[r * k + i]) * scalar(x[j * k + i]);
           y[j * n_total + n + r] = t;
         }
       }
@@ -255,7 +223,7 @@ ffi::Error run(ffi::ThreadPool pool, const T* x, const T* w, float* y, int64_t m
   // both in the loop read 4 GB/s, below XLA's 6).
   if constexpr (sizeof(T) == 2) {
     auto v = std::make_shared<std::vector<float>>(m * k);
-    for (int64_t i = 0; i < m * k; ++i) (*v)[i] = to_f32(x[i]);
+    for (int64_t i = 0; i < m * k; ++i) (*v)[i] = scalar(x[i]);
     wide = v;
   }
 #endif

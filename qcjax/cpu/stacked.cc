@@ -29,55 +29,19 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "parallel.h"
+#include "simd.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-#ifdef __AVX512F__
-constexpr int L = 16;
-#else
-constexpr int L = 8;
-#endif
-typedef float f32v __attribute__((vector_size(4 * L)));
-typedef uint16_t u16v __attribute__((vector_size(2 * L)));
-typedef uint32_t u32v __attribute__((vector_size(4 * L)));
-typedef int8_t i8v __attribute__((vector_size(L)));
+using namespace qcjax_simd;  // L, f32v, widen, scalar (simd.h)
 
 #ifndef PREFETCH
 #define PREFETCH 1024
 #endif
 constexpr int64_t NB = 256;  // outputs per column block (the unit's outputs: 8 rows x 256 x 4 B = 8 KiB of L1)
 
-inline f32v widen(const float* p) {
-  f32v v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline f32v widen(const uint16_t* p) {  // bfloat16 -> float32: the bits shifted into the high half
-  u16v h;
-  std::memcpy(&h, p, sizeof(h));
-  u32v w = __builtin_convertvector(h, u32v) << 16;
-  f32v v;
-  std::memcpy(&v, &w, sizeof(v));
-  return v;
-}
-
-inline f32v widen(const int8_t* p) {  // int8 -> float32 (exact)
-  i8v h;
-  std::memcpy(&h, p, sizeof(h));
-  return __builtin_convertvector(h, f32v);
-}
-
-inline float scalar(float v) { return v; }
-inline float scalar(uint16_t v) {
-  uint32_t b = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &b, sizeof(f));
-  return f;
-}
-inline float scalar(int8_t v) { return float(v); }
 
 // Unit: x rows [0, R) (row stride k) against weight rows [k0, k1) and columns [n0, n0 + nb) of w ([k, n]); the sums
 // go to out[r * out_stride + j], j in [0, nb) (the caller offsets out to column n0 or its scratch).
