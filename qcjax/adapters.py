@@ -24,14 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qcjax.config import LORA_TARGETS, ModelConfig
+from qcjax.config import LORA_PROJECTIONS, LORA_TARGETS, ModelConfig
 from qcjax.model import Qwen2, abstract_params, register_adapted
 
-# short target name -> the projection's module path inside a decoder layer
-PROJECTIONS = {
-    "q": ("attn", "q_proj"), "k": ("attn", "k_proj"), "v": ("attn", "v_proj"), "o": ("attn", "o_proj"),
-    "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"), "down": ("mlp", "down_proj"),
-}
+PROJECTIONS = LORA_PROJECTIONS  # short target name -> the projection's module path inside a decoder layer
 LORA_A, LORA_B = "kernel_lora_a", "kernel_lora_b"
 NF4_BLOCK = 64  # input rows per nf4 scale (QLoRA's block size; smaller where a tiny test config's dims need it)
 

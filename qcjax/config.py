@@ -18,6 +18,11 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
 QUANT_TYPES = ("none", "int8", "nf4")
 # LoRA targets: the short names of the seven projections of a decoder layer.
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# each target's module path inside a decoder layer (the model's module names)
+LORA_PROJECTIONS = {
+    "q": ("attn", "q_proj"), "k": ("attn", "k_proj"), "v": ("attn", "v_proj"), "o": ("attn", "o_proj"),
+    "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"), "down": ("mlp", "down_proj"),
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,14 +24,15 @@ PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
+def template(target: str) -> str:
+    """The HF module name template of a LoRA target ("q" -> "model.layers.{i}.self_attn.q_proj")."""
+    rows = {row[1]: row[0] for row in hf.LAYER_MAPPING}
+    return rows[("layers",) + adapters.PROJECTIONS[target] + ("kernel",)].removesuffix(".weight")
+
+
 def modules(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...]]]:
     """(HF module name template "model.layers.{i}.self_attn.q_proj", our projection path) per cfg.lora target."""
-    rows = {row[1]: row[0] for row in hf.LAYER_MAPPING}
-    out = []
-    for t in cfg.lora.targets:
-        path = ("layers",) + adapters.PROJECTIONS[t]
-        out.append((rows[path + ("kernel",)].removesuffix(".weight"), path))
-    return out
+    return [(template(t), ("layers",) + adapters.PROJECTIONS[t]) for t in cfg.lora.targets]
 
 
 def trained_layers(cfg: ModelConfig) -> list[int]:

@@ -12,8 +12,8 @@ qcjax.attention.attend), in the model's order and dtypes; tests/cpu/test_cpu_lay
 model's scan.
 
 It applies to decode steps (at most matmul.MAX_ROWS tokens in the batch) with a cache, on one CPU device, for the
-plain model and the int8-quantized one (cfg.quant "int8"; not LoRA or nf4); prompts keep the model's scan, whose
-GEMMs XLA runs well.
+plain model and the int8-quantized one (cfg.quant "int8"; not a LoRA config or nf4), and adds per-row adapters
+(qcjax.row_lora) as the model does; prompts keep the model's scan, whose GEMMs XLA runs well.
 """
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from qcjax import platform, rope
+from qcjax.config import LORA_PROJECTIONS
 from qcjax.cpu import build
 from qcjax.cpu.matmul import MAX_ROWS
 
 _FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-PROJECTIONS = (("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj"), ("attn", "o_proj"),
-               ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+PROJECTIONS = tuple(LORA_PROJECTIONS.values())
 
 
 def _int8(kernel: Any, n_in: int = 1) -> bool:
@@ -97,6 +97,7 @@ def decoder_layers(cfg, params, carry, cos, sin, q_seg, kv_seg, q_offset):
     """`Qwen2.layers` (the scan of DecoderLayer) for a decode step: carry (x [B, T, E], (k pool, v pool, pages))
     -> the same after every layer, the layers' weights read in place from the stacks in `params` (params["layers"])."""
     from qcjax.attention import attend
+    from qcjax import row_lora
     from qcjax.model import cache_targets, read_pages, scatter_cache
 
     x, (k_cache, v_cache, pages) = carry
@@ -110,22 +111,23 @@ def decoder_layers(cfg, params, carry, cos, sin, q_seg, kv_seg, q_offset):
     from_bits = (lambda c: jax.lax.bitcast_convert_type(c, cache_dt)) if bits else (lambda c: c)  # noqa: E731
     b, t, e = x.shape
     h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
-    attn, mlp = params["attn"], params["mlp"]
 
-    def proj(node, rows, layer, n_in=1):  # the model's Linear: dot in float32 -> dt, + bias in dt
+    def proj(target, rows, layer, n_in=1):  # the model's Linear: dot in float32 -> dt, + bias in dt
+        node = params[LORA_PROJECTIONS[target][0]][LORA_PROJECTIONS[target][1]]
         y = stacked_matmul(rows, node["kernel"], layer, n_in).astype(dt)
         if "bias" in node:
             y = y + jax.lax.dynamic_index_in_dim(node["bias"], layer, 0, keepdims=False).reshape(-1).astype(dt)
-        return y
+        lora = row_lora.delta(rows.reshape(b, t, -1), target, layer, dt)  # per-row adapters, as the model adds them
+        return y if lora is None else (y + lora.reshape(y.shape).astype(dt)).astype(dt)
 
     def layer_fn(layer, state):
         x, k_cache, v_cache = state
         norm = lambda name, v: _rms_norm(cfg, v, jax.lax.dynamic_index_in_dim(  # noqa: E731
             params[name]["scale"], layer, 0, keepdims=False))
         rows = norm("input_norm", x).reshape(b * t, e)
-        q = rope.apply_rope(proj(attn["q_proj"], rows, layer).reshape(b, t, h, d), cos, sin)
-        k = rope.apply_rope(proj(attn["k_proj"], rows, layer).reshape(b, t, kvh, d), cos, sin)
-        v = proj(attn["v_proj"], rows, layer).reshape(b, t, kvh, d)
+        q = rope.apply_rope(proj("q", rows, layer).reshape(b, t, h, d), cos, sin)
+        k = rope.apply_rope(proj("k", rows, layer).reshape(b, t, kvh, d), cos, sin)
+        v = proj("v", rows, layer).reshape(b, t, kvh, d)
         page_size = k_cache.shape[2]
         index, slot = cache_targets(q_offset, t, pages, page_size, q_seg != 0)
         k_cache, v_cache = (scatter_cache(c, to_bits(n.reshape(b, t, kvh * d).astype(cache_dt)), layer, index, slot)
@@ -139,12 +141,12 @@ def decoder_layers(cfg, params, carry, cos, sin, q_seg, kv_seg, q_offset):
         kc, vc = (from_bits(c).reshape(b, -1, kvh, d) for c in (kc, vc))
         out = attend(q, kc, vc, q_seg, kv_seg, q_offset, scale=d**-0.5, impl=cfg.attention_impl,
                      prompt=q.shape[1] == kc.shape[1])
-        x = x + proj(attn["o_proj"], out.reshape(b * t, h * d), layer, 2).reshape(b, t, e)
+        x = x + proj("o", out.reshape(b * t, h * d), layer, 2).reshape(b, t, e)
         rows = norm("post_attn_norm", x).reshape(b * t, e)
-        gate = proj(mlp["gate_proj"], rows, layer)
-        up = proj(mlp["up_proj"], rows, layer)
+        gate = proj("gate", rows, layer)
+        up = proj("up", rows, layer)
         hidden = jax.nn.silu(gate) * up
-        x = x + proj(mlp["down_proj"], hidden, layer).reshape(b, t, e)
+        x = x + proj("down", hidden, layer).reshape(b, t, e)
         return x, k_cache, v_cache
 
     x, k_cache, v_cache = jax.lax.fori_loop(0, cfg.num_layers, layer_fn, (x, to_bits(k_cache), to_bits(v_cache)))

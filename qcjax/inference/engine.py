@@ -44,6 +44,7 @@ from jax.sharding import NamedSharding
 from qcjax import platform
 from qcjax.config import ModelConfig
 from qcjax.inference import programs
+from qcjax.inference.lora import LoraSlots
 from qcjax.inference.metrics import EngineMetrics
 from qcjax.inference.pages import PagePool
 from qcjax.inference import speculative as spec_mod
@@ -97,13 +98,16 @@ class Engine:
     across requests; chunk: decode steps per device call; max_queue: waiting requests beyond the free rows before
     `submit` raises QueueFull; prefill_batch / prefill_chunk / prefill_tokens: rows and tokens per row of one prefill
     call, and prefill tokens per round (the most a round delays running decodes by); speculative: draft tokens
-    proposed by prompt lookup or a draft model and checked by one target forward (qcjax.inference.speculative)."""
+    proposed by prompt lookup or a draft model and checked by one target forward (qcjax.inference.speculative);
+    lora: the adapters requests may name (`Request.adapter`), each row run through its own in one batch
+    (qcjax.inference.lora)."""
 
     def __init__(self, cfg: ModelConfig, params: Any, *, max_rows: int = 16, max_len: int = 8192,
                  page_size: int = DEFAULT_PAGE_SIZE, num_pages: int | None = None, prefix_cache: bool = True,
                  cache_dtype: Any = jnp.bfloat16, mesh=None, chunk: int = 8, max_queue: int = 64,
                  prefill_batch: int = 4, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefill_tokens: int = 2048,
-                 min_batch: int | None = None, speculative: spec_mod.Speculation | None = None):
+                 min_batch: int | None = None, speculative: spec_mod.Speculation | None = None,
+                 lora: LoraSlots | None = None):
         for name, v, lo in (("max_rows", max_rows, 1), ("max_len", max_len, 2), ("page_size", page_size, 1),
                             ("chunk", chunk, 1), ("max_queue", max_queue, 0), ("prefill_batch", prefill_batch, 1),
                             ("prefill_tokens", prefill_tokens, 1), ("num_pages", num_pages or 1, 1)):
@@ -133,6 +137,7 @@ class Engine:
         self.pages = PagePool(self.num_pages, self.page_size, prefix_cache)
         self.metrics = EngineMetrics()
         self.spec = speculative
+        self.lora = lora
         self._call_times: dict[tuple, tuple[int, float]] = {}  # (program, rows, table width, tokens) -> (calls, s)
         self._since_verify = 0
         self.proposer = None
@@ -163,6 +168,9 @@ class Engine:
         """ValueError naming the limit, for a request this engine can never run (too long for the context or the
         pool, bad ids or settings)."""
         check_request(r, self.cfg, self.max_len, self.num_pages, self.page_size)
+        if r.adapter is not None and (self.lora is None or r.adapter not in self.lora):
+            raise ValueError(f"adapter {r.adapter!r}: not one this engine serves "
+                             f"({', '.join(self.lora.names()) if self.lora else 'it serves none'})")
 
     def submit(self, reqs: Seq[Request]) -> None:
         """Queue requests (all or none). ValueError: a request the engine cannot run; QueueFull: no room now."""
@@ -178,7 +186,10 @@ class Engine:
             now = time.perf_counter()
             for r in reqs:
                 r.submitted = now
-                self._waiting.append(Sequence(r, list(map(int, r.tokens)), len(r.tokens)))
+                s = Sequence(r, list(map(int, r.tokens)), len(r.tokens), namespace=r.namespace)
+                if r.adapter is not None:  # its pages are its adapter's: never shared with another's rows
+                    s.namespace = (r.namespace, self.lora.namespace(r.adapter))
+                self._waiting.append(s)
                 self.metrics.submitted(len(r.tokens))
             self.counts["submitted"] += len(reqs)
             self._cv.notify_all()
@@ -320,6 +331,7 @@ class Engine:
     def _fail_all(self) -> None:
         for s in self._prefilling + self._running:
             self.counts["errors"] += 1
+            self._release_slot(s)
             s.req._emit([], "error")
         self._prefilling, self._running = [], []
         self.pages = PagePool(self.num_pages, self.page_size, self.pages.prefix_cache)  # device state unknown: anew
@@ -347,9 +359,10 @@ class Engine:
 
     def _finish(self, s: Sequence, reason: str, tokens: list[int] | None = None) -> None:
         """Release a sequence's pages (its full pages stay in the prefix cache) and tell its caller."""
-        self.pages.register(s.tokens, s.pages, s.cached, s.req.namespace)
+        self.pages.register(s.tokens, s.pages, s.cached, s.namespace)
         self.pages.release(s.pages)
         s.pages = []
+        self._release_slot(s)
         self.counts["cancelled" if reason == "cancelled" else "completed"] += 1
         self.metrics.finished(reason)
         if s.spec is not None and s.spec.verifies:
@@ -385,7 +398,7 @@ class Engine:
             if not self._waiting or len(self._running) + len(self._prefilling) >= self.max_rows:
                 return None
             s = self._waiting[0]
-        ns, ps = s.req.namespace, self.page_size
+        ns, ps = s.namespace, self.page_size
         hit = self.pages.lookup(s.tokens, len(s.tokens) - 1, ns)
         cached = len(hit) * ps
         sig = tuple(s.tokens[: cached + ps]) if cached + ps <= len(s.tokens) - 1 else None
@@ -393,6 +406,20 @@ class Engine:
         if (sig is not None and sig in batch_sigs) or need > self.pages.available():
             self.pages.release(hit)
             return None
+        if s.req.adapter is not None:
+            try:
+                s.slot = self.lora.acquire(s.req.adapter, s.namespace[1][2])
+            except KeyError:  # unloaded while it waited
+                self.pages.release(hit)
+                with self._cv:
+                    self._waiting.popleft()
+                self.counts["errors"] += 1
+                s.req._emit([], "error")
+                return None
+            if s.slot is None:  # every slot is held by running rows: wait for one
+                s.slot = -1
+                self.pages.release(hit)
+                return None
         with self._cv:
             self._waiting.popleft()
         s.pages = hit + self.pages.allocate(need)
@@ -439,7 +466,7 @@ class Engine:
             self.counts["computed_tokens"] += sum(counts)
             for s, c, tok in zip(rows, counts, toks):
                 s.cached += c
-                self.pages.register(s.tokens, s.pages, s.cached, s.req.namespace)
+                self.pages.register(s.tokens, s.pages, s.cached, s.namespace)
                 if s.cached == len(s.tokens):  # the prompt is in: its first token (or, after a preemption, the next)
                     self._prefilling.remove(s)
                     reason = s.record(tok)
@@ -472,7 +499,7 @@ class Engine:
         if self.proposer is not None:
             self.proposer.prefill(*args, controls(rows, p, self._place))  # a draft model's pool takes it too
         self._pool, toks = programs.prefill(self.cfg, kinds, self.params, self._pool, *args,
-                                            self._place(num, ("cache_batch",)), ctl)
+                                            self._place(num, ("cache_batch",)), ctl, self._lora_rows(rows, p))
         return np.asarray(jax.device_get(toks))
 
     # -- decode --
@@ -497,8 +524,9 @@ class Engine:
         """Release a running row's pages (its full pages stay cached) and put it back at the head of the queue with
         its tokens so far as its prompt: re-admitted, it is prefilled (mostly from the cache) and continues."""
         self._running.remove(s)
-        self.pages.register(s.tokens, s.pages, s.cached, s.req.namespace)
+        self.pages.register(s.tokens, s.pages, s.cached, s.namespace)
         self.pages.release(s.pages)
+        self._release_slot(s)
         s.pages, s.cached = [], 0
         self.counts["preempted"] += 1
         self.metrics.preempted()
@@ -658,8 +686,24 @@ class Engine:
             self.cfg, kinds, self.params, self._pool, self._place(tokens, ("cache_batch", None)),
             self._place(lengths, ("cache_batch",)), self._place(counts, ("cache_batch",)),
             self._place(pages, ("cache_batch", None)), self._place(num, ("cache_batch",)),
-            controls(rows, b, self._place))
+            controls(rows, b, self._place), self._lora_rows(rows, b))
         return np.asarray(jax.device_get(out))
+
+    def _lora_rows(self, rows: list[Sequence | None], b: int):
+        """The programs' `lora` argument: the bank and each row's slot (-1: the base; padding rows too), or None
+        when the engine serves no adapters."""
+        if self.lora is None:
+            return None
+        ids = np.full(b, -1, np.int32)
+        for i, s in enumerate(rows):
+            if s is not None:
+                ids[i] = s.slot
+        return self.lora.bank(), self._place(ids, ("cache_batch",))
+
+    def _release_slot(self, s: Sequence) -> None:
+        if s.slot >= 0:
+            self.lora.release(s.slot)
+            s.slot = -1
 
     def _decode_call(self, rows: list[Sequence | None], b: int, w: int, kinds, steps: int | None = None) -> np.ndarray:
         pages = np.full((b, w), self.num_pages, np.int32)
@@ -674,7 +718,7 @@ class Engine:
                           self._place(last, ("cache_batch",)), self._place(num, ("cache_batch",)),
                           self._place(done, ("cache_batch",)))
         self._pool, out, _ = programs.decode(self.cfg, kinds, self.params, self._pool, r, controls(rows, b, self._place),
-                                             steps=steps or self.chunk)
+                                             self._lora_rows(rows, b), steps=steps or self.chunk)
         return np.asarray(jax.device_get(out))
 
 

@@ -78,6 +78,8 @@ def generate(
     on_finish: Callable[[int, Completion], None] | None = None,
     speculative: Speculation | None = None,
     stats: dict | None = None,
+    lora: Any = None,
+    adapter: str | None | Seq[str | None] = None,
 ) -> list[Completion]:
     """Generate for a list of token prompts, each with its own length limit, filters, stop set and seed.
 
@@ -88,7 +90,9 @@ def generate(
     all of them, up to 64). The KV cache holds max_rows rows of the longest request (in pages of page_size).
     on_finish(i, completion) is called as each prompt finishes (progress). speculative: draft and verify
     (qcjax.inference.speculative; greedy text is unchanged, sampling keeps the model's distribution). stats: a dict
-    the engine's counters are added to at the end (prefix-cache tokens, speculation's drafted / accepted tokens)."""
+    the engine's counters are added to at the end (prefix-cache tokens, speculation's drafted / accepted tokens).
+    lora: the adapters (qcjax.inference.lora.LoraSlots) prompts may run through; adapter: one name for every prompt,
+    or one per prompt (None: the base model)."""
     n = len(prompts)
     if n == 0:
         raise ValueError("no prompts")
@@ -96,6 +100,7 @@ def generate(
     samp = per_row(sampling, n, "sampling")
     stops = stop_rows(stop_tokens, n)
     seeds = [int(s) for s in per_row(seed, n, "seed")]
+    names = per_row(adapter, n, "adapter")
     results: list[list[int]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
 
@@ -113,14 +118,14 @@ def generate(
         return Completion(results[i], reasons[i] if reasons[i] in ("stop", "length") else "stop", r.stop_token,
                           r.cached_tokens)
 
-    reqs = [Request(list(map(int, p)), m, s, sd, st, on_event=sink(i))
-            for i, (p, m, s, sd, st) in enumerate(zip(prompts, max_new, samp, seeds, stops))]
+    reqs = [Request(list(map(int, p)), m, s, sd, st, on_event=sink(i), adapter=a)
+            for i, (p, m, s, sd, st, a) in enumerate(zip(prompts, max_new, samp, seeds, stops, names))]
     need = max(len(r.tokens) + r.max_new for r in reqs)
     max_len = min(cfg.max_position_embeddings, max(need, pow2(need)))
     rows = int(max_rows) if max_rows else min(n, 64)
     engine = Engine(cfg, params, max_rows=rows, max_len=max_len, page_size=page_size, prefix_cache=prefix_cache,
                     cache_dtype=cache_dtype, mesh=mesh, chunk=max(1, int(chunk)), max_queue=n,
-                    prefill_chunk=prefill_chunk, min_batch=min_batch, speculative=speculative)
+                    prefill_chunk=prefill_chunk, min_batch=min_batch, speculative=speculative, lora=lora)
     for i, r in enumerate(reqs):
         try:
             engine.validate(r)

@@ -15,12 +15,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from qcjax import row_lora
 from qcjax.config import ModelConfig
 from qcjax.model import abstract_params, build
 from qcjax.sampling import Controls, FilterKinds, sample_tokens
 from qcjax.sharding import batch_shards, constrain, param_shardings
 
 Pool = dict  # {"k", "v": [layers, pages, page_size, kv_heads * head_dim]}
+Lora = Any  # None, or (the adapter bank, slot per row [B] int32; -1: none): qcjax.row_lora
 
 
 def place_params(cfg: ModelConfig, params: Any, mesh=None) -> Any:
@@ -46,12 +48,14 @@ def init_pool(cfg: ModelConfig, *, num_pages: int, page_size: int, dtype: Any) -
 
 
 def _forward(cfg: ModelConfig, params: Any, pool: Pool, tokens: jax.Array, segs: jax.Array, lengths: jax.Array,
-             pages: jax.Array) -> tuple[jax.Array, Pool]:
+             pages: jax.Array, lora: Lora = None) -> tuple[jax.Array, Pool]:
     """tokens/segs [B, T] at each row's length [B] through the model, keys and values into the rows' pages
-    [B, W] -> final-norm hidden states [B, T, E] and the updated pool."""
+    [B, W] -> final-norm hidden states [B, T, E] and the updated pool. lora: (bank, slot per row [B]) to run each
+    row through its own adapter (qcjax.row_lora), or None."""
     cache = {"k": pool["k"], "v": pool["v"], "lengths": constrain(lengths, ("cache_batch",)),
              "pages": constrain(pages, ("cache_batch", None))}
-    hidden, cache = build(cfg).apply({"params": params}, tokens, None, segs, cache, method="hidden_states")
+    with row_lora.applied(*(lora or (None, None))):
+        hidden, cache = build(cfg).apply({"params": params}, tokens, None, segs, cache, method="hidden_states")
     return hidden, {"k": _constrain_pool(cfg, cache["k"]), "v": _constrain_pool(cfg, cache["v"])}
 
 
@@ -62,7 +66,8 @@ def _head(cfg: ModelConfig, params: Any, hidden: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kinds"), donate_argnames=("pool",))
 def prefill(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, tokens: jax.Array, lengths: jax.Array,
-            counts: jax.Array, pages: jax.Array, num: jax.Array, controls: Controls) -> tuple[Pool, jax.Array]:
+            counts: jax.Array, pages: jax.Array, num: jax.Array, controls: Controls, lora: Lora = None
+            ) -> tuple[Pool, jax.Array]:
     """Run counts[b] new tokens of row b (tokens [P, T], right-padded) after the lengths[b] tokens its pages
     [P, W] already hold, and draw one token per row from its last new position (the row's num[b]-th generated
     token). A table exactly T tokens wide with lengths 0 is a fresh prompt: the model attends to the new keys
@@ -71,7 +76,7 @@ def prefill(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, token
     whose prompt ended in this chunk)."""
     t = tokens.shape[1]
     segs = (jnp.arange(t, dtype=jnp.int32)[None, :] < counts[:, None]).astype(jnp.int32)
-    hidden, pool = _forward(cfg, params, pool, tokens, segs, lengths, pages)
+    hidden, pool = _forward(cfg, params, pool, tokens, segs, lengths, pages, lora)
     last = jnp.take_along_axis(hidden, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)  # [P, 1, E]
     return pool, sample_tokens(_head(cfg, params, last)[:, 0], controls, num, kinds)
 
@@ -88,8 +93,8 @@ class Rows(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kinds", "steps"), donate_argnames=("pool",))
-def decode(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, rows: Rows, controls: Controls, *,
-           steps: int) -> tuple[Pool, jax.Array, Rows]:
+def decode(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, rows: Rows, controls: Controls,
+           lora: Lora = None, *, steps: int) -> tuple[Pool, jax.Array, Rows]:
     """`steps` tokens for every running row: a loop with a static trip count (no step waits on the host). A row
     finishes on a stop token or at controls.max_new; finished rows feed padding (nothing is written). Returns the
     pool, the drawn tokens [B, steps] (-1 where a row was done) and the rows after the chunk."""
@@ -98,7 +103,7 @@ def decode(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, rows: 
         pool, r, out = carry
         running = ~r.done
         hidden, pool = _forward(cfg, params, pool, r.last[:, None], running.astype(jnp.int32)[:, None], r.lengths,
-                                r.pages)
+                                r.pages, lora)
         tok = sample_tokens(_head(cfg, params, hidden)[:, 0], controls, r.num, kinds)
         tok = jnp.where(running, tok, -1)
         num = r.num + running.astype(jnp.int32)
@@ -114,7 +119,8 @@ def decode(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, rows: 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kinds"), donate_argnames=("pool",))
 def verify(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, tokens: jax.Array, lengths: jax.Array,
-           counts: jax.Array, pages: jax.Array, num: jax.Array, controls: Controls) -> tuple[Pool, jax.Array]:
+           counts: jax.Array, pages: jax.Array, num: jax.Array, controls: Controls, lora: Lora = None
+           ) -> tuple[Pool, jax.Array]:
     """One target forward over each row's newest token and its drafted continuation (speculative decoding).
 
     tokens [B, T]: row b's newest token (not yet in its cache, at position lengths[b]) then counts[b] - 1 drafted
@@ -130,7 +136,7 @@ def verify(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, tokens
     b, t = tokens.shape
     pos = jnp.arange(t, dtype=jnp.int32)
     segs = (pos[None, :] < counts[:, None]).astype(jnp.int32)
-    hidden, pool = _forward(cfg, params, pool, tokens, segs, lengths, pages)
+    hidden, pool = _forward(cfg, params, pool, tokens, segs, lengths, pages, lora)
     logits = _head(cfg, params, hidden)  # [B, T, V] float32
     # position j draws the row's (num + j)-th token, as decode's step would
     rep = jax.tree.map(lambda x: jnp.repeat(x, t, axis=0), controls)

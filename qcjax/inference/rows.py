@@ -28,7 +28,8 @@ class Request:
     """One sequence to generate. on_event(tokens, finish_reason) is called on the engine's thread: with new token
     ids (finish_reason None; a stop token is never included), then once with the last ids and the finish reason:
     "stop" (a stop token, or the caller's own stop via `Engine.finish`), "length", "cancelled" or "error".
-    namespace: the prefix-cache namespace (pages are shared only between requests of one namespace)."""
+    namespace: the prefix-cache namespace (pages are shared only between requests of one namespace).
+    adapter: the name of a LoRA adapter the engine serves (qcjax.inference.lora), None for the base model."""
 
     tokens: list[int]
     max_new: int
@@ -37,6 +38,7 @@ class Request:
     stop_ids: Seq[int] = ()
     on_event: Callable[[list[int], str | None], None] | None = None
     namespace: Hashable = None
+    adapter: str | None = None
     # set by the engine
     cancelled: bool = False
     finished: bool = False
@@ -97,6 +99,8 @@ class Sequence:
     admitted_at: int = 0  # admission order (preemption takes the newest first)
     last_emit: float = 0.0  # when tokens last went out (inter-token latency)
     spec: Any = None  # speculative decoding state (qcjax.inference.speculative.RowState)
+    slot: int = -1  # the adapter bank slot this row runs with while admitted (-1: the base model)
+    namespace: Hashable = None  # the prefix-cache namespace: the request's, and its adapter's
 
     @property
     def prefilling(self) -> bool:
