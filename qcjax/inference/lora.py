@@ -205,6 +205,11 @@ class LoraSlots:
         with self._lock:
             return list(self._adapters)
 
+    def sources(self) -> dict[str, str]:
+        """name -> where each registered adapter was read from."""
+        with self._lock:
+            return {n: a.source for n, (a, _) in self._adapters.items()}
+
     def namespace(self, name: str) -> tuple:
         """The prefix-cache namespace of `name`'s rows: one per registration, so pages computed under one adapter
         are never reused under another (nor under a later adapter of the same name)."""

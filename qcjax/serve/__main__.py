@@ -4,6 +4,7 @@ chat, streaming, continuous batching over a paged KV cache with a prefix cache (
     python -m qcjax.serve --hf_dir Qwen2.5-Coder-1.5B                    # http://127.0.0.1:8000/v1
     python -m qcjax.serve --ckpt runs/sft --max_batch 8 --max_len 4096 --api_key KEY    # a training run
     python -m qcjax.serve --hf_dir Qwen2.5-Coder-7B --speculative draft --draft_hf_dir Qwen2.5-Coder-0.5B
+    python -m qcjax.serve --hf_dir Qwen2.5-Coder-7B --lora py=runs/py-lora --lora rust=peft/rust --max_loras 4
 
 Bad flags are a one-line error naming the flag (exit status 2). The server compiles every program it needs before it
 listens (warm-up), so no request waits on a compilation.
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
   POST /v1/completions       prompt (+ suffix: fill in the middle), max_tokens, temperature, top_p, n, stop, seed,
                              stream, echo
   POST /v1/chat/completions  messages (ChatML), the same sampling fields, stream
-  GET  /v1/models, GET /health (rows, queue, pages, compile counts; no key needed)
+  GET  /v1/models (the base and every LoRA adapter), GET /health (rows, queue, pages, compile counts; no key needed)
+  POST /v1/load_lora_adapter {"lora_name", "lora_path"}, POST /v1/unload_lora_adapter {"lora_name"}: with --max_loras
   GET  /metrics (Prometheus text: requests, queue, tokens, TTFT / inter-token latency, pages, prefix-cache hits)
 
 Generation stops at Qwen's FIM/chat stop tokens, a request's stop strings, or max_tokens (default 16 for
@@ -70,6 +72,19 @@ completions, the rest of the context for chat). Requests beyond --max_batch runn
     e.add_argument("--prefill_chunk", type=int, default=512,
                    help="prompt tokens of one request per prefill call: longer prompts go in over several rounds, "
                         "interleaved with decoding (a power of two; default 512)")
+    lo = p.add_argument_group("LoRA adapters (many on one base; a request picks one with \"model\": NAME)")
+    lo.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                    help="serve an adapter under NAME: a qcjax LoRA checkpoint (a LoRA training run, any of its "
+                         "names) or a PEFT adapter directory; repeat for more")
+    lo.add_argument("--max_loras", type=int, default=None,
+                    help="adapters resident on the device at once; more are kept in host memory and swapped in "
+                         "least-recently-used (default: the number of --lora, at least 1; giving it enables "
+                         "/v1/load_lora_adapter with no --lora)")
+    lo.add_argument("--max_lora_rank", type=int, default=None,
+                    help="the largest adapter rank the server holds (default: the largest --lora's, else 16)")
+    lo.add_argument("--lora_targets", default=None,
+                    help="projections adapters may target, comma-separated from q,k,v,o,gate,up,down (default: "
+                         "those the --lora adapters target, else all seven)")
     e.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level (default info)")
     add_flags(p)
@@ -102,6 +117,24 @@ def check_args(a: argparse.Namespace) -> None:
         raise UsageError(f"--prefill_chunk={a.prefill_chunk}: must be a power of two >= 16")
     if a.api_key is not None and not a.api_key.strip():
         raise UsageError("--api_key is empty")
+    for flag in ("max_loras", "max_lora_rank"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            raise UsageError(f"--{flag}={getattr(a, flag)}: must be >= 1")
+    names = []
+    for item in a.lora:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise UsageError(f"--lora {item}: expected NAME=PATH")
+        if name in names:
+            raise UsageError(f"--lora {item}: the name {name!r} is given twice")
+        names.append(name)
+    if a.lora_targets is not None:
+        from qcjax.config import LORA_TARGETS
+
+        targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
+        bad = [t for t in targets if t not in LORA_TARGETS]
+        if bad or not targets:
+            raise UsageError(f"--lora_targets={a.lora_targets}: each must be one of {','.join(LORA_TARGETS)}")
 
 
 def load_tokenizer(a: argparse.Namespace):
@@ -158,6 +191,41 @@ def load_draft(path: str, mesh, dtype: str):
     return cfg.replace(param_dtype=dtype, dtype=dtype), params
 
 
+def lora_slots(a: argparse.Namespace, cfg, name: str, mesh, log=print):
+    """The adapters of --lora (read and checked against the base) in a LoraSlots sized by --max_loras,
+    --max_lora_rank and --lora_targets; None when no adapter flag is given."""
+    if not a.lora and a.max_loras is None:
+        return None
+    from qcjax.config import LORA_TARGETS
+    from qcjax.inference.lora import LoraSlots, read_adapter
+
+    read = {}
+    for item in a.lora:
+        n, _, path = item.partition("=")
+        if n == name:
+            raise UsageError(f"--lora {item}: {n!r} is the base model's name (--served_model_name)")
+        try:
+            read[n] = read_adapter(path, cfg)
+        except ValueError as e:
+            raise UsageError(f"--lora {n}: {e}") from None
+    targets = ([t.strip() for t in a.lora_targets.split(",") if t.strip()] if a.lora_targets else
+               [t for t in LORA_TARGETS if any(t in ad.targets for ad in read.values())] or list(LORA_TARGETS))
+    rank = a.max_lora_rank or max([ad.rank for ad in read.values()], default=16)
+    slots = LoraSlots(cfg, max_loras=a.max_loras or max(1, len(read)), max_rank=rank, targets=targets, mesh=mesh)
+    for n, ad in read.items():
+        try:
+            slots.add(n, ad)
+        except ValueError as e:
+            raise UsageError(f"--lora {n}: {e}") from None
+        log(f"LoRA adapter {n!r}: {ad.source} (rank {ad.rank}, targets {','.join(ad.targets)})")
+    from qcjax import row_lora
+
+    size = row_lora.bank_bytes(cfg, slots.max_loras, rank, slots.targets, slots.dtype)
+    log(f"LoRA: {slots.max_loras} device slots of rank {rank} over {','.join(slots.targets)} "
+        f"({size / 2**20:.1f} MiB)")
+    return slots
+
+
 def make_mesh(a: argparse.Namespace, cfg_source):
     """--mesh, else the serving default over the host's accelerators (qcjax.cli.serving_mesh)."""
     return cli.mesh(a.mesh) or cli.serving_mesh(cfg_source, a.max_batch)[0]
@@ -200,12 +268,14 @@ def build(a: argparse.Namespace, log=print):
 
         log(adapters.describe(cfg, params))
     spec = speculation(a, tok, lambda path: load_draft(path, mesh, a.dtype), UsageError)
+    name = served_name(a)
+    lora = lora_slots(a, cfg, name, mesh, log)
     try:
         engine = Engine(cfg, params, max_rows=a.max_batch, max_len=a.max_len, page_size=a.page_size,
                         num_pages=-(-a.cache_tokens // a.page_size) if a.cache_tokens else None,
                         prefix_cache=not a.no_prefix_cache, cache_dtype=jnp.dtype(a.cache_dtype), mesh=mesh,
                         chunk=a.chunk, max_queue=a.max_queue, prefill_batch=a.prefill_batch,
-                        prefill_tokens=a.prefill_tokens, prefill_chunk=a.prefill_chunk, speculative=spec)
+                        prefill_tokens=a.prefill_tokens, prefill_chunk=a.prefill_chunk, speculative=spec, lora=lora)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if spec is not None:
@@ -215,7 +285,6 @@ def build(a: argparse.Namespace, log=print):
     log(f"warming up: compiling every program for up to {a.max_batch} rows x {a.max_len} tokens ...")
     log(f"warm-up done in {engine.warmup():.1f} s ({engine.stats()['compiles']} compiles)")
     engine.start()
-    name = served_name(a)
     key = a.api_key if a.api_key is not None else os.environ.get("QCJAX_API_KEY") or None
     return engine, create_app(engine, tok, name, key), name
 

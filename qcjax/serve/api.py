@@ -18,7 +18,7 @@ import json
 import logging
 import secrets
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Collection
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -101,6 +101,7 @@ class Job:
     prompt_tokens: int
     stream: bool = False
     include_usage: bool = False
+    adapter: str | None = None  # the LoRA adapter the request named as its model (None: the base)
 
 
 # ---- request checking (pure) ------------------------------------------------------------------------------------
@@ -139,8 +140,9 @@ def _flag(body: dict, name: str) -> bool:
     return v
 
 
-def _common(body: Any, fields: set[str], model: str, limits: Limits) -> dict:
-    """The checks every endpoint shares: an object, known fields, the model, sampling, n, seed, stop, stream."""
+def _common(body: Any, fields: set[str], model: str, limits: Limits, adapters: Collection[str] = ()) -> dict:
+    """The checks every endpoint shares: an object, known fields, the model (the base's name or a served adapter's),
+    sampling, n, seed, stop, stream."""
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {_type_name(body)}")
     for field, value in body.items():
@@ -152,8 +154,9 @@ def _common(body: Any, fields: set[str], model: str, limits: Limits) -> dict:
     name = body.get("model", model)
     if not isinstance(name, str):
         raise APIError(400, f"'model' must be a string, got {_type_name(name)}", "model")
-    if name != model:
-        raise APIError(404, f"The model '{name}' does not exist; this server serves '{model}'", "model",
+    if name != model and name not in adapters:
+        served = ", ".join(repr(m) for m in [model, *adapters])
+        raise APIError(404, f"The model '{name}' does not exist; this server serves {served}", "model",
                        "model_not_found")
     for f in ("frequency_penalty", "presence_penalty"):
         if _number(body, f, 0, -2, 2) != 0:
@@ -183,7 +186,7 @@ def _common(body: Any, fields: set[str], model: str, limits: Limits) -> dict:
         raise APIError(400, "'stream_options' must be {\"include_usage\": true|false}", "stream_options")
     if so is not None and not stream:
         raise APIError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
-    return {"model": name, "sampling": SamplingParams(temperature=temperature, top_p=top_p), "n": n,
+    return {"model": name, "adapter": None if name == model else name, "sampling": SamplingParams(temperature=temperature, top_p=top_p), "n": n,
             "seed": seed, "stop": stop, "stream": stream, "include_usage": bool(so and so.get("include_usage"))}
 
 
@@ -219,9 +222,9 @@ def _seeds(seed: int | None, count: int) -> list[int]:
     return [(seed + k) % 2**32 for k in range(count)]
 
 
-def parse_completion(body: Any, tok: Tokenizer, model: str, limits: Limits) -> Job:
-    """A /v1/completions body -> a Job, or an APIError naming the field."""
-    c = _common(body, COMPLETION_FIELDS, model, limits)
+def parse_completion(body: Any, tok: Tokenizer, model: str, limits: Limits, adapters: Collection[str] = ()) -> Job:
+    """A /v1/completions body -> a Job, or an APIError naming the field. adapters: the LoRA adapters' names."""
+    c = _common(body, COMPLETION_FIELDS, model, limits, adapters)
     if body.get("logprobs") not in (None, 0):
         raise APIError(400, "'logprobs' is not supported by this server", "logprobs")
     if body.get("best_of") not in (None, 1, c["n"]):
@@ -277,7 +280,8 @@ def parse_completion(body: Any, tok: Tokenizer, model: str, limits: Limits) -> J
             i = k * c["n"] + j
             choices.append(ChoiceSpec(i, ids, max_new, c["sampling"], seeds[i], stop_ids, strings,
                                       text if echo else ""))
-    return Job(False, c["model"], choices, sum(len(ids) for ids, _ in encoded), c["stream"], c["include_usage"])
+    return Job(False, c["model"], choices, sum(len(ids) for ids, _ in encoded), c["stream"], c["include_usage"],
+               c["adapter"])
 
 
 def _message_text(m: Any, k: int) -> dict:
@@ -297,9 +301,9 @@ def _message_text(m: Any, k: int) -> dict:
     return {"role": role, "content": content}
 
 
-def parse_chat(body: Any, tok: Tokenizer, model: str, limits: Limits) -> Job:
+def parse_chat(body: Any, tok: Tokenizer, model: str, limits: Limits, adapters: Collection[str] = ()) -> Job:
     """A /v1/chat/completions body -> a Job (ChatML prompt ending with the assistant header), or an APIError."""
-    c = _common(body, CHAT_FIELDS, model, limits)
+    c = _common(body, CHAT_FIELDS, model, limits, adapters)
     if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
         raise APIError(400, "'logprobs' is not supported by this server", "logprobs")
     msgs = body.get("messages")
@@ -311,7 +315,7 @@ def parse_chat(body: Any, tok: Tokenizer, model: str, limits: Limits) -> Job:
     stop_ids, strings = _stops(tok, c["stop"])
     seeds = _seeds(c["seed"], c["n"])
     choices = [ChoiceSpec(j, ids, max_new, c["sampling"], seeds[j], stop_ids, strings) for j in range(c["n"])]
-    return Job(True, c["model"], choices, len(ids), c["stream"], c["include_usage"])
+    return Job(True, c["model"], choices, len(ids), c["stream"], c["include_usage"], c["adapter"])
 
 
 # ---- running a job ----------------------------------------------------------------------------------------------
@@ -329,7 +333,7 @@ class Run:
         def post(k: int) -> Callable[[list[int], str | None], None]:
             return lambda toks, fin: loop.call_soon_threadsafe(self.queue.put_nowait, (k, toks, fin))
 
-        self.reqs = [Request(c.ids, c.max_new, c.sampling, c.seed, c.stop_ids, on_event=post(k))
+        self.reqs = [Request(c.ids, c.max_new, c.sampling, c.seed, c.stop_ids, on_event=post(k), adapter=job.adapter)
                      for k, c in enumerate(job.choices)]
 
     def submit(self) -> None:
@@ -500,7 +504,7 @@ def create_app(engine: Engine, tok: Tokenizer, model: str, api_key: str | None =
     async def serve(request: HTTPRequest, parse: Callable[..., Job], prefix: str):
         authorize(request)
         # checking and tokenizing run on a worker thread: /health and streams stay responsive meanwhile
-        job = await asyncio.to_thread(parse, await json_body(request), tok, model, limits)
+        job = await asyncio.to_thread(parse, await json_body(request), tok, model, limits, served_adapters())
         run = Run(job, engine, tok, asyncio.get_running_loop())
         run.submit()
         rid, created = f"{prefix}-{secrets.token_hex(12)}", int(time.time())
@@ -537,8 +541,65 @@ def create_app(engine: Engine, tok: Tokenizer, model: str, api_key: str | None =
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
         authorize(request)
-        return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "qcjax",
-                                            "max_model_len": engine.max_len}]}
+        base = {"id": model, "object": "model", "created": 0, "owned_by": "qcjax", "root": model, "parent": None,
+                "max_model_len": engine.max_len}
+        return {"object": "list", "data": [base] + [
+            {**base, "id": name, "root": source, "parent": model} for name, source in adapter_sources().items()]}
+
+    def served_adapters() -> list[str]:
+        return engine.lora.names() if engine.lora is not None else []
+
+    def adapter_sources() -> dict[str, str]:
+        return engine.lora.sources() if engine.lora is not None else {}
+
+    def lora_updates() -> Any:
+        if engine.lora is None:
+            raise APIError(404, "this server serves no LoRA adapters (start it with --max_loras N)")
+        return engine.lora
+
+    def _name(body: Any, field: str = "lora_name") -> str:
+        if not isinstance(body, dict):
+            raise APIError(400, f"the request body must be a JSON object, got {_type_name(body)}")
+        name = body.get(field)
+        if not isinstance(name, str) or not name:
+            raise APIError(400, f"'{field}' must be a non-empty string", field)
+        return name
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: HTTPRequest):
+        """{"lora_name": NAME, "lora_path": PATH} (vLLM's endpoint): read and check the adapter off the event loop
+        and the engine's thread, then register it; its first request copies it into a device slot."""
+        authorize(request)
+        slots = lora_updates()
+        body = await json_body(request)
+        name, path = _name(body), _name(body, "lora_path")
+        if name == model:
+            raise APIError(400, f"'lora_name' {name!r} is the base model's name", "lora_name")
+        if name in slots:
+            raise APIError(400, f"an adapter named {name!r} is already loaded (unload it first)", "lora_name")
+        from qcjax.inference.lora import read_adapter
+
+        try:
+            adapter = await asyncio.to_thread(read_adapter, path, engine.cfg)
+            slots.add(name, adapter)
+        except ValueError as e:
+            raise APIError(400, str(e), "lora_path") from None
+        log.info("loaded LoRA adapter %r from %s (rank %d, targets %s)", name, path, adapter.rank,
+                 ",".join(adapter.targets))
+        return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: HTTPRequest):
+        """{"lora_name": NAME}: no new request may name it; rows already running with it finish with it."""
+        authorize(request)
+        slots = lora_updates()
+        name = _name(await json_body(request))
+        try:
+            slots.remove(name)
+        except KeyError:
+            raise APIError(404, f"The adapter '{name}' is not loaded", "lora_name", "model_not_found") from None
+        log.info("unloaded LoRA adapter %r", name)
+        return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
 
     @app.get("/health")
     async def health():

@@ -6,7 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from qcjax import adapters, platform
+from qcjax import adapters, platform, row_lora
 from qcjax.config import ModelConfig
 from qcjax.cpu import build, layers
 from qcjax.model import build as build_model
@@ -69,9 +69,9 @@ CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_laye
                   head_dim=16, max_position_embeddings=256, tie_word_embeddings=True)
 
 
-def _decode_step(cfg, params, monkeypatch, kernels: str):
+def _decode_step(cfg, params, monkeypatch, kernels: str, lora=None):
     """Hidden states and pool of one decode step for 3 rows at ragged lengths, on a paged cache holding noise; and
-    the program's text."""
+    the program's text. lora: (bank, slot per row) of per-row adapters (qcjax.row_lora)."""
     monkeypatch.setenv("QCJAX_CPU_KERNELS", kernels)  # read when the program is traced: a fresh function below
     dt = jnp.dtype(cfg.dtype)
     shape = (cfg.num_layers, 12, 16, cfg.num_kv_heads * cfg.dim_per_head)
@@ -79,9 +79,12 @@ def _decode_step(cfg, params, monkeypatch, kernels: str):
              "v": jax.random.normal(jax.random.key(2), shape).astype(dt),
              "lengths": jnp.array([5, 17, 40], jnp.int32), "pages": jnp.arange(12, dtype=jnp.int32).reshape(3, 4)}
     tokens = jnp.array([[3], [77], [200]], jnp.int32)
-    lowered = jax.jit(lambda p, t, c: build_model(cfg).apply({"params": p}, t, None, None, c,
-                                                             method="hidden_states")).lower(params, tokens, cache)
-    hidden, cache = lowered.compile()(params, tokens, cache)
+    def step(p, t, c, lora):
+        with row_lora.applied(*(lora or (None, None))):
+            return build_model(cfg).apply({"params": p}, t, None, None, c, method="hidden_states")
+
+    lowered = jax.jit(step).lower(params, tokens, cache, lora)
+    hidden, cache = lowered.compile()(params, tokens, cache, lora)
     return hidden.astype(jnp.float32), cache, lowered.as_text()
 
 
@@ -104,6 +107,28 @@ def test_the_layer_loop_is_the_models_scan(dtype, quant, tol, monkeypatch):
     for name in ("k", "v"):
         np.testing.assert_allclose(np.asarray(got_cache[name], np.float32), np.asarray(want_cache[name], np.float32),
                                    atol=float(jnp.abs(want_cache[name].astype(jnp.float32)).max()) * (tol or 2**-6))
+
+
+def test_the_layer_loop_adds_each_rows_adapter_as_the_model_does(monkeypatch):
+    """Per-row LoRA adapters (two slots over every projection; rows on slot 1, none, slot 0): the loop's decode step
+    equals the model's scan with the same adapters, which differs from the base's."""
+    params = jax.jit(lambda: init_params(CFG, jax.random.key(0)))()
+    rng = np.random.default_rng(0)
+    bank = row_lora.empty_bank(CFG, 2, 4, adapters.PROJECTIONS, jnp.float32)
+    for slot in (0, 1):
+        ad = {t: {"a": rng.normal(0, 0.3, bank[t]["a"].shape[:1] + bank[t]["a"].shape[2:]),
+                  "b": rng.normal(0, 0.3, bank[t]["b"].shape[:1] + bank[t]["b"].shape[2:])}
+              for t in adapters.PROJECTIONS}
+        bank = row_lora.put(bank, jnp.int32(slot), ad, jnp.float32(0.5 + slot))
+    lora = (bank, jnp.array([1, -1, 0], jnp.int32))
+    got, _, text = _decode_step(CFG, params, monkeypatch, "1", lora)
+    want, _, off = _decode_step(CFG, params, monkeypatch, "0", lora)
+    base, _, _ = _decode_step(CFG, params, monkeypatch, "0")
+    assert text.count(build.STACKED_TARGET) == 7 and build.STACKED_TARGET not in off
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6 * scale, rtol=0)
+    assert np.abs(np.asarray(want - base)[[0, 2]]).max() > 0.01 * scale  # the adapters change rows 0 and 2 ...
+    np.testing.assert_allclose(np.asarray(want[1]), np.asarray(base[1]), atol=2e-6 * scale, rtol=0)  # ... not 1
 
 
 def test_prompts_and_switched_off_kernels_keep_the_models_scan(monkeypatch):

@@ -1,0 +1,168 @@
+"""Many LoRA adapters on one base (qcjax.row_lora, qcjax.inference.lora): one forward where each row runs through its
+own adapter equals transformers + peft on each adapter (float32), the engine's greedy text per row equals the model
+with that adapter merged into the base, however rows are batched and adapters swapped in and out of too few slots;
+prefix-cache pages are never shared across adapters; adapters that do not fit are refused with one line."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qcjax import adapters, checkpoint, row_lora
+from qcjax.config import LoraSpec, ModelConfig
+from qcjax.inference import generate
+from qcjax.inference.lora import Adapter, LoraSlots, read_adapter
+from qcjax.model import build, init_params
+
+from conftest import hf_logits, hf_model, params_from_hf
+
+CFG = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                  tie_word_embeddings=False, rope_theta=1e6, max_position_embeddings=64, dtype="float32",
+                  param_dtype="float32")
+
+
+def random_adapter(cfg: ModelConfig, rank: int, targets, seed: int, scale: float = 2.0) -> Adapter:
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for t in targets:
+        n_in, n_out = row_lora.target_dims(cfg, t)
+        arrays[t] = {"a": rng.normal(0, 0.3, (cfg.num_layers, n_in, rank)).astype(np.float32),
+                     "b": rng.normal(0, 0.3, (cfg.num_layers, rank, n_out)).astype(np.float32)}
+    return Adapter(arrays, rank, scale, f"random-{seed}")
+
+
+def merged(cfg: ModelConfig, params, a: Adapter):
+    """(cfg, params) of the base with `a` folded into its kernels (qcjax.adapters.merge, the one-adapter path)."""
+    tree: dict = {"layers": {}}
+    for t in a.targets:
+        group, name = adapters.PROJECTIONS[t]
+        tree["layers"].setdefault(group, {})[name] = {adapters.LORA_A: a.arrays[t]["a"],
+                                                      adapters.LORA_B: a.arrays[t]["b"]}
+    lcfg = cfg.replace(lora=LoraSpec(rank=a.rank, alpha=a.scale * a.rank, targets=a.targets))
+    return adapters.merge(lcfg, adapters.combine(params, tree))
+
+
+@pytest.fixture(scope="module")
+def base():
+    return jax.jit(lambda: init_params(CFG, jax.random.key(0)))()
+
+
+def test_rows_with_their_own_adapters_equal_transformers_peft(tmp_path):
+    """One batch: a row on PEFT adapter x (rank 4, q/v/o/down), a row on the base, a row on adapter y (rank 8, rsLoRA,
+    every projection, layer 1 only): each row's logits equal transformers + peft with that adapter (float32)."""
+    import peft
+    import torch
+
+    model = hf_model(CFG, seed=3)
+    params = params_from_hf(CFG, model)
+    specs = {"x": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
+             "y": dict(r=8, lora_alpha=4, use_rslora=True, layers_to_transform=[1],
+                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])}
+    refs = {}
+    for k, (name, spec) in enumerate(specs.items()):
+        pm = peft.get_peft_model(hf_model(CFG, seed=3), peft.LoraConfig(task_type="CAUSAL_LM", **spec))
+        with torch.no_grad():  # B starts at zero: make the adapters do something
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(k * 1000 + len(n))) * 0.2)
+        pm.save_pretrained(tmp_path / name)
+        refs[name] = pm.eval()
+    slots = LoraSlots(CFG, max_loras=2, max_rank=8)
+    for name in specs:
+        slots.add(name, read_adapter(str(tmp_path / name), CFG))
+    ids = jnp.asarray([slots.acquire("x"), -1, slots.acquire("y")], jnp.int32)
+    tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, (3, 9))
+
+    @jax.jit
+    def logits(params, bank, ids, tokens):
+        with row_lora.applied(bank, ids):
+            return build(CFG).apply({"params": params}, tokens)
+
+    got = np.asarray(logits(params, slots.bank(), ids, jnp.asarray(tokens)))
+    base = hf_logits(model, tokens)
+    for row, ref in enumerate([hf_logits(refs["x"], tokens), base, hf_logits(refs["y"], tokens)]):
+        tol = 1e-4 * np.abs(ref[row]).max()
+        if row != 1:
+            assert np.abs(ref[row] - base[row]).max() > 100 * tol  # the adapter changes the row
+        np.testing.assert_allclose(got[row], ref[row], atol=tol, rtol=0, err_msg=f"row {row}")
+
+
+def test_mixed_batches_and_evictions_give_each_merged_models_text(base):
+    """Greedy text of 5 prompts over 3 adapters and the base, run together through 2 slots (adapters are evicted and
+    copied back in), equals each prompt alone on the model with its adapter merged; an n-sample request shares
+    pages within its adapter only."""
+    ads = {"x": random_adapter(CFG, 4, ("q", "v"), 1), "y": random_adapter(CFG, 8, ("q", "v", "down"), 2),
+           "z": random_adapter(CFG, 2, ("v", "down"), 3, scale=4.0)}
+    slots = LoraSlots(CFG, max_loras=2, max_rank=8, targets=("q", "v", "down"))
+    for n, a in ads.items():
+        slots.add(n, a)
+    rng = np.random.default_rng(0)
+    shared = rng.integers(0, CFG.vocab_size, 20).tolist()
+    prompts = [shared + [1], shared + [1], rng.integers(0, CFG.vocab_size, 9).tolist(), shared + [1], shared[:5]]
+    names = ["x", "y", None, "z", "x"]
+    stats: dict = {}
+    out = generate(CFG, base, prompts, max_new_tokens=10, lora=slots, adapter=names, cache_dtype=jnp.float32,
+                   max_rows=4, chunk=4, stats=stats)
+    for p, n, o in zip(prompts, names, out):
+        cfg, params = (CFG, base) if n is None else merged(CFG, base, ads[n])
+        ref = generate(cfg, params, [p], max_new_tokens=10, cache_dtype=jnp.float32)[0]
+        assert o.tokens == ref.tokens, n
+        assert o.cached_tokens == 0  # the same 20-token prefix under x, y, z: never one adapter's pages for another
+    assert slots.loads > 3  # 3 adapters through 2 slots: at least one was evicted and copied back in
+    assert stats["cached_tokens"] == 0
+    again = generate(CFG, base, [shared + [1]] * 2, max_new_tokens=4, lora=slots, adapter="x",
+                     cache_dtype=jnp.float32, max_rows=1)
+    assert again[1].cached_tokens == 16  # the same adapter's samples share its full pages
+
+
+def test_the_slot_table_holds_adapters_in_use_and_evicts_least_recent():
+    slots = LoraSlots(CFG, max_loras=2, max_rank=4, targets=("q",))
+    for n in "abc":
+        slots.add(n, random_adapter(CFG, 4, ("q",), ord(n)))
+    sa, sb = slots.acquire("a"), slots.acquire("b")
+    assert {sa, sb} == {0, 1} and slots.acquire("c") is None  # both slots held by running rows
+    slots.release(sa)
+    assert slots.acquire("c") == sa and slots.resident() == {"b": sb, "c": sa}  # a (free) was evicted
+    assert slots.acquire("b") == sb and slots.loads == 3  # resident: no copy
+    slots.remove("b")
+    with pytest.raises(KeyError):
+        slots.acquire("b")
+    bank = slots.bank()
+    np.testing.assert_array_equal(np.asarray(bank["q"]["a"][:, sa]), slots._padded(slots._adapters["c"][0])["q"]["a"])
+
+
+def _peft_dir(path, **conf):
+    from safetensors.numpy import save_file
+
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, **conf}))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((4, 64), np.float32),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((64, 4), np.float32)},
+              str(path / "adapter_model.safetensors"))
+    return str(path)
+
+
+def test_adapters_that_do_not_fit_are_refused_with_one_line(tmp_path):
+    slots = LoraSlots(CFG, max_loras=1, max_rank=4, targets=("q", "v"))
+    cases = {
+        "rank": (random_adapter(CFG, 8, ("q",), 0), "has rank 8; the server holds ranks up to 4"),
+        "targets": (random_adapter(CFG, 4, ("q", "down"), 0), "adapts ['down']; the server's adapters target"),
+    }
+    for name, (a, msg) in cases.items():
+        with pytest.raises(ValueError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+            slots.add(name, a)
+    other = CFG.replace(hidden_size=96)
+    with pytest.raises(ValueError, match=r"q_proj.lora_A.weight has shape \(4, 64\), the base needs \(4, 96\)"):
+        read_adapter(_peft_dir(tmp_path / "small"), other)
+    with pytest.raises(ValueError, match="use_dora=True is not served"):
+        read_adapter(_peft_dir(tmp_path / "dora", use_dora=True), CFG)
+    with pytest.raises(ValueError, match="no such directory"):
+        read_adapter(str(tmp_path / "missing"), CFG)
+    plain = tmp_path / "plain"
+    checkpoint.save(str(plain), 1, init_params(CFG, jax.random.key(0)), CFG, async_=False).close()
+    with pytest.raises(ValueError, match="a checkpoint without LoRA adapters"):
+        read_adapter(str(plain), CFG)
+    slots.add("ok", read_adapter(_peft_dir(tmp_path / "ok"), CFG))
+    with pytest.raises(ValueError, match="'ok' is already loaded"):
+        slots.add("ok", read_adapter(_peft_dir(tmp_path / "ok2"), CFG))
