@@ -166,3 +166,133 @@ def test_adapters_that_do_not_fit_are_refused_with_one_line(tmp_path):
     slots.add("ok", read_adapter(_peft_dir(tmp_path / "ok"), CFG))
     with pytest.raises(ValueError, match="'ok' is already loaded"):
         slots.add("ok", read_adapter(_peft_dir(tmp_path / "ok2"), CFG))
+
+
+# ---- the server ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lora_server(tiny_hf, tok, tmp_path_factory):
+    """`python -m qcjax.serve --lora py=<qcjax LoRA checkpoint> --lora rs=<PEFT dir> --max_loras 1` on the tiny HF
+    model (one slot: the two adapters swap in and out), under uvicorn on 127.0.0.1; with the merged references."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from qcjax import loader
+    from qcjax.peft_export import write_peft_dir
+    from qcjax.serve.__main__ import build as build_server, build_parser
+    from test_serve import KEY, Server
+
+    hf_dir = tiny_hf[0]
+    d = tmp_path_factory.mktemp("lora_server")
+    cfg = loader.load_config(hf_dir)
+    runs = {}
+    for k, (name, spec) in enumerate({"py": LoraSpec(rank=4, alpha=8.0, targets=("q", "v", "o")),
+                                      "rs": LoraSpec(rank=2, alpha=4.0, targets=("q", "v", "down"))}.items()):
+        lcfg = cfg.replace(lora=spec)
+        tree = adapters.split(jax.jit(lambda: init_params(lcfg, jax.random.key(k + 1)))())[1]
+        rng = np.random.default_rng(k)
+        tree = jax.tree_util.tree_map_with_path(  # B starts at zero: as after some training
+            lambda p, x: rng.normal(0, 0.3, x.shape).astype(x.dtype) if str(p[-1].key) == adapters.LORA_B else x,
+            tree)
+        if name == "py":  # a LoRA run's checkpoint, naming its base
+            checkpoint.save(str(d / name), 7, tree, lcfg, extra_config={"lora_base": {"init_from": hf_dir}},
+                            async_=False).close()
+        else:  # a PEFT directory
+            write_peft_dir(str(d / name), lcfg, tree)
+        runs[name] = (lcfg, tree)
+    a = build_parser().parse_args(
+        ["--hf_dir", hf_dir, "--dtype", "float32", "--cache_dtype", "float32", "--max_batch", "4", "--max_len", "64",
+         "--chunk", "4", "--prefill_batch", "2", "--prefill_tokens", "64", "--api_key", KEY,
+         "--lora", f"py={d / 'py'}", "--lora", f"rs={d / 'rs'}", "--max_loras", "1", "--lora_targets", "q,v,o,down"])
+    logs: list[str] = []
+    engine, app, name = build_server(a, log=logs.append)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    base = engine.params
+    refs = {None: (engine.cfg, base), "py": loader.load(str(d / "py"))}  # the run's checkpoint, merged by the loader
+    refs["rs"] = adapters.merge(runs["rs"][0], adapters.combine(base, runs["rs"][1]))
+    yield Server(engine, name, sock.getsockname()[1], tok), refs, d, logs
+    srv.should_exit = True
+    thread.join(15)
+    engine.stop()
+    sock.close()
+
+
+def _text(refs, name, tok, ids, max_new=10) -> str:
+    cfg, params = refs[name]
+    done = generate(cfg.replace(dtype="float32"), params, [ids], max_new_tokens=max_new,
+                    stop_tokens=tok.fim_stop_ids, cache_dtype=jnp.float32)[0]
+    return tok.decode(done.tokens)
+
+
+def test_served_adapters_give_their_merged_models_text(lora_server, tok):
+    """/v1/models lists the base and both adapters; concurrent requests naming py, rs and the base (one device slot:
+    the adapters swap) each get the text of the model with that adapter merged (py: the loader's merge of the run's
+    checkpoint); a model name nobody serves is a 404 in OpenAI's shape."""
+    import concurrent.futures
+
+    server, refs, _, logs = lora_server
+    assert any("LoRA: 1 device slots of rank 4 over q,v,o,down" in m for m in logs)
+    models = {m.id: m for m in server.client.models.list().data}
+    assert list(models) == [server.name, "py", "rs"] and models["py"].parent == server.name
+    prompt = "def quicksort(items):\n"
+    ids = tok.encode_with_special(prompt)
+    want = {n: _text(refs, n, tok, ids) for n in ("py", "rs", None)}
+    assert len(set(want.values())) == 3  # each adapter changes the text
+
+    def ask(n):
+        r = server.client.completions.create(model=n or server.name, prompt=prompt, max_tokens=10, temperature=0)
+        return r.choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(ask, ["py", "rs", None, "rs", "py", None]))
+    assert got == [want[n] for n in ["py", "rs", None, "rs", "py", None]]
+    status, body = server.post("/v1/completions", {"model": "nope", "prompt": prompt})
+    assert status == 404 and body["error"]["code"] == "model_not_found" and "'py'" in body["error"]["message"]
+
+
+def _post(server, path: str, body: dict) -> tuple[int, str]:
+    """(status, body text): the adapter endpoints answer success in plain text, as vLLM's do, errors in JSON."""
+    import urllib.error
+    import urllib.request
+
+    from test_serve import KEY
+
+    req = urllib.request.Request(server.url + path, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_adapters_load_and_unload_while_serving(lora_server, tok):
+    """POST /v1/load_lora_adapter registers an adapter that requests can name at once (its text: the merged model's),
+    /v1/unload_lora_adapter removes it (then a 404); bad paths and names are 4xx with one line; nothing compiles."""
+    server, refs, d, _ = lora_server
+    prompt = "import os\n"
+    ids = tok.encode_with_special(prompt)
+    status, text = _post(server, "/v1/load_lora_adapter", {"lora_name": "rs2", "lora_path": str(d / "rs")})
+    assert status == 200 and "'rs2' added" in text
+    r = server.client.completions.create(model="rs2", prompt=prompt, max_tokens=10, temperature=0)
+    assert r.choices[0].text == _text(refs, "rs", tok, ids)
+    assert [m.id for m in server.client.models.list().data] == [server.name, "py", "rs", "rs2"]
+    assert _post(server, "/v1/unload_lora_adapter", {"lora_name": "rs2"})[0] == 200
+    status, body = server.post("/v1/completions", {"model": "rs2", "prompt": prompt})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert _post(server, "/v1/unload_lora_adapter", {"lora_name": "rs2"})[0] == 404
+    status, body = server.post("/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(d / "missing")})
+    assert status == 400 and "no such directory" in body["error"]["message"]
+    status, body = server.post("/v1/load_lora_adapter", {"lora_name": server.name, "lora_path": str(d / "rs")})
+    assert status == 400 and "base model's name" in body["error"]["message"]
+    assert server.engine.stats()["compiles_after_warmup"] == 0

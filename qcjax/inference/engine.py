@@ -247,6 +247,8 @@ class Engine:
         self._engine_thread_id = threading.get_ident()
         with self._mesh_ctx():
             self._ensure_pool()
+            if self.lora is not None:
+                self.lora.warmup()
             for p, t, w in self.prefill_shapes():
                 self._prefill_call([None] * p, [0] * p, t, w, GREEDY_KINDS)
                 self._prefill_call([None] * p, [0] * p, t, w, SAMPLE_KINDS)

@@ -229,6 +229,13 @@ class LoraSlots:
             self._bank = bank
         return self._bank
 
+    def warmup(self) -> None:
+        """Make the bank and compile the copy into a slot (an empty slot gets zeros), so serving compiles nothing."""
+        empty = [i for i in range(self.max_loras) if self._held[i] is None]
+        if empty:
+            zero = Adapter({}, self.max_rank, 0.0, "warm-up")
+            self._bank = row_lora.put(self.bank(), jnp.int32(empty[0]), self._padded(zero), jnp.float32(0.0))
+
     def acquire(self, name: str, generation: int | None = None) -> int | None:
         """The slot holding `name` (copied in now if it is not resident), held until `release`; None when every
         slot is held by running rows. KeyError: `name` is not registered (or no longer the generation asked for)."""
