@@ -96,6 +96,19 @@ def test_requests_that_can_never_fit_are_refused_naming_the_limit():
     e.stop()
 
 
+def test_a_prompt_whose_bucket_outgrows_the_context_compiles_nothing_after_warmup():
+    """max_len 40 (3 pages of 16): a 30-token prompt pads to the 64-token bucket, wider than any row's table; it runs
+    on a warmed-up table width, not a fresh 4-page table nobody compiled."""
+    params = jax.jit(lambda: __import__("qcjax").init_params(CFG, jax.random.key(0)))()
+    e = Engine(CFG, params, max_rows=1, max_len=40, page_size=16, prefill_batch=1, cache_dtype=jnp.float32)
+    e.warmup()
+    e.submit([Request(list(range(1, 31)), 4)])
+    while e.busy:
+        e.step()
+    assert e.stats()["completed"] == 1 and e.stats()["compiles_after_warmup"] == 0
+    e.stop()
+
+
 def run_all(engine: Engine, reqs: list[Request], timeout: float = 120.0) -> list[tuple[list[int], str]]:
     """Submit and wait: (tokens, finish_reason) per request."""
     got = [([], None) for _ in reqs]

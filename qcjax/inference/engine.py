@@ -459,7 +459,8 @@ class Engine:
             if not rows:
                 return
             t = _bucket(max(counts), self.t_buckets)
-            fresh = all(s.cached == 0 for s in rows) and t % self.page_size == 0
+            fresh = (all(s.cached == 0 for s in rows) and t % self.page_size == 0
+                     and t // self.page_size <= self.max_pages)  # a bucket past the context: a table of widths
             w = t // self.page_size if fresh else _bucket(
                 -(-max(s.cached + c for s, c in zip(rows, counts)) // self.page_size), self.widths)
             kinds = kinds_for([s.req.sampling for s in rows], self.cfg.vocab_size)
