@@ -94,6 +94,10 @@ Generation stops at Qwen's FIM/chat stop tokens (<|endoftext|> <|fim_prefix|> <|
                      help="compile prefill and decode for --topology and report per-chip memory; generate nothing "
                           "(exit status 1 when they do not fit)")
     aot.add_argument("--topology", help="TPU slice: v5p-8, v5e-4, v6e-8, v4-8, 2xv5p-128, v5p:4x4x8")
+    aot.add_argument("--lora_slots", type=int, default=0,
+                     help="also hold a bank of this many LoRA adapters (all seven projections) that rows pick per "
+                          "request, as `python -m qcjax.serve --max_loras N` does (default 0: none)")
+    aot.add_argument("--lora_rank", type=int, default=16, help="the bank's adapter rank (default 16)")
     aot.add_argument("--yarn", action="store_true",
                      help="with --config: the preset with Qwen's 128K YaRN scaling (factor 4 over 32K), as the "
                           "released config.json's rope_scaling sets it for long context")
@@ -372,6 +376,8 @@ def compile_only(a: argparse.Namespace, out=None) -> int:
         cfg = cfg.with_yarn()
     cfg = cfg.replace(param_dtype=a.dtype, dtype=a.dtype, quant=a.quant)
     context = a.max_context or cfg.max_position_embeddings
+    if a.lora_slots < 0 or a.lora_rank < 1:
+        raise UsageError(f"--lora_slots={a.lora_slots} / --lora_rank={a.lora_rank}: must be >= 0 / >= 1")
     try:
         mesh = cli.parse_mesh(a.mesh) if a.mesh is not None else None
     except argparse.ArgumentTypeError as e:
@@ -380,7 +386,8 @@ def compile_only(a: argparse.Namespace, out=None) -> int:
         report = T.compile_sampler(cfg, a.topology, batch=a.batch_size, context=context,
                                    max_new_tokens=a.max_new_tokens, mesh_shape=mesh, cache_dtype=a.cache_dtype,
                                    prefill_chunk=_prefill_chunk(a), decode_steps=max(1, a.chunk),
-                                   sampling=_sampling(a.temperature, a.top_k, a.top_p, a.min_p))
+                                   sampling=_sampling(a.temperature, a.top_k, a.top_p, a.min_p),
+                                   lora_slots=a.lora_slots, lora_rank=a.lora_rank)
     except (T.TopologyError, T.CompileUnavailable, ValueError) as e:
         raise UsageError(str(e)) from None
     print(report.format(), file=out)

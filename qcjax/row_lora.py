@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from qcjax import platform
 from qcjax.config import LORA_PROJECTIONS, ModelConfig
 
 _ROWS: contextvars.ContextVar = contextvars.ContextVar("qcjax_row_lora", default=None)  # (bank, ids) while applied
@@ -76,20 +77,31 @@ def put(bank: dict, slot: jax.Array, adapter: dict, scale: jax.Array) -> dict:
     return out
 
 
-def delta(x: jax.Array, target: str, layer: jax.Array, dtype: Any) -> jax.Array | None:
+def delta(x: jax.Array, target: str, layer: jax.Array) -> jax.Array | None:
     """Inside `applied`: each row's adapter output for projection `target` of layer `layer`, x [B, T, in] ->
-    float32 [B, T, out] (zero for rows with id -1); None outside it or for a target the bank does not hold."""
+    float32 [B, T, out] (zero for rows with id -1), computed in the bank's dtype with float32 sums; None outside it
+    or for a target the bank does not hold."""
     rows = _ROWS.get()
     if rows is None or target not in rows[0]:
         return None
     bank, ids = rows
-    a_l, b_l = (jax.lax.dynamic_index_in_dim(bank[target][k], layer, 0, keepdims=False) for k in ("a", "b"))
-    slot = jnp.maximum(ids, 0)
-    a, b = jnp.take(a_l, slot, axis=0), jnp.take(b_l, slot, axis=0)  # [B, in, R], [B, R, out]: each row's own
-    scale = jnp.where(ids >= 0, jnp.take(bank["scale"], slot), 0.0)  # [B]
-    h = jnp.einsum("bti,bir->btr", x.astype(dtype), a.astype(dtype), preferred_element_type=jnp.float32)
-    h = (h * scale[:, None, None]).astype(dtype)
-    return jnp.einsum("btr,bro->bto", h, b.astype(dtype), preferred_element_type=jnp.float32)
+    a_stack, b_stack = (s.reshape((-1,) + s.shape[2:]) for s in (bank[target]["a"], bank[target]["b"]))
+    index = jnp.where(ids >= 0, layer * bank[target]["a"].shape[1] + ids, -1)  # into the [layers * S, ...] view
+    scale = jnp.where(ids >= 0, bank["scale"].at[jnp.maximum(ids, 0)].get(mode="promise_in_bounds"), 0.0)  # [B]
+    # the platform switch: on the CPU, decode steps read each row's adapter in place (qcjax.cpu.lora)
+    return platform.dispatch("lora", _gathered, x, a_stack, b_stack, index, scale)
+
+
+def _gathered(x: jax.Array, a_stack: jax.Array, b_stack: jax.Array, index: jax.Array, scale: jax.Array
+              ) -> jax.Array:
+    """The core's formulation: each row's A [B, in, R] and B [B, R, out] gathered from the stacks (index -1: any
+    row, scaled by 0), then x A (float32 sums) scaled, rounded to the bank's dtype, times B (float32 sums)."""
+    i = jnp.maximum(index, 0)  # in range by construction: no bounds select over the gathered rows
+    a, b = (s.at[i].get(mode="promise_in_bounds") for s in (a_stack, b_stack))
+    dt = a.dtype  # the bank's: the compute dtype, or float32 where the platform wants it (platform.adapter_dtype)
+    h = jnp.einsum("bti,bir->btr", x.astype(dt), a, preferred_element_type=jnp.float32)
+    h = (h * scale[:, None, None]).astype(dt)
+    return jnp.einsum("btr,bro->bto", h, b, preferred_element_type=jnp.float32)
 
 
 def _interceptor(next_fun, args, kwargs, context):
@@ -110,7 +122,7 @@ def _interceptor(next_fun, args, kwargs, context):
         x = args[0]
         if target is not None:
             b, t = x.shape[:2]
-            d = delta(x.reshape(b, t, -1), target, _LAYER.get(), module.cfg.dtype)
+            d = delta(x.reshape(b, t, -1), target, _LAYER.get())
             if d is not None:
                 y = (y + d.reshape(y.shape).astype(y.dtype)).astype(y.dtype)
     return y

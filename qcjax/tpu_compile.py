@@ -450,7 +450,7 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
                     mesh_shape: dict[str, int] | None = None, cache_dtype: Any = jnp.bfloat16, sampling=None,
                     prefill_chunk: int | None = None, decode_steps: int = 16, page_size: int | None = None,
                     num_pages: int | None = None, max_len: int | None = None, prefill_rows: int | None = None,
-                    verify_tokens: int = 0) -> CompileReport:
+                    verify_tokens: int = 0, lora_slots: int = 0, lora_rank: int = 16) -> CompileReport:
     """Compile the inference engine's programs (qcjax.inference.programs) for `batch` rows of `context` tokens (a
     prompt of context - max_new_tokens) on a TPU slice: one prefill call of `prefill_chunk` tokens per row into a
     page table as wide as the context, and a decode call of `decode_steps` steps over the batch. cfg's dtypes are
@@ -458,6 +458,8 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
     max_len: the engine's limit per request (default: context); the page tables are as wide as the engine's bucket
     for a context-long row (`engine.table_widths`). prefill_rows: rows of the prefill call (default: batch).
     verify_tokens > 0: also the speculative verify step (each row's newest token and verify_tokens - 1 drafts).
+    lora_slots > 0: the programs also read a bank of that many LoRA adapters of rank lora_rank on all seven
+    projections, each row through its own (qcjax.row_lora: multi-adapter serving), the bank split as the kernels.
     mesh_shape None: the serving mesh (`sharding.serving_mesh_shape`: tensor parallel up to the KV heads first)."""
     from flax import linen as nn
 
@@ -494,24 +496,44 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
             lambda: R.controls([None] * batch, batch, lambda x, names: jnp.asarray(x))))
         row = lambda dtype=jnp.int32, n=batch: place((n,), dtype)  # noqa: E731
         pctl = jax.tree.map(lambda a: place((prows,) + a.shape[1:], a.dtype), ctl)
+        lora_p = lora_d = None
+        if lora_slots:
+            from qcjax import row_lora
+            from qcjax.config import LORA_TARGETS
+            from qcjax.inference.lora import bank_shardings
+
+            shapes = row_lora.bank_shapes(cfg, lora_slots, lora_rank, LORA_TARGETS)
+            bank = {t: {k: jax.ShapeDtypeStruct(v, jnp.dtype(cfg.dtype)) for k, v in shapes[t].items()}
+                    for t in LORA_TARGETS}
+            bank["scale"] = jax.ShapeDtypeStruct(shapes["scale"], jnp.float32)
+            bank = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), bank,
+                                bank_shardings(cfg, bank, mesh))
+            lora_p, lora_d = (bank, row(n=prows)), (bank, row())
         pre, compiled = compile_program(
             f"prefill ({chunk} tokens a row, {width}-page tables)", PR.prefill,
             (cfg, kinds, params, pool, place((prows, chunk), jnp.int32), row(n=prows), row(n=prows),
-             place((prows, width), jnp.int32), row(n=prows), pctl), None, topo.hbm_bytes)
+             place((prows, width), jnp.int32), row(n=prows), pctl, lora_p), None, topo.hbm_bytes)
         programs = [pre]
         if compiled is not None:
             rows = PR.Rows(place((batch, width), jnp.int32), row(), row(), row(), row(jnp.bool_))
             programs.append(compile_program(f"decode ({decode_steps} steps a call)", PR.decode,
-                                            (cfg, kinds, params, pool, rows, ctl), {"steps": decode_steps},
+                                            (cfg, kinds, params, pool, rows, ctl, lora_d), {"steps": decode_steps},
                                             topo.hbm_bytes)[0])
             if verify_tokens > 0:
                 programs.append(compile_program(
                     f"verify ({verify_tokens} tokens a row)", PR.verify,
                     (cfg, kinds, params, pool, place((batch, verify_tokens), jnp.int32), row(), row(),
-                     place((batch, width), jnp.int32), row(), ctl), None, topo.hbm_bytes)[0])
+                     place((batch, width), jnp.int32), row(), ctl, lora_d), None, topo.hbm_bytes)[0])
     quant = "" if cfg.quant == "none" else f" ({cfg.quant} projections)"
     setup = [f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, params "
              f"{cfg.param_dtype}{quant}, compute {cfg.dtype}, KV cache {jnp.dtype(cache_dtype).name}",
              f"batch {batch}, context {context} ({max_new_tokens} new tokens), KV pool {pages} pages of {ps} tokens "
              f"({pages * ps} tokens)" + (f", prefill {prows} rows" if prows != batch else "")]
+    if lora_slots:
+        from qcjax import row_lora
+        from qcjax.config import LORA_TARGETS
+
+        size = row_lora.bank_bytes(cfg, lora_slots, lora_rank, LORA_TARGETS, cfg.dtype)
+        setup.append(f"LoRA bank: {lora_slots} adapters of rank {lora_rank} on all 7 projections "
+                     f"({format_bytes(size)} in all, split as the kernels), each row through its own")
     return CompileReport(topology=topo, mesh=dict(mesh.shape), setup=setup, programs=programs)

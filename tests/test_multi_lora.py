@@ -88,6 +88,38 @@ def test_rows_with_their_own_adapters_equal_transformers_peft(tmp_path):
         np.testing.assert_allclose(got[row], ref[row], atol=tol, rtol=0, err_msg=f"row {row}")
 
 
+def test_an_int8_base_takes_per_row_adapters_as_qlora_does(base):
+    """Rows on an int8-quantized base, one with an adapter: its logits equal qwix's one-adapter QLoRA model (the
+    same quantized base and adapter, cfg.lora + cfg.quant), the other row the quantized base's."""
+    a = random_adapter(CFG, 4, ("q", "v", "down"), 7)
+    qcfg = CFG.replace(quant="int8")
+    qbase = adapters.quantize(qcfg, base)
+    slots = LoraSlots(CFG, max_loras=1, max_rank=4, targets=a.targets)
+    slots.add("a", a)
+    ids = jnp.asarray([slots.acquire("a"), -1], jnp.int32)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 9)))
+
+    @jax.jit
+    def logits(params, bank, ids, tokens):
+        with row_lora.applied(bank, ids):
+            return build(qcfg).apply({"params": params}, tokens)
+
+    got = np.asarray(logits(qbase, slots.bank(), ids, tokens))
+    tree: dict = {"layers": {}}
+    for t in a.targets:
+        group, name = adapters.PROJECTIONS[t]
+        tree["layers"].setdefault(group, {})[name] = {adapters.LORA_A: jnp.asarray(a.arrays[t]["a"]),
+                                                      adapters.LORA_B: jnp.asarray(a.arrays[t]["b"])}
+    lcfg = qcfg.replace(lora=LoraSpec(rank=4, alpha=a.scale * 4, targets=a.targets))
+    qlora = np.asarray(jax.jit(lambda p, t: build(lcfg).apply({"params": p}, t))(adapters.combine(qbase, tree),
+                                                                                 tokens))
+    plain = np.asarray(jax.jit(lambda p, t: build(qcfg).apply({"params": p}, t))(qbase, tokens))
+    tol = 1e-4 * np.abs(qlora).max()
+    assert np.abs(qlora[0] - plain[0]).max() > 100 * tol
+    np.testing.assert_allclose(got[0], qlora[0], atol=tol, rtol=0)
+    np.testing.assert_allclose(got[1], plain[1], atol=tol, rtol=0)
+
+
 def test_mixed_batches_and_evictions_give_each_merged_models_text(base):
     """Greedy text of 5 prompts over 3 adapters and the base, run together through 2 slots (adapters are evicted and
     copied back in), equals each prompt alone on the model with its adapter merged; an n-sample request shares

@@ -1,4 +1,4 @@
-"""Build and load qcjax's C++ CPU kernels (matmul.cc, attention.cc, stacked.cc); register them with XLA:CPU (jax.ffi).
+"""Build and load qcjax's C++ CPU kernels (matmul.cc, attention.cc, stacked.cc, lora.cc); register them with XLA:CPU (jax.ffi).
 
 The library is compiled on first use with the system's C++ compiler (`-O3 -march=native`, against jaxlib's FFI
 headers) into a cache directory (QCJAX_CACHE, default ~/.cache/qcjax), keyed by the sources, jaxlib's version and
@@ -24,8 +24,9 @@ MATMUL_TARGET = "qcjax_rows_matmul"  # matmul.cc (qcjax/cpu/matmul.py)
 ATTENTION_TARGET = "qcjax_causal_attention"  # attention.cc's prompt kernel (qcjax/cpu/attention.py)
 CACHE_ATTENTION_TARGET = "qcjax_cache_attention"  # attention.cc's decode-step kernel (qcjax/cpu/attention.py)
 STACKED_TARGET = "qcjax_stacked_matmul"  # stacked.cc: one layer of a weight stack, in place (qcjax/cpu/layers.py)
+LORA_TARGET = "qcjax_row_lora"  # lora.cc: each row's LoRA adapter from the bank, in place (qcjax/cpu/lora.py)
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = tuple(os.path.join(_HERE, f) for f in ("matmul.cc", "attention.cc", "stacked.cc"))
+_SOURCES = tuple(os.path.join(_HERE, f) for f in ("matmul.cc", "attention.cc", "stacked.cc", "lora.cc"))
 _HEADERS = tuple(os.path.join(_HERE, f) for f in ("parallel.h", "simd.h"))  # included: part of the build key
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
 
@@ -82,7 +83,8 @@ def _load(march: str = "native") -> tuple[ctypes.CDLL, str]:
     lib = ctypes.cdll.LoadLibrary(_build(march))
     suffix = "" if march == "native" else f"_{march}"
     for target, symbol in ((MATMUL_TARGET, lib.QcjaxRowsMatmul), (ATTENTION_TARGET, lib.QcjaxCausalAttention),
-                           (CACHE_ATTENTION_TARGET, lib.QcjaxCacheAttention), (STACKED_TARGET, lib.QcjaxStackedMatmul)):
+                           (CACHE_ATTENTION_TARGET, lib.QcjaxCacheAttention), (STACKED_TARGET, lib.QcjaxStackedMatmul),
+                           (LORA_TARGET, lib.QcjaxRowLora)):
         jax.ffi.register_ffi_target(target + suffix, jax.ffi.pycapsule(symbol), platform="cpu")
     return lib, MATMUL_TARGET + suffix
 

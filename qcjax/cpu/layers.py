@@ -117,7 +117,7 @@ def decoder_layers(cfg, params, carry, cos, sin, q_seg, kv_seg, q_offset):
         y = stacked_matmul(rows, node["kernel"], layer, n_in).astype(dt)
         if "bias" in node:
             y = y + jax.lax.dynamic_index_in_dim(node["bias"], layer, 0, keepdims=False).reshape(-1).astype(dt)
-        lora = row_lora.delta(rows.reshape(b, t, -1), target, layer, dt)  # per-row adapters, as the model adds them
+        lora = row_lora.delta(rows.reshape(b, t, -1), target, layer)  # per-row adapters, as the model adds them
         return y if lora is None else (y + lora.reshape(y.shape).astype(dt)).astype(dt)
 
     def layer_fn(layer, state):

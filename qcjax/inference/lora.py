@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qcjax import paths, row_lora
+from qcjax import paths, platform, row_lora
 from qcjax.config import LORA_PROJECTIONS, LORA_TARGETS, ModelConfig
 
 
@@ -155,6 +155,7 @@ class LoraSlots:
 
     def __init__(self, cfg: ModelConfig, *, max_loras: int, max_rank: int, targets=LORA_TARGETS,
                  dtype: Any = None, mesh=None):
+        """dtype: the bank's (default: `platform.adapter_dtype` of the compute dtype)."""
         if max_loras < 1 or max_rank < 1:
             raise ValueError(f"max_loras={max_loras}, max_rank={max_rank}: both must be >= 1")
         bad = sorted(set(targets) - set(LORA_TARGETS))
@@ -162,7 +163,7 @@ class LoraSlots:
             raise ValueError(f"LoRA targets {list(targets)}: each must be one of {list(LORA_TARGETS)}")
         self.cfg, self.max_loras, self.max_rank = cfg, int(max_loras), int(max_rank)
         self.targets = tuple(t for t in LORA_TARGETS if t in targets)
-        self.dtype = jnp.dtype(dtype or cfg.dtype)
+        self.dtype = jnp.dtype(dtype or platform.adapter_dtype(cfg.dtype))
         self.mesh = mesh
         self._lock = threading.Lock()
         self._adapters: dict[str, tuple[Adapter, int]] = {}  # name -> (adapter, generation)
@@ -225,7 +226,7 @@ class LoraSlots:
         if self._bank is None:
             bank = row_lora.empty_bank(self.cfg, self.max_loras, self.max_rank, self.targets, self.dtype)
             if self.mesh is not None:
-                bank = jax.device_put(bank, _bank_shardings(self.cfg, bank, self.mesh))
+                bank = jax.device_put(bank, bank_shardings(self.cfg, bank, self.mesh))
             self._bank = bank
         return self._bank
 
@@ -287,7 +288,7 @@ class LoraSlots:
         return out
 
 
-def _bank_shardings(cfg: ModelConfig, bank: dict, mesh) -> dict:
+def bank_shardings(cfg: ModelConfig, bank: dict, mesh) -> dict:
     """A's input dim and B's output dim split as the kernel's (the logical-axis rules); slots and rank whole."""
     from jax.sharding import NamedSharding
 
@@ -306,4 +307,4 @@ def _bank_shardings(cfg: ModelConfig, bank: dict, mesh) -> dict:
     return out
 
 
-__all__ = ["Adapter", "LoraSlots", "read_adapter"]
+__all__ = ["Adapter", "LoraSlots", "bank_shardings", "read_adapter"]

@@ -125,6 +125,7 @@ def test_the_layer_loop_adds_each_rows_adapter_as_the_model_does(monkeypatch):
     want, _, off = _decode_step(CFG, params, monkeypatch, "0", lora)
     base, _, _ = _decode_step(CFG, params, monkeypatch, "0")
     assert text.count(build.STACKED_TARGET) == 7 and build.STACKED_TARGET not in off
+    assert text.count(build.LORA_TARGET) == 7 and build.LORA_TARGET not in off  # each row's adapter, in place
     scale = float(jnp.abs(want).max())
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6 * scale, rtol=0)
     assert np.abs(np.asarray(want - base)[[0, 2]]).max() > 0.01 * scale  # the adapters change rows 0 and 2 ...
