@@ -192,6 +192,17 @@ def test_a_prompt_longer_than_the_prefill_chunk_compiles_a_chunk_of_it():
 
 
 @needs_libtpu
+def test_a_lora_bank_compiles_into_the_serving_programs_on_tpu():
+    """infer.py --compile_only --lora_slots 4: the programs take a bank of 4 rank-8 adapters on every projection, each
+    row through its own (multi-adapter serving); its bytes show in the arguments, and it fits."""
+    out = cli("infer.py", "--config", "tiny", "--compile_only", "--topology", "v5e-4", "--batch", "2", "--context",
+              "512", "--max_new_tokens", "64", "--lora_slots", "4", "--lora_rank", "8")
+    assert out.returncode == 0, out.stderr
+    assert "LoRA bank: 4 adapters of rank 8 on all 7 projections" in out.stdout
+    assert out.stdout.rstrip().endswith("fits")
+
+
+@needs_libtpu
 def test_oversized_per_chip_batch_is_reported_as_not_fitting():
     out = cli("train.py", "--config=configs/tiny.py", "--compile_only", "--topology=v5e-4",
               "--config.batch_size=16384", "--config.per_device_batch=4096")
