@@ -119,7 +119,7 @@ def _read_peft(path: str, cfg: ModelConfig) -> Adapter:
         tensors = load(f.read())
     modules = _peft_modules()
     arrays: dict[str, dict[str, np.ndarray]] = {}
-    for name, x in tensors.items():
+    for name, x in sorted(tensors.items()):  # in name order: the same tensor named first on every read
         core = name.removeprefix(PEFT_PREFIX)
         parts = core.split(".")
         # model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}[.default].weight
