@@ -148,6 +148,28 @@ def test_mixed_batches_and_evictions_give_each_merged_models_text(base):
     assert again[1].cached_tokens == 16  # the same adapter's samples share its full pages
 
 
+def test_adapters_on_a_tensor_parallel_mesh_give_one_devices_text(base):
+    """The bank split over a tensor=2 mesh as the kernels are (qcjax.inference.lora.bank_shardings): mixed rows'
+    greedy text equals the same requests on one device."""
+    from qcjax.sharding import make_mesh
+
+    ads = {"x": random_adapter(CFG, 4, ("q", "o", "gate"), 11), "y": random_adapter(CFG, 4, ("k", "v", "down"), 12)}
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (7, 12, 5)]
+    names = ["x", None, "y"]
+
+    def run(mesh):
+        slots = LoraSlots(CFG, max_loras=2, max_rank=4, mesh=mesh)
+        for n, a in ads.items():
+            slots.add(n, a)
+        out = generate(CFG, base, prompts, max_new_tokens=8, lora=slots, adapter=names, cache_dtype=jnp.float32,
+                       mesh=mesh)
+        return [o.tokens for o in out]
+
+    mesh = make_mesh({"tensor": 2}, devices=jax.devices()[:2])
+    assert run(mesh) == run(None)
+
+
 def test_the_slot_table_holds_adapters_in_use_and_evicts_least_recent():
     slots = LoraSlots(CFG, max_loras=2, max_rank=4, targets=("q",))
     for n in "abc":
