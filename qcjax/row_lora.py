@@ -13,7 +13,12 @@ each slot, 0 for an empty slot). `ids` [B] names each row's slot, -1 for the bas
 The model knows nothing of this: `applied(bank, ids)` wraps a forward (the model's apply, traced inside jit) in a
 Flax method interceptor that adds `scale * (x A) B` to the output of each targeted projection (`Linear`) of each
 layer (the layer index comes from the enclosing `DecoderLayer` call), the way qwix wraps a module for the one-adapter
-case. The CPU decode loop (qcjax.cpu.layers), which runs the projections itself, adds `delta` the same way.
+case. The CPU decode loop (qcjax.cpu.layers), which runs the projections itself, adds `delta` the same way. Each
+delta goes through the platform switch's "lora" operation: XLA's gathered rows, or on the CPU a kernel reading each
+row's adapter in place for decode steps (qcjax.cpu.lora).
+
+`applied` acts while a function is traced: use it inside the jitted function (as qcjax.inference.programs does,
+with the bank and ids as arguments), not around a call of one jax has already compiled without it.
 """
 from __future__ import annotations
 
