@@ -59,20 +59,6 @@ def _adapter(cfg, rank: int, seed: int):
     return Adapter(arrays, rank, 2.0, f"random-{seed}")
 
 
-def _merged(cfg, params, a):
-    from qcjax import adapters
-    from qcjax.config import LoraSpec
-
-    tree: dict = {"layers": {}}
-    for t in a.targets:
-        group, name = adapters.PROJECTIONS[t]
-        tree["layers"].setdefault(group, {})[name] = {adapters.LORA_A: a.arrays[t]["a"],
-                                                      adapters.LORA_B: a.arrays[t]["b"]}
-    lcfg = cfg.replace(lora=LoraSpec(rank=a.rank, alpha=a.scale * a.rank, targets=a.targets))
-    mcfg, mp = adapters.merge(lcfg, adapters.combine(params, tree), dtype=cfg.dtype)
-    return mcfg, adapters.cast_floats(mp, cfg.dtype)
-
-
 def _pass(engine, prompts, names, max_new: int) -> dict:
     from qcjax.inference import Request
 
@@ -97,7 +83,10 @@ def run(kind: str, n: int, cfg, params, ads, prompts, a) -> dict:
     kw = dict(max_rows=a.rows, max_len=max_len, cache_dtype=jnp.dtype(a.dtype), chunk=8, max_queue=4096,
               prefix_cache=False)
     if kind == "merged":
-        mcfg, mp = _merged(cfg, params, ads[0])
+        from qcjax import adapters
+
+        mcfg, mp = ads[0].merged_into(cfg, params, cfg.dtype)
+        mp = adapters.cast_floats(mp, cfg.dtype)
         engine, names = Engine(mcfg, mp, **kw), [None] * len(prompts)
     else:
         slots = LoraSlots(cfg, max_loras=n, max_rank=a.rank, dtype=cfg.dtype)

@@ -35,7 +35,7 @@ from flax import linen as nn
 from qcjax import platform
 from qcjax.config import LORA_PROJECTIONS, ModelConfig
 
-_ROWS: contextvars.ContextVar = contextvars.ContextVar("qcjax_row_lora", default=None)  # (bank, ids) while applied
+_ROWS: contextvars.ContextVar = contextvars.ContextVar("qcjax_row_lora", default=None)  # (bank, ids, scale [B])
 _LAYER: contextvars.ContextVar = contextvars.ContextVar("qcjax_row_lora_layer", default=None)
 _TARGET_OF = {path: t for t, path in LORA_PROJECTIONS.items()}  # ("attn", "q_proj") -> "q"
 
@@ -89,10 +89,9 @@ def delta(x: jax.Array, target: str, layer: jax.Array) -> jax.Array | None:
     rows = _ROWS.get()
     if rows is None or target not in rows[0]:
         return None
-    bank, ids = rows
+    bank, ids, scale = rows
     a_stack, b_stack = (s.reshape((-1,) + s.shape[2:]) for s in (bank[target]["a"], bank[target]["b"]))
     index = jnp.where(ids >= 0, layer * bank[target]["a"].shape[1] + ids, -1)  # into the [layers * S, ...] view
-    scale = jnp.where(ids >= 0, bank["scale"].at[jnp.maximum(ids, 0)].get(mode="promise_in_bounds"), 0.0)  # [B]
     # the platform switch: on the CPU, decode steps read each row's adapter in place (qcjax.cpu.lora)
     return platform.dispatch("lora", _gathered, x, a_stack, b_stack, index, scale)
 
@@ -140,7 +139,8 @@ def applied(bank: dict | None, ids: jax.Array | None) -> Iterator[None]:
     if bank is None:
         yield
         return
-    token = _ROWS.set((bank, ids))
+    scale = jnp.where(ids >= 0, bank["scale"].at[jnp.maximum(ids, 0)].get(mode="promise_in_bounds"), 0.0)  # [B]
+    token = _ROWS.set((bank, ids, scale))  # each row's scale once, for every projection of every layer
     try:
         with nn.intercept_methods(_interceptor):
             yield

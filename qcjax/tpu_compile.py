@@ -463,6 +463,8 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
     mesh_shape None: the serving mesh (`sharding.serving_mesh_shape`: tensor parallel up to the KV heads first)."""
     from flax import linen as nn
 
+    from qcjax import row_lora
+    from qcjax.config import LORA_TARGETS
     from qcjax.inference import engine as E, programs as PR, rows as R
     from qcjax.model import abstract_params
     from qcjax.sampling import GREEDY
@@ -498,8 +500,6 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
         pctl = jax.tree.map(lambda a: place((prows,) + a.shape[1:], a.dtype), ctl)
         lora_p = lora_d = None
         if lora_slots:
-            from qcjax import row_lora
-            from qcjax.config import LORA_TARGETS
             from qcjax.inference.lora import bank_shardings
 
             shapes = row_lora.bank_shapes(cfg, lora_slots, lora_rank, LORA_TARGETS)
@@ -530,9 +530,6 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
              f"batch {batch}, context {context} ({max_new_tokens} new tokens), KV pool {pages} pages of {ps} tokens "
              f"({pages * ps} tokens)" + (f", prefill {prows} rows" if prows != batch else "")]
     if lora_slots:
-        from qcjax import row_lora
-        from qcjax.config import LORA_TARGETS
-
         size = row_lora.bank_bytes(cfg, lora_slots, lora_rank, LORA_TARGETS, cfg.dtype)
         setup.append(f"LoRA bank: {lora_slots} adapters of rank {lora_rank} on all 7 projections "
                      f"({format_bytes(size)} in all, split as the kernels), each row through its own")

@@ -1,4 +1,5 @@
 """Shared test setup: 8 fake CPU devices (set before JAX starts) and random-weight HF reference models."""
+import contextlib
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -265,3 +266,31 @@ def tiny_hf(tmp_path_factory, tok):
     random weights (TINY_HF_CFG), saved as an HF checkpoint with the real tokenizer.json beside it. Read only."""
     d = tmp_path_factory.mktemp("tiny_hf")
     return str(d), save_hf_dir(d, TINY_HF_CFG, tok)
+
+
+@contextlib.contextmanager
+def serving(app, engine=None, **config):
+    """Serve an ASGI app (qcjax.serve's) with uvicorn in a thread on a free port of 127.0.0.1 (`config`: more
+    uvicorn.Config fields); yields the port. The server, and `engine` if given, are stopped on the way out."""
+    import socket
+    import threading
+    import time
+
+    uvicorn = pytest.importorskip("uvicorn")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not srv.started and time.time() < deadline:
+            time.sleep(0.05)
+        assert srv.started, "uvicorn did not start"
+        yield sock.getsockname()[1]
+    finally:
+        srv.should_exit = True
+        thread.join(15)
+        if engine is not None:
+            engine.stop()
+        sock.close()

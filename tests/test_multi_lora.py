@@ -15,7 +15,7 @@ from qcjax.inference import generate
 from qcjax.inference.lora import Adapter, LoraSlots, read_adapter
 from qcjax.model import build, init_params
 
-from conftest import hf_logits, hf_model, params_from_hf
+from conftest import hf_logits, hf_model, params_from_hf, serving
 
 CFG = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                   tie_word_embeddings=False, rope_theta=1e6, max_position_embeddings=64, dtype="float32",
@@ -30,17 +30,6 @@ def random_adapter(cfg: ModelConfig, rank: int, targets, seed: int, scale: float
         arrays[t] = {"a": rng.normal(0, 0.3, (cfg.num_layers, n_in, rank)).astype(np.float32),
                      "b": rng.normal(0, 0.3, (cfg.num_layers, rank, n_out)).astype(np.float32)}
     return Adapter(arrays, rank, scale, f"random-{seed}")
-
-
-def merged(cfg: ModelConfig, params, a: Adapter):
-    """(cfg, params) of the base with `a` folded into its kernels (qcjax.adapters.merge, the one-adapter path)."""
-    tree: dict = {"layers": {}}
-    for t in a.targets:
-        group, name = adapters.PROJECTIONS[t]
-        tree["layers"].setdefault(group, {})[name] = {adapters.LORA_A: a.arrays[t]["a"],
-                                                      adapters.LORA_B: a.arrays[t]["b"]}
-    lcfg = cfg.replace(lora=LoraSpec(rank=a.rank, alpha=a.scale * a.rank, targets=a.targets))
-    return adapters.merge(lcfg, adapters.combine(params, tree))
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +94,7 @@ def test_an_int8_base_takes_per_row_adapters_as_qlora_does(base):
             return build(qcfg).apply({"params": params}, tokens)
 
     got = np.asarray(logits(qbase, slots.bank(), ids, tokens))
-    tree: dict = {"layers": {}}
-    for t in a.targets:
-        group, name = adapters.PROJECTIONS[t]
-        tree["layers"].setdefault(group, {})[name] = {adapters.LORA_A: jnp.asarray(a.arrays[t]["a"]),
-                                                      adapters.LORA_B: jnp.asarray(a.arrays[t]["b"])}
-    lcfg = qcfg.replace(lora=LoraSpec(rank=4, alpha=a.scale * 4, targets=a.targets))
+    lcfg, tree = a.as_single(qcfg)  # qwix's one-adapter QLoRA model on the same quantized base
     qlora = np.asarray(jax.jit(lambda p, t: build(lcfg).apply({"params": p}, t))(adapters.combine(qbase, tree),
                                                                                  tokens))
     plain = np.asarray(jax.jit(lambda p, t: build(qcfg).apply({"params": p}, t))(qbase, tokens))
@@ -137,7 +121,7 @@ def test_mixed_batches_and_evictions_give_each_merged_models_text(base):
     out = generate(CFG, base, prompts, max_new_tokens=10, lora=slots, adapter=names, cache_dtype=jnp.float32,
                    max_rows=4, chunk=4, stats=stats)
     for p, n, o in zip(prompts, names, out):
-        cfg, params = (CFG, base) if n is None else merged(CFG, base, ads[n])
+        cfg, params = (CFG, base) if n is None else ads[n].merged_into(CFG, base)
         ref = generate(cfg, params, [p], max_new_tokens=10, cache_dtype=jnp.float32)[0]
         assert o.tokens == ref.tokens, n
         assert o.cached_tokens == 0  # the same 20-token prefix under x, y, z: never one adapter's pages for another
@@ -167,7 +151,10 @@ def test_adapters_on_a_tensor_parallel_mesh_give_one_devices_text(base):
         return [o.tokens for o in out]
 
     mesh = make_mesh({"tensor": 2}, devices=jax.devices()[:2])
-    assert run(mesh) == run(None)
+    one = run(None)
+    assert run(mesh) == one
+    plain = generate(CFG, base, prompts, max_new_tokens=8, cache_dtype=jnp.float32)
+    assert one[0] != plain[0].tokens and one[2] != plain[2].tokens and one[1] == plain[1].tokens  # adapters acted
 
 
 def test_the_slot_table_holds_adapters_in_use_and_evicts_least_recent():
@@ -227,12 +214,6 @@ def test_adapters_that_do_not_fit_are_refused_with_one_line(tmp_path):
 def lora_server(tiny_hf, tok, tmp_path_factory):
     """`python -m qcjax.serve --lora py=<qcjax LoRA checkpoint> --lora rs=<PEFT dir> --max_loras 1` on the tiny HF
     model (one slot: the two adapters swap in and out), under uvicorn on 127.0.0.1; with the merged references."""
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
     from qcjax import loader
     from qcjax.peft_export import write_peft_dir
     from qcjax.serve.__main__ import build as build_server, build_parser
@@ -262,23 +243,11 @@ def lora_server(tiny_hf, tok, tmp_path_factory):
          "--lora", f"py={d / 'py'}", "--lora", f"rs={d / 'rs'}", "--max_loras", "1", "--lora_targets", "q,v,o,down"])
     logs: list[str] = []
     engine, app, name = build_server(a, log=logs.append)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
     base = engine.params
     refs = {None: (engine.cfg, base), "py": loader.load(str(d / "py"))}  # the run's checkpoint, merged by the loader
     refs["rs"] = adapters.merge(runs["rs"][0], adapters.combine(base, runs["rs"][1]))
-    yield Server(engine, name, sock.getsockname()[1], tok), refs, d, logs
-    srv.should_exit = True
-    thread.join(15)
-    engine.stop()
-    sock.close()
+    with serving(app, engine) as port:
+        yield Server(engine, name, port, tok), refs, d, logs
 
 
 def _text(refs, name, tok, ids, max_new=10) -> str:

@@ -5,11 +5,8 @@ import importlib.util
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 
 import jax
@@ -23,7 +20,7 @@ from qcjax import inference as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import tiny  # noqa: E402
+from conftest import serving, tiny  # noqa: E402
 _spec = importlib.util.spec_from_file_location("infer", os.path.join(ROOT, "infer.py"))
 infer = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(infer)
@@ -357,7 +354,7 @@ def test_bad_quant_flags_are_errors(trained, capsys):
 def test_server_with_quant_int8_answers_with_the_quantized_models_text(trained):
     """`python -m qcjax.serve --quant int8`'s build (flags -> quantized model, warmed-up engine, app) under uvicorn:
     a greedy completion equals generate's on the served weights."""
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     from qcjax.serve.__main__ import build, build_parser
 
     ckpt, tok = trained
@@ -366,27 +363,13 @@ def test_server_with_quant_int8_answers_with_the_quantized_models_text(trained):
                                    "float32", "--max_batch", "2", "--max_len", "64", "--chunk", "4",
                                    "--prefill_batch", "1", "--prefill_tokens", "64"])
     engine, app, name = build(a, log=logs.append)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 30
-        while not srv.started and time.time() < deadline:
-            time.sleep(0.05)
-        assert srv.started, "uvicorn did not start"
+    with serving(app, engine) as port:
         assert engine.cfg.quant == "int8" and any("int8 with one scale per output channel" in m for m in logs), logs
         body = json.dumps({"model": name, "prompt": "def binary_search(items, target):\n", "max_tokens": 12,
                            "temperature": 0}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions", body,
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
                                      {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as r:
             text = json.loads(r.read())["choices"][0]["text"]
         ids = tok.encode_with_special("def binary_search(items, target):\n")
         assert text == _greedy_text(tok, engine.cfg, engine.params, ids, 12)
-    finally:
-        srv.should_exit = True
-        thread.join(15)
-        engine.stop()
-        sock.close()

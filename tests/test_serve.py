@@ -7,7 +7,6 @@ speculation (a seed reproduces it)."""
 import concurrent.futures
 import json
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +19,7 @@ import qcjax
 from qcjax import prompts as P
 from qcjax.inference import GREEDY, SamplingParams, generate
 
-from conftest import TINY_HF_CFG
+from conftest import TINY_HF_CFG, serving
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -79,20 +78,8 @@ def server(hf_dir, tok):
          "--max_len", str(MAX_LEN), "--chunk", "4", "--prefill_batch", "2", "--prefill_tokens", "64",
          "--max_queue", "12", "--api_key", KEY, "--speculative", "ngram", "--num_speculative_tokens", "3"])
     engine, app, name = build(a, log=lambda msg: None)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    yield Server(engine, name, sock.getsockname()[1], tok)
-    srv.should_exit = True
-    thread.join(15)
-    engine.stop()
-    sock.close()
+    with serving(app, engine) as port:
+        yield Server(engine, name, port, tok)
 
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n",

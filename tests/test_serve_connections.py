@@ -1,12 +1,12 @@
 """qcjax.serve.connections: a connection that never starts a request, or stalls inside its headers, is closed after
 the header deadline; one that sends its request gets its answer (a trivial ASGI app under uvicorn on 127.0.0.1)."""
 import socket
-import threading
-import time
 
 import pytest
 
-uvicorn = pytest.importorskip("uvicorn")
+from conftest import serving
+
+pytest.importorskip("uvicorn")
 
 
 async def app(scope, receive, send):
@@ -28,16 +28,8 @@ def test_idle_and_stalled_connections_are_closed_and_requests_answered(monkeypat
     from qcjax.serve import connections
 
     monkeypatch.setattr(connections, "HEADER_TIMEOUT", 0.5)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=connections.DeadlineH11Protocol))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 30
-        while not srv.started and time.time() < deadline:
-            time.sleep(0.05)
-        addr = sock.getsockname()
+    with serving(app, http=connections.DeadlineH11Protocol) as port:
+        addr = ("127.0.0.1", port)
         idle = socket.create_connection(addr)
         stalled = socket.create_connection(addr)
         stalled.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # headers never finished
@@ -51,7 +43,3 @@ def test_idle_and_stalled_connections_are_closed_and_requests_answered(monkeypat
         assert answer.split(b"\r\n")[0] == b"HTTP/1.1 200 OK"
         assert closed_within(idle, 5) and closed_within(stalled, 5)
         assert closed_within(ok, 5)  # after its response it has the same deadline to send the next request
-    finally:
-        srv.should_exit = True
-        thread.join(10)
-        sock.close()

@@ -38,11 +38,6 @@ inline float round_bf16(float v) {  // round to nearest even, as XLA's convert
 }
 
 inline void store(float* p, f32v v) { std::memcpy(p, &v, sizeof(v)); }
-inline f32v load(const float* p) {
-  f32v v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
 
 template <typename T>
 void one_row(const T* x, int64_t k, const T* a, const T* b, int64_t r, int64_t n, float s, float* y) {
@@ -55,7 +50,7 @@ void one_row(const T* x, int64_t k, const T* a, const T* b, int64_t r, int64_t n
     f32v xs = {};
     xs += xi;
     int64_t j = 0;
-    for (; j < rv; j += L) store(h + j, load(h + j) + xs * widen(ai + j));
+    for (; j < rv; j += L) store(h + j, widen(h + j) + xs * widen(ai + j));
     for (; j < r; ++j) h[j] += xi * scalar(ai[j]);
   }
   for (int64_t j = 0; j < r; ++j) {
@@ -69,7 +64,7 @@ void one_row(const T* x, int64_t k, const T* a, const T* b, int64_t r, int64_t n
     f32v hs = {};
     hs += h[j];
     int64_t o = 0;
-    for (; o < nv; o += L) store(y + o, load(y + o) + hs * widen(bj + o));
+    for (; o < nv; o += L) store(y + o, widen(y + o) + hs * widen(bj + o));
     for (; o < n; ++o) y[o] += h[j] * scalar(bj[o]);
   }
 }

@@ -174,8 +174,7 @@ class Engine:
 
     def submit(self, reqs: Seq[Request]) -> None:
         """Queue requests (all or none). ValueError: a request the engine cannot run; QueueFull: no room now."""
-        for r in reqs:
-            self.validate(r)
+        seqs = [self._sequence(r) for r in reqs]
         with self._cv:
             if self._closing:
                 raise QueueFull("the server is shutting down")
@@ -184,15 +183,25 @@ class Engine:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting for one of {self.max_rows} rows (the queue "
                                 f"holds {self.max_queue}); retry later")
             now = time.perf_counter()
-            for r in reqs:
-                r.submitted = now
-                s = Sequence(r, list(map(int, r.tokens)), len(r.tokens), namespace=r.namespace)
-                if r.adapter is not None:  # its pages are its adapter's: never shared with another's rows
-                    s.namespace = (r.namespace, self.lora.namespace(r.adapter))
+            for s in seqs:
+                s.req.submitted = now
                 self._waiting.append(s)
-                self.metrics.submitted(len(r.tokens))
+                self.metrics.submitted(len(s.tokens))
             self.counts["submitted"] += len(reqs)
             self._cv.notify_all()
+
+    def _sequence(self, r: Request) -> Sequence:
+        """A checked request as the engine holds it (ValueError: one it can never run). A request's adapter is
+        pinned to its registration now, and keys its prefix-cache pages: never shared with another adapter's rows."""
+        self.validate(r)
+        s = Sequence(r, list(map(int, r.tokens)), len(r.tokens), namespace=r.namespace)
+        if r.adapter is not None:
+            try:
+                s.adapter = self.lora.registration(r.adapter)
+            except KeyError:  # unloaded since `validate`
+                raise ValueError(f"adapter {r.adapter!r}: not one this engine serves") from None
+            s.namespace = (r.namespace, "lora", s.adapter)
+        return s
 
     def cancel(self, r: Request, reason: str = "cancelled") -> None:
         """Finish a request now (a client went away: "cancelled"; its text reached a stop string: "stop"). Its pages
@@ -408,9 +417,9 @@ class Engine:
         if (sig is not None and sig in batch_sigs) or need > self.pages.available():
             self.pages.release(hit)
             return None
-        if s.req.adapter is not None:
+        if s.adapter is not None:
             try:
-                s.slot = self.lora.acquire(s.req.adapter, s.namespace[1][2])
+                s.slot = self.lora.acquire(*s.adapter)
             except KeyError:  # unloaded while it waited
                 self.pages.release(hit)
                 with self._cv:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qcjax import paths, platform, row_lora
-from qcjax.config import LORA_PROJECTIONS, LORA_TARGETS, ModelConfig
+from qcjax.config import LORA_PROJECTIONS, LORA_TARGETS, LoraSpec, ModelConfig
 
 
 @dataclasses.dataclass
@@ -40,6 +40,27 @@ class Adapter:
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(t for t in LORA_TARGETS if t in self.arrays)
+
+    def as_single(self, cfg: ModelConfig) -> tuple[ModelConfig, Any]:
+        """This adapter as the one-adapter path (qcjax.adapters, qwix) holds one: cfg with `lora` set (alpha such
+        that alpha / rank is this adapter's scale, rsLoRA's included) and the adapter tree to `adapters.combine`
+        with a base."""
+        from qcjax import adapters
+
+        tree: dict = {"layers": {}}
+        for t in self.targets:
+            group, name = LORA_PROJECTIONS[t]
+            tree["layers"].setdefault(group, {})[name] = {adapters.LORA_A: self.arrays[t]["a"],
+                                                          adapters.LORA_B: self.arrays[t]["b"]}
+        return cfg.replace(lora=LoraSpec(rank=self.rank, alpha=self.scale * self.rank, targets=self.targets)), tree
+
+    def merged_into(self, cfg: ModelConfig, params: Any, dtype: Any = None) -> tuple[ModelConfig, Any]:
+        """(cfg, params) of the base `params` with this adapter folded into its kernels (qcjax.adapters.merge): the
+        model a server per adapter would run, in `dtype` (default: the kernels')."""
+        from qcjax import adapters
+
+        lcfg, tree = self.as_single(cfg)
+        return adapters.merge(lcfg, adapters.combine(params, tree), dtype)
 
 
 # ---- reading ----------------------------------------------------------------------------------------------------------
@@ -211,11 +232,12 @@ class LoraSlots:
         with self._lock:
             return {n: a.source for n, (a, _) in self._adapters.items()}
 
-    def namespace(self, name: str) -> tuple:
-        """The prefix-cache namespace of `name`'s rows: one per registration, so pages computed under one adapter
-        are never reused under another (nor under a later adapter of the same name)."""
+    def registration(self, name: str) -> tuple[str, int]:
+        """(name, generation): which registration of `name` a request gets (KeyError if none). The engine keys the
+        request's prefix-cache pages by it, so pages computed under one adapter are never reused under another (nor
+        under a later adapter of the same name), and asks `acquire` for that registration."""
         with self._lock:
-            return ("lora", name, self._adapters[name][1])
+            return name, self._adapters[name][1]
 
     def __contains__(self, name: str) -> bool:
         with self._lock:

@@ -99,8 +99,9 @@ class Sequence:
     admitted_at: int = 0  # admission order (preemption takes the newest first)
     last_emit: float = 0.0  # when tokens last went out (inter-token latency)
     spec: Any = None  # speculative decoding state (qcjax.inference.speculative.RowState)
+    adapter: tuple[str, int] | None = None  # the registration of the request's adapter (qcjax.inference.lora)
     slot: int = -1  # the adapter bank slot this row runs with while admitted (-1: the base model)
-    namespace: Hashable = None  # the prefix-cache namespace: the request's, and its adapter's
+    namespace: Hashable = None  # the prefix-cache namespace: the request's, and its adapter's registration
 
     @property
     def prefilling(self) -> bool:

@@ -120,21 +120,21 @@ def check_args(a: argparse.Namespace) -> None:
     for flag in ("max_loras", "max_lora_rank"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             raise UsageError(f"--{flag}={getattr(a, flag)}: must be >= 1")
-    names = []
+    a.loras = {}  # --lora as {name: path}; --lora_targets as a list (None: not given)
     for item in a.lora:
         name, eq, path = item.partition("=")
         if not eq or not name or not path:
             raise UsageError(f"--lora {item}: expected NAME=PATH")
-        if name in names:
+        if name in a.loras:
             raise UsageError(f"--lora {item}: the name {name!r} is given twice")
-        names.append(name)
+        a.loras[name] = path
     if a.lora_targets is not None:
         from qcjax.config import LORA_TARGETS
 
         targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
-        bad = [t for t in targets if t not in LORA_TARGETS]
-        if bad or not targets:
+        if not targets or any(t not in LORA_TARGETS for t in targets):
             raise UsageError(f"--lora_targets={a.lora_targets}: each must be one of {','.join(LORA_TARGETS)}")
+        a.lora_targets = targets
 
 
 def load_tokenizer(a: argparse.Namespace):
@@ -193,23 +193,22 @@ def load_draft(path: str, mesh, dtype: str):
 
 def lora_slots(a: argparse.Namespace, cfg, name: str, mesh, log=print):
     """The adapters of --lora (read and checked against the base) in a LoraSlots sized by --max_loras,
-    --max_lora_rank and --lora_targets; None when no adapter flag is given."""
-    if not a.lora and a.max_loras is None:
+    --max_lora_rank and --lora_targets (as `check_args` parsed them); None when no adapter flag is given."""
+    if not a.loras and a.max_loras is None:
         return None
     from qcjax.config import LORA_TARGETS
     from qcjax.inference.lora import LoraSlots, read_adapter
 
     read = {}
-    for item in a.lora:
-        n, _, path = item.partition("=")
+    for n, path in a.loras.items():
         if n == name:
-            raise UsageError(f"--lora {item}: {n!r} is the base model's name (--served_model_name)")
+            raise UsageError(f"--lora {n}={path}: {n!r} is the base model's name (--served_model_name)")
         try:
             read[n] = read_adapter(path, cfg)
         except ValueError as e:
             raise UsageError(f"--lora {n}: {e}") from None
-    targets = ([t.strip() for t in a.lora_targets.split(",") if t.strip()] if a.lora_targets else
-               [t for t in LORA_TARGETS if any(t in ad.targets for ad in read.values())] or list(LORA_TARGETS))
+    targets = a.lora_targets or ([t for t in LORA_TARGETS if any(t in ad.targets for ad in read.values())]
+                                 or list(LORA_TARGETS))
     rank = a.max_lora_rank or max([ad.rank for ad in read.values()], default=16)
     slots = LoraSlots(cfg, max_loras=a.max_loras or max(1, len(read)), max_rank=rank, targets=targets, mesh=mesh)
     for n, ad in read.items():
