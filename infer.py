@@ -387,7 +387,7 @@ def compile_only(a: argparse.Namespace, out=None) -> int:
                                    max_new_tokens=a.max_new_tokens, mesh_shape=mesh, cache_dtype=a.cache_dtype,
                                    prefill_chunk=_prefill_chunk(a), decode_steps=max(1, a.chunk),
                                    sampling=_sampling(a.temperature, a.top_k, a.top_p, a.min_p),
-                                   lora_slots=a.lora_slots, lora_rank=a.lora_rank)
+                                   lora_slots=a.lora_slots, lora_rank=a.lora_rank, quant=a.quant)
     except (T.TopologyError, T.CompileUnavailable, ValueError) as e:
         raise UsageError(str(e)) from None
     print(report.format(), file=out)

@@ -226,11 +226,16 @@ def config_files_section() -> list[str]:
 
 def model_section() -> list[str]:
     MC = model_config.ModelConfig
+    run = ", ".join(f"`{f}`" for f in model_config.RUN_FIELDS)
     out = ["## Model (`qcjax.config.ModelConfig`)", "",
-           "The model's hyper-parameters plus how to run it. Checkpoints store every field; a restore may change",
-           "only the run fields (`param_dtype` through `dtype=`, `dtype`, `remat`, `attention_impl`).", ""]
+           "What a checkpoint's model is (the architecture) plus the numerics it is traced with. Checkpoints store",
+           f"every field; a restore may change only the run fields ({run}; `param_dtype` through `dtype=`).", ""]
     out += dataclass_table(MC)
     out += ["", "### `YarnScaling` (`ModelConfig.rope_scaling`)", ""] + dataclass_table(model_config.YarnScaling)
+    out += ["", "### `Adaptation` (`qcjax.config.Adaptation`: beside the model, never in it)", "",
+            "How a base model is changed from outside it (`qcjax.adapters.build(cfg, adaptation)`); a LoRA run's",
+            "checkpoint stores it as its config item's \"adaptation\" entry. The run config's `lora` block makes it.",
+            ""] + dataclass_table(model_config.Adaptation)
     out += ["", "### Presets (`qcjax.get_config(name, **overrides)`)", ""]
     rows = []
     for name, p in model_config.PRESETS.items():

@@ -41,11 +41,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qcjax import paths as qpaths
-from qcjax.config import NO_ADAPTATION, Adaptation, ModelConfig, adaptation_from_dict
+from qcjax.config import NO_ADAPTATION, RUN_FIELDS as MODEL_RUN_FIELDS, Adaptation, ModelConfig, adaptation_from_dict
 from qcjax.hf import release_free_memory
 
 PARAMS, OPT_STATE, DATA_ITER, CONFIG = "params", "opt_state", "data_iter", "config"
-RUN_FIELDS = ("dtype", "remat", "attention_impl")  # config fields a restore may change (param_dtype: `dtype=`)
+# config fields a restore may change (qcjax.config.RUN_FIELDS; param_dtype through `dtype=`)
+RUN_FIELDS = tuple(f for f in MODEL_RUN_FIELDS if f != "param_dtype")
 _METADATA_FILE = "_CHECKPOINT_METADATA"  # Orbax's per-step metadata (lists each item's handler)
 CHECKSUM_CASTS = ("bfloat16",)  # float params also get the checksum of their cast, so a cast restore is verified too
 

@@ -13,6 +13,9 @@ import jax.numpy as jnp
 from qcjax.platform import ATTENTION_IMPLS  # the attention switch's names (qcjax.platform, qcjax/attention)
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
+# ModelConfig's fields that say how the model is run, not what it is: the same checkpoint loads under any values of
+# them (qcjax.checkpoint's restores take them as overrides); every other field is the architecture.
+RUN_FIELDS = ("param_dtype", "dtype", "remat", "attention_impl")
 # Weight-only quantization of the seven projections (qcjax.adapters, through qwix): int8 with one scale per output
 # channel; nf4 (NormalFloat4, QLoRA's format) with one scale per 64 input rows of each output channel.
 QUANT_TYPES = ("none", "int8", "nf4")
@@ -176,7 +179,7 @@ class ModelConfig:
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
-    # How to run it (not part of the checkpoint's identity).
+    # How to run it (not part of the checkpoint's identity: RUN_FIELDS).
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"

@@ -298,7 +298,7 @@ def _summary(args: argparse.Namespace, cfg: ModelConfig) -> list[str]:
              f"{'tied' if cfg.tie_word_embeddings else 'untied'}")
     from qcjax.loader import load_adaptation
 
-    ad = load_adaptation(args.ckpt, args.step)
+    ad = load_adaptation(args.ckpt, args.step) if args.command == "orbax-to-hf" else Adaptation()
     if ad.lora is None:
         return [f"wrote {paths.absolute(args.out)} ({model})"]
     lo = ad.lora

@@ -122,3 +122,23 @@ def test_no_import_cycles():
         if v not in index:
             visit(v)
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_console_scripts_are_the_command_lines_and_answer_help(capsys):
+    """pyproject's [project.scripts] (qcjax-serve, qcjax-eval, ...) name each package command line's main, which
+    prints its --help and exits 0, as `python -m ...` does."""
+    import importlib
+    import tomllib
+
+    import pytest
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert {"qcjax-serve", "qcjax-eval", "qcjax-convert"} <= set(scripts)
+    for name, target in scripts.items():
+        module, _, func = target.partition(":")
+        main = getattr(importlib.import_module(module), func)
+        with pytest.raises(SystemExit) as e:
+            main(["--help"])
+        assert e.value.code == 0, name
+        assert "usage:" in capsys.readouterr().out, name

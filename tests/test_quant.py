@@ -251,14 +251,13 @@ def test_quantized_kernels_are_placed_on_the_mesh_values_and_scales_alike(traine
     gives the one-device logits (float32; only the reduction order differs)."""
     from qwix._src.providers import ptq
 
-    from qcjax.model import abstract_params
     from qcjax.sharding import make_mesh, param_shardings
 
     ckpt, _ = trained
     _, _, qcfg, qparams = models
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     cfg_m, on_mesh = qcjax.load(ckpt, mesh=mesh, dtype="float32", quant="int8")
-    want = param_shardings(abstract_params(cfg_m), mesh)
+    want = param_shardings(adapters.abstract_params(cfg_m, adapters.carried(on_mesh)), mesh)
     is_q = lambda x: isinstance(x, ptq.WithAux)  # noqa: E731
     got = jax.tree.leaves_with_path(on_mesh, is_leaf=is_q)
     kernels = [(path, q) for path, q in got if is_q(q)]
