@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from qcjax.config import ModelConfig  # noqa: E402
 from qcjax.model import count_params, init_params  # noqa: E402
+from qcjax.train.config import TrainConfig  # noqa: E402
 from qcjax.train.metrics import train_flops_per_token  # noqa: E402
 from qcjax.train.step import OptimizerConfig, StepConfig, init_state, lr_schedule, make_optimizer, \
     make_train_step  # noqa: E402
@@ -54,7 +55,7 @@ def step_and_batch(cfg: ModelConfig, tokens: np.ndarray):
     """(jitted step as train.py runs it, state donated; its optimizer; the batch of `tokens`, every token trained)."""
     oc = OptimizerConfig(lr=1e-4, warmup_steps=0)
     tx = make_optimizer(oc, 1000)
-    step = jax.jit(make_train_step(cfg, StepConfig(loss_chunk=tokens.size), tx, lr_schedule(oc, 1000)),
+    step = jax.jit(make_train_step(cfg, StepConfig.of(TrainConfig(loss_chunk=tokens.size)), tx, lr_schedule(oc, 1000)),
                    donate_argnums=0)
     b, t = tokens.shape
     batch = {"tokens": jnp.asarray(tokens), "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),

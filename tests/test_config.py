@@ -1,4 +1,5 @@
 """Config presets and HF config.json reading/writing."""
+import dataclasses
 import json
 
 import pytest
@@ -102,13 +103,15 @@ def test_every_shipped_config_is_in_the_schema(name, args):
 
 
 def test_the_run_config_defaults_are_the_schemas():
-    from qcjax.train.config import DpoConfig, OptimizerConfig, TrainConfig, from_config
+    from qcjax.train.config import DpoConfig, OptimizerConfig, RlConfig, TrainConfig, from_config
     from qcjax.train.step import StepConfig
 
     base = from_config(_config_file("0.5b"))
     assert from_config({}) == TrainConfig()
-    assert StepConfig() == StepConfig(task=TrainConfig.task, grad_accum=TrainConfig.grad_accum,
-                                      loss_chunk=TrainConfig.loss_chunk, dpo=DpoConfig())
+    assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(StepConfig))  # no second set of defaults
+    assert StepConfig.of(TrainConfig()) == StepConfig(task=TrainConfig.task, grad_accum=TrainConfig.grad_accum,
+                                                      loss_chunk=TrainConfig.loss_chunk, dpo=DpoConfig(),
+                                                      rl=RlConfig(), seed=TrainConfig.seed)
     assert base.optimizer.b2 == OptimizerConfig.b2 and base.dpo == DpoConfig() and base.mesh.fsdp == -1
 
 
