@@ -4,11 +4,17 @@ in its class's "Fields:" docstring section. Everything else comes from it:
 - the ConfigDict that `train.py --config=FILE.py[:stage]` loads: configs/base.py builds it with `to_config_dict`
   (every field present, so every field has its `--config.FIELD=VALUE` override, typed like the field; a misspelt
   field on the command line fails in ml_collections, naming it);
-- validation: `from_config(c)` turns a ConfigDict (as a config file and the command line left it) back into a
-  `TrainConfig`, failing with `ConfigError` on a field the schema does not have (named with its dotted path), a
-  value of the wrong type, or a value outside the field's choices;
-- the train step's configs: `TrainConfig.optimizer` is the step's `OptimizerConfig`, `TrainConfig.dpo` its DPO
-  settings (qcjax.train.loop builds `StepConfig` from them);
+- parsing and validation, once, at the edge: `from_config(c)` turns a ConfigDict (as a config file and the command
+  line left it) back into a `TrainConfig`, failing with `ConfigError` on a field the schema does not have (named
+  with its dotted path), a value of the wrong type or outside the field's choices, or a value `check` rejects (the
+  checks that need neither the model nor the devices: steps, lr, grad_accum / per_device_batch, lora, the rl
+  block, the data's formats against the task). train.py calls it; everything below it (qcjax.train.loop, the step,
+  qcjax.rl, qcjax.tpu_compile) reads the typed fields. What needs the model or the devices (seq_len against the
+  model's positions, divisibility by the mesh and the processes) is `qcjax.train.loop.validate`'s;
+- the train step's configs: `TrainConfig.optimizer` is the step's `OptimizerConfig`; `StepConfig.of(tc, grad_accum)`
+  (qcjax.train.step) is what the step reads of the rest, with no defaults of its own;
+- the ConfigDict form of a TrainConfig (`to_config_dict`): what the checkpoints record of the run (compared on
+  resume: qcjax.train.loop.run_record);
 - docs/config.md: docs/gen_config_reference.py walks these classes (fields, types, defaults, meanings).
 
 A meaning of the form `see Class.field` says that another class documents the field (the run config feeds it), e.g.
