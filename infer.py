@@ -374,7 +374,7 @@ def compile_only(a: argparse.Namespace, out=None) -> int:
             raise UsageError("--yarn goes with --config (a preset); an HF directory's config.json says its own "
                              "rope_scaling")
         cfg = cfg.with_yarn()
-    cfg = cfg.replace(param_dtype=a.dtype, dtype=a.dtype, quant=a.quant)
+    cfg = cfg.replace(param_dtype=a.dtype, dtype=a.dtype)
     context = a.max_context or cfg.max_position_embeddings
     if a.lora_slots < 0 or a.lora_rank < 1:
         raise UsageError(f"--lora_slots={a.lora_slots} / --lora_rank={a.lora_rank}: must be >= 0 / >= 1")
@@ -460,7 +460,6 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
     if tok.vocab_size > cfg.vocab_size:
         raise UsageError(f"tokenizer {tok.path} has {tok.vocab_size} ids but the model only {cfg.vocab_size} "
                          "embedding rows: wrong tokenizer for this checkpoint")
-    cfg = cfg.replace(max_position_embeddings=a.context)
     params = place_params(cfg, params, mesh)
     cache_dtype = jnp.dtype(a.cache_dtype)
     prefill_chunk = _prefill_chunk(a)
@@ -480,7 +479,7 @@ def run(a: argparse.Namespace, out=None, log=None) -> int:
                             sampling=[r["sampling"] for r in batch], stop_tokens=[r["stop_ids"] for r in batch],
                             seed=[r["seed"] for r in batch], cache_dtype=cache_dtype, mesh=mesh, chunk=a.chunk,
                             on_chunk=on_chunk, prefill_chunk=prefill_chunk, max_rows=a.batch_size,
-                            speculative=spec, stats=stats)
+                            speculative=spec, stats=stats, max_len=a.context)
         except ValueError as e:
             if spec is not None and "draft" in str(e):
                 raise UsageError(str(e)) from None

@@ -29,8 +29,8 @@ import numpy as np  # noqa: E402
 from train_step import BENCH_CFG, step_and_batch, timed  # noqa: E402
 
 from qcjax import adapters  # noqa: E402
-from qcjax.config import LoraSpec, ModelConfig  # noqa: E402
-from qcjax.model import count_params, init_params  # noqa: E402
+from qcjax.config import NO_ADAPTATION, Adaptation, LoraSpec, ModelConfig  # noqa: E402
+from qcjax.model import count_params  # noqa: E402
 from qcjax.train.step import init_state  # noqa: E402
 
 
@@ -38,14 +38,14 @@ def nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def runner(cfg: ModelConfig, tokens: np.ndarray):
-    """(one step to completion, trained-state bytes, frozen-base bytes) for cfg (LoRA when cfg.lora is set)."""
-    step, tx, batch = step_and_batch(cfg, tokens)
-    params = init_params(cfg, jax.random.key(0))
+def runner(cfg: ModelConfig, ad: Adaptation, tokens: np.ndarray):
+    """(one step to completion, trained-state bytes, frozen-base bytes) for cfg adapted as `ad` says."""
+    step, tx, batch = step_and_batch(cfg, tokens, ad)
+    params = adapters.init_params(cfg, ad.replace(quant="none"), jax.random.key(0))
     base = None
-    if cfg.lora is not None:  # as the loop holds a LoRA run: adapters trained, the base frozen (loop.lora_base_params)
+    if ad.lora is not None:  # as the loop holds a LoRA run: adapters trained, the base frozen (loop.lora_base_params)
         base, params = adapters.split(params)
-        base = adapters.freeze_base(cfg, base)
+        base = adapters.freeze_base(cfg, base, ad.quant)
     state = [init_state(params, tx)]
 
     def one():
@@ -65,13 +65,14 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     args = ap.parse_args()
     full = BENCH_CFG.replace(dtype=args.dtype)
-    lora = full.replace(lora=LoraSpec(rank=args.rank, alpha=2.0 * args.rank))
-    variants = {"full FT": full, f"LoRA r{args.rank}": lora, f"QLoRA r{args.rank} int8": lora.replace(quant="int8")}
+    lora = Adaptation(lora=LoraSpec(rank=args.rank, alpha=2.0 * args.rank))
+    variants = {"full FT": NO_ADAPTATION, f"LoRA r{args.rank}": lora,
+                f"QLoRA r{args.rank} int8": lora.replace(quant="int8")}
     tokens = np.random.default_rng(0).integers(0, full.vocab_size, (args.batch, args.seq)).astype(np.int32)
     n_tok = args.batch * args.seq
     print(f"config: {count_params(full) / 1e6:.0f}M params, batch {args.batch}x{args.seq}, compute {args.dtype}, "
           f"params fp32; jax {jax.__version__}, {jax.devices()[0].platform} x{jax.device_count()}")
-    runs = {name: runner(cfg, tokens) for name, cfg in variants.items()}
+    runs = {name: runner(full, ad, tokens) for name, ad in variants.items()}
     for one, _, _ in runs.values():
         one()  # compile, warm up
     times: dict[str, list[float]] = {name: [] for name in runs}

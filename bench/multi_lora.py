@@ -85,9 +85,8 @@ def run(kind: str, n: int, cfg, params, ads, prompts, a) -> dict:
     if kind == "merged":
         from qcjax import adapters
 
-        mcfg, mp = ads[0].merged_into(cfg, params, cfg.dtype)
-        mp = adapters.cast_floats(mp, cfg.dtype)
-        engine, names = Engine(mcfg, mp, **kw), [None] * len(prompts)
+        mp = adapters.cast_floats(ads[0].merged_into(params, cfg.dtype), cfg.dtype)
+        engine, names = Engine(cfg, mp, **kw), [None] * len(prompts)
     else:
         slots = LoraSlots(cfg, max_loras=n, max_rank=a.rank, dtype=cfg.dtype)
         for i in range(n):

@@ -60,12 +60,11 @@ def main(argv=None):
 
     log = lambda *x: print(*x, file=sys.stderr, flush=True)  # noqa: E731
     cfg = qcjax.get_config(a.model).replace(param_dtype="bfloat16", dtype="bfloat16")
-    qcfg = cfg.replace(quant="int8")
     t = time.perf_counter()
     params = jax.jit(lambda: init_params(cfg, jax.random.key(0)))()
-    qparams = adapters.quantize(qcfg, params)
+    qparams = adapters.quantize(cfg, params, "int8")
     jax.block_until_ready((params, qparams))
-    models = {"bf16": (cfg, params), "int8": (qcfg, qparams)}
+    models = {"bf16": (cfg, params), "int8": (cfg, qparams)}
     held = {"bf16": adapters.weight_bytes(params)[0], "int8": adapters.weight_bytes(qparams)[0]}
     log(f"built and quantized in {time.perf_counter() - t:.0f} s; weights bf16 {held['bf16']:,} B, int8 "
         f"{held['int8']:,} B ({held['int8'] / held['bf16']:.2f}x)")

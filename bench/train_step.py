@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from qcjax.config import ModelConfig  # noqa: E402
+from qcjax.config import NO_ADAPTATION, Adaptation, ModelConfig  # noqa: E402
 from qcjax.model import count_params, init_params  # noqa: E402
 from qcjax.train.config import TrainConfig  # noqa: E402
 from qcjax.train.metrics import train_flops_per_token  # noqa: E402
@@ -51,11 +51,13 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / t
 
 
-def step_and_batch(cfg: ModelConfig, tokens: np.ndarray):
-    """(jitted step as train.py runs it, state donated; its optimizer; the batch of `tokens`, every token trained)."""
+def step_and_batch(cfg: ModelConfig, tokens: np.ndarray, ad: Adaptation = NO_ADAPTATION):
+    """(jitted step as train.py runs it, state donated; its optimizer; the batch of `tokens`, every token trained).
+    ad: LoRA adapters / a quantized base, as a LoRA run's step holds them."""
     oc = OptimizerConfig(lr=1e-4, warmup_steps=0)
     tx = make_optimizer(oc, 1000)
-    step = jax.jit(make_train_step(cfg, StepConfig.of(TrainConfig(loss_chunk=tokens.size)), tx, lr_schedule(oc, 1000)),
+    step = jax.jit(make_train_step(cfg, StepConfig.of(TrainConfig(loss_chunk=tokens.size)), tx,
+                                   lr_schedule(oc, 1000), ad),
                    donate_argnums=0)
     b, t = tokens.shape
     batch = {"tokens": jnp.asarray(tokens), "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),

@@ -4,7 +4,8 @@ A checkpoint directory is an Orbax CheckpointManager directory; each step holds 
     params     StandardSave of the params pytree (scanned layout: every layer param has a leading layer axis)
     opt_state  StandardSave of the optimizer state (training only)
     data_iter  Grain iterator state (training only; grain.checkpoint.CheckpointHandler)
-    config     JSON {"model": ModelConfig.to_dict(), ...extra, e.g. "train": {...}}: a load needs no other file
+    config     JSON {"model": ModelConfig.to_dict(), ...extra, e.g. "train": {...}, a LoRA run's "adaptation":
+               Adaptation.to_dict()}: a load needs no other file
 A converted HF checkpoint is step 0 with params and config only.
 
 Restores go through abstract targets (ShapeDtypeStructs carrying the target sharding), so a checkpoint saved on one
@@ -40,7 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from qcjax import paths as qpaths
-from qcjax.config import ModelConfig
+from qcjax.config import NO_ADAPTATION, Adaptation, ModelConfig, adaptation_from_dict
 from qcjax.hf import release_free_memory
 
 PARAMS, OPT_STATE, DATA_ITER, CONFIG = "params", "opt_state", "data_iter", "config"
@@ -209,21 +210,19 @@ def _one_device_mesh():
     return make_mesh(devices=jax.devices()[:1])
 
 
-def param_targets(cfg: ModelConfig, mesh=None) -> Any:
+def param_targets(cfg: ModelConfig, mesh=None, adaptation: Adaptation = NO_ADAPTATION) -> Any:
     """Abstract params (ShapeDtypeStructs with each param's NamedSharding on `mesh`; default one device): the restore
-    target that places every param straight into its sharding (with cfg.lora: the adapters alone)."""
+    target that places every param straight into its sharding (with LoRA adapters: the adapters alone)."""
     from flax import linen as nn
 
-    from qcjax.model import abstract_params
+    from qcjax import adapters
     from qcjax.sharding import param_shardings
 
-    boxed = abstract_params(cfg)
+    boxed = adapters.abstract_params(cfg, adaptation)
     shardings = param_shardings(boxed, mesh if mesh is not None else _one_device_mesh())
     targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
                            shardings)
-    if cfg.lora is not None:  # a LoRA run's checkpoint holds the adapters only (qcjax.loader adds the base)
-        from qcjax import adapters
-
+    if adaptation.lora is not None:  # a LoRA run's checkpoint holds the adapters only (qcjax.loader adds the base)
         targets = adapters.split(targets)[1]
     return targets
 
@@ -494,7 +493,7 @@ class Checkpointer:
         if bad:
             raise ValueError(f"restore may override only {RUN_FIELDS} (and param dtype via dtype=); got {bad}")
         cfg = cfg.replace(**run_overrides, **({"param_dtype": str(np.dtype(dtype))} if dtype else {}))
-        target = param_targets(cfg, mesh)
+        target = param_targets(cfg, mesh, adaptation_from_dict(meta))
         with self._reading(step, PARAMS):
             out = self._mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
         self._verify(step, meta, PARAMS, out[PARAMS])

@@ -89,8 +89,56 @@ class LoraSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Adaptation:
+    """How a base model is changed from outside it (qcjax.adapters applies it; the model knows nothing of it): LoRA
+    adapters beside the projections and/or the projections' kernels held quantized. Not part of what a checkpoint's
+    model is: a LoRA checkpoint stores it next to its model config, and a quantized param tree carries its own format
+    (`qcjax.adapters.carried`).
+
+    Fields:
+    lora: low-rank adapters on the projections (`LoraSpec`), or None. The params then hold `kernel_lora_a` and
+      `kernel_lora_b` next to each adapted kernel (qcjax.adapters); a LoRA checkpoint stores only those.
+    quant: none | int8 | nf4: the seven projections' kernels held quantized, weight-only (int8 sampling, QLoRA's
+      frozen base); embeddings, norms, biases and the LM head stay as they are.
+    """
+
+    lora: LoraSpec | None = None
+    quant: str = "none"
+
+    def __post_init__(self):
+        if isinstance(self.lora, Mapping):  # from JSON (checkpoint metadata)
+            object.__setattr__(self, "lora", LoraSpec(**self.lora))
+        if self.quant not in QUANT_TYPES:
+            raise ValueError(f"Adaptation.quant={self.quant!r}: expected one of {QUANT_TYPES}")
+
+    @property
+    def active(self) -> bool:
+        """Whether anything is adapted (qwix then rewrites the projections)."""
+        return self.lora is not None or self.quant != "none"
+
+    def replace(self, **kw) -> "Adaptation":
+        return dataclasses.replace(self, **kw)
+
+    def check(self, cfg: "ModelConfig") -> "Adaptation":
+        """This adaptation, after checking it fits the model `cfg` (the adapted layers exist)."""
+        if self.lora is not None and self.lora.layers is not None:
+            out = [i for i in self.lora.layers if not 0 <= i < cfg.num_layers]
+            if out:
+                raise ValueError(f"LoraSpec.layers: layers {out} outside 0..{cfg.num_layers - 1}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+NO_ADAPTATION = Adaptation()
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Qwen2 decoder hyper-parameters plus how to run it (dtypes, remat, attention impl).
+    """The Qwen2 decoder: what a checkpoint is (the fields of HF's config.json), plus the numerics it is traced
+    with (dtypes, remat, attention impl). How it is adapted (LoRA, quantized projections) is not here: that is
+    `Adaptation`, applied from outside the model by qcjax.adapters.
 
     Fields:
     vocab_size: embedding (and LM head) rows: 151936 for 0.5B-3B, 152064 for 7B-32B; may exceed the tokenizer's ids.
@@ -113,10 +161,6 @@ class ModelConfig:
       (minimal keeps the q/k/v projections, the attention output and the MLP hidden activation).
     attention_impl: auto | xla | pallas_tpu | pallas_gpu | cudnn | cpu (auto: Pallas on TPU/GPU, the qcjax.cpu
       kernels on the CPU where built, else XLA; see qcjax/platform.py and qcjax/attention/__init__.py).
-    lora: low-rank adapters on the projections (`LoraSpec`), or None. The params then hold `kernel_lora_a` and
-      `kernel_lora_b` next to each adapted kernel (qcjax.adapters); a LoRA checkpoint stores only those.
-    quant: none | int8 | nf4: the seven projections' kernels held quantized, weight-only (int8 sampling, QLoRA's
-      frozen base); embeddings, norms, biases and the LM head stay as they are.
     """
 
     vocab_size: int
@@ -137,8 +181,6 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"
     attention_impl: str = "auto"
-    lora: LoraSpec | None = None
-    quant: str = "none"
 
     def __post_init__(self):
         def bad(field, why):
@@ -162,20 +204,6 @@ class ModelConfig:
                 bad(f, "not a dtype name")
         if isinstance(self.rope_scaling, Mapping):  # allow dicts from config files
             object.__setattr__(self, "rope_scaling", YarnScaling(**self.rope_scaling))
-        if isinstance(self.lora, Mapping):
-            object.__setattr__(self, "lora", LoraSpec(**self.lora))
-        if self.quant not in QUANT_TYPES:
-            bad("quant", f"expected one of {QUANT_TYPES}")
-        if self.lora is not None and self.lora.layers is not None:
-            out = [i for i in self.lora.layers if not 0 <= i < self.num_layers]
-            if out:
-                bad("lora", f"layers {out} outside 0..{self.num_layers - 1}")
-
-    @property
-    def adapted(self) -> bool:
-        """Whether qwix rewrites the projections (LoRA adapters or quantized weights): they then run as plain
-        dot_generals that qwix intercepts (qcjax.adapters)."""
-        return self.lora is not None or self.quant != "none"
 
     @property
     def dim_per_head(self) -> int:
@@ -203,7 +231,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], **overrides) -> "ModelConfig":
-        """Inverse of `to_dict`; an unknown field is an error naming it (a checkpoint from a newer qcjax)."""
+        """Inverse of `to_dict`; an unknown field is an error naming it (a checkpoint from a newer qcjax). The
+        adaptation fields that checkpoints before the split kept here ("lora", "quant") are left to
+        `adaptation_from_dict`."""
+        d = {k: v for k, v in d.items() if k not in LEGACY_ADAPTATION_FIELDS}
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"model config has unknown field(s) {unknown}")
@@ -324,6 +355,19 @@ class ModelConfig:
             rope_parameters.update(scaling)
         d["rope_parameters"] = rope_parameters
         return d
+
+
+# Model-config keys that checkpoints written before `Adaptation` was split out of ModelConfig hold.
+LEGACY_ADAPTATION_FIELDS = ("lora", "quant")
+
+
+def adaptation_from_dict(meta: Mapping[str, Any]) -> Adaptation:
+    """A checkpoint's adaptation from its config JSON ({"model": ..., "adaptation": ...}): the "adaptation" entry,
+    or for a checkpoint written before the split, the "lora"/"quant" fields inside "model"."""
+    if "adaptation" in meta:
+        return Adaptation(**meta["adaptation"])
+    model = meta.get("model") or {}
+    return Adaptation(**{k: model[k] for k in LEGACY_ADAPTATION_FIELDS if model.get(k) is not None})
 
 
 def _preset(vocab, hidden, inter, layers, heads, kv, tied, **kw) -> ModelConfig:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from qcjax import cli, paths
 from qcjax.cli import parse_mesh
-from qcjax.config import ModelConfig, get_config
+from qcjax.config import Adaptation, ModelConfig, adaptation_from_dict, get_config
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -85,7 +85,7 @@ def orbax_to_hf(
 ) -> ModelConfig:
     """A qcjax checkpoint (converted or full training state; default latest step) -> an HF directory that
     `transformers.AutoModelForCausalLM.from_pretrained` loads. Returns the checkpoint's model config (a LoRA
-    checkpoint's: with its lora and quant fields).
+    checkpoint's adaptation: `qcjax.loader.load_adaptation`).
 
     dtype: tensor dtype of the output (default: the checkpoint's param dtype).
     tokenizer_dir: whose tokenizer files the export gets; default the training run's own tokenizer (a SentencePiece
@@ -102,14 +102,15 @@ def orbax_to_hf(
     ckpt_dir, step = resolve_checkpoint(ckpt_dir, step)
     reader = checkpoint.ParamsReader(ckpt_dir, step)
     cfg = reader.config
-    _check_lora_outputs(ckpt_dir, cfg, out_dir, merge_lora, peft_dir)
+    ad = adaptation_from_dict(reader.meta)
+    _check_lora_outputs(ckpt_dir, ad, out_dir, merge_lora, peft_dir)
     for d in (out_dir, peft_dir):
         if d is not None:
             hf.check_output(d, overwrite)
     out_dtype = dtype or cfg.param_dtype
     if tokenizer_dir is None and out_dir is not None:
         tokenizer_dir = run_tokenizer_dir(ckpt_dir, reader.step)
-    if cfg.lora is None:
+    if ad.lora is None:
         hf.write_hf_dir(out_dir, cfg, reader, dtype=out_dtype, max_shard_size=max_shard_size,
                         tokenizer_dir=tokenizer_dir, torch_bin=torch_bin, overwrite=overwrite, progress=progress)
         return cfg
@@ -120,16 +121,16 @@ def orbax_to_hf(
     base_model = (base_of.get("init_from") or None) if isinstance(base_of, dict) else None
     if out_dir is None:  # the adapters alone
         lora_cfg, lora = checkpoint.restore_params(ckpt_dir, reader.step)
-        peft_export.write_peft_dir(peft_dir, lora_cfg, lora, base_model=base_model, dtype=out_dtype,
+        peft_export.write_peft_dir(peft_dir, lora_cfg, ad.lora, lora, base_model=base_model, dtype=out_dtype,
                                    overwrite=overwrite)
         return cfg
     lora_cfg, full = load(ckpt_dir, step=reader.step, dtype="float32", merge_lora=False)  # the merge runs in float32
     if peft_dir is not None:
-        peft_export.write_peft_dir(peft_dir, lora_cfg, adapters.split(full)[1], base_model=base_model,
+        peft_export.write_peft_dir(peft_dir, lora_cfg, ad.lora, adapters.split(full)[1], base_model=base_model,
                                    dtype=out_dtype, overwrite=overwrite)
-    plain, merged = adapters.merge(lora_cfg, full)
+    merged = adapters.merge(ad.lora, full)
     del full
-    hf.save_hf(out_dir, plain, merged, dtype=out_dtype, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir,
+    hf.save_hf(out_dir, lora_cfg, merged, dtype=out_dtype, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir,
                torch_bin=torch_bin, overwrite=overwrite, progress=progress)
     return cfg
 
@@ -152,11 +153,11 @@ def run_tokenizer_dir(ckpt_dir: str, step: int | None = None) -> str | None:
     return folder if any(paths.isfile(paths.join(folder, f)) for f in wanted) else None
 
 
-def _check_lora_outputs(ckpt_dir: str, cfg: ModelConfig, out_dir: str | None, merge_lora: bool,
+def _check_lora_outputs(ckpt_dir: str, ad: Adaptation, out_dir: str | None, merge_lora: bool,
                         peft_dir: str | None) -> None:
     """What a checkpoint can be exported as: a LoRA checkpoint (adapters only) merged and/or as PEFT adapters, any
     other as it is. A mismatch is a one-line ValueError naming the option (its CLI flag in brackets)."""
-    if cfg.lora is None:
+    if ad.lora is None:
         if merge_lora or peft_dir is not None:
             flag = "merge_lora (--merge_lora)" if merge_lora else "peft_dir (--peft_dir)"
             raise ValueError(f"{ckpt_dir} is not a LoRA checkpoint (it holds a whole model, no adapters): drop {flag}")
@@ -295,18 +296,21 @@ def _summary(args: argparse.Namespace, cfg: ModelConfig) -> list[str]:
     """What was written, one line per output; a LoRA export says what it merged or holds, QLoRA's base included."""
     model = (f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, "
              f"{'tied' if cfg.tie_word_embeddings else 'untied'}")
-    if cfg.lora is None:
+    from qcjax.loader import load_adaptation
+
+    ad = load_adaptation(args.ckpt, args.step)
+    if ad.lora is None:
         return [f"wrote {paths.absolute(args.out)} ({model})"]
-    lo = cfg.lora
+    lo = ad.lora
     adapters = (f"rank-{lo.rank} adapters ({','.join(lo.targets)}; alpha {lo.alpha:g}; "
                 f"{'layers ' + ','.join(map(str, lo.layers)) if lo.layers is not None else 'every layer'})")
-    base = f"the dequantized {cfg.quant} base (QLoRA)" if cfg.quant != "none" else "the base"
+    base = f"the dequantized {ad.quant} base (QLoRA)" if ad.quant != "none" else "the base"
     lines = []
     if args.out is not None:
         lines.append(f"wrote {paths.absolute(args.out)} ({model}): {adapters} merged into {base} in float32")
     if args.peft_dir is not None:
-        note = f"; trained on the {cfg.quant}-quantized base, PEFT applies them to the float one" \
-            if cfg.quant != "none" else ""
+        note = f"; trained on the {ad.quant}-quantized base, PEFT applies them to the float one" \
+            if ad.quant != "none" else ""
         lines.append(f"wrote {paths.absolute(args.peft_dir)} (PEFT LoRA: {adapters}{note})")
     return lines
 

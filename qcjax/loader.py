@@ -6,7 +6,7 @@
 
 A LoRA run's checkpoint holds the adapters and names its base (the run's init_from, or its seeded init): `load`
 rebuilds the base, and returns the adapters folded into it (a plain model) or, with merge_lora=False, the adapted
-tree (cfg.lora set; quantized base under QLoRA) that `qcjax.model.build(cfg)` applies.
+tree (quantized base under QLoRA) that `qcjax.adapters.build(cfg, load_adaptation(path))` applies.
 
 Every CLI and the training loop load through here, so the two formats are told apart in one place; the paths a
 user names a trained model by (its run directory, its checkpoints/, one step of it) are resolved here too
@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from qcjax import paths
-from qcjax.config import ModelConfig
+from qcjax.config import Adaptation, ModelConfig, adaptation_from_dict
 
 
 # What the sampling CLIs offer for --quant (infer.py, qcjax.serve): nf4 is QLoRA's training-time format for the
@@ -84,8 +84,8 @@ def load(path: str, *, mesh=None, dtype: str | None = None, step: int | None = N
     checkpoint comes back merged into its base (merge_lora), or as base + adapters.
 
     quant ("int8"; "nf4" works but is QLoRA's training format): weight-only quantization of the float model's seven
-    projections as it loads (`qcjax.adapters.quantize`, placed on `mesh`); the config comes back with cfg.quant set,
-    the tree `qcjax.model.build(cfg)` applies. Every CLI that samples quantized loads through here."""
+    projections as it loads (`qcjax.adapters.quantize`, placed on `mesh`): the tree carries its format, and
+    `qcjax.adapters.module_for(cfg, params)` applies it. Every CLI that samples quantized loads through here."""
     from qcjax.config import QUANT_TYPES
 
     if quant not in QUANT_TYPES:
@@ -93,13 +93,13 @@ def load(path: str, *, mesh=None, dtype: str | None = None, step: int | None = N
     cfg, params = _load(path, mesh=mesh, dtype=dtype, step=step, merge_lora=merge_lora)
     if quant == "none":
         return cfg, params
-    if cfg.lora is not None or cfg.quant != "none":
-        raise ValueError(f"{path}: quant={quant!r} quantizes a plain float model, not one with "
-                         f"{'LoRA adapters (load with merge_lora=True)' if cfg.lora else f'quant={cfg.quant!r}'}")
     from qcjax import adapters
 
-    cfg = cfg.replace(quant=quant)
-    return cfg, adapters.quantize(cfg, params, mesh)
+    if adapters.has_adapters(params) or adapters.carried(params).active:
+        raise ValueError(f"{path}: quant={quant!r} quantizes a plain float model, not one with "
+                         + ("LoRA adapters (load with merge_lora=True)" if adapters.has_adapters(params)
+                            else f"quant={adapters.carried(params).quant!r}"))
+    return cfg, adapters.quantize(cfg, params, quant, mesh)
 
 
 def _load(path: str, *, mesh, dtype: str | None, step: int | None, merge_lora: bool) -> tuple[ModelConfig, Any]:
@@ -116,22 +116,35 @@ def _load(path: str, *, mesh, dtype: str | None, step: int | None, merge_lora: b
     from qcjax.checkpoint import read_config, restore_params
 
     cfg, params = restore_params(path, step=step, mesh=mesh, dtype=dtype)
-    if cfg.lora is None:
+    meta = read_config(path, step)[1]
+    adaptation = adaptation_from_dict(meta)
+    if adaptation.lora is None:
         return cfg, params
     from qcjax import adapters
 
-    cfg, params = with_lora_base(cfg, params, read_config(path, step)[1], path, mesh=mesh, dtype=dtype)
+    params = with_lora_base(cfg, adaptation, params, meta, path, mesh=mesh, dtype=dtype)
     if not merge_lora:
         return cfg, params
-    cfg, params = adapters.merge(cfg, params)
+    params = adapters.merge(adaptation.lora, params)
     # a QLoRA base merges dequantized, in float32
     return cfg, (params if dtype is None else adapters.cast_floats(params, dtype))
 
 
-def with_lora_base(cfg: ModelConfig, lora: Any, meta: dict, path: str, *, mesh=None, dtype: str | None = None
-                   ) -> tuple[ModelConfig, Any]:
-    """(cfg, base + adapters): the base a LoRA checkpoint names in its metadata ("lora_base": the run's init_from,
-    or its seed for a from-scratch base), quantized as cfg.quant says, with the adapters `lora` added."""
+def load_adaptation(path: str, step: int | None = None) -> Adaptation:
+    """How a checkpoint's params are adapted (a LoRA run's spec and base quantization), without reading weights;
+    nothing for an HF directory or a plain checkpoint."""
+    path, step = resolve_checkpoint(path, step)
+    if is_hf_dir(path):
+        return Adaptation()
+    from qcjax.checkpoint import read_config
+
+    return adaptation_from_dict(read_config(path, step)[1])
+
+
+def with_lora_base(cfg: ModelConfig, adaptation: Adaptation, lora: Any, meta: dict, path: str, *, mesh=None,
+                   dtype: str | None = None) -> Any:
+    """base + adapters: the base a LoRA checkpoint names in its metadata ("lora_base": the run's init_from, or its
+    seed for a from-scratch base), quantized as adaptation.quant says, with the adapters `lora` added."""
     import jax
 
     from qcjax import adapters
@@ -140,22 +153,21 @@ def with_lora_base(cfg: ModelConfig, lora: Any, meta: dict, path: str, *, mesh=N
     base_of = meta.get("lora_base")
     if not isinstance(base_of, dict):
         raise ValueError(f"{path}: a LoRA checkpoint without a 'lora_base' entry: its base is unknown")
-    plain = cfg.replace(lora=None, quant="none")
     if base_of.get("init_from"):
         from qcjax.hf import check_same_model
 
         base_cfg, base = load(base_of["init_from"], mesh=mesh, dtype=dtype)
-        check_same_model(base_cfg, plain, f"the base {base_of['init_from']} of the LoRA checkpoint {path}")
+        check_same_model(base_cfg, cfg, f"the base {base_of['init_from']} of the LoRA checkpoint {path}")
     else:  # the run's seeded init (tests, demos), rebuilt exactly
         from qcjax.model import abstract_params
         from qcjax.sharding import param_shardings
 
-        out = param_shardings(abstract_params(plain), mesh) if mesh is not None else None
-        base = jax.jit(lambda: init_params(plain, jax.random.key(int(base_of.get("seed", 0)))), out_shardings=out)()
-    base = adapters.freeze_base(cfg, base, mesh)  # exactly the base the run trained against
+        out = param_shardings(abstract_params(cfg), mesh) if mesh is not None else None
+        base = jax.jit(lambda: init_params(cfg, jax.random.key(int(base_of.get("seed", 0)))), out_shardings=out)()
+    base = adapters.freeze_base(cfg, base, adaptation.quant, mesh)  # exactly the base the run trained against
     if dtype:
         base = adapters.cast_floats(base, dtype)
-    return cfg, adapters.combine(base, lora)
+    return adapters.combine(base, lora)
 
 
 def load_config(path: str, step: int | None = None) -> ModelConfig:

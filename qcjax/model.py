@@ -91,7 +91,11 @@ def _param(module: nn.Module, name: str, shape, names, init=None):
 
 
 class Linear(nn.Module):
-    """A projection `x . kernel [+ bias]` with named kernel axes (kernel layout [in..., out...])."""
+    """A projection `x . kernel [+ bias]` with named kernel axes (kernel layout [in..., out...]).
+
+    `project` is the projection's one matmul, a method of its own so that code outside the model can run it another
+    way through a Flax method interceptor (qcjax.adapters runs a plain dot_general there, which qwix rewrites for
+    LoRA and quantized kernels); the model itself never asks how it is adapted."""
 
     cfg: ModelConfig
     n_in: int  # leading kernel dims contracted with x's trailing dims
@@ -101,18 +105,16 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dt, n = self.cfg.dtype, self.n_in
-        w = _param(self, "kernel", self.kernel_shape, self.kernel_axes)
-        if self.cfg.adapted:  # one plain dot_general on the param, which qwix intercepts (qcjax.adapters)
-            dn = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
-            w = w.astype(dt) if isinstance(w, jax.Array) else w  # a quantized kernel (qwix WithAux) as it is
-            y = jax.lax.dot_general(x.astype(dt), w, dn, preferred_element_type=jnp.float32).astype(dt)
-        else:
-            y = _project(x.astype(dt), w, n)
+        dt = self.cfg.dtype
+        y = self.project(x.astype(dt), _param(self, "kernel", self.kernel_shape, self.kernel_axes))
         if self.bias_axes is not None:
             shape = self.kernel_shape[-len(self.bias_axes):]
             y = y + _param(self, "bias", shape, self.bias_axes, nn.initializers.zeros).astype(dt)
         return y
+
+    def project(self, x: jax.Array, kernel: Any) -> jax.Array:
+        """x [..., in...] (compute dtype) . kernel [in..., out...] -> [..., out...] in x's dtype."""
+        return _project(x, kernel, self.n_in)
 
 
 class RMSNorm(nn.Module):
@@ -393,36 +395,16 @@ def constrain_cache(cfg: ModelConfig, name: str, x: jax.Array) -> jax.Array:
     return constrain(x, names)
 
 
-# How an adapted config (cfg.lora, cfg.quant) is built and initialized is qcjax.adapters' to know: it registers
-# itself here when imported (qcjax/__init__.py imports it, so any use of the package has it), as the CPU kernels
-# register into the platform switch. The model applies adapters without importing them (docs/architecture.md).
-_ADAPTED: dict[str, Any] = {}
-
-
-def register_adapted(build_fn, init_fn) -> None:
-    """build_fn(cfg, deterministic) -> module for an adapted cfg; init_fn(cfg, params) -> its fresh params."""
-    _ADAPTED.update(build=build_fn, init=init_fn)
-
-
-def _adapted(name: str):
-    if name not in _ADAPTED:
-        raise RuntimeError("cfg.lora / cfg.quant need qcjax.adapters imported (it registers the adapted model)")
-    return _ADAPTED[name]
-
-
-def build(cfg: ModelConfig, deterministic: bool = True) -> nn.Module:
-    """The model module for `cfg`: Qwen2, or with LoRA adapters / quantized projections (cfg.lora, cfg.quant) the
-    qwix-wrapped Qwen2 (qcjax.adapters.build). Apply methods by name (`method="hidden_states"`): the wrapped class
-    intercepts its own methods. deterministic: no adapter dropout (training passes False and a "dropout" rng)."""
-    return _adapted("build")(cfg, deterministic) if cfg.adapted else Qwen2(cfg)
+def build(cfg: ModelConfig) -> nn.Module:
+    """The model module for `cfg`. Apply methods by name (`method="hidden_states"`). With LoRA adapters or
+    quantized projections, qcjax.adapters.build wraps it."""
+    return Qwen2(cfg)
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, boxed: bool = False) -> Any:
     """Random params (boxed: keep the nn.Partitioned logical-axis annotations)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     params = build(cfg).init(rng, tokens)["params"]
-    if cfg.adapted:
-        params = _adapted("init")(cfg, params)
     return params if boxed else nn.meta.unbox(params)
 
 

@@ -370,9 +370,10 @@ def compile_train(c, topology: str | Topology) -> CompileReport:
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = c.batch_size // prog.grad_accum
     ref = f", DPO reference {c.dpo.reference}" if c.task == "dpo" else ""
-    if cfg.lora is not None:
-        ref += (f", LoRA rank {cfg.lora.rank} on {','.join(cfg.lora.targets)} over a frozen "
-                f"{cfg.quant if cfg.quant != 'none' else cfg.dtype} base")
+    ad = prog.adaptation
+    if ad.lora is not None:
+        ref += (f", LoRA rank {ad.lora.rank} on {','.join(ad.lora.targets)} over a frozen "
+                f"{ad.quant if ad.quant != 'none' else cfg.dtype} base")
     setup = [
         f"model {c.model.preset if not c.init_from else c.init_from}: {cfg.num_layers} layers, hidden "
         f"{cfg.hidden_size}, vocab {cfg.vocab_size}, params {cfg.param_dtype}, compute {cfg.dtype}, remat "
@@ -454,7 +455,8 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
                     mesh_shape: dict[str, int] | None = None, cache_dtype: Any = jnp.bfloat16, sampling=None,
                     prefill_chunk: int | None = None, decode_steps: int = 16, page_size: int | None = None,
                     num_pages: int | None = None, max_len: int | None = None, prefill_rows: int | None = None,
-                    verify_tokens: int = 0, lora_slots: int = 0, lora_rank: int = 16) -> CompileReport:
+                    verify_tokens: int = 0, lora_slots: int = 0, lora_rank: int = 16, quant: str = "none"
+                    ) -> CompileReport:
     """Compile the inference engine's programs (qcjax.inference.programs) for `batch` rows of `context` tokens (a
     prompt of context - max_new_tokens) on a TPU slice: one prefill call of `prefill_chunk` tokens per row into a
     page table as wide as the context, and a decode call of `decode_steps` steps over the batch. cfg's dtypes are
@@ -464,13 +466,13 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
     verify_tokens > 0: also the speculative verify step (each row's newest token and verify_tokens - 1 drafts).
     lora_slots > 0: the programs also read a bank of that many LoRA adapters of rank lora_rank on all seven
     projections, each row through its own (qcjax.row_lora: multi-adapter serving), the bank split as the kernels.
+    quant ("int8", "nf4"): the seven projections' kernels held quantized (`qcjax.load(quant=)`'s tree).
     mesh_shape None: the serving mesh (`sharding.serving_mesh_shape`: tensor parallel up to the KV heads first)."""
     from flax import linen as nn
 
-    from qcjax import row_lora
-    from qcjax.config import LORA_TARGETS
+    from qcjax import adapters, row_lora
+    from qcjax.config import LORA_TARGETS, Adaptation
     from qcjax.inference import engine as E, programs as PR, rows as R
-    from qcjax.model import abstract_params
     from qcjax.sampling import GREEDY
     from qcjax.sharding import logical_to_spec, param_shardings, serving_mesh_shape
 
@@ -494,8 +496,9 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, logical_to_spec(names, shape, mesh)))
 
     with jax.set_mesh(mesh):
+        boxed = adapters.abstract_params(cfg, Adaptation(quant=quant))
         params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              nn.meta.unbox(abstract_params(cfg)), param_shardings(abstract_params(cfg), mesh))
+                              nn.meta.unbox(boxed), param_shardings(boxed, mesh))
         pool = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), jax.eval_shape(
             lambda: PR.init_pool(cfg, num_pages=pages, page_size=ps, dtype=jnp.dtype(cache_dtype))))
         ctl = jax.tree.map(lambda a: place(a.shape, a.dtype), jax.eval_shape(
@@ -528,9 +531,9 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
                     f"verify ({verify_tokens} tokens a row)", PR.verify,
                     (cfg, kinds, params, pool, place((batch, verify_tokens), jnp.int32), row(), row(),
                      place((batch, width), jnp.int32), row(), ctl, lora_d), None, topo.hbm_bytes)[0])
-    quant = "" if cfg.quant == "none" else f" ({cfg.quant} projections)"
+    held = "" if quant == "none" else f" ({quant} projections)"
     setup = [f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, params "
-             f"{cfg.param_dtype}{quant}, compute {cfg.dtype}, KV cache {jnp.dtype(cache_dtype).name}",
+             f"{cfg.param_dtype}{held}, compute {cfg.dtype}, KV cache {jnp.dtype(cache_dtype).name}",
              f"batch {batch}, context {context} ({max_new_tokens} new tokens), KV pool {pages} pages of {ps} tokens "
              f"({pages * ps} tokens)" + (f", prefill {prows} rows" if prows != batch else "")]
     if lora_slots:

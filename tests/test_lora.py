@@ -15,22 +15,25 @@ from conftest import tiny  # noqa: E402
 from test_train import _dpo_rows, _sft_rows, _write_jsonl, metrics, train_losses  # noqa: E402
 
 from qcjax import adapters  # noqa: E402
-from qcjax.config import LoraSpec, get_config  # noqa: E402
+from qcjax.config import Adaptation, LoraSpec, get_config  # noqa: E402
 from qcjax.model import build, init_params  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")  # many train() calls compile the same step
 CFG = get_config("tiny", vocab_size=512)
 SPEC = LoraSpec(rank=4, alpha=8.0)
+LORA = Adaptation(lora=SPEC)
 
 
-def _init(cfg, key):
-    """init_params, jitted: one compile instead of one per op."""
-    return jax.jit(init_params, static_argnums=0)(cfg, key)
+def _init(cfg, key, ad=None):
+    """init_params (of the model adapted as `ad` says), jitted: one compile instead of one per op."""
+    if ad is None:
+        return jax.jit(init_params, static_argnums=0)(cfg, key)
+    return jax.jit(adapters.init_params, static_argnums=(0, 1))(cfg, ad, key)
 
 
-def _random_adapters(cfg, seed=1):
+def _random_adapters(cfg, ad=LORA, seed=1):
     """Adapters with non-zero B (a fresh init has B = 0, which would hide a wrong adapter path)."""
-    ad = adapters.split(_init(cfg, jax.random.key(0)))[1]
+    ad = adapters.split(_init(cfg, jax.random.key(0), ad))[1]
     leaves, tree = jax.tree.flatten(ad)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree.unflatten(tree, [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
@@ -40,21 +43,32 @@ def _reference_logits(cfg, base, ad, tokens):
     """The hand-written LoRA: every adapted kernel W replaced by W + alpha/r * A B (reshaped to W), run on the plain
     model (no qwix). Linear in A B, so forward and gradients must equal the intercepted adapters'."""
     params = jax.tree.map(lambda x: x, base)
-    for t in cfg.lora.targets:
+    for t in SPEC.targets:
         group, name = adapters.PROJECTIONS[t]
         node, a = params["layers"][group][name], ad["layers"][group][name]
-        d = jnp.einsum("lir,lro->lio", a["kernel_lora_a"], a["kernel_lora_b"]) * cfg.lora.alpha / cfg.lora.rank
+        d = jnp.einsum("lir,lro->lio", a["kernel_lora_a"], a["kernel_lora_b"]) * SPEC.alpha / SPEC.rank
         node["kernel"] = node["kernel"] + d.reshape(node["kernel"].shape)
-    return build(cfg.replace(lora=None)).apply({"params": params}, tokens)
+    return build(cfg).apply({"params": params}, tokens)
+
+
+def test_qwix_private_names_are_where_adapters_expects_them():
+    """qcjax.adapters reaches into qwix's private modules in one function; a qwix upgrade that moves or changes
+    those names fails here, saying which, before any model is built."""
+    import inspect
+
+    dot, with_aux = adapters._qwix_private()
+    assert "preferred_element_type" in inspect.signature(dot).parameters, "qwix's dot_general lost the kwarg"
+    q = adapters.quantize(CFG, _init(CFG, jax.random.key(0)), "int8")["layers"]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(q, with_aux) and adapters.is_quantized(q), type(q)
+    assert adapters.carried({"k": q}) == Adaptation(quant="int8")
 
 
 def test_adapted_forward_and_gradients_match_the_hand_written_reference():
-    cfg = CFG.replace(lora=SPEC)
     base = _init(CFG, jax.random.key(0))
-    ad = _random_adapters(cfg)
+    ad = _random_adapters(CFG)
     tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, CFG.vocab_size)
-    mine = lambda a: build(cfg).apply({"params": adapters.combine(base, a)}, tokens)
-    ref = lambda a: _reference_logits(cfg, base, a, tokens)
+    mine = lambda a: adapters.build(CFG, LORA).apply({"params": adapters.combine(base, a)}, tokens)
+    ref = lambda a: _reference_logits(CFG, base, a, tokens)
     np.testing.assert_allclose(jax.jit(mine)(ad), jax.jit(ref)(ad), rtol=1e-5, atol=1e-5)
     plain = jax.jit(lambda p: build(CFG).apply({"params": p}, tokens))(base)
     assert float(jnp.max(jnp.abs(jax.jit(ref)(ad) - plain))) > 0.1  # adapters matter
@@ -68,34 +82,36 @@ def test_adapted_forward_and_gradients_match_the_hand_written_reference():
 
 
 def test_fresh_adapters_leave_the_base_unchanged_and_merge_folds_them_in():
-    cfg = CFG.replace(lora=SPEC)
-    full = _init(cfg, jax.random.key(0))
+    full = _init(CFG, jax.random.key(0), LORA)
     base, ad = adapters.split(full)
     assert all(adapters.is_adapter(p) for p, _ in jax.tree_util.tree_leaves_with_path(ad))
     tokens = jnp.arange(10, dtype=jnp.int32)[None]
-    np.testing.assert_array_equal(build(cfg).apply({"params": full}, tokens), build(CFG).apply({"params": base}, tokens))
-    ad = _random_adapters(cfg)
-    plain, merged = adapters.merge(cfg, adapters.combine(base, ad))
-    assert plain.lora is None and set(jax.tree.leaves(jax.tree.map(lambda x: x.shape, merged))) and \
-        not adapters.split(merged)[1]
-    np.testing.assert_allclose(build(plain).apply({"params": merged}, tokens),
-                               build(cfg).apply({"params": adapters.combine(base, ad)}, tokens), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(adapters.build(CFG, LORA).apply({"params": full}, tokens),
+                                  build(CFG).apply({"params": base}, tokens))
+    ad = _random_adapters(CFG)
+    merged = adapters.merge(SPEC, adapters.combine(base, ad))
+    assert set(jax.tree.leaves(jax.tree.map(lambda x: x.shape, merged))) and not adapters.split(merged)[1]
+    np.testing.assert_allclose(build(CFG).apply({"params": merged}, tokens),
+                               adapters.build(CFG, LORA).apply({"params": adapters.combine(base, ad)}, tokens),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("quant", [pytest.param("int8", marks=pytest.mark.slow), "nf4"])  # not slow: one format
 def test_qlora_runs_on_a_quantized_base_and_merges_into_its_dequantized_weights(quant):
-    cfg = CFG.replace(lora=SPEC, quant=quant)
-    base = adapters.quantize(cfg.replace(lora=None), _init(CFG, jax.random.key(0)))
+    qlora = Adaptation(lora=SPEC, quant=quant)
+    base = adapters.quantize(CFG, _init(CFG, jax.random.key(0)), quant)
     kernel = base["layers"]["mlp"]["up_proj"]["kernel"]
     assert type(kernel).__name__ == "WithAux"  # held quantized: int8 / 4-bit values plus scales
-    ad = _random_adapters(cfg)
+    assert adapters.carried(base) == Adaptation(quant=quant)  # the tree says its own format
+    ad = _random_adapters(CFG, qlora)
     tokens = jnp.arange(10, dtype=jnp.int32)[None]
-    out = jax.jit(lambda a: build(cfg).apply({"params": adapters.combine(base, a)}, tokens))(ad)
-    plain, merged = adapters.merge(cfg, adapters.combine(base, ad))
-    np.testing.assert_allclose(jax.jit(lambda p: build(plain).apply({"params": p}, tokens))(merged), out, rtol=1e-5,
+    model = adapters.build(CFG, qlora)
+    out = jax.jit(lambda a: model.apply({"params": adapters.combine(base, a)}, tokens))(ad)
+    merged = adapters.merge(SPEC, adapters.combine(base, ad))
+    np.testing.assert_allclose(jax.jit(lambda p: build(CFG).apply({"params": p}, tokens))(merged), out, rtol=1e-5,
                                atol=1e-5)
-    g = jax.jit(jax.grad(lambda a: jnp.sum(build(cfg).apply({"params": adapters.combine(base, a)},
-                                                            tokens)[0, -1, :3])))(ad)
+    g = jax.jit(jax.grad(lambda a: jnp.sum(model.apply({"params": adapters.combine(base, a)},
+                                                       tokens)[0, -1, :3])))(ad)
     assert all(float(jnp.max(jnp.abs(x))) > 0 for x in jax.tree.leaves(g))
 
 
@@ -107,14 +123,14 @@ def test_bf16_lora_step_trains_fp32_adapters_over_a_bf16_base(quant):
     from qcjax.train.step import OptimizerConfig, StepConfig, init_state, lr_schedule, make_optimizer, \
         make_train_step
 
-    cfg = CFG.replace(dtype="bfloat16", lora=SPEC, quant=quant)
-    base, ad = adapters.split(_init(cfg.replace(quant="none"), jax.random.key(0)))
-    base = adapters.freeze_base(cfg, base)
+    cfg, qlora = CFG.replace(dtype="bfloat16"), Adaptation(lora=SPEC, quant=quant)
+    base, ad = adapters.split(_init(cfg, jax.random.key(0), LORA))
+    base = adapters.freeze_base(cfg, base, quant)
     assert {x.dtype for x in jax.tree.leaves(ad)} == {jnp.dtype("float32")}
     assert jnp.dtype("float32") not in {x.dtype for x in jax.tree.leaves(base) if x.ndim == 3}  # bf16 or int8
     oc = OptimizerConfig(lr=1e-2, warmup_steps=0)
     tx = make_optimizer(oc, 10)
-    step = jax.jit(make_train_step(cfg, StepConfig.of(TrainConfig(loss_chunk=64)), tx, lr_schedule(oc, 10)))
+    step = jax.jit(make_train_step(cfg, StepConfig.of(TrainConfig(loss_chunk=64)), tx, lr_schedule(oc, 10), qlora))
     t = jnp.arange(32, dtype=jnp.int32)[None] % 500 + 1
     batch = {"tokens": t, "positions": jnp.arange(32, dtype=jnp.int32)[None], "segment_ids": jnp.ones_like(t),
              "loss_mask": jnp.ones(t.shape, jnp.float32)}
@@ -145,6 +161,7 @@ def _sft(spm_dir, tmp_path, base_ckpt, **kw):
 def test_lora_sft_learns_on_a_frozen_base_and_checkpoints_only_the_adapters(tmp_path, spm_dir, base_ckpt):
     import qcjax
     from qcjax.checkpoint import read_config, restore_params
+    from qcjax.loader import load_adaptation
     from qcjax.train.loop import train
 
     train(_sft(spm_dir, tmp_path, base_ckpt), str(tmp_path / "run"))
@@ -153,21 +170,23 @@ def test_lora_sft_learns_on_a_frozen_base_and_checkpoints_only_the_adapters(tmp_
 
     ckpt = str(tmp_path / "run" / "checkpoints")
     cfg, ad = restore_params(ckpt)
-    assert cfg.lora.rank == 8 and cfg.lora.layers is None
+    spec = load_adaptation(ckpt).lora
+    assert spec.rank == 8 and spec.layers is None
     assert all(adapters.is_adapter(p) for p, _ in jax.tree_util.tree_leaves_with_path(ad))
     assert read_config(ckpt)[1]["lora_base"] == {"init_from": base_ckpt, "seed": 0}
     # what is saved: rank x (in + out) per projection and layer, nothing of the base
-    h, kv, f, r = cfg.hidden_size, cfg.num_kv_heads * cfg.dim_per_head, cfg.intermediate_size, cfg.lora.rank
+    h, kv, f, r = cfg.hidden_size, cfg.num_kv_heads * cfg.dim_per_head, cfg.intermediate_size, spec.rank
     per_layer = r * ((h + h) * 2 + (h + kv) * 2 + (h + f) * 2 + (f + h))  # q, o; k, v; gate, up; down
     assert sum(x.size for x in jax.tree.leaves(ad)) == cfg.num_layers * per_layer
 
     # qcjax.load rebuilds the base and folds the adapters in: the same function as the adapted model
     plain, merged = qcjax.load(ckpt)
     adapted_cfg, full = qcjax.load(ckpt, merge_lora=False)
-    assert plain.lora is None and adapted_cfg.lora == cfg.lora
+    assert plain == adapted_cfg == cfg and not adapters.has_adapters(merged) and adapters.has_adapters(full)
     tokens = jnp.arange(1, 20, dtype=jnp.int32)[None]
     np.testing.assert_allclose(build(plain).apply({"params": merged}, tokens),
-                               build(adapted_cfg).apply({"params": full}, tokens), rtol=1e-5, atol=1e-5)
+                               adapters.build(cfg, load_adaptation(ckpt)).apply({"params": full}, tokens),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_lora_run_resumes_bitwise_and_trains_only_its_layers(tmp_path, spm_dir, base_ckpt):
@@ -234,8 +253,12 @@ def test_qlora_sft_learns(tmp_path, spm_dir, base_ckpt, quant):
     train(_sft(spm_dir, tmp_path, base_ckpt, steps=12, **{"lora.base_quant": quant}), str(tmp_path / "run"))
     losses = train_losses(tmp_path / "run")
     assert np.mean([losses[s] for s in range(9, 13)]) < 0.9 * losses[1]
-    cfg, full = qcjax.load(str(tmp_path / "run" / "checkpoints"), merge_lora=False)
-    assert cfg.quant == quant and type(full["layers"]["attn"]["q_proj"]["kernel"]).__name__ == "WithAux"
+    from qcjax.loader import load_adaptation
+
+    ckpt = str(tmp_path / "run" / "checkpoints")
+    cfg, full = qcjax.load(ckpt, merge_lora=False)
+    assert load_adaptation(ckpt).quant == quant and adapters.carried(full).quant == quant
+    assert type(full["layers"]["attn"]["q_proj"]["kernel"]).__name__ == "WithAux"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -246,7 +269,8 @@ def test_qlora_sft_learns(tmp_path, spm_dir, base_ckpt, quant):
 ])
 def test_bad_lora_configs_fail_naming_the_field(spm_dir, tmp_path, override, message):
     from qcjax.train.config import ConfigError, from_config
-    from qcjax.train.loop import model_config
+    from qcjax.train.loop import model_config, run_adaptation
 
     with pytest.raises(ConfigError, match=__import__("re").escape(message)):
-        model_config(from_config(tiny(spm_dir, **override)))
+        tc = from_config(tiny(spm_dir, **override))
+        run_adaptation(tc, model_config(tc))

@@ -11,7 +11,7 @@ import pytest
 
 import qcjax
 from qcjax import adapters, checkpoint, convert, hf, loader
-from qcjax.config import LORA_TARGETS, LoraSpec, ModelConfig
+from qcjax.config import LORA_TARGETS, Adaptation, LoraSpec, ModelConfig
 from qcjax.model import init_params
 
 from conftest import hf_logits, hf_model
@@ -24,13 +24,13 @@ _init = jax.jit(init_params, static_argnums=0)  # one compile per config instead
 
 
 def lora_checkpoint(path, lora: LoraSpec, *, quant: str = "none", init_from: str | None = None, seed: int = 0,
-                    b_std: float = 0.05) -> ModelConfig:
+                    b_std: float = 0.05) -> Adaptation:
     """A LoRA run's checkpoint as the training loop saves it (the adapters alone, with "lora_base" naming the base),
     with the adapters as after some training: A at its random init, B random in the layers that train, zero in the
     others (whose updates the loop masks)."""
-    cfg = CFG.replace(lora=lora, quant=quant)
-    tree = adapters.split(_init(cfg, jax.random.key(seed + 1)))[1]
-    mask = adapters.layer_mask(cfg)
+    ad = Adaptation(lora=lora, quant=quant)
+    tree = adapters.split(jax.jit(adapters.init_params, static_argnums=(0, 1))(CFG, ad, jax.random.key(seed + 1)))[1]
+    mask = adapters.layer_mask(CFG, lora)
     rng = np.random.default_rng(seed)
 
     def perturb(path, x):
@@ -40,18 +40,20 @@ def lora_checkpoint(path, lora: LoraSpec, *, quant: str = "none", init_from: str
         return b if mask is None else b * mask.reshape((-1,) + (1,) * (b.ndim - 1))
 
     tree = jax.tree_util.tree_map_with_path(perturb, tree)
-    meta = {"lora_base": {"init_from": init_from, "seed": seed}}
-    checkpoint.save(str(path), 7, tree, cfg, extra_config=meta, async_=False).close()
-    return cfg
+    meta = {"lora_base": {"init_from": init_from, "seed": seed}, "adaptation": ad.to_dict()}
+    checkpoint.save(str(path), 7, tree, CFG, extra_config=meta, async_=False).close()
+    return ad
 
 
 def adapted_logits(ckpt) -> tuple[np.ndarray, np.ndarray]:
-    """(qcjax's adapted forward: build(cfg).apply on base + unmerged adapters, the base's alone) on TOKENS."""
+    """(qcjax's adapted forward: adapters.build(cfg, adaptation).apply on base + unmerged adapters, the base's
+    alone) on TOKENS."""
     cfg, full = loader.load(str(ckpt), merge_lora=False)
-    assert cfg.lora is not None
+    ad = loader.load_adaptation(str(ckpt))
+    assert ad.lora is not None
     base, _ = adapters.split(full)
-    ref = np.asarray(qcjax.logits(cfg, full, TOKENS))
-    return ref, np.asarray(qcjax.logits(cfg.replace(lora=None), base, TOKENS))
+    ref = np.asarray(qcjax.logits(cfg, full, TOKENS, adaptation=ad))
+    return ref, np.asarray(qcjax.logits(cfg, base, TOKENS))
 
 
 def assert_close(got: np.ndarray, ref: np.ndarray, base: np.ndarray) -> None:
@@ -80,7 +82,7 @@ def test_merged_hf_dir_matches_adapted_forward(tmp_path, capsys, quant):
     lora = LoraSpec(rank=4, alpha=8.0)
     base_hf = tmp_path / "base_hf"
     hf_model(CFG, seed=3).save_pretrained(base_hf)
-    cfg = lora_checkpoint(tmp_path / "ckpt", lora, quant=quant, init_from=str(base_hf))
+    lora_checkpoint(tmp_path / "ckpt", lora, quant=quant, init_from=str(base_hf))
     rc, out, err = run_cli(capsys, "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged"),
                            "--merge_lora")
     assert rc == 0, err
@@ -90,7 +92,7 @@ def test_merged_hf_dir_matches_adapted_forward(tmp_path, capsys, quant):
     model = transformers_model(tmp_path / "merged")
     assert_close(hf_logits(model, TOKENS), ref, base)
     written = ModelConfig.from_hf_json(str(tmp_path / "merged"))
-    assert written == CFG.replace(param_dtype=cfg.param_dtype) and written.lora is None and written.quant == "none"
+    assert written == CFG and not hasattr(written, "lora")
 
 
 @pytest.mark.parametrize("case", ["all-layers", "layers-0,2"])
@@ -106,7 +108,7 @@ def test_peft_adapters_match_adapted_forward(tmp_path, capsys, case):
                     layers=(0, 2) if restricted else None)
     ckpt, peft_dir = tmp_path / "ckpt", tmp_path / "peft"
     if restricted:  # the run's seeded base; PEFT's base is that base written as an HF directory
-        cfg = lora_checkpoint(ckpt, lora, seed=5)
+        ad = lora_checkpoint(ckpt, lora, seed=5)
         base_hf = tmp_path / "base_hf"
         hf.save_hf(str(base_hf), CFG, adapters.split(loader.load(str(ckpt), merge_lora=False)[1])[0])
         rc, out, err = run_cli(capsys, "--ckpt", str(ckpt), "--peft_dir", str(peft_dir))
@@ -114,7 +116,7 @@ def test_peft_adapters_match_adapted_forward(tmp_path, capsys, case):
     else:
         base_hf = tmp_path / "base_hf"
         hf_model(CFG, seed=4).save_pretrained(base_hf)
-        cfg = lora_checkpoint(ckpt, lora, init_from=str(base_hf))
+        ad = lora_checkpoint(ckpt, lora, init_from=str(base_hf))
         rc, out, err = run_cli(capsys, "--ckpt", str(ckpt), "--peft_dir", str(peft_dir), "--out",
                                str(tmp_path / "merged"), "--merge_lora")
     assert rc == 0, err
@@ -144,7 +146,7 @@ def test_peft_adapters_match_adapted_forward(tmp_path, capsys, case):
     assert_close(hf_logits(model, TOKENS), ref, base)
     if not restricted:
         assert_close(hf_logits(transformers_model(tmp_path / "merged"), TOKENS), ref, base)
-    assert cfg.lora == lora
+    assert ad.lora == lora == loader.load_adaptation(str(ckpt)).lora
 
 
 def test_wrong_flags_are_one_line_errors_and_write_nothing(tmp_path, capsys):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from qcjax import adapters, checkpoint, row_lora
-from qcjax.config import LoraSpec, ModelConfig
+from qcjax.config import Adaptation, LoraSpec, ModelConfig
 from qcjax.inference import generate
 from qcjax.inference.lora import Adapter, LoraSlots, read_adapter
 from qcjax.model import build, init_params
@@ -79,10 +79,10 @@ def test_rows_with_their_own_adapters_equal_transformers_peft(tmp_path):
 
 def test_an_int8_base_takes_per_row_adapters_as_qlora_does(base):
     """Rows on an int8-quantized base, one with an adapter: its logits equal qwix's one-adapter QLoRA model (the
-    same quantized base and adapter, cfg.lora + cfg.quant), the other row the quantized base's."""
+    same quantized base and adapter), the other row the quantized base's."""
     a = random_adapter(CFG, 4, ("q", "v", "down"), 7)
-    qcfg = CFG.replace(quant="int8")
-    qbase = adapters.quantize(qcfg, base)
+    qbase = adapters.quantize(CFG, base, "int8")
+    qmodel = adapters.module_for(CFG, qbase)  # the tree says it is int8
     slots = LoraSlots(CFG, max_loras=1, max_rank=4, targets=a.targets)
     slots.add("a", a)
     ids = jnp.asarray([slots.acquire("a"), -1], jnp.int32)
@@ -91,13 +91,13 @@ def test_an_int8_base_takes_per_row_adapters_as_qlora_does(base):
     @jax.jit
     def logits(params, bank, ids, tokens):
         with row_lora.applied(bank, ids):
-            return build(qcfg).apply({"params": params}, tokens)
+            return qmodel.apply({"params": params}, tokens)
 
     got = np.asarray(logits(qbase, slots.bank(), ids, tokens))
-    lcfg, tree = a.as_single(qcfg)  # qwix's one-adapter QLoRA model on the same quantized base
-    qlora = np.asarray(jax.jit(lambda p, t: build(lcfg).apply({"params": p}, t))(adapters.combine(qbase, tree),
-                                                                                 tokens))
-    plain = np.asarray(jax.jit(lambda p, t: build(qcfg).apply({"params": p}, t))(qbase, tokens))
+    spec, tree = a.as_single()  # qwix's one-adapter QLoRA model on the same quantized base
+    one = adapters.build(CFG, Adaptation(lora=spec, quant="int8"))
+    qlora = np.asarray(jax.jit(lambda p, t: one.apply({"params": p}, t))(adapters.combine(qbase, tree), tokens))
+    plain = np.asarray(jax.jit(lambda p, t: qmodel.apply({"params": p}, t))(qbase, tokens))
     tol = 1e-4 * np.abs(qlora).max()
     assert np.abs(qlora[0] - plain[0]).max() > 100 * tol
     np.testing.assert_allclose(got[0], qlora[0], atol=tol, rtol=0)
@@ -121,8 +121,8 @@ def test_mixed_batches_and_evictions_give_each_merged_models_text(base):
     out = generate(CFG, base, prompts, max_new_tokens=10, lora=slots, adapter=names, cache_dtype=jnp.float32,
                    max_rows=4, chunk=4, stats=stats)
     for p, n, o in zip(prompts, names, out):
-        cfg, params = (CFG, base) if n is None else ads[n].merged_into(CFG, base)
-        ref = generate(cfg, params, [p], max_new_tokens=10, cache_dtype=jnp.float32)[0]
+        params = base if n is None else ads[n].merged_into(base)
+        ref = generate(CFG, params, [p], max_new_tokens=10, cache_dtype=jnp.float32)[0]
         assert o.tokens == ref.tokens, n
         assert o.cached_tokens == 0  # the same 20-token prefix under x, y, z: never one adapter's pages for another
     assert slots.loads > 3  # 3 adapters through 2 slots: at least one was evicted and copied back in
@@ -225,18 +225,18 @@ def lora_server(tiny_hf, tok, tmp_path_factory):
     runs = {}
     for k, (name, spec) in enumerate({"py": LoraSpec(rank=4, alpha=8.0, targets=("q", "v", "o")),
                                       "rs": LoraSpec(rank=2, alpha=4.0, targets=("q", "v", "down"))}.items()):
-        lcfg = cfg.replace(lora=spec)
-        tree = adapters.split(jax.jit(lambda: init_params(lcfg, jax.random.key(k + 1)))())[1]
+        lad = Adaptation(lora=spec)
+        tree = adapters.split(jax.jit(lambda: adapters.init_params(cfg, lad, jax.random.key(k + 1)))())[1]
         rng = np.random.default_rng(k)
         tree = jax.tree_util.tree_map_with_path(  # B starts at zero: as after some training
             lambda p, x: rng.normal(0, 0.3, x.shape).astype(x.dtype) if str(p[-1].key) == adapters.LORA_B else x,
             tree)
         if name == "py":  # a LoRA run's checkpoint, naming its base
-            checkpoint.save(str(d / name), 7, tree, lcfg, extra_config={"lora_base": {"init_from": hf_dir}},
-                            async_=False).close()
+            checkpoint.save(str(d / name), 7, tree, cfg, extra_config={"lora_base": {"init_from": hf_dir},
+                                                                     "adaptation": lad.to_dict()}, async_=False).close()
         else:  # a PEFT directory
-            write_peft_dir(str(d / name), lcfg, tree)
-        runs[name] = (lcfg, tree)
+            write_peft_dir(str(d / name), cfg, spec, tree)
+        runs[name] = (spec, tree)
     a = build_parser().parse_args(
         ["--hf_dir", hf_dir, "--dtype", "float32", "--cache_dtype", "float32", "--max_batch", "4", "--max_len", "64",
          "--chunk", "4", "--prefill_batch", "2", "--prefill_tokens", "64", "--api_key", KEY,
@@ -245,7 +245,7 @@ def lora_server(tiny_hf, tok, tmp_path_factory):
     engine, app, name = build_server(a, log=logs.append)
     base = engine.params
     refs = {None: (engine.cfg, base), "py": loader.load(str(d / "py"))}  # the run's checkpoint, merged by the loader
-    refs["rs"] = adapters.merge(runs["rs"][0], adapters.combine(base, runs["rs"][1]))
+    refs["rs"] = (engine.cfg, adapters.merge(runs["rs"][0], adapters.combine(base, runs["rs"][1])))
     with serving(app, engine) as port:
         yield Server(engine, name, port, tok), refs, d, logs
 

@@ -364,7 +364,8 @@ def test_server_with_quant_int8_answers_with_the_quantized_models_text(trained):
                                    "--prefill_batch", "1", "--prefill_tokens", "64"])
     engine, app, name = build(a, log=logs.append)
     with serving(app, engine) as port:
-        assert engine.cfg.quant == "int8" and any("int8 with one scale per output channel" in m for m in logs), logs
+        assert adapters.carried(engine.params).quant == "int8"
+        assert any("int8 with one scale per output channel" in m for m in logs), logs
         body = json.dumps({"model": name, "prompt": "def binary_search(items, target):\n", "max_tokens": 12,
                            "temperature": 0}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,

@@ -12,7 +12,7 @@ qcjax.attention.attend), in the model's order and dtypes; tests/cpu/test_cpu_lay
 model's scan.
 
 It applies to decode steps (at most matmul.MAX_ROWS tokens in the batch) with a cache, on one CPU device, for the
-plain model and the int8-quantized one (cfg.quant "int8"; not a LoRA config or nf4), and adds per-row adapters
+plain model and the int8-quantized one (not a tree with LoRA adapters, or nf4), and adds per-row adapters
 (qcjax.row_lora) as the model does; prompts keep the model's scan, whose GEMMs XLA runs well.
 """
 from __future__ import annotations
@@ -45,7 +45,9 @@ def _int8(kernel: Any, n_in: int = 1) -> bool:
 def _kernel_ok(kernel: Any, n_in: int) -> bool:
     if _int8(kernel, n_in):
         return True
-    dtype = getattr(kernel, "dtype", None)  # an array (or its shape and dtype), not a quantized or LoRA'd form
+    if hasattr(kernel, "array"):  # another quantized form (nf4's 4-bit values, whose WithAux reports a float dtype)
+        return False
+    dtype = getattr(kernel, "dtype", None)  # an array (or its shape and dtype)
     return dtype is not None and getattr(kernel, "ndim", 0) >= 1 + n_in + 1 and jnp.dtype(dtype) in _FLOATS
 
 
@@ -75,13 +77,16 @@ def applies(cfg, params, carry, cos, sin, q_seg, kv_seg, q_offset) -> bool:
     """Whether the layer loop takes this forward: a cache (inference), at most MAX_ROWS tokens (decode steps), one
     CPU device, the plain or int8 model with every projection's kernel in a form stacked.cc reads, kernels built."""
     x, cache = carry
-    if params is None or cache is None or cfg.lora is not None or cfg.quant not in ("none", "int8"):
+    if params is None or cache is None:
         return False
     if x.shape[0] * x.shape[1] > MAX_ROWS or not platform.one_device() or not build.available():
         return False
     try:
-        kernels = [(params[a][b]["kernel"], 2 if b == "o_proj" else 1) for a, b in PROJECTIONS]
+        nodes = [(params[a][b], 2 if b == "o_proj" else 1) for a, b in PROJECTIONS]
+        kernels = [(node["kernel"], n) for node, n in nodes]
     except (KeyError, TypeError):
+        return False
+    if any(set(node) - {"kernel", "bias"} for node, _ in nodes):  # LoRA adapters beside a kernel: the model's scan
         return False
     return all(_kernel_ok(k, n) for k, n in kernels) and jnp.dtype(cfg.dtype) in _FLOATS
 

@@ -80,6 +80,7 @@ def generate(
     stats: dict | None = None,
     lora: Any = None,
     adapter: str | None | Seq[str | None] = None,
+    max_len: int | None = None,
 ) -> list[Completion]:
     """Generate for a list of token prompts, each with its own length limit, filters, stop set and seed.
 
@@ -92,7 +93,8 @@ def generate(
     (qcjax.inference.speculative; greedy text is unchanged, sampling keeps the model's distribution). stats: a dict
     the engine's counters are added to at the end (prefix-cache tokens, speculation's drafted / accepted tokens).
     lora: the adapters (qcjax.inference.lora.LoraSlots) prompts may run through; adapter: one name for every prompt,
-    or one per prompt (None: the base model)."""
+    or one per prompt (None: the base model). max_len: the engine's limit on a request's prompt + new tokens (the
+    page tables' width; default: the longest request rounded up to a power of two, within the model's context)."""
     n = len(prompts)
     if n == 0:
         raise ValueError("no prompts")
@@ -121,7 +123,7 @@ def generate(
     reqs = [Request(list(map(int, p)), m, s, sd, st, on_event=sink(i), adapter=a)
             for i, (p, m, s, sd, st, a) in enumerate(zip(prompts, max_new, samp, seeds, stops, names))]
     need = max(len(r.tokens) + r.max_new for r in reqs)
-    max_len = min(cfg.max_position_embeddings, max(need, pow2(need)))
+    max_len = min(max_len or cfg.max_position_embeddings, max(need, pow2(need)))
     rows = int(max_rows) if max_rows else min(n, 64)
     engine = Engine(cfg, params, max_rows=rows, max_len=max_len, page_size=page_size, prefix_cache=prefix_cache,
                     cache_dtype=cache_dtype, mesh=mesh, chunk=max(1, int(chunk)), max_queue=n,

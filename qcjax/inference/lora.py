@@ -41,10 +41,10 @@ class Adapter:
     def targets(self) -> tuple[str, ...]:
         return tuple(t for t in LORA_TARGETS if t in self.arrays)
 
-    def as_single(self, cfg: ModelConfig) -> tuple[ModelConfig, Any]:
-        """This adapter as the one-adapter path (qcjax.adapters, qwix) holds one: cfg with `lora` set (alpha such
-        that alpha / rank is this adapter's scale, rsLoRA's included) and the adapter tree to `adapters.combine`
-        with a base."""
+    def as_single(self) -> tuple[LoraSpec, Any]:
+        """This adapter as the one-adapter path (qcjax.adapters, qwix) holds one: its LoraSpec (alpha such that
+        alpha / rank is this adapter's scale, rsLoRA's included) and the adapter tree to `adapters.combine` with a
+        base."""
         from qcjax import adapters
 
         tree: dict = {"layers": {}}
@@ -52,15 +52,15 @@ class Adapter:
             group, name = LORA_PROJECTIONS[t]
             tree["layers"].setdefault(group, {})[name] = {adapters.LORA_A: self.arrays[t]["a"],
                                                           adapters.LORA_B: self.arrays[t]["b"]}
-        return cfg.replace(lora=LoraSpec(rank=self.rank, alpha=self.scale * self.rank, targets=self.targets)), tree
+        return LoraSpec(rank=self.rank, alpha=self.scale * self.rank, targets=self.targets), tree
 
-    def merged_into(self, cfg: ModelConfig, params: Any, dtype: Any = None) -> tuple[ModelConfig, Any]:
-        """(cfg, params) of the base `params` with this adapter folded into its kernels (qcjax.adapters.merge): the
-        model a server per adapter would run, in `dtype` (default: the kernels')."""
+    def merged_into(self, params: Any, dtype: Any = None) -> Any:
+        """The base `params` with this adapter folded into its kernels (qcjax.adapters.merge): the model a server
+        per adapter would run, in `dtype` (default: the kernels')."""
         from qcjax import adapters
 
-        lcfg, tree = self.as_single(cfg)
-        return adapters.merge(lcfg, adapters.combine(params, tree), dtype)
+        spec, tree = self.as_single()
+        return adapters.merge(spec, adapters.combine(params, tree), dtype)
 
 
 # ---- reading ----------------------------------------------------------------------------------------------------------
@@ -81,29 +81,31 @@ def _check_shape(x: np.ndarray, want: tuple[int, ...], what: str, source: str) -
 
 
 def _read_qcjax(path: str, cfg: ModelConfig) -> Adapter:
-    from qcjax.checkpoint import restore_params
+    from qcjax.checkpoint import read_config, restore_params
+    from qcjax.config import adaptation_from_dict
     from qcjax.loader import is_hf_dir, resolve_checkpoint
 
     ckpt, step = resolve_checkpoint(path)
     if is_hf_dir(ckpt):
         raise ValueError(f"{path}: a whole model (config.json), not an adapter")
     try:
-        lcfg, tree = restore_params(ckpt, step, expect=cfg, dtype="float32")
+        spec = adaptation_from_dict(read_config(ckpt, step)[1]).lora
+        if spec is None:
+            raise ValueError(f"{path}: a checkpoint without LoRA adapters (its config has no lora)")
+        _, tree = restore_params(ckpt, step, expect=cfg, dtype="float32")
     except (OSError, KeyError) as e:
         raise ValueError(f"{path}: not a PEFT adapter directory or a qcjax checkpoint ({e})") from None
-    if lcfg.lora is None:
-        raise ValueError(f"{path}: a checkpoint without LoRA adapters (its config has no lora)")
     arrays = {}
-    for t in lcfg.lora.targets:
+    for t in spec.targets:
         group, name = LORA_PROJECTIONS[t]
         node = tree["layers"][group][name]
         n_in, n_out = row_lora.target_dims(cfg, t)
         a = np.asarray(jax.device_get(node["kernel_lora_a"]), np.float32)
         b = np.asarray(jax.device_get(node["kernel_lora_b"]), np.float32)
-        _check_shape(a, (cfg.num_layers, n_in, lcfg.lora.rank), f"{name} lora_a", path)
-        _check_shape(b, (cfg.num_layers, lcfg.lora.rank, n_out), f"{name} lora_b", path)
+        _check_shape(a, (cfg.num_layers, n_in, spec.rank), f"{name} lora_a", path)
+        _check_shape(b, (cfg.num_layers, spec.rank, n_out), f"{name} lora_b", path)
         arrays[t] = {"a": a, "b": b}
-    return Adapter(arrays, lcfg.lora.rank, float(lcfg.lora.scale), path)
+    return Adapter(arrays, spec.rank, float(spec.scale), path)
 
 
 def _peft_modules() -> dict[str, str]:

@@ -15,9 +15,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from qcjax import row_lora
+from qcjax import adapters, row_lora
 from qcjax.config import ModelConfig
-from qcjax.model import abstract_params, build
 from qcjax.sampling import Controls, FilterKinds, sample_tokens
 from qcjax.sharding import batch_shards, constrain, param_shardings
 
@@ -30,7 +29,7 @@ def place_params(cfg: ModelConfig, params: Any, mesh=None) -> Any:
     as they are without a mesh. The engine runs on this one copy: nothing is unstacked or transposed."""
     if mesh is None:
         return params
-    return jax.device_put(params, param_shardings(abstract_params(cfg), mesh))
+    return jax.device_put(params, param_shardings(adapters.abstract_params(cfg, adapters.carried(params)), mesh))
 
 
 def _constrain_pool(cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -55,13 +54,14 @@ def _forward(cfg: ModelConfig, params: Any, pool: Pool, tokens: jax.Array, segs:
     cache = {"k": pool["k"], "v": pool["v"], "lengths": constrain(lengths, ("cache_batch",)),
              "pages": constrain(pages, ("cache_batch", None))}
     with row_lora.applied(*(lora or (None, None))):
-        hidden, cache = build(cfg).apply({"params": params}, tokens, None, segs, cache, method="hidden_states")
+        hidden, cache = adapters.module_for(cfg, params).apply({"params": params}, tokens, None, segs, cache,
+                                                               method="hidden_states")
     return hidden, {"k": _constrain_pool(cfg, cache["k"]), "v": _constrain_pool(cfg, cache["v"])}
 
 
 def _head(cfg: ModelConfig, params: Any, hidden: jax.Array) -> jax.Array:
     """The model's own head: hidden [B, T, E] -> float32 logits [B, T, V]."""
-    return build(cfg).apply({"params": params}, hidden, method="head")
+    return adapters.module_for(cfg, params).apply({"params": params}, hidden, method="head")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "kinds"), donate_argnames=("pool",))

@@ -16,6 +16,7 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from qcjax import paths
 from qcjax.model import abstract_params
 from qcjax.sharding import param_shardings

@@ -27,8 +27,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from qcjax import paths
-from qcjax.config import LoraSpec, ModelConfig, get_config
+from qcjax import adapters, paths
+from qcjax.config import NO_ADAPTATION, Adaptation, LoraSpec, ModelConfig, get_config
 from qcjax.model import abstract_params, init_params
 from qcjax.sharding import logical_to_spec, make_mesh, param_shardings
 from qcjax.train import metrics as mt
@@ -63,38 +63,31 @@ def _layer_list(spec: str, n_layers: int) -> tuple[int, ...] | None:
     return tuple(sorted(set(out)))
 
 
-def _adapter_fields(tc: TrainConfig, n_layers: int) -> dict:
-    """ModelConfig's lora / quant fields from the run config's lora block."""
-    lo = tc.lora
-    if lo.rank < 0:
-        raise ConfigError(f"lora.rank={lo.rank}: must be >= 0 (0: no adapters)")
+def run_adaptation(tc: TrainConfig, cfg: ModelConfig) -> Adaptation:
+    """How the run adapts the model (LoRA adapters, a quantized base) from the run config's lora block; nothing for
+    a full-weight run. Kept apart from the model config: the model never sees it (qcjax.adapters applies it)."""
+    n_layers = cfg.num_layers
+    lo = tc.lora  # (rank >= 0, and base_quant only with adapters: the schema's checks)
     if lo.rank == 0:
-        if lo.base_quant != "none":
-            raise ConfigError(f"lora.base_quant={lo.base_quant!r} needs adapters: set lora.rank (e.g. 16)")
-        return {}
+        return NO_ADAPTATION
     targets = tuple(t.strip() for t in lo.targets.split(",") if t.strip())
     try:
         spec = LoraSpec(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, targets=targets,
                         layers=_layer_list(lo.layers, n_layers))
     except ValueError as e:
         raise ConfigError(str(e).replace("LoraSpec.", "lora.")) from None
-    return {"lora": spec, "quant": lo.base_quant}
+    return Adaptation(lora=spec, quant=lo.base_quant)
 
 
 def model_config(tc: TrainConfig, vocab_hint: int | None = None) -> ModelConfig:
-    """The model config: from the init checkpoint when there is one, else the preset; then run-time fields (and
-    the adapters of a LoRA run)."""
-    cfg = _base_model_config(tc, vocab_hint)
-    return cfg.replace(**_adapter_fields(tc, cfg.num_layers))
-
-
-def _base_model_config(tc: TrainConfig, vocab_hint: int | None = None) -> ModelConfig:
+    """The model config: from the init checkpoint when there is one, else the preset; then run-time fields. (A LoRA
+    run's adapters are `run_adaptation`'s, not the model's.)"""
     m = tc.model
     run = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl)
     if tc.init_from:
         from qcjax.loader import load_config
 
-        cfg = load_config(tc.init_from).replace(lora=None, quant="none")  # a LoRA checkpoint: its merged model
+        cfg = load_config(tc.init_from)  # a LoRA checkpoint: its model, which loads merged
         for name in ("num_layers", "vocab_size"):  # the checkpoint decides the shapes; a different ask is an error
             if getattr(m, name) and getattr(m, name) != getattr(cfg, name):
                 raise ConfigError(f"model.{name}={getattr(m, name)} conflicts with init_from={tc.init_from} "
@@ -187,6 +180,7 @@ class TrainProgram:
     state_shardings: dict
     base_abstract: Any = None  # LoRA: the frozen base (quantized under QLoRA), unboxed ShapeDtypeStructs
     base_shardings: Any = None
+    adaptation: Adaptation = NO_ADAPTATION  # how the step adapts the model (run_adaptation)
 
     def abstract_base_params(self) -> Any:
         """The frozen base of a LoRA run as sharded ShapeDtypeStructs (None without adapters)."""
@@ -221,22 +215,21 @@ def build_train_program(tc: TrainConfig, cfg: ModelConfig, mesh) -> TrainProgram
     """The optimizer, shardings and jitted step for a validated config on `mesh` (call under jax.set_mesh)."""
     oc, accum = tc.optimizer, grad_accum_for(tc, mesh)
     tx = make_optimizer(oc, tc.steps)
-    boxed = abstract_params(cfg)
+    ad = run_adaptation(tc, cfg)
+    boxed = adapters.abstract_params(cfg, ad)
     p_shard = param_shardings(boxed, mesh)
     abstract_p = nn.meta.unbox(boxed)
     base_abstract = base_shard = None
-    if cfg.lora is not None:  # train the adapters; the base is a frozen argument
-        from qcjax import adapters
-
+    if ad.lora is not None:  # train the adapters; the base is a frozen argument
         (base_abstract, abstract_p), (base_shard, p_shard) = adapters.split(abstract_p), adapters.split(p_shard)
-        base_abstract = jax.eval_shape(lambda b: adapters.freeze_base(cfg, b), base_abstract)  # compute dtype
+        base_abstract = jax.eval_shape(lambda b: adapters.freeze_base(cfg, b, ad.quant), base_abstract)
     o_shard = opt_state_shardings(jax.eval_shape(tx.init, abstract_p), p_shard, mesh)
     state_shard = {"step": NamedSharding(mesh, P()), "params": p_shard, "opt_state": o_shard}
-    train_step = make_train_step(cfg, StepConfig.of(tc, accum), tx, lr_schedule(oc, tc.steps))
+    train_step = make_train_step(cfg, StepConfig.of(tc, accum), tx, lr_schedule(oc, tc.steps), ad)
     step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=(state_shard, None))
     return TrainProgram(mesh=mesh, tx=tx, grad_accum=accum, step_fn=step_fn, abstract_params=abstract_p,
                         param_shardings=p_shard, opt_shardings=o_shard, state_shardings=state_shard,
-                        base_abstract=base_abstract, base_shardings=base_shard)
+                        base_abstract=base_abstract, base_shardings=base_shard, adaptation=ad)
 
 
 # ---- tokenizer and data ---------------------------------------------------------------------------------------------
@@ -419,7 +412,8 @@ def _train(c: TrainConfig, workdir: str, stop: StopRequests) -> RunResult:
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer {tok_path} has {tok.vocab_size} ids but the model only {cfg.vocab_size} rows")
     mesh = validate(c, cfg, jax.process_count())
-    eval_step = make_eval_step(cfg, StepConfig.of(c))
+    ad = run_adaptation(c, cfg)
+    eval_step = make_eval_step(cfg, StepConfig.of(c), ad)
 
     with jax.set_mesh(mesh):
         prog = build_train_program(c, cfg, mesh)
@@ -447,10 +441,11 @@ def _train(c: TrainConfig, workdir: str, stop: StopRequests) -> RunResult:
         if jax.process_index() == 0:
             _truncate_metrics(workdir, resumed or 0)
         ref_params = base_params = None
-        if cfg.lora is not None:  # the frozen base (every start and resume: checkpoints hold the adapters only)
-            base_params = lora_base_params(c, cfg, mesh, prog.base_shardings)
+        if ad.lora is not None:  # the frozen base (every start and resume: checkpoints hold the adapters only)
+            base_params = lora_base_params(c, cfg, ad, mesh, prog.base_shardings)
             if state is None:
-                state = jax.jit(lambda: init_state(lora_init(cfg, c.seed), tx), out_shardings=prog.state_shardings)()
+                state = jax.jit(lambda: init_state(lora_init(cfg, ad, c.seed), tx),
+                                out_shardings=prog.state_shardings)()
         elif state is None:
             params = initial_params(c, cfg, mesh, p_shard)
             if _frozen_reference(c):
@@ -469,7 +464,8 @@ def _train(c: TrainConfig, workdir: str, stop: StopRequests) -> RunResult:
         peak = mt.peak_flops(override=c.peak_flops_per_device)
         n_dev = jax.device_count()
         train_meta = {"train": run_record(c), "tokenizer": tok_path}
-        if cfg.lora is not None:  # what the adapters apply to (qcjax.loader rebuilds it)
+        if ad.lora is not None:  # the adapters' spec, and what they apply to (qcjax.loader rebuilds it)
+            train_meta["adaptation"] = ad.to_dict()
             train_meta["lora_base"] = {"init_from": c.init_from, "seed": c.seed}
 
         start = int(state["step"])
@@ -571,24 +567,20 @@ def initial_params(c: TrainConfig, cfg: ModelConfig, mesh, p_shard):
     return load(c.init_from, mesh=mesh, dtype=cfg.param_dtype)[1]
 
 
-def lora_init(cfg: ModelConfig, seed: int):
+def lora_init(cfg: ModelConfig, ad: Adaptation, seed: int):
     """The adapters' starting values (A random, B zero) for seed; traced under jit, the base's init is dead code."""
-    from qcjax import adapters
-
-    return adapters.split(init_params(cfg, jax.random.key(seed)))[1]
+    return adapters.split(adapters.init_params(cfg, ad, jax.random.key(seed)))[1]
 
 
-def lora_base_params(c: TrainConfig, cfg: ModelConfig, mesh, base_shardings):
+def lora_base_params(c: TrainConfig, cfg: ModelConfig, ad: Adaptation, mesh, base_shardings):
     """A LoRA run's frozen base (adapters.freeze_base: compute dtype, quantized under QLoRA): init_from's weights,
     read straight in the compute dtype (never a whole fp32 copy on the chips), or the seeded init."""
-    from qcjax import adapters
     from qcjax.model import abstract_params as abstract
 
-    plain = cfg.replace(lora=None, quant="none")
-    if c.init_from:
-        plain = plain.replace(param_dtype=cfg.dtype)
+    plain = cfg.replace(param_dtype=cfg.dtype) if c.init_from else cfg
     base = initial_params(c, plain, mesh, param_shardings(abstract(plain), mesh))
-    return jax.jit(lambda p: adapters.freeze_base(cfg, p), out_shardings=base_shardings, donate_argnums=0)(base)
+    return jax.jit(lambda p: adapters.freeze_base(cfg, p, ad.quant), out_shardings=base_shardings,
+                   donate_argnums=0)(base)
 
 
 def _resume(c: TrainConfig, ckpt, prog: TrainProgram, train_it):

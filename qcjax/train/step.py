@@ -14,13 +14,12 @@ import jax.numpy as jnp
 import optax
 
 from qcjax import adapters
-from qcjax.config import ModelConfig
-from qcjax.model import build
+from qcjax.config import NO_ADAPTATION, Adaptation, ModelConfig
 from qcjax.sharding import constrain
 from qcjax.train.config import DpoConfig, OptimizerConfig, RlConfig, TrainConfig
 from qcjax.train.losses import cross_entropy, dpo_loss, next_token_targets, policy_loss, target_logprobs
 
-# {"step": int32 [], "params": pytree, "opt_state": optax state}. With LoRA (cfg.lora) "params" holds the adapters
+# {"step": int32 [], "params": pytree, "opt_state": optax state}. With LoRA adapters "params" holds the adapters
 # only (qcjax.adapters.split): the frozen base is the step's `base_params` argument.
 TrainState = dict
 
@@ -79,41 +78,44 @@ def _split_micro(batch: dict, accum: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def lm_loss_terms(cfg: ModelConfig, params, micro: dict, chunk: int, rngs: dict | None = None):
+def _hidden(cfg: ModelConfig, ad: Adaptation, params, tokens, positions, segment_ids, rngs: dict | None):
+    """The final-norm hidden states of the model adapted as `ad` says (qcjax.adapters.build)."""
+    return adapters.build(cfg, ad, deterministic=rngs is None).apply(
+        {"params": params}, tokens, positions, segment_ids, method="hidden_states", rngs=rngs)[0]
+
+
+def lm_loss_terms(cfg: ModelConfig, params, micro: dict, chunk: int, rngs: dict | None = None,
+                  ad: Adaptation = NO_ADAPTATION):
     """(sum of token losses, number of target tokens) for packed next-token rows (pretrain and SFT). rngs: {"dropout":
-    key} when the adapters have dropout."""
+    key} when the adapters have dropout; ad: how the model is adapted (LoRA, a quantized base)."""
     tokens = constrain(micro["tokens"], ("act_batch", "act_length"))
-    hidden, _ = build(cfg, deterministic=rngs is None).apply(
-        {"params": params}, tokens, micro["positions"], micro["segment_ids"], method="hidden_states", rngs=rngs
-    )
+    hidden = _hidden(cfg, ad, params, tokens, micro["positions"], micro["segment_ids"], rngs)
     targets, weights = next_token_targets(tokens, micro["segment_ids"], micro["loss_mask"])
     return cross_entropy(cfg, params, hidden, targets, weights, chunk)
 
 
 def sequence_logprobs(cfg: ModelConfig, params, tokens, segment_ids, loss_mask, chunk: int,
-                      rngs: dict | None = None) -> jax.Array:
+                      rngs: dict | None = None, ad: Adaptation = NO_ADAPTATION) -> jax.Array:
     """Summed log-prob of the masked (completion) tokens of each row: [rows] float32."""
-    hidden, _ = build(cfg, deterministic=rngs is None).apply({"params": params}, tokens, None, segment_ids,
-                                                             method="hidden_states", rngs=rngs)
+    hidden = _hidden(cfg, ad, params, tokens, None, segment_ids, rngs)
     targets, weights = next_token_targets(tokens, segment_ids, loss_mask)
     return jnp.sum(target_logprobs(cfg, params, hidden, targets, chunk) * weights, axis=-1)
 
 
-def dpo_logprobs(cfg: ModelConfig, params, micro: dict, chunk: int, rngs: dict | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
+def dpo_logprobs(cfg: ModelConfig, params, micro: dict, chunk: int, rngs: dict | None = None,
+                 ad: Adaptation = NO_ADAPTATION) -> tuple[jax.Array, jax.Array]:
     """Policy log-probs of chosen and rejected completions in ONE forward pass (pairs stacked on the batch axis)."""
     n = micro["chosen_tokens"].shape[0]
     cat = lambda k: jnp.concatenate([micro[f"chosen_{k}"], micro[f"rejected_{k}"]], axis=0)
-    lp = sequence_logprobs(cfg, params, cat("tokens"), cat("segment_ids"), cat("loss_mask"), chunk, rngs)
+    lp = sequence_logprobs(cfg, params, cat("tokens"), cat("segment_ids"), cat("loss_mask"), chunk, rngs, ad)
     return lp[:n], lp[n:]
 
 
 def token_logprobs(cfg: ModelConfig, params, micro: dict, chunk: int, rngs: dict | None = None,
-                   temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                   temperature: float = 1.0, ad: Adaptation = NO_ADAPTATION) -> tuple[jax.Array, jax.Array]:
     """(log p of each next token [rows, seq], its weight: 1 where the target is a loss_mask token) of RL rows, under
     the sampling temperature (the policy the rollouts drew from)."""
-    hidden, _ = build(cfg, deterministic=rngs is None).apply({"params": params}, micro["tokens"], micro["positions"],
-                                                             micro["segment_ids"], method="hidden_states", rngs=rngs)
+    hidden = _hidden(cfg, ad, params, micro["tokens"], micro["positions"], micro["segment_ids"], rngs)
     targets, weights = next_token_targets(micro["tokens"], micro["segment_ids"], micro["loss_mask"])
     return target_logprobs(cfg, params, hidden, targets, chunk, temperature), weights
 
@@ -121,12 +123,13 @@ def token_logprobs(cfg: ModelConfig, params, micro: dict, chunk: int, rngs: dict
 RL_METRICS = ("kl", "clip_fraction", "ratio", "entropy")
 
 
-def rl_terms(cfg: ModelConfig, sc: "StepConfig", params, micro: dict, ref_logp_fn=None, rngs: dict | None = None):
+def rl_terms(cfg: ModelConfig, sc: "StepConfig", params, micro: dict, ref_logp_fn=None, rngs: dict | None = None,
+             ad: Adaptation = NO_ADAPTATION):
     """(loss sum, (normaliser, metric sums)) of RL rows (task rl: tokens, positions, segment_ids, loss_mask over
     the completion, advantages [rows]). On-policy: the rows were sampled from `params`, so the old log-probs are
     the policy's own, held constant (one update per rollout batch: the ratio is 1 and its gradient the policy
     gradient). ref_logp_fn(micro): the reference's token log-probs (rl.kl_coef > 0)."""
-    logp, w = token_logprobs(cfg, params, micro, sc.loss_chunk, rngs, sc.rl.temperature)
+    logp, w = token_logprobs(cfg, params, micro, sc.loss_chunk, rngs, sc.rl.temperature, ad)
     ref = jax.lax.stop_gradient(ref_logp_fn(micro)) if ref_logp_fn is not None else None
     r = sc.rl
     loss_sum, norm, m = policy_loss(logp, jax.lax.stop_gradient(logp), micro["advantages"], w, r.loss_type,
@@ -156,39 +159,40 @@ class StepConfig:
                    loss_chunk=tc.loss_chunk, dpo=tc.dpo, rl=tc.rl, seed=tc.seed)
 
 
-def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransformation, schedule: Callable):
+def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransformation, schedule: Callable,
+                    ad: Adaptation = NO_ADAPTATION):
     """Build step(state, batch, ref_params=None, base_params=None) -> (state, metrics).
 
     DPO: the batch has chosen_*/rejected_* rows; the reference log-probs come from `ref_params` (a frozen copy) or,
     when ref_params is None, from precomputed batch fields "ref_chosen_logp"/"ref_rejected_logp".
-    LoRA (cfg.lora): state["params"] are the adapters, differentiated and updated alone (the layers outside
-    cfg.lora.layers masked); `base_params` is the frozen base (quantized under QLoRA). DPO's frozen reference is
+    LoRA (ad.lora): state["params"] are the adapters, differentiated and updated alone (the layers outside
+    ad.lora.layers masked); `base_params` is the frozen base (quantized under QLoRA). DPO's frozen reference is
     then the base without adapters (dpo.reference "frozen"; ref_params unused).
     """
-    lora = cfg.lora is not None
-    base_cfg = cfg.replace(lora=None)  # the frozen base as the adapted model sees it (quantized under QLoRA)
-    dropout = lora and cfg.lora.dropout > 0
+    lora = ad.lora is not None
+    base_ad = ad.replace(lora=None)  # the frozen base as the adapted model sees it (quantized under QLoRA)
+    dropout = lora and ad.lora.dropout > 0
 
     def micro_terms(params, micro, ref_params, base_params, rng):
         rngs = {"dropout": rng} if dropout else None
         full = adapters.combine(base_params, params) if lora else params
         if sc.task in ("pretrain", "sft"):
-            loss_sum, count = lm_loss_terms(cfg, full, micro, sc.loss_chunk, rngs)
+            loss_sum, count = lm_loss_terms(cfg, full, micro, sc.loss_chunk, rngs, ad)
             return loss_sum, (count, {})
         if sc.task == "rl":
             ref_fn = None
             if sc.rl.kl_coef and lora:  # the reference is the base without adapters
-                ref_fn = lambda mb: token_logprobs(base_cfg, base_params, mb, sc.loss_chunk,  # noqa: E731
-                                                   temperature=sc.rl.temperature)[0]
+                ref_fn = lambda mb: token_logprobs(cfg, base_params, mb, sc.loss_chunk,  # noqa: E731
+                                                   temperature=sc.rl.temperature, ad=base_ad)[0]
             elif sc.rl.kl_coef:
                 ref_fn = lambda mb: token_logprobs(cfg, ref_params, mb, sc.loss_chunk,  # noqa: E731
                                                    temperature=sc.rl.temperature)[0]
-            return rl_terms(cfg, sc, full, micro, ref_fn, rngs)
+            return rl_terms(cfg, sc, full, micro, ref_fn, rngs, ad)
         if sc.task != "dpo":
             raise ValueError(f"task {sc.task!r}: expected 'pretrain', 'sft', 'dpo' or 'rl'")
-        chosen, rejected = dpo_logprobs(cfg, full, micro, sc.loss_chunk, rngs)
+        chosen, rejected = dpo_logprobs(cfg, full, micro, sc.loss_chunk, rngs, ad)
         if lora and sc.dpo.reference == "frozen":
-            ref_c, ref_r = jax.lax.stop_gradient(dpo_logprobs(base_cfg, base_params, micro, sc.loss_chunk))
+            ref_c, ref_r = jax.lax.stop_gradient(dpo_logprobs(cfg, base_params, micro, sc.loss_chunk, ad=base_ad))
         elif ref_params is not None:
             ref_c, ref_r = jax.lax.stop_gradient(dpo_logprobs(cfg, ref_params, micro, sc.loss_chunk))
         else:
@@ -232,13 +236,13 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
             (grads, loss_sum, count, msum), _ = jax.lax.scan(body, init, (micro_batches, rngs))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        if lora:  # adapters of the layers outside cfg.lora.layers never move
-            grads = adapters.mask_layers(cfg, grads)
+        if lora:  # adapters of the layers outside ad.lora.layers never move
+            grads = adapters.mask_layers(cfg, ad.lora, grads)
         loss = loss_sum / denom
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         if lora:
-            updates = adapters.mask_layers(cfg, updates)
+            updates = adapters.mask_layers(cfg, ad.lora, updates)
         new_params = optax.apply_updates(params, updates)
         skipped, skipped_total = nonfinite_counts(opt_state)
         metrics = {
@@ -256,12 +260,12 @@ def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransfor
     return step
 
 
-def make_eval_step(cfg: ModelConfig, sc: StepConfig):
+def make_eval_step(cfg: ModelConfig, sc: StepConfig, ad: Adaptation = NO_ADAPTATION):
     """eval(params, batch, base_params=None) -> (sum of token losses, token count) for pretrain/SFT rows (LoRA:
     params are the adapters, base_params the base; no dropout)."""
 
     def evaluate(params, batch, base_params=None):
-        full = adapters.combine(base_params, params) if cfg.lora is not None else params
-        return lm_loss_terms(cfg, full, batch, sc.loss_chunk)
+        full = adapters.combine(base_params, params) if ad.lora is not None else params
+        return lm_loss_terms(cfg, full, batch, sc.loss_chunk, ad=ad)
 
     return evaluate

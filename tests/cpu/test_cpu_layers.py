@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 
 from qcjax import adapters, platform, row_lora
-from qcjax.config import ModelConfig
+from flax import linen as nn
+
+from qcjax.config import Adaptation, LoraSpec, ModelConfig
 from qcjax.cpu import build, layers
-from qcjax.model import build as build_model
 from qcjax.model import init_params
 
 pytestmark = pytest.mark.skipif(not build.available(), reason="no C++ compiler to build the CPU kernels")
@@ -81,7 +82,7 @@ def _decode_step(cfg, params, monkeypatch, kernels: str, lora=None):
     tokens = jnp.array([[3], [77], [200]], jnp.int32)
     def step(p, t, c, lora):
         with row_lora.applied(*(lora or (None, None))):
-            return build_model(cfg).apply({"params": p}, t, None, None, c, method="hidden_states")
+            return adapters.module_for(cfg, p).apply({"params": p}, t, None, None, c, method="hidden_states")
 
     lowered = jax.jit(step).lower(params, tokens, cache, lora)
     hidden, cache = lowered.compile()(params, tokens, cache, lora)
@@ -93,8 +94,7 @@ def test_the_layer_loop_is_the_models_scan(dtype, quant, tol, monkeypatch):
     cfg = CFG.replace(param_dtype=dtype, dtype=dtype)
     params = jax.jit(lambda: init_params(cfg, jax.random.key(0)))()
     if quant != "none":
-        cfg = cfg.replace(quant=quant)
-        params = adapters.quantize(cfg, params)
+        params = adapters.quantize(cfg, params, quant)
     got, got_cache, text = _decode_step(cfg, params, monkeypatch, "1")
     want, want_cache, off = _decode_step(cfg, params, monkeypatch, "0")
     assert text.count(build.STACKED_TARGET) == 7 and build.STACKED_TARGET not in off
@@ -142,7 +142,9 @@ def test_prompts_and_switched_off_kernels_keep_the_models_scan(monkeypatch):
     step = (cfg, params["layers"], (x[:, :1], cache), None, None, None, None, None)
     assert layers.applies(*step)
     assert not layers.applies(cfg, None, (x[:, :1], cache), None, None, None, None, None)  # init: no params yet
-    assert not layers.applies(cfg.replace(quant="nf4"), *step[1:])
+    for other in (Adaptation(quant="nf4"), Adaptation(lora=LoraSpec(rank=2))):  # trees the kernels cannot read
+        tree = nn.meta.unbox(adapters.abstract_params(cfg, other))
+        assert not layers.applies(cfg, tree["layers"], *step[2:]), other
     monkeypatch.setenv("QCJAX_CPU_KERNELS", "0")
     assert platform.plugin("layers", "cpu") is None
 
