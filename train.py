@@ -61,8 +61,10 @@ def compile_only(c, topology: str | None) -> int:
     if not topology:
         print("train.py: error: --compile_only needs --topology, e.g. --topology=v5p-128", file=sys.stderr)
         return 2
+    from qcjax.train.config import from_config
+
     try:
-        report = T.compile_train(c, topology)
+        report = T.compile_train(from_config(c), topology)  # the config parsed and checked once, here
     except (ConfigError, T.TopologyError, T.CompileUnavailable) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
@@ -81,7 +83,7 @@ def main(argv):
 
     platform.quiet_libtpu(cpu_only=_COMPILE_ONLY.value)  # before JAX starts
     if _COMPILE_ONLY.value:
-        sys.exit(compile_only(_CONFIG.value, _TOPOLOGY.value))
+        sys.exit(compile_only(_CONFIG.value, _TOPOLOGY.value))  # (parses the config itself: a bad one exits 2)
     import jax
     from absl import logging as absl_logging
 
@@ -99,8 +101,8 @@ def main(argv):
     from qcjax.train.loop import ConfigError, RunError, train
 
     try:
-        from_config(_CONFIG.value)  # the schema's checks (a misspelt field in a config file, a bad choice) first
-        result = train(_CONFIG.value, _WORKDIR.value)
+        tc = from_config(_CONFIG.value)  # parsed and checked once (a misspelt field in a config file, a bad value)
+        result = train(tc, _WORKDIR.value)  # everything below reads the typed TrainConfig
     except (ConfigError, RunError, DataError, FloatingPointError, OSError) as e:
         if _DEBUG.value:
             raise

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from qcjax.config import NO_ADAPTATION, Adaptation, ModelConfig  # noqa: E402
 from qcjax.model import count_params, init_params  # noqa: E402
+from qcjax.train.config import TrainConfig  # noqa: E402
 from qcjax.train.metrics import train_flops_per_token  # noqa: E402
 from qcjax.train.step import OptimizerConfig, StepConfig, init_state, lr_schedule, make_optimizer, \
     make_train_step  # noqa: E402
@@ -55,7 +56,8 @@ def step_and_batch(cfg: ModelConfig, tokens: np.ndarray, ad: Adaptation = NO_ADA
     ad: LoRA adapters / a quantized base, as a LoRA run's step holds them."""
     oc = OptimizerConfig(lr=1e-4, warmup_steps=0)
     tx = make_optimizer(oc, 1000)
-    step = jax.jit(make_train_step(cfg, StepConfig(loss_chunk=tokens.size), tx, lr_schedule(oc, 1000), ad),
+    step = jax.jit(make_train_step(cfg, StepConfig.of(TrainConfig(loss_chunk=tokens.size)), tx,
+                                   lr_schedule(oc, 1000), ad),
                    donate_argnums=0)
     b, t = tokens.shape
     batch = {"tokens": jnp.asarray(tokens), "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),

@@ -28,9 +28,20 @@ def get_config(stage: str = "file") -> ConfigDict:
         stage=stage,
         task={"sft": "sft", "dpo": "dpo", "grpo": "rl"}.get(stage, "pretrain"),
         seq_len={"repo": 32768}.get(stage, TrainConfig.seq_len),
-        # the built-in stdlib corpus (docs/data.md), files or whole repositories
-        data=DataConfig(sources=(SourceConfig("stdlib", format="repo" if stage == "repo" else "text"),)),
+        data=DataConfig(sources=STAGE_SOURCES.get(stage, STAGE_SOURCES["file"])),
     ))
+
+
+# Each stage's data, of the formats its task reads (so that every stage's config is valid as it stands): the built-in
+# stdlib corpus (docs/data.md) as files or whole repositories for pretraining; for sft and dpo, JSONL files where
+# `--config.data.sources[0].path=...` points at the real ones. (grpo's rows come from rollouts, not the data block.)
+STAGE_SOURCES = {
+    "file": (SourceConfig("stdlib", format="text"),),
+    "repo": (SourceConfig("stdlib", format="repo"),),
+    "sft": (SourceConfig("jsonl", "data/sft/*.jsonl", format="chat", weight=9),
+            SourceConfig("jsonl", "data/fim_sft/*.jsonl", format="fim_instruct", weight=1)),
+    "dpo": (SourceConfig("jsonl", "data/dpo/*.jsonl", format="dpo"),),
+}
 
 
 # Stage defaults shared by the real sizes: (global rows per step, sequence length, peak lr, warmup steps).
@@ -62,13 +73,7 @@ def size_config(preset: str, stage: str = "file", fit: dict | None = None, **ove
     c.optimizer.lr, c.optimizer.warmup_steps = d["lr"], d["warmup_steps"]
     c.optimizer.weight_decay = 0.0 if stage in ("dpo", "grpo") else 0.1
     c.steps = {"file": 10000, "repo": 2000, "sft": 3000, "dpo": 1000, "grpo": 500}[stage]
-    if stage == "sft":
-        c.data.sources = (
-            source("jsonl", "data/sft/*.jsonl", format="chat", weight=9),
-            source("jsonl", "data/fim_sft/*.jsonl", format="fim_instruct", weight=1),
-        )
-    elif stage == "dpo":
-        c.data.sources = (source("jsonl", "data/dpo/*.jsonl", format="dpo"),)
+    if stage == "dpo":  # (the sft and dpo data: get_config's STAGE_SOURCES)
         c.eval_every = 0
     elif stage == "grpo":  # the rl block's defaults: the procedural family unless --config.rl.problems=FILE
         c.rl.max_new_tokens = 1024

@@ -343,10 +343,14 @@ def vocab_hint(c) -> int | None:
 
 
 def compile_train(c, topology: str | Topology) -> CompileReport:
-    """Compile the loop's train step for `c` (a training ConfigDict) on a TPU slice. Raises loop.ConfigError for
-    a config the loop would reject, CompileUnavailable without libtpu."""
+    """Compile the loop's train step for `c` (the run's TrainConfig; a ConfigDict is parsed and checked here, once)
+    on a TPU slice. Raises loop.ConfigError for a config the loop would reject, CompileUnavailable without
+    libtpu."""
     from qcjax.train import metrics as mt
+    from qcjax.train.config import from_config
     from qcjax.train.loop import build_train_program, model_config, validate
+
+    c = from_config(c)
 
     topo = parse_topology(topology) if isinstance(topology, str) else topology
     devices = compile_devices(topo)

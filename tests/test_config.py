@@ -1,4 +1,5 @@
 """Config presets and HF config.json reading/writing."""
+import dataclasses
 import json
 
 import pytest
@@ -102,13 +103,15 @@ def test_every_shipped_config_is_in_the_schema(name, args):
 
 
 def test_the_run_config_defaults_are_the_schemas():
-    from qcjax.train.config import DpoConfig, OptimizerConfig, TrainConfig, from_config
+    from qcjax.train.config import DpoConfig, OptimizerConfig, RlConfig, TrainConfig, from_config
     from qcjax.train.step import StepConfig
 
     base = from_config(_config_file("0.5b"))
     assert from_config({}) == TrainConfig()
-    assert StepConfig() == StepConfig(task=TrainConfig.task, grad_accum=TrainConfig.grad_accum,
-                                      loss_chunk=TrainConfig.loss_chunk, dpo=DpoConfig())
+    assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(StepConfig))  # no second set of defaults
+    assert StepConfig.of(TrainConfig()) == StepConfig(task=TrainConfig.task, grad_accum=TrainConfig.grad_accum,
+                                                      loss_chunk=TrainConfig.loss_chunk, dpo=DpoConfig(),
+                                                      rl=RlConfig(), seed=TrainConfig.seed)
     assert base.optimizer.b2 == OptimizerConfig.b2 and base.dpo == DpoConfig() and base.mesh.fsdp == -1
 
 
@@ -128,6 +131,47 @@ def test_the_schema_names_the_bad_field(tree, message):
 
     with pytest.raises(ConfigError, match=message):
         from_config(tree)
+
+
+@pytest.mark.parametrize("tree, message", [
+    ({"steps": 0}, r"steps=0: must be positive"),
+    ({"optimizer": {"lr": float("nan")}}, r"optimizer.lr=nan: must be a finite number > 0"),
+    ({"checkpoint_every": 0}, r"log_every and checkpoint_every must be positive"),
+    ({"grad_accum": 3}, r"batch_size=8 is not divisible by grad_accum=3"),
+    ({"per_device_batch": 2, "grad_accum": 2}, r"per_device_batch=2 and grad_accum=2 both set"),
+    ({"lora": {"rank": -1}}, r"lora.rank=-1: must be >= 0"),
+    ({"task": "sft"}, r"data.sources\[0\] \(stdlib\): format 'text' does not belong in a sft mixture"),
+    ({"task": "rl", "lora": {"rank": 4}}, r"lora.rank=4 with task rl"),
+    ({"task": "rl", "rl": {"clip_low": -0.1}}, r"rl.kl_coef, rl.clip_low and rl.clip_high must be >= 0"),
+    ({"task": "rl", "rl": {"group_size": 3}}, r"batch_size=8 is not divisible by rl.group_size=3"),
+    ({"task": "rl", "rl": {"top_p": 0.0}}, r"rl.top_p=0.0: must be in \(0, 1\]"),
+])
+def test_the_schema_checks_the_values_at_parse_time(tree, message):
+    """What can be wrong with the run config by itself fails in from_config (before any model or device work),
+    naming the field."""
+    from qcjax.train.config import ConfigError, from_config
+
+    with pytest.raises(ConfigError, match=message):
+        from_config(tree)
+
+
+def test_the_loop_reads_the_parsed_config(tmp_path):
+    """loop.train checks its config (a TrainConfig made in code too) before it touches the workdir; the program
+    builder takes the typed TrainConfig."""
+    import jax
+
+    from qcjax.train import loop
+    from qcjax.train.config import ConfigError, ModelFields, TrainConfig
+
+    with pytest.raises(ConfigError, match="steps=0: must be positive"):
+        loop.train(TrainConfig(steps=0), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # nothing written, no model built
+    tc = TrainConfig(model=ModelFields(preset="tiny", dtype="float32", remat="none"), seq_len=64, task="pretrain")
+    cfg = loop.model_config(tc)
+    mesh = loop.validate(tc, cfg)
+    with jax.set_mesh(mesh):
+        prog = loop.build_train_program(tc, cfg, mesh)
+    assert prog.abstract_batch(tc)["tokens"].shape == (tc.batch_size, tc.seq_len)
 
 
 def test_every_field_has_a_typed_command_line_override():

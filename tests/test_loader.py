@@ -27,20 +27,18 @@ def test_hf_directory_and_its_checkpoint_load_the_same(tmp_path):
 
 
 def test_init_from_with_a_conflicting_layer_count_is_an_error(tmp_path):
-    from ml_collections import ConfigDict
-
+    from qcjax.train.config import ModelFields, TrainConfig
     from qcjax.train.loop import ConfigError, model_config
 
     cfg = small(4, 2, 16, True)
     hf_model(cfg).save_pretrained(tmp_path / "hf")
-    c = ConfigDict(dict(init_from=str(tmp_path / "hf"), model=dict(preset="tiny", num_layers=cfg.num_layers + 1,
-                                                                   vocab_size=0, dtype="float32",
-                                                                   param_dtype="float32", remat="none",
-                                                                   attention_impl="auto", yarn_factor=0.0)))
+    def c(num_layers):
+        return TrainConfig(init_from=str(tmp_path / "hf"), model=ModelFields(preset="tiny", num_layers=num_layers,
+                                                                             dtype="float32", remat="none"))
+
     with pytest.raises(ConfigError, match=rf"model.num_layers={cfg.num_layers + 1} conflicts with init_from"):
-        model_config(c)
-    c.model.num_layers = cfg.num_layers  # the same as the checkpoint's: fine
-    assert model_config(c).num_layers == cfg.num_layers
+        model_config(c(cfg.num_layers + 1))
+    assert model_config(c(cfg.num_layers)).num_layers == cfg.num_layers  # the same as the checkpoint's: fine
 
 
 def test_a_run_directory_its_checkpoints_and_a_step_directory_name_one_checkpoint(tmp_path):

@@ -119,6 +119,7 @@ def test_qlora_runs_on_a_quantized_base_and_merges_into_its_dequantized_weights(
 def test_bf16_lora_step_trains_fp32_adapters_over_a_bf16_base(quant):
     """The real configs' precision: bf16 compute, the frozen base held in bf16 (int8 under QLoRA), the adapters and
     their Adam moments in fp32 (qwix would make a quantized kernel's adapters in its bf16 scale dtype)."""
+    from qcjax.train.config import TrainConfig
     from qcjax.train.step import OptimizerConfig, StepConfig, init_state, lr_schedule, make_optimizer, \
         make_train_step
 
@@ -129,7 +130,7 @@ def test_bf16_lora_step_trains_fp32_adapters_over_a_bf16_base(quant):
     assert jnp.dtype("float32") not in {x.dtype for x in jax.tree.leaves(base) if x.ndim == 3}  # bf16 or int8
     oc = OptimizerConfig(lr=1e-2, warmup_steps=0)
     tx = make_optimizer(oc, 10)
-    step = jax.jit(make_train_step(cfg, StepConfig(loss_chunk=64), tx, lr_schedule(oc, 10), qlora))
+    step = jax.jit(make_train_step(cfg, StepConfig.of(TrainConfig(loss_chunk=64)), tx, lr_schedule(oc, 10), qlora))
     t = jnp.arange(32, dtype=jnp.int32)[None] % 500 + 1
     batch = {"tokens": t, "positions": jnp.arange(32, dtype=jnp.int32)[None], "segment_ids": jnp.ones_like(t),
              "loss_mask": jnp.ones(t.shape, jnp.float32)}
@@ -210,6 +211,7 @@ def test_lora_run_resumes_bitwise_and_trains_only_its_layers(tmp_path, spm_dir, 
 
 
 def test_lora_dpo_uses_the_base_as_its_reference(tmp_path, spm_dir, base_ckpt):
+    from qcjax.train.config import from_config
     from qcjax.train.loop import build_train_program, model_config, train, validate
 
     data = _write_jsonl(tmp_path / "dpo.jsonl", _dpo_rows())
@@ -217,11 +219,12 @@ def test_lora_dpo_uses_the_base_as_its_reference(tmp_path, spm_dir, base_ckpt):
                          "dpo.beta": 0.5, "init_from": base_ckpt, "lora.rank": 8})
     c.data = {"sources": [{"kind": "jsonl", "path": data, "format": "dpo"}], "eval_fraction": 0.0,
               "system_prompt": None}
-    cfg = model_config(c)
-    mesh = validate(c, cfg)
+    tc = from_config(c)
+    cfg = model_config(tc)
+    mesh = validate(tc, cfg)
     with jax.set_mesh(mesh):
-        assert build_train_program(c, cfg, mesh).abstract_ref_params(c) is None  # no second copy of the weights
-    train(c, str(tmp_path / "run"))
+        assert build_train_program(tc, cfg, mesh).abstract_ref_params(tc) is None  # no second copy of the weights
+    train(tc, str(tmp_path / "run"))
     rows = {r["step"]: r for r in metrics(tmp_path / "run") if "loss" in r}
     assert abs(rows[1]["reward_margin"]) < 1e-5 and np.isclose(rows[1]["loss"], np.log(2), rtol=1e-5)
     late = [rows[s] for s in range(13, 17)]
@@ -265,9 +268,9 @@ def test_qlora_sft_learns(tmp_path, spm_dir, base_ckpt, quant):
     ({"lora.rank": 4, "lora.base_quant": "int4"}, "lora.base_quant='int4': expected none, int8 or nf4"),
 ])
 def test_bad_lora_configs_fail_naming_the_field(spm_dir, tmp_path, override, message):
-    from qcjax.train.config import ConfigError
+    from qcjax.train.config import ConfigError, from_config
     from qcjax.train.loop import model_config, run_adaptation
 
     with pytest.raises(ConfigError, match=__import__("re").escape(message)):
-        c = tiny(spm_dir, **override)
-        run_adaptation(c, model_config(c))
+        tc = from_config(tiny(spm_dir, **override))
+        run_adaptation(tc, model_config(tc))

@@ -66,18 +66,19 @@ def test_bad_slice_names_are_clear_errors(name, message):
 
 def test_per_device_batch_sets_grad_accumulation_for_any_slice():
     from qcjax.sharding import make_mesh
+    from qcjax.train.config import from_config
     from qcjax.train.loop import ConfigError, grad_accum_for
 
     c = load_config("tiny")
     c.batch_size, c.per_device_batch = 64, 2
-    assert grad_accum_for(c, make_mesh({"fsdp": 8})) == 4
-    assert grad_accum_for(c, make_mesh({"fsdp": 4}, devices=jax.devices()[:4])) == 8
+    assert grad_accum_for(from_config(c), make_mesh({"fsdp": 8})) == 4
+    assert grad_accum_for(from_config(c), make_mesh({"fsdp": 4}, devices=jax.devices()[:4])) == 8
     c.batch_size = 24
     with pytest.raises(ConfigError, match=r"batch_size=24 is not divisible by per_device_batch=2 x .* = 8"):
-        grad_accum_for(c, make_mesh({"fsdp": 8}))
+        grad_accum_for(from_config(c), make_mesh({"fsdp": 8}))
     c.batch_size, c.grad_accum = 64, 4
-    with pytest.raises(ConfigError, match="both set"):
-        grad_accum_for(c, make_mesh({"fsdp": 8}))
+    with pytest.raises(ConfigError, match="both set"):  # the config's own check: at parse time
+        from_config(c)
 
 
 def test_abstract_batch_is_what_the_pipeline_yields(tmp_path):

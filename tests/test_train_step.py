@@ -6,6 +6,7 @@ import optax
 import pytest
 
 import qcjax
+from qcjax.train.config import TrainConfig
 from qcjax.train.losses import cross_entropy, dpo_loss, next_token_targets, target_logprobs
 from qcjax.train.step import OptimizerConfig, StepConfig, decay_mask, init_state, make_optimizer, make_train_step, \
     lr_schedule
@@ -109,7 +110,7 @@ def test_rpo_adds_the_chosen_completions_per_token_nll():
 def _run_step(accum, params, b, tx=None):
     oc = OptimizerConfig(lr=1e-2, warmup_steps=0)
     tx = tx or make_optimizer(oc, 10)
-    step = jax.jit(make_train_step(CFG, StepConfig(grad_accum=accum, loss_chunk=16), tx, lr_schedule(oc, 10)))
+    step = jax.jit(make_train_step(CFG, StepConfig.of(TrainConfig(loss_chunk=16), accum), tx, lr_schedule(oc, 10)))
     return step(init_state(params, tx), b)
 
 

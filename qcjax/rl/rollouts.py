@@ -1,7 +1,7 @@
 """Rollouts for online RL: the step's problems -> groups of completions on the paged engine (the params being trained,
 on their own mesh) -> the sandbox's verdicts -> rewards, advantages and the train step's rows.
 
-    src = Rollouts(tc, cfg, tok, mesh)                         # tc: the run config (its rl block)
+    src = Rollouts(tc, cfg, tok, mesh)                         # tc: the run's TrainConfig (its rl block)
     batch, metrics = src.batch(step, state["params"])          # numpy rows for to_global, host metrics
 
 Everything a step samples is a function of (seed, step, params): the problems are the step's slice of a seeded
@@ -24,12 +24,15 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from qcjax.rl.rewards import ZERO_REASONS, group_advantages, reward, test_credit
 from qcjax.rl.tasks import RlTask
+
+if TYPE_CHECKING:
+    from qcjax.train.config import TrainConfig
 
 
 def row_seed(seed: int, step: int, row: int) -> int:
@@ -183,24 +186,12 @@ def build_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[
 class Rollouts:
     """The rl task's source of train batches (qcjax.train.loop): batch(step, params) -> (rows, metrics)."""
 
-    def __init__(self, tc, cfg, tok, mesh=None, log=sys.stderr):
+    def __init__(self, tc: TrainConfig, cfg, tok, mesh=None, log=sys.stderr):
         from qcjax.eval.sandbox import Limits, detect_isolation
         from qcjax.rl.tasks import load_tasks
         from qcjax.train.config import ConfigError
 
-        rl = tc.rl
-        if rl.group_size < 2:
-            raise ConfigError(f"rl.group_size={rl.group_size}: a group needs at least 2 completions (advantages are "
-                              "relative to it)")
-        if tc.batch_size % rl.group_size:
-            raise ConfigError(f"batch_size={tc.batch_size} is not divisible by rl.group_size={rl.group_size} (a "
-                              "step is batch_size / group_size problems x group_size completions)")
-        if rl.temperature <= 0:
-            raise ConfigError(f"rl.temperature={rl.temperature}: must be > 0 (greedy groups are all the same)")
-        if not 0 < rl.top_p <= 1:
-            raise ConfigError(f"rl.top_p={rl.top_p}: must be in (0, 1]")
-        if rl.max_new_tokens < 1:
-            raise ConfigError(f"rl.max_new_tokens={rl.max_new_tokens}: must be >= 1")
+        rl = tc.rl  # (tc: checked by from_config: group_size, temperature, top_p, max_new_tokens, batch_size)
         try:
             self.tasks = load_tasks(rl, tc.seed)
         except ValueError as e:

@@ -4,11 +4,17 @@ in its class's "Fields:" docstring section. Everything else comes from it:
 - the ConfigDict that `train.py --config=FILE.py[:stage]` loads: configs/base.py builds it with `to_config_dict`
   (every field present, so every field has its `--config.FIELD=VALUE` override, typed like the field; a misspelt
   field on the command line fails in ml_collections, naming it);
-- validation: `from_config(c)` turns a ConfigDict (as a config file and the command line left it) back into a
-  `TrainConfig`, failing with `ConfigError` on a field the schema does not have (named with its dotted path), a
-  value of the wrong type, or a value outside the field's choices;
-- the train step's configs: `TrainConfig.optimizer` is the step's `OptimizerConfig`, `TrainConfig.dpo` its DPO
-  settings (qcjax.train.loop builds `StepConfig` from them);
+- parsing and validation, once, at the edge: `from_config(c)` turns a ConfigDict (as a config file and the command
+  line left it) back into a `TrainConfig`, failing with `ConfigError` on a field the schema does not have (named
+  with its dotted path), a value of the wrong type or outside the field's choices, or a value `check` rejects (the
+  checks that need neither the model nor the devices: steps, lr, grad_accum / per_device_batch, lora, the rl
+  block, the data's formats against the task). train.py calls it; everything below it (qcjax.train.loop, the step,
+  qcjax.rl, qcjax.tpu_compile) reads the typed fields. What needs the model or the devices (seq_len against the
+  model's positions, divisibility by the mesh and the processes) is `qcjax.train.loop.validate`'s;
+- the train step's configs: `TrainConfig.optimizer` is the step's `OptimizerConfig`; `StepConfig.of(tc, grad_accum)`
+  (qcjax.train.step) is what the step reads of the rest, with no defaults of its own;
+- the ConfigDict form of a TrainConfig (`to_config_dict`): what the checkpoints record of the run (compared on
+  resume: qcjax.train.loop.run_record);
 - docs/config.md: docs/gen_config_reference.py walks these classes (fields, types, defaults, meanings).
 
 A meaning of the form `see Class.field` says that another class documents the field (the run config feeds it), e.g.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -391,10 +398,60 @@ def _build(cls: type, d: Any, path: str):
     return cls(**kw)
 
 
+def check(tc: TrainConfig) -> TrainConfig:
+    """The run config's own checks: everything that can be wrong with it without the model or the devices (those
+    are `qcjax.train.loop.validate`'s: seq_len against the model's positions, divisibility by the mesh and the
+    process count). Raises ConfigError naming the dotted field; returns `tc`."""
+    if tc.steps <= 0:
+        raise ConfigError(f"steps={tc.steps}: must be positive")
+    lr = tc.optimizer.lr
+    if not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"optimizer.lr={lr!r}: must be a finite number > 0")
+    if tc.log_every <= 0 or tc.checkpoint_every <= 0:
+        raise ConfigError("log_every and checkpoint_every must be positive")
+    if tc.per_device_batch < 0:
+        raise ConfigError(f"per_device_batch={tc.per_device_batch}: must be >= 0 (0: use grad_accum)")
+    if tc.per_device_batch and tc.grad_accum != 1:
+        raise ConfigError(f"per_device_batch={tc.per_device_batch} and grad_accum={tc.grad_accum} both set: "
+                          "set per_device_batch=0 to give grad_accum yourself")
+    if not tc.per_device_batch and (tc.grad_accum <= 0 or tc.batch_size % tc.grad_accum):
+        raise ConfigError(f"batch_size={tc.batch_size} is not divisible by grad_accum={tc.grad_accum}")
+    lo = tc.lora
+    if lo.rank < 0:
+        raise ConfigError(f"lora.rank={lo.rank}: must be >= 0 (0: no adapters)")
+    if lo.rank == 0 and lo.base_quant != "none":
+        raise ConfigError(f"lora.base_quant={lo.base_quant!r} needs adapters: set lora.rank (e.g. 16)")
+    if tc.task == "rl":  # the rows come from rollouts, not the data block
+        rl = tc.rl
+        if lo.rank:
+            raise ConfigError(f"lora.rank={lo.rank} with task rl: RL trains full weights for now (the rollout "
+                              "engine runs the merged model); set lora.rank=0")
+        if rl.kl_coef < 0 or rl.clip_low < 0 or rl.clip_high < 0:
+            raise ConfigError("rl.kl_coef, rl.clip_low and rl.clip_high must be >= 0")
+        if rl.group_size < 2:
+            raise ConfigError(f"rl.group_size={rl.group_size}: a group needs at least 2 completions (advantages are "
+                              "relative to it)")
+        if tc.batch_size % rl.group_size:
+            raise ConfigError(f"batch_size={tc.batch_size} is not divisible by rl.group_size={rl.group_size} (a "
+                              "step is batch_size / group_size problems x group_size completions)")
+        if rl.temperature <= 0:
+            raise ConfigError(f"rl.temperature={rl.temperature}: must be > 0 (greedy groups are all the same)")
+        if not 0 < rl.top_p <= 1:
+            raise ConfigError(f"rl.top_p={rl.top_p}: must be in (0, 1]")
+        if rl.max_new_tokens < 1:
+            raise ConfigError(f"rl.max_new_tokens={rl.max_new_tokens}: must be >= 1")
+        return tc
+    try:
+        tc.data.validate(tc.task)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return tc
+
+
 def from_config(c: Any) -> TrainConfig:
-    """The typed config of a ConfigDict (or nested dicts; a TrainConfig is returned as it is). Missing fields take
-    the schema's defaults; an unknown field, a value of the wrong type or outside the field's choices is a
-    ConfigError naming the field."""
-    if isinstance(c, TrainConfig):
-        return c
-    return _build(TrainConfig, c, "")
+    """The typed, checked run config of a ConfigDict or nested dicts (what a config file and the command line
+    leave): the one parse at the edge (train.py; `qcjax.train.loop.train` for a caller that holds a ConfigDict).
+    Missing fields take the schema's defaults; an unknown field, a value of the wrong type or outside the field's
+    choices, or a value `check` rejects is a ConfigError naming the field. A TrainConfig is checked and returned as
+    it is."""
+    return check(c if isinstance(c, TrainConfig) else _build(TrainConfig, c, ""))

@@ -16,21 +16,23 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import ConfigDict
 
 from qcjax import paths
 from qcjax.model import abstract_params
 from qcjax.sharding import param_shardings
+from qcjax.train.config import TrainConfig, from_config
 from qcjax.train.step import sequence_logprobs
 
 
-def _pairs(c: ConfigDict, tok, path: str) -> Iterator[tuple[dict, object, object] | tuple[dict, None, str]]:
+def _pairs(c: TrainConfig, tok, path: str) -> Iterator[tuple[dict, object, object] | tuple[dict, None, str]]:
     """(record, chosen Doc, rejected Doc) per JSONL line, formatted exactly as the DPO pipeline formats it."""
-    from qcjax.data.config import DataConfig, SourceConfig
+    import dataclasses
+
+    from qcjax.data.config import SourceConfig
     from qcjax.data.formats import truncate_doc
     from qcjax.data.pipeline import FormatRecord
 
-    data_cfg = DataConfig.from_dict({**c.data.to_dict(), "dpo_ref_logps": False})
+    data_cfg = dataclasses.replace(c.data, dpo_ref_logps=False)
     fmt = FormatRecord(tok, data_cfg, SourceConfig("jsonl", path, format="dpo"), c.seq_len)
     with paths.open_file(path) as f:
         for i, line in enumerate(f, 1):
@@ -61,11 +63,14 @@ def _rows(docs, seq_len: int, pad_id: int):
     return tokens, segs, mask
 
 
-def precompute(c: ConfigDict, input_path: str, output_path: str, batch_size: int = 8) -> dict:
-    """Write `output_path` (atomically); returns counts {"pairs", "skipped"}."""
+def precompute(c: TrainConfig, input_path: str, output_path: str, batch_size: int = 8) -> dict:
+    """Write `output_path` (atomically); returns counts {"pairs", "skipped"}. `c`: the DPO run's config (a
+    ConfigDict is parsed and checked here, once)."""
     from tqdm import tqdm
 
     from qcjax.train.loop import initial_params, model_config, setup_tokenizer, validate
+
+    c = from_config(c)
 
     tok, _ = setup_tokenizer(c, paths.dirname(paths.absolute(output_path)))
     cfg = model_config(c, vocab_hint=tok.vocab_size)
@@ -115,7 +120,7 @@ if __name__ == "__main__":
 
     def main(argv):
         del argv
-        counts = precompute(_CONFIG.value, _IN.value, _OUT.value, _BATCH.value)
+        counts = precompute(from_config(_CONFIG.value), _IN.value, _OUT.value, _BATCH.value)
         print(f"wrote {counts['pairs']} pairs to {_OUT.value} ({counts['skipped']} skipped)", file=sys.stderr)
 
     app.run(main)

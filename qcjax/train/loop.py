@@ -1,5 +1,10 @@
 """The training loop (the imperative shell): config -> mesh, state, data -> jitted steps -> metrics, checkpoints.
 
+Everything here reads the run config as the typed, checked `qcjax.train.config.TrainConfig` (`c` below) that
+`from_config` parses once at the edge (train.py; `train` parses a ConfigDict it is given). What needs the model or
+the devices is checked by `validate`; the ConfigDict form of the config (the checkpoints' "train" record, compared
+on resume) is derived from it in one place, `run_record`.
+
 One process per host: every process runs this same function; batches are built per process and assembled into
 global arrays; process 0 writes metrics. Resuming is automatic from the latest complete checkpoint in the run
 directory (an unreadable or half-written step is reported and the previous one is used).
@@ -21,14 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
-from ml_collections import ConfigDict
 
 from qcjax import adapters, paths
 from qcjax.config import NO_ADAPTATION, Adaptation, LoraSpec, ModelConfig, get_config
 from qcjax.model import abstract_params, init_params
 from qcjax.sharding import logical_to_spec, make_mesh, param_shardings
 from qcjax.train import metrics as mt
-from qcjax.train.config import ConfigError, TrainConfig, from_config
+from qcjax.train.config import ConfigError, TrainConfig, from_config, to_config_dict
 from qcjax.train.step import StepConfig, init_state, lr_schedule, make_eval_step, make_optimizer, make_train_step
 
 log = logging.getLogger("qcjax.train")
@@ -40,8 +44,8 @@ class RunError(RuntimeError):
 
 
 # ---- config -> model / optimizer / step configs ------------------------------------------------------------------
-# The run config's schema is qcjax.train.config.TrainConfig; a ConfigDict (what train.py loads) is read through it
-# (`from_config`): unknown fields, wrong types and values outside a field's choices are ConfigErrors naming the field.
+# The run config is a qcjax.train.config.TrainConfig, parsed and checked by `from_config` (unknown fields, wrong
+# types, values outside a field's choices or limits: ConfigErrors naming the field) before it reaches this module.
 def _layer_list(spec: str, n_layers: int) -> tuple[int, ...] | None:
     """"0-11,20" -> (0, ..., 11, 20); "" -> None (all layers)."""
     if not spec.strip():
@@ -59,17 +63,12 @@ def _layer_list(spec: str, n_layers: int) -> tuple[int, ...] | None:
     return tuple(sorted(set(out)))
 
 
-def run_adaptation(c: ConfigDict | TrainConfig, cfg: ModelConfig) -> Adaptation:
+def run_adaptation(tc: TrainConfig, cfg: ModelConfig) -> Adaptation:
     """How the run adapts the model (LoRA adapters, a quantized base) from the run config's lora block; nothing for
     a full-weight run. Kept apart from the model config: the model never sees it (qcjax.adapters applies it)."""
-    tc = from_config(c)
     n_layers = cfg.num_layers
-    lo = tc.lora
-    if lo.rank < 0:
-        raise ConfigError(f"lora.rank={lo.rank}: must be >= 0 (0: no adapters)")
+    lo = tc.lora  # (rank >= 0, and base_quant only with adapters: the schema's checks)
     if lo.rank == 0:
-        if lo.base_quant != "none":
-            raise ConfigError(f"lora.base_quant={lo.base_quant!r} needs adapters: set lora.rank (e.g. 16)")
         return NO_ADAPTATION
     targets = tuple(t.strip() for t in lo.targets.split(",") if t.strip())
     try:
@@ -80,10 +79,9 @@ def run_adaptation(c: ConfigDict | TrainConfig, cfg: ModelConfig) -> Adaptation:
     return Adaptation(lora=spec, quant=lo.base_quant)
 
 
-def model_config(c: ConfigDict | TrainConfig, vocab_hint: int | None = None) -> ModelConfig:
+def model_config(tc: TrainConfig, vocab_hint: int | None = None) -> ModelConfig:
     """The model config: from the init checkpoint when there is one, else the preset; then run-time fields. (A LoRA
     run's adapters are `run_adaptation`'s, not the model's.)"""
-    tc = from_config(c)
     m = tc.model
     run = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl)
     if tc.init_from:
@@ -108,25 +106,13 @@ def model_config(c: ConfigDict | TrainConfig, vocab_hint: int | None = None) -> 
     return cfg
 
 
-def step_config(c: ConfigDict | TrainConfig, grad_accum: int | None = None) -> StepConfig:
-    """grad_accum: the resolved value (`grad_accum_for`); None: the config's field."""
-    tc = from_config(c)
-    return StepConfig(task=tc.task, grad_accum=tc.grad_accum if grad_accum is None else grad_accum,
-                      loss_chunk=tc.loss_chunk, dpo=tc.dpo, rl=tc.rl, seed=tc.seed)
-
-
-def grad_accum_for(c: ConfigDict | TrainConfig, mesh) -> int:
+def grad_accum_for(c: TrainConfig, mesh) -> int:
     """Micro-batches per step. per_device_batch > 0 fixes the rows each device runs at once (what decides memory,
-    so a config fits any slice where it fits the smallest): grad_accum = batch_size / (data x fsdp x rows)."""
-    c = from_config(c)
+    so a config fits any slice where it fits the smallest): grad_accum = batch_size / (data x fsdp x rows). (That
+    per_device_batch and grad_accum are not both set is the schema's check.)"""
     if not c.per_device_batch:
         return c.grad_accum
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if c.grad_accum != 1:
-        raise ConfigError(f"per_device_batch={c.per_device_batch} and grad_accum={c.grad_accum} both set: "
-                          "set per_device_batch=0 to give grad_accum yourself")
-    if c.per_device_batch < 0:
-        raise ConfigError(f"per_device_batch={c.per_device_batch}: must be >= 0 (0: use grad_accum)")
     if c.batch_size % (dp * c.per_device_batch):
         raise ConfigError(f"batch_size={c.batch_size} is not divisible by per_device_batch={c.per_device_batch} x "
                           f"the data-parallel size data x fsdp = {dp}: change batch_size or per_device_batch, or "
@@ -134,23 +120,17 @@ def grad_accum_for(c: ConfigDict | TrainConfig, mesh) -> int:
     return c.batch_size // (dp * c.per_device_batch)
 
 
-def validate(c: ConfigDict | TrainConfig, cfg: ModelConfig, n_processes: int = 1, devices=None):
-    """Everything that can be wrong with a config, checked before compiling. Returns the mesh (over `devices`,
-    default all of them)."""
-    c = from_config(c)  # the schema's checks: known fields, types, choices (task, dpo.reference, resume_data, ...)
-    if c.steps <= 0:
-        raise ConfigError(f"steps={c.steps}: must be positive")
-    lr = c.optimizer.lr
-    if not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"optimizer.lr={lr!r}: must be a finite number > 0")
+def validate(c: TrainConfig, cfg: ModelConfig, n_processes: int = 1, devices=None):
+    """What can be wrong with a checked run config (`from_config`: its own fields) on this model and these
+    devices, checked before compiling: the mesh, divisibility of the batch by the data-parallel size, the
+    micro-batches and the processes, seq_len by mesh.context and against the model's positions. Returns the mesh
+    (over `devices`, default all of them)."""
     try:
         mesh = make_mesh(dataclasses.asdict(c.mesh), devices=devices)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     accum = grad_accum_for(c, mesh)
-    if accum <= 0 or c.batch_size % accum:
-        raise ConfigError(f"batch_size={c.batch_size} is not divisible by grad_accum={accum}")
     if (c.batch_size // accum) % dp:
         raise ConfigError(f"batch_size={c.batch_size} (per micro-batch {c.batch_size // accum}) is not "
                           f"divisible by the data-parallel size data x fsdp = {dp}")
@@ -162,19 +142,6 @@ def validate(c: ConfigDict | TrainConfig, cfg: ModelConfig, n_processes: int = 1
         raise ConfigError(
             f"seq_len={c.seq_len} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}"
             + ("" if cfg.rope_scaling else "; set model.yarn_factor (e.g. 4.0) for longer contexts"))
-    if c.log_every <= 0 or c.checkpoint_every <= 0:
-        raise ConfigError("log_every and checkpoint_every must be positive")
-    if c.task == "rl":
-        if c.lora.rank:
-            raise ConfigError(f"lora.rank={c.lora.rank} with task rl: RL trains full weights for now (the rollout "
-                              "engine runs the merged model); set lora.rank=0")
-        if c.rl.kl_coef < 0 or c.rl.clip_low < 0 or c.rl.clip_high < 0:
-            raise ConfigError("rl.kl_coef, rl.clip_low and rl.clip_high must be >= 0")
-        return mesh  # the rows come from rollouts, not the data block
-    try:
-        c.data.validate(c.task)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     return mesh
 
 
@@ -228,25 +195,24 @@ class TrainProgram:
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
                             self.state_shardings)
 
-    def abstract_ref_params(self, c: ConfigDict) -> Any:
+    def abstract_ref_params(self, c: TrainConfig) -> Any:
         """The frozen DPO / RL-KL reference (a copy of the params) or None, as the loop passes it."""
         if not _frozen_reference(c) or self.base_abstract is not None:
             return None  # (LoRA: the reference is the base itself)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_params,
                             self.param_shardings)
 
-    def abstract_batch(self, c: ConfigDict) -> dict:
+    def abstract_batch(self, c: TrainConfig) -> dict:
         """One global batch as the data pipeline yields it, sharded as `to_global` places it."""
         from qcjax.data.pipeline import batch_shapes
 
-        shapes = batch_shapes(c.task, c.batch_size, c.seq_len, ref_logps=bool(c.data.get("dpo_ref_logps")))
+        shapes = batch_shapes(c.task, c.batch_size, c.seq_len, ref_logps=c.data.dpo_ref_logps)
         return {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding(self.mesh, len(shape)))
                 for k, (shape, dt) in shapes.items()}
 
 
-def build_train_program(c: ConfigDict, cfg: ModelConfig, mesh) -> TrainProgram:
+def build_train_program(tc: TrainConfig, cfg: ModelConfig, mesh) -> TrainProgram:
     """The optimizer, shardings and jitted step for a validated config on `mesh` (call under jax.set_mesh)."""
-    tc = from_config(c)
     oc, accum = tc.optimizer, grad_accum_for(tc, mesh)
     tx = make_optimizer(oc, tc.steps)
     ad = run_adaptation(tc, cfg)
@@ -259,7 +225,7 @@ def build_train_program(c: ConfigDict, cfg: ModelConfig, mesh) -> TrainProgram:
         base_abstract = jax.eval_shape(lambda b: adapters.freeze_base(cfg, b, ad.quant), base_abstract)
     o_shard = opt_state_shardings(jax.eval_shape(tx.init, abstract_p), p_shard, mesh)
     state_shard = {"step": NamedSharding(mesh, P()), "params": p_shard, "opt_state": o_shard}
-    train_step = make_train_step(cfg, step_config(tc, accum), tx, lr_schedule(oc, tc.steps), ad)
+    train_step = make_train_step(cfg, StepConfig.of(tc, accum), tx, lr_schedule(oc, tc.steps), ad)
     step_fn = jax.jit(train_step, donate_argnums=0, out_shardings=(state_shard, None))
     return TrainProgram(mesh=mesh, tx=tx, grad_accum=accum, step_fn=step_fn, abstract_params=abstract_p,
                         param_shardings=p_shard, opt_shardings=o_shard, state_shardings=state_shard,
@@ -267,7 +233,7 @@ def build_train_program(c: ConfigDict, cfg: ModelConfig, mesh) -> TrainProgram:
 
 
 # ---- tokenizer and data ---------------------------------------------------------------------------------------------
-def setup_tokenizer(c: ConfigDict, workdir: str):
+def setup_tokenizer(c: TrainConfig, workdir: str):
     """The run's tokenizer; "spm:stdlib:VOCAB" trains a small SentencePiece model on the stdlib once per run
     directory (process 0 trains, the others wait for the file)."""
     from qcjax.data.spm import train_spm
@@ -307,14 +273,12 @@ def setup_tokenizer(c: ConfigDict, workdir: str):
     return load_tokenizer(spec), spec
 
 
-def make_iterator(c: ConfigDict, tok, seed: int, *, eval_split: bool = False):
+def make_iterator(c: TrainConfig, tok, seed: int, *, eval_split: bool = False):
     """This process's share of the data: a Grain iterator of numpy batches [local_batch, seq_len]."""
     from qcjax.data import pipeline
-    from qcjax.data.config import DataConfig
 
-    data_cfg = DataConfig.from_dict(c.data)
     return pipeline.make_iterator(
-        c.task, data_cfg, tok, seq_len=c.seq_len, batch_size=c.batch_size // jax.process_count(), seed=seed,
+        c.task, c.data, tok, seq_len=c.seq_len, batch_size=c.batch_size // jax.process_count(), seed=seed,
         process_index=jax.process_index(), process_count=jax.process_count(), split="eval" if eval_split else "train",
     )
 
@@ -390,10 +354,14 @@ class StopRequests:
         return gather and bool(np.any(multihost_utils.process_allgather(np.array(self.signal is not None))))
 
 
-def train(c: ConfigDict, workdir: str) -> RunResult:
+def train(c: TrainConfig, workdir: str) -> RunResult:
     """Run (or resume) training as configured, in `workdir` (checkpoints/, metrics.jsonl, tensorboard/). One
-    trainer per workdir (a lock file); SIGTERM/SIGINT save at the next step boundary and stop (`stopped_at`)."""
+    trainer per workdir (a lock file); SIGTERM/SIGINT save at the next step boundary and stop (`stopped_at`).
+    `c`: the run config as `from_config` returns it; a ConfigDict (a config file's, in a notebook or a script) is
+    parsed and checked here, before anything is written, and the run reads the TrainConfig from then on."""
     from qcjax.train.lock import WorkdirBusy, WorkdirLock
+
+    c = from_config(c)
 
     workdir = paths.absolute(workdir) if paths.is_url(workdir) else workdir  # gs://...: no trailing slash
     paths.makedirs(workdir)  # a no-op for a gs:// URL (objects need no directories)
@@ -415,14 +383,13 @@ def train(c: ConfigDict, workdir: str) -> RunResult:
         lock.release()
 
 
-def check_start(c: ConfigDict, workdir: str) -> None:
+def check_start(tc: TrainConfig, workdir: str) -> None:
     """What a new run's start needs, checked before anything is written (a tokenizer trained into the workdir):
     init_from names a model, and adapters have a base to adapt (LoRA on a frozen random base learns nothing). A run
     with checkpoints resumes and ignores init_from, so it is not asked."""
     ckpts = paths.join(workdir, "checkpoints")
     if paths.isdir(ckpts) and any(d.isdigit() for d in paths.listdir(ckpts)):
         return
-    tc = from_config(c)
     if tc.init_from:
         from qcjax.loader import load_config
 
@@ -436,7 +403,7 @@ def check_start(c: ConfigDict, workdir: str) -> None:
                           "checkpoint)")
 
 
-def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
+def _train(c: TrainConfig, workdir: str, stop: StopRequests) -> RunResult:
     from qcjax.checkpoint import Checkpointer
 
     check_start(c, workdir)
@@ -446,7 +413,7 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
         raise ConfigError(f"tokenizer {tok_path} has {tok.vocab_size} ids but the model only {cfg.vocab_size} rows")
     mesh = validate(c, cfg, jax.process_count())
     ad = run_adaptation(c, cfg)
-    eval_step = make_eval_step(cfg, step_config(c), ad)
+    eval_step = make_eval_step(cfg, StepConfig.of(c), ad)
 
     with jax.set_mesh(mesh):
         prog = build_train_program(c, cfg, mesh)
@@ -457,14 +424,12 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
             from qcjax.rl.rollouts import Rollouts
 
             train_it = None
-            rollouts = Rollouts(from_config(c), cfg, tok, mesh)
+            rollouts = Rollouts(c, cfg, tok, mesh)
         else:
             train_it = make_iterator(c, tok, c.seed)
 
-        if c.get("resume_data", "exact") not in ("exact", "reseed"):
-            raise ConfigError(f"resume_data={c.resume_data!r}: expected exact or reseed")
         state, resumed, broken = _resume(c, ckpt, prog, train_it)
-        if resumed and c.get("resume_data", "exact") == "reseed" and train_it is not None:  # a fresh order for the rest of the run
+        if resumed and c.resume_data == "reseed" and train_it is not None:  # a fresh order for the rest of the run
             log.warning("resume_data=reseed: the data iterator restarts with seed %d + step %d (the params and "
                         "optimizer state are the checkpoint's)", c.seed, resumed)
             train_it = make_iterator(c, tok, c.seed + resumed)
@@ -498,7 +463,7 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
         writer = mt.MetricsWriter(workdir, enabled=jax.process_index() == 0)
         peak = mt.peak_flops(override=c.peak_flops_per_device)
         n_dev = jax.device_count()
-        train_meta = {"train": c.to_dict(), "tokenizer": tok_path}
+        train_meta = {"train": run_record(c), "tokenizer": tok_path}
         if ad.lora is not None:  # the adapters' spec, and what they apply to (qcjax.loader rebuilds it)
             train_meta["adaptation"] = ad.to_dict()
             train_meta["lora_base"] = {"init_from": c.init_from, "seed": c.seed}
@@ -578,7 +543,7 @@ def _train(c: ConfigDict, workdir: str, stop: StopRequests) -> RunResult:
     return RunResult(final_step=int(state["step"]), last_metrics=last, resumed_from=resumed, stopped_at=stopped_at)
 
 
-def _frozen_reference(c: ConfigDict) -> bool:
+def _frozen_reference(c: TrainConfig) -> bool:
     """Whether the step takes a frozen copy of the starting weights: DPO's frozen reference, RL's KL reference."""
     return ((c.task == "dpo" and c.dpo.reference == "frozen")
             or (c.task == "rl" and c.rl.kl_coef > 0 and c.rl.kl_reference == "init"))
@@ -593,7 +558,7 @@ def _check_nonfinite(in_row, step: int, limit: int) -> None:
                                  "stopping. Lower the learning rate or check the data.")
 
 
-def initial_params(c: ConfigDict, cfg: ModelConfig, mesh, p_shard):
+def initial_params(c: TrainConfig, cfg: ModelConfig, mesh, p_shard):
     """The starting params: `init_from` (an HF directory or a qcjax checkpoint, `qcjax.load`) or a seeded init."""
     if not c.init_from:
         return jax.jit(lambda: init_params(cfg, jax.random.key(c.seed)), out_shardings=p_shard)()
@@ -607,7 +572,7 @@ def lora_init(cfg: ModelConfig, ad: Adaptation, seed: int):
     return adapters.split(adapters.init_params(cfg, ad, jax.random.key(seed)))[1]
 
 
-def lora_base_params(c: ConfigDict, cfg: ModelConfig, ad: Adaptation, mesh, base_shardings):
+def lora_base_params(c: TrainConfig, cfg: ModelConfig, ad: Adaptation, mesh, base_shardings):
     """A LoRA run's frozen base (adapters.freeze_base: compute dtype, quantized under QLoRA): init_from's weights,
     read straight in the compute dtype (never a whole fp32 copy on the chips), or the seeded init."""
     from qcjax.model import abstract_params as abstract
@@ -618,7 +583,7 @@ def lora_base_params(c: ConfigDict, cfg: ModelConfig, ad: Adaptation, mesh, base
                    donate_argnums=0)(base)
 
 
-def _resume(c: ConfigDict, ckpt, prog: TrainProgram, train_it):
+def _resume(c: TrainConfig, ckpt, prog: TrainProgram, train_it):
     """(state, step, corrupt steps) from the newest intact checkpoint of the run; state None: a fresh run.
     Corrupt steps (unreadable, or not matching their checksums) fall back to the previous one; a step that does
     not fit this config stops the run with what differs (ConfigError)."""
@@ -632,7 +597,7 @@ def _resume(c: ConfigDict, ckpt, prog: TrainProgram, train_it):
                             jax.eval_shape(prog.tx.init, prog.abstract_params), prog.opt_shardings)
     corrupt: list[int] = []
 
-    reseed = c.get("resume_data", "exact") == "reseed"
+    reseed = c.resume_data == "reseed"
 
     def attempt(step):
         try:  # resume_data="reseed": the iterator's saved position is not read (the caller re-derives it)
@@ -650,13 +615,19 @@ def _resume(c: ConfigDict, ckpt, prog: TrainProgram, train_it):
         then = ckpt.read_config(step)[1].get("train") or {}
     except (OSError, ValueError):
         then = {}
-    refusal, changes = resume_changes(then, c.to_dict(), step, ckpt.directory)
+    refusal, changes = resume_changes(then, run_record(c), step, ckpt.directory)
     if refusal:
         raise ConfigError(refusal)
     print(f"[qcjax] resuming from checkpoint step {step} in {ckpt.directory}"
           + (f"; changed since it was saved: {'; '.join(changes)}" if changes else ""), file=sys.stderr)
     state = {"step": jnp.asarray(step, jnp.int32), "params": out["params"], "opt_state": out["opt_state"]}
     return state, step, corrupt
+
+
+def run_record(c: TrainConfig) -> dict:
+    """The run config as the checkpoints record it (their "train" entry) and a resume compares it: the nested
+    dicts of its ConfigDict form (`to_config_dict`)."""
+    return to_config_dict(c).to_dict()
 
 
 RESUME_FIELDS = ("steps", "seed", "seq_len", "batch_size", "optimizer")  # a resume says when these changed
@@ -694,7 +665,7 @@ def resume_changes(then: dict, now: dict, step: int, directory: str) -> tuple[st
     return None, changes
 
 
-def _mismatch_message(c: ConfigDict, directory: str, e) -> str:
+def _mismatch_message(c: TrainConfig, directory: str, e) -> str:
     """What differs between a checkpoint and this run's config, and how to proceed."""
     from qcjax.checkpoint import read_config
 
@@ -703,7 +674,7 @@ def _mismatch_message(c: ConfigDict, directory: str, e) -> str:
         then = read_config(directory, e.step)[1].get("train") or {}
     except (OSError, ValueError):
         pass
-    now = c.to_dict()
+    now = run_record(c)
     fields = [f"{sec}.{k}: {then[sec][k]!r} in the checkpoint, {v!r} now"
               for sec in ("model", "optimizer") if isinstance(then.get(sec), dict)
               for k, v in now[sec].items() if k in then[sec] and then[sec][k] != v]

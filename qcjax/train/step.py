@@ -140,15 +140,23 @@ def rl_terms(cfg: ModelConfig, sc: "StepConfig", params, micro: dict, ref_logp_f
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """What the step reads of the run config (qcjax.train.config.TrainConfig, which documents each field and whose
-    defaults these are); grad_accum is the resolved micro-batch count (qcjax.train.loop.grad_accum_for)."""
+    """What the step reads of the run config (qcjax.train.config.TrainConfig documents each field), with no defaults
+    of its own: `StepConfig.of(tc, grad_accum)` takes them from a TrainConfig. grad_accum is the resolved
+    micro-batch count (qcjax.train.loop.grad_accum_for); seed draws the adapters' dropout masks:
+    fold_in(key(seed), step), split per micro-batch."""
 
-    task: str = TrainConfig.task
-    grad_accum: int = TrainConfig.grad_accum
-    loss_chunk: int = TrainConfig.loss_chunk
-    dpo: DpoConfig = DpoConfig()
-    rl: RlConfig = RlConfig()
-    seed: int = TrainConfig.seed  # the adapters' dropout masks: fold_in(key(seed), step), split per micro-batch
+    task: str
+    grad_accum: int
+    loss_chunk: int
+    dpo: DpoConfig
+    rl: RlConfig
+    seed: int
+
+    @classmethod
+    def of(cls, tc: TrainConfig, grad_accum: int | None = None) -> "StepConfig":
+        """The step's view of the run config `tc`; grad_accum: the resolved value (None: tc.grad_accum)."""
+        return cls(task=tc.task, grad_accum=tc.grad_accum if grad_accum is None else grad_accum,
+                   loss_chunk=tc.loss_chunk, dpo=tc.dpo, rl=tc.rl, seed=tc.seed)
 
 
 def make_train_step(cfg: ModelConfig, sc: StepConfig, tx: optax.GradientTransformation, schedule: Callable,
