@@ -63,6 +63,22 @@ def test_qwix_private_names_are_where_adapters_expects_them():
     assert adapters.carried({"k": q}) == Adaptation(quant="int8")
 
 
+def test_checkpoints_from_before_the_split_still_say_their_adaptation():
+    """A LoRA checkpoint written when ModelConfig held `lora` and `quant` (its config item's "model" entry) reads as
+    the same model and the same Adaptation as one written now (an "adaptation" entry beside "model")."""
+    import json
+
+    from qcjax.config import ModelConfig, adaptation_from_dict
+
+    old = json.loads(json.dumps({"model": {**CFG.to_dict(), "lora": SPEC.__dict__, "quant": "int8"}}))
+    new = json.loads(json.dumps({"model": CFG.to_dict(), "adaptation": Adaptation(SPEC, "int8").to_dict()}))
+    for meta in (old, new):
+        assert ModelConfig.from_dict(meta["model"]) == CFG
+        assert adaptation_from_dict(meta) == Adaptation(lora=SPEC, quant="int8")
+    assert adaptation_from_dict({"model": {**CFG.to_dict(), "lora": None, "quant": "none"}}) == Adaptation()
+    assert adaptation_from_dict({"model": CFG.to_dict()}) == Adaptation()
+
+
 def test_adapted_forward_and_gradients_match_the_hand_written_reference():
     base = _init(CFG, jax.random.key(0))
     ad = _random_adapters(CFG)
