@@ -95,10 +95,10 @@ def load(path: str, *, mesh=None, dtype: str | None = None, step: int | None = N
         return cfg, params
     from qcjax import adapters
 
-    if adapters.has_adapters(params) or adapters.carried(params).active:
+    held = adapters.carried(params).quant
+    if adapters.has_adapters(params) or held != "none":
         raise ValueError(f"{path}: quant={quant!r} quantizes a plain float model, not one with "
-                         + ("LoRA adapters (load with merge_lora=True)" if adapters.has_adapters(params)
-                            else f"quant={adapters.carried(params).quant!r}"))
+                         + (f"quant={held!r}" if held != "none" else "LoRA adapters (load with merge_lora=True)"))
     return cfg, adapters.quantize(cfg, params, quant, mesh)
 
 

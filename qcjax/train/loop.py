@@ -412,12 +412,11 @@ def _train(c: TrainConfig, workdir: str, stop: StopRequests) -> RunResult:
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer {tok_path} has {tok.vocab_size} ids but the model only {cfg.vocab_size} rows")
     mesh = validate(c, cfg, jax.process_count())
-    ad = run_adaptation(c, cfg)
-    eval_step = make_eval_step(cfg, StepConfig.of(c), ad)
 
     with jax.set_mesh(mesh):
         prog = build_train_program(c, cfg, mesh)
-        tx, p_shard = prog.tx, prog.param_shardings
+        tx, p_shard, ad = prog.tx, prog.param_shardings, prog.adaptation
+        eval_step = make_eval_step(cfg, StepConfig.of(c), ad)
         ckpt = Checkpointer(paths.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
         rollouts = None
         if c.task == "rl":  # rows sampled from the params being trained; a function of (seed, step): no iterator
