@@ -13,12 +13,14 @@ on the Python standard library with FIM (configs/tiny.py, 50% PSM), leaving ever
 Each trace runs at batch 1 (one request at a time) and batch 8 (all requests submitted, 8 rows) with speculation
 off, ngram and draft, on one engine configuration (fp32, page 16), each engine warmed up as the server's is (every
 program compiled, the gate's call times measured) and the trace run once untimed first.
-Arms: off; ngram and draft as served (gated: a verify round runs where the measured call times say it pays); and
-ngram-always / draft-always (gate off: every round with a draft verifies, so tokens per forward show the drafts'
-quality). Measured: tokens per target forward (generated tokens after the first / the target forwards each row took
+Arms: off; ngram and draft as served (gated: ngram drafts on the device and each of its rounds picks the width the
+measured costs favour; draft runs a verify call where the measured call times say it pays); ngram-always /
+draft-always (gate off: every round with a draft verifies, so tokens per forward show the drafts' quality); and
+ngram-host (the host-side prompt lookup with one verify per call, the path before the device loop, gated). Measured: tokens per target forward (generated tokens after the first / the target forwards each row took
 part in), decode tokens per second (tokens after the first / the time from each request's first token to its end),
 all-in tokens per second (all tokens / the trace's wall time, prefill included) and TTFT p50, each against plain
-decoding in the same run; and, for ngram on the edit trace, what each drafting source adds (prompt / FIM suffix /
+decoding in the same run (--reps timed runs per arm, the arms interleaved; medians of the figures and of the
+per-run ratios); and, for ngram on the edit trace, what each drafting source adds (prompt / FIM suffix /
 output only vs all).
 """
 from __future__ import annotations
@@ -178,8 +180,11 @@ def measure(a, w: str, spm: str, target: str, draft: str) -> None:
     max_len = 1 << (need - 1).bit_length()
     arms = {"off": None, "ngram": Speculation(k=a.k, markers=markers(tok)),
             "ngram-always": Speculation(k=a.k, markers=markers(tok), gate=False),
+            "ngram-host": Speculation(k=a.k, markers=markers(tok), device=False),
             "draft": Speculation(method="draft", k=a.k, draft=(dcfg, dparams)),
             "draft-always": Speculation(method="draft", k=a.k, draft=(dcfg, dparams), gate=False)}
+    arms = {k: v for k, v in arms.items() if k == "off" or k in a.arms.split(",")}
+    tr = {k: v for k, v in tr.items() if k in a.traces.split(",")}
     rows = []
 
     def once(prompts, batch, spec):
@@ -190,20 +195,26 @@ def measure(a, w: str, spm: str, target: str, draft: str) -> None:
 
     for name, prompts in tr.items():
         for batch in [int(b) for b in a.batches.split(",")]:
-            res = {}
-            for arm, spec in arms.items():
+            for spec in arms.values():
                 once(prompts, batch, spec)  # compilation
-                res[arm] = once(prompts, batch, spec)
-                r = res[arm]
+            runs = {arm: [] for arm in arms}
+            for _ in range(a.reps):  # arms interleaved, so a slow spell of the machine hits every arm alike
+                for arm, spec in arms.items():
+                    runs[arm].append(once(prompts, batch, spec))
+            for arm in arms:
+                med = lambda key, arm=arm: statistics.median(x[key] for x in runs[arm])  # noqa: E731
+                ratio = lambda key, arm=arm: statistics.median(  # noqa: E731
+                    x[key] / o[key] for x, o in zip(runs[arm], runs["off"]))
+                r = {key: med(key) for key in runs[arm][0]}
+                r["speedup"], r["decode_speedup"] = ratio("tok_s"), ratio("decode_tok_s")
                 print(f"{name:5s} batch {batch}  {arm:12s}  {r['per_forward']:.2f} tokens/forward  decode "
-                      f"{r['decode_tok_s']:7.1f} tok/s ({r['decode_tok_s'] / res['off']['decode_tok_s']:.2f}x)  all "
-                      f"{r['tok_s']:7.1f} tok/s ({r['tok_s'] / res['off']['tok_s']:.2f}x)  TTFT p50 "
-                      f"{r['ttft_p50_ms']:.0f} ms  accepted {r['accepted']}/{r['drafted']}", flush=True)
-                rows.append({"trace": name, "batch": batch, "arm": arm, **r,
-                             "speedup": r["tok_s"] / res["off"]["tok_s"],
-                             "decode_speedup": r["decode_tok_s"] / res["off"]["decode_tok_s"]})
+                      f"{r['decode_tok_s']:7.1f} tok/s ({r['decode_speedup']:.2f}x)  all {r['tok_s']:7.1f} tok/s "
+                      f"({r['speedup']:.2f}x)  TTFT p50 {r['ttft_p50_ms']:.0f} ms  accepted "
+                      f"{r['accepted']:.0f}/{r['drafted']:.0f}", flush=True)
+                rows.append({"trace": name, "batch": batch, "arm": arm, "reps": a.reps, **r})
     # what each drafting source adds (edit trace, batch 1, prompt lookup)
-    for sources in (("prompt",), ("suffix",), ("output",), ("prompt", "suffix", "output")):
+    source_sets = (("prompt",), ("suffix",), ("output",), ("prompt", "suffix", "output"))
+    for sources in [] if a.no_sources or "edit" not in tr else source_sets:
         spec = Speculation(k=a.k, sources=sources, markers=markers(tok), gate=False)
         r = once(tr["edit"], 1, spec)
         print(f"edit  batch 1  ngram from {'+'.join(sources):20s} {r['per_forward']:.2f} tokens/forward  "
@@ -229,6 +240,12 @@ def main() -> None:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--max_new", type=int, default=48)
     p.add_argument("--k", type=int, default=7, help="--num_speculative_tokens (default 7)")
+    p.add_argument("--arms", default="ngram,ngram-always,ngram-host,draft,draft-always",
+                   help="arms besides off (default: all)")
+    p.add_argument("--traces", default="edit,plain")
+    p.add_argument("--reps", type=int, default=3,
+                   help="timed runs of each arm, interleaved; medians of the figures and of the ratios to off")
+    p.add_argument("--no_sources", action="store_true", help="skip the per-source prompt lookup rows")
     a = p.parse_args()
     w = os.path.abspath(a.workdir)
     spm, target, draft = train_models(w, a)

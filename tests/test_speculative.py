@@ -2,6 +2,8 @@
 plain decoding with prompt lookup and with a draft model, sampled tokens keep the model's distribution (chi-square
 against plain sampling), stops and length limits cut an accepted run where they fall, a tensor-parallel mesh gives
 the one-device tokens, and the server speculates with the official client seeing the same text."""
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +47,56 @@ def test_prompt_lookup_drafts_the_continuation_of_the_latest_match():
     everywhere = NgramProposer(Speculation(k=2, gate=False))
     assert everywhere.propose(everywhere.state(toks, 8), toks, 2) == [8, 91]
     assert everywhere.propose(everywhere.state(toks[:3] + toks[:3], 6), toks[:3] + toks[:3], 2) == [4, 5]  # (4, 5, 6) again
+
+
+def test_device_lookup_drafts_what_the_host_proposer_drafts():
+    """programs.speculate's prompt lookup (speculative.ngram_draft) against NgramProposer.propose, on random rows
+    over a 4-token alphabet (many matches, of every n-gram length), every row length and draft limit."""
+    from qcjax.inference.speculative import ngram_draft
+
+    k, h = 5, 48
+    spec = Speculation(k=k, min_ngram=2, max_ngram=4)
+    lookup = jax.jit(lambda hist, n, kr: ngram_draft(hist, n, kr, k=k, min_n=2, max_n=4))
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, 4, size=int(rng.integers(1, h))).tolist(), int(rng.integers(0, k + 1)))
+             for _ in range(300)]
+    hist = np.full((len(cases), h), -1, np.int32)
+    for i, (toks, _) in enumerate(cases):
+        hist[i, : len(toks)] = toks
+    drafts, counts = lookup(jnp.asarray(hist), jnp.asarray([len(t) - 1 for t, _ in cases], jnp.int32),
+                            jnp.asarray([kr for _, kr in cases], jnp.int32))
+    got = [np.asarray(d)[: int(c)].tolist() for d, c in zip(drafts, counts)]
+    want = [NgramProposer(spec).propose(RowState(k=k), toks, kr) for toks, kr in cases]
+    assert got == want
+    assert sum(map(bool, want)) > 100  # many rows draft (143 of 300 at this seed)
+
+
+def test_the_device_gate_follows_the_measured_rates_and_the_text_stays(monkeypatch):
+    """Rates injected (speculating calls 50x slower than plain chunks, then as fast): prompt lookup mostly runs
+    plain chunks (a probe now and then), then mostly speculates; greedy text equals plain decoding every time, and
+    on the host path (device=False) too."""
+    from qcjax.inference.engine import Engine
+
+    cfg, _, params = hf_and_params(CFG_TIED)
+    prompt = repeating_prompt(cfg, params)
+    plain = generate(cfg, params, [prompt], max_new_tokens=80, cache_dtype=F32)[0].tokens
+    noted, calls = Engine._note_rate, collections.Counter()
+    monkeypatch.setattr(Engine, "_speculate_call", lambda self, *a, f=Engine._speculate_call: (
+        calls.update(["speculate"]), f(self, *a))[1])
+    monkeypatch.setattr(Engine, "_spec_decode", lambda self, *a, f=Engine._spec_decode: (
+        calls.update(["chunk"]), f(self, *a))[1])
+    for slow, few_verifies in ((50.0, True), (1.0, False)):
+        monkeypatch.setattr(Engine, "_note_rate", lambda self, mode, b, w, tokens, s, c0, f=slow: noted(
+            self, mode, b, w, 1, f if mode == "speculate" else 1.0, c0))
+        calls.clear()
+        [c] = generate(cfg, params, [prompt], max_new_tokens=80, cache_dtype=F32, speculative=Speculation(k=7))
+        assert c.tokens == plain
+        assert (calls["chunk"] > calls["speculate"]) == few_verifies, calls
+    monkeypatch.undo()
+    stats = {}
+    [c] = generate(cfg, params, [prompt], max_new_tokens=80, cache_dtype=F32, stats=stats,
+                   speculative=Speculation(k=4, gate=False, device=False))
+    assert c.tokens == plain and stats["spec_accepted"] > 0
 
 
 @pytest.mark.parametrize("cfg", [CFG_TIED, CFG_UNTIED], ids=["tied", "untied"])

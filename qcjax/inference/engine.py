@@ -140,6 +140,7 @@ class Engine:
         self.lora = lora
         self._call_times: dict[tuple, tuple[int, float]] = {}  # (program, rows, table width, tokens) -> (calls, s)
         self._since_verify = 0
+        self._rates: dict[tuple, float] = {}  # ("speculate" | "chunk", rows, table width) -> tokens/s
         self.proposer = None
         if speculative is not None:
             if speculative.method == "draft":
@@ -265,12 +266,15 @@ class Engine:
                 for w in self.widths:
                     for kinds in (GREEDY_KINDS, SAMPLE_KINDS):
                         self._decode_call([None] * b, b, w, kinds)
-                        if self.spec is not None:
+                        if self.spec is not None and not self.spec.on_device:
                             self._decode_call([None] * b, b, w, kinds, steps=1)
                             for t in self.spec.verify_widths():
                                 self._verify_call([None] * b, [[]] * b, b, w, t, kinds)
-                    if self.spec is not None and self.spec.gate:  # the gate starts from measured call times
-                        self._time_calls(b, w)
+                    if self.spec is not None and self.spec.gate and not self.spec.on_device:
+                        self._time_calls(b, w)  # the gate starts from measured call times
+                    if self.spec is not None and self.spec.on_device:
+                        for kinds in (GREEDY_KINDS, SAMPLE_KINDS):
+                            self._speculate_call([None] * b, b, w, kinds)
             if self.proposer is not None and hasattr(self.proposer, "warmup"):
                 self.proposer.warmup()
         self._compiles_at_warmup = self._compiles
@@ -586,6 +590,9 @@ class Engine:
         step is expected to give (each row's recent gain) per second against a plain decode chunk's; where the chunk
         wins it runs instead (every few such rounds a verify step still runs, so gains and times stay current).
         The text is the same either way (programs.verify); only the forwards it takes change."""
+        if self.spec.on_device:
+            self._device_spec_round()
+            return
         k = self.spec.k
         self._pages_for_chunk(max(k + 1, self.chunk))
         seqs = sorted(self._running, key=lambda s: s.admitted_at)
@@ -626,6 +633,90 @@ class Engine:
         self.metrics.speculated(nd, na)
         self._take(seqs, out)
         self.proposer.after(seqs, [len(d) for d in drafts], accepted)
+
+    def _device_spec_round(self) -> None:
+        """`chunk` rounds of prompt lookup and verification inside one device call (programs.speculate): no host
+        round trip between a round's accepted tokens and the next round's draft, and each round picks its own width
+        on the device. Where a plain decode chunk is expected to give more (`_speculation_pays`), it runs instead."""
+        self._pages_for_chunk(self.chunk * (self.spec.k + 1))
+        seqs = sorted(self._running, key=lambda s: s.admitted_at)
+        if not seqs:
+            return
+        b = _bucket(len(seqs), self.batch_buckets)
+        w = _bucket(max(len(s.pages) for s in seqs), self.widths)
+        kinds = kinds_for([s.req.sampling for s in seqs], self.cfg.vocab_size)
+        t0, c0 = time.perf_counter(), self._compiles
+        if not self._speculation_pays(seqs, b, w):
+            n0 = self.counts["decode_tokens"]
+            self._spec_decode(seqs, b, w, kinds, self.chunk)
+            self._note_rate("chunk", b, w, self.counts["decode_tokens"] - n0, time.perf_counter() - t0, c0)
+            return
+        self._since_verify = 0
+        before = [len(s.tokens) for s in seqs]
+        rows, st = self._speculate_call(seqs, b, w, kinds)
+        hist, lengths = np.asarray(rows.hist), np.asarray(rows.lengths)
+        out = np.full((b, max(1, int(np.max(lengths[: len(seqs)] + 1 - np.asarray(before))))), -1, np.int32)
+        for i, (s, n0) in enumerate(zip(seqs, before)):
+            new = hist[i, n0: lengths[i] + 1]
+            out[i, : len(new)] = new
+            sp = s.spec
+            sp.k, sp.backoff, sp.misses, sp.gain = (int(rows.k[i]), int(rows.backoff[i]), int(rows.misses[i]),
+                                                    float(rows.gain[i]))
+            sp.drafted += int(st.drafted[i])
+            sp.accepted += int(st.accepted[i])
+            sp.verifies += int(st.forwards[i])
+        nd, na = int(np.sum(st.drafted)), int(np.sum(st.accepted))
+        self.counts["spec_drafted"] += nd
+        self.counts["spec_accepted"] += na
+        self.counts["verify_steps"] += int(np.max(st.verifies))
+        self.counts["decode_steps"] += int(np.max(st.forwards) - np.max(st.verifies))
+        self.counts["row_forwards"] += int(np.sum(st.forwards))
+        self.metrics.speculated(nd, na)
+        self._note_rate("speculate", b, w, sum(self._take(seqs, out)), time.perf_counter() - t0, c0)
+
+    def _speculation_pays(self, seqs: list[Sequence], b: int, w: int) -> bool:
+        """Whether the next call should speculate rather than run a plain decode chunk: when some row may draft
+        and, gated, when speculating calls have lately given at least the tokens per second plain chunks gave at
+        this batch and table width (`_rates`: each mode's running rate over its recent calls, host work included).
+        Each mode is tried before the rates decide, and a plain chunk learns nothing of the drafts, so after
+        GATE_PROBE plain chunks in a row a speculating call runs anyway."""
+        if max(min(s.spec.k, s.req.max_new - s.num - 1) if s.spec.backoff == 0 else 0 for s in seqs) <= 0:
+            return False
+        if not self.spec.gate or self._since_verify >= GATE_PROBE:
+            return True
+        spec, chunk = self._rates.get(("speculate", b, w)), self._rates.get(("chunk", b, w))
+        return spec is None or (chunk is not None and spec >= chunk)
+
+    def _note_rate(self, mode: str, b: int, w: int, tokens: int, seconds: float, compiles_before: int) -> None:
+        """A call's tokens per second into its mode's running rate (a call that compiled is not counted)."""
+        if self._compiles != compiles_before or seconds <= 0:
+            return
+        old = self._rates.get((mode, b, w))
+        self._rates[(mode, b, w)] = tokens / seconds if old is None else 0.5 * old + 0.5 * tokens / seconds
+
+    def _speculate_call(self, rows: list[Sequence | None], b: int, w: int, kinds):
+        """programs.speculate on a batch (None: padding) -> the rows and the call's stats, on the host."""
+        ps, spec = self.page_size, self.spec
+        pages = np.full((b, w), self.num_pages, np.int32)
+        hist = np.full((b, w * ps), -1, np.int32)
+        lengths, num, k, backoff, misses = (np.zeros(b, np.int32) for _ in range(5))
+        gain = np.zeros(b, np.float32)
+        done = np.ones(b, bool)
+        for i, s in enumerate(rows):
+            if s is None:
+                continue
+            pages[i, : len(s.pages)] = s.pages
+            hist[i, : len(s.tokens)] = s.tokens
+            lengths[i], num[i], done[i] = len(s.tokens) - 1, s.num, False
+            k[i], backoff[i], misses[i], gain[i] = s.spec.k, s.spec.backoff, s.spec.misses, s.spec.gain
+        row, batch = ("cache_batch",), ("cache_batch", None)
+        r = programs.SpecRows(self._place(pages, batch), self._place(lengths, row), self._place(hist, batch),
+                              self._place(num, row), self._place(done, row), self._place(k, row),
+                              self._place(backoff, row), self._place(misses, row), self._place(gain, row))
+        self._pool, r, st = programs.speculate(
+            self.cfg, kinds, self.params, self._pool, r, controls(rows, b, self._place), self._lora_rows(rows, b),
+            rounds=self.chunk, k=spec.k, ngram=(spec.min_ngram, spec.max_ngram), widths=spec.round_widths())
+        return jax.device_get((r, st))
 
     def _spec_decode(self, seqs: list[Sequence], b: int, w: int, kinds, steps: int, drafted: bool = False) -> None:
         """A plain decode call inside speculative decoding (no row drafted, or the gate chose it): backoffs count

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from qcjax import adapters, row_lora
 from qcjax.config import ModelConfig
+from qcjax.inference.speculative import GAIN_DECAY, MAX_BACKOFF, ngram_draft
 from qcjax.sampling import Controls, FilterKinds, sample_tokens
 from qcjax.sharding import batch_shards, constrain, param_shardings
 
@@ -133,6 +134,13 @@ def verify(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, tokens
     forwards it takes. Keys and values of every position are written; the host keeps the row's length at what was
     accepted (later writes replace the rest). Returns the pool and the emitted tokens [B, T] (-1 after each row's
     last)."""
+    pool, out, _ = _judge(cfg, kinds, params, pool, tokens, lengths, counts, pages, num, controls, lora)
+    return pool, out
+
+
+def _judge(cfg, kinds, params, pool, tokens, lengths, counts, pages, num, controls, lora):
+    """`verify`'s forward and acceptance -> (pool, emitted tokens [B, T] (-1 after each row's last), drafts
+    accepted [B])."""
     b, t = tokens.shape
     pos = jnp.arange(t, dtype=jnp.int32)
     segs = (pos[None, :] < counts[:, None]).astype(jnp.int32)
@@ -146,4 +154,118 @@ def verify(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, tokens
     accept = (drafts == drawn) & (pos[None, :] < (counts - 1)[:, None])
     n = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)  # [B] drafts accepted
     out = jnp.where(pos[None, :] <= n[:, None], drawn, -1)  # accepted drafts equal the draws; then the draw at n
-    return pool, out.astype(jnp.int32)
+    return pool, out.astype(jnp.int32), n
+
+
+class SpecRows(NamedTuple):
+    """A batch of rows for `speculate`: Rows' fields (without `last`: the newest token is hist[b, lengths[b]]), the
+    rows' tokens and their drafting state (qcjax.inference.speculative.RowState's k, backoff, misses, gain)."""
+
+    pages: jax.Array  # [B, W] int32 page table
+    lengths: jax.Array  # [B] int32 tokens in the cache
+    hist: jax.Array  # [B, W * page_size] int32: the row's tokens at their positions, -1 past the newest
+    num: jax.Array  # [B] int32 tokens generated so far
+    done: jax.Array  # [B] bool
+    k: jax.Array  # [B] int32 draft tokens the row may propose now (adaptive)
+    backoff: jax.Array  # [B] int32 rounds left without drafting
+    misses: jax.Array  # [B] int32 verified drafts in a row that accepted nothing
+    gain: jax.Array  # [B] float32 running estimate of the drafts a verified round accepts
+
+
+class SpecStats(NamedTuple):
+    """Per row, over one `speculate` call."""
+
+    drafted: jax.Array  # [B] draft tokens verified
+    accepted: jax.Array  # [B] of those, accepted
+    forwards: jax.Array  # [B] target forwards the row took part in
+    verifies: jax.Array  # [B] of those, wider than one token (drafts verified)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kinds", "rounds", "k", "ngram", "widths"),
+                   donate_argnames=("pool",))
+def speculate(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, rows: SpecRows, controls: Controls,
+              lora: Lora = None, *, rounds: int, k: int, ngram: tuple[int, int], widths: tuple[int, ...]
+              ) -> tuple[Pool, SpecRows, SpecStats]:
+    """Speculative decoding with prompt lookup, `rounds` rounds in one call (no round waits on the host). Each round,
+    every running row drafts by prompt lookup over its own tokens (speculative.ngram_draft, the host proposer's
+    rule) and one target forward of a width from `widths` verifies the drafts as `verify` does (width 1: a plain
+    decode step). Drafts are deterministic, so the text is plain decoding's, token for token.
+
+    Each round runs the narrowest of `widths` that holds every row's draft; the rows' adaptive draft lengths and backoffs are what keep rounds narrow where drafts fail, and the
+    host decides between this program and a plain decode chunk (Engine._speculation_pays). The chosen forward runs
+    inside a while loop of at most one trip per width, not a lax.switch: XLA copied the whole page pool into and
+    out of a switch's branches every round.
+
+    A row's emitted tokens go into `hist` after its newest; the loop ends early when every row is done. Adaptive per
+    row as speculative.update: k grows after a fully accepted draft and shrinks after a rejection, a row whose
+    drafts keep failing backs off, and `gain` also learns whether the draw after the verified drafts matched the
+    next draft, so a row whose rounds ran narrow can show that a wider one pays."""
+    min_n, max_n = ngram
+    b, h = rows.hist.shape
+    top = widths[-1]
+    cols = jnp.arange(top, dtype=jnp.int32)[None, :]
+    row_ids = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, top))
+    widths_arr = jnp.asarray(widths, jnp.int32)
+
+    def judge_at(j, w, sel, pool, newest, draft, counts, r):
+        """The forward of width w when round's choice `sel` is j, else nothing: a while loop of 0 or 1 trips."""
+        def run(c):
+            pool, _, _, _ = c
+            tokens = jnp.concatenate([newest, draft[:, : w - 1]], axis=1)
+            pool, out, n = _judge(cfg, kinds, params, pool, tokens, r.lengths, counts, r.pages, r.num, controls,
+                                  lora)
+            return pool, jnp.pad(out, ((0, 0), (0, top - w)), constant_values=-1), n, jnp.bool_(True)
+
+        return run, lambda c: (sel == j) & ~c[3]
+
+    def cond(carry):
+        i, _, r, _ = carry
+        return (i < rounds) & jnp.any(~r.done)
+
+    def body(carry):
+        i, pool, r, st = carry
+        running = ~r.done
+        room = controls.max_new - r.num - 1  # a round adds its drafts + 1 tokens
+        asked = running & (r.backoff == 0) & (room > 0)
+        draft, dl = ngram_draft(r.hist, r.lengths, jnp.where(asked, jnp.minimum(r.k, room), 0), k=k, min_n=min_n,
+                                max_n=max_n)
+        draft = jnp.pad(draft, ((0, 0), (0, max(0, top - 1 - k))))  # [B, >= top - 1]: every width's slice
+        need = 1 + jnp.max(jnp.where(running, dl, 0))
+        sel = jnp.argmax(widths_arr >= need)
+        w = widths_arr[sel]
+        verified = jnp.where(running, jnp.minimum(dl, w - 1), 0)
+        newest = jnp.take_along_axis(r.hist, r.lengths[:, None], axis=1)
+        counts = jnp.where(running, 1 + verified, 0)
+        c = (pool, jnp.full((b, top), -1, jnp.int32), jnp.zeros((b,), jnp.int32), jnp.bool_(False))
+        for j, wj in enumerate(widths):
+            run, when = judge_at(j, wj, sel, pool, newest, draft, counts, r)
+            c = jax.lax.while_loop(when, run, c)
+        pool, out, n, _ = c
+        n = jnp.where(running, n, 0)
+        emitted = jnp.where(running, n + 1, 0)
+        stop_at = jnp.any(out[:, :, None] == controls.stop[:, None, :], axis=-1) & (out >= 0)  # [B, top]
+        first_stop = jnp.argmax(stop_at, axis=1)
+        stopped = jnp.any(stop_at, axis=1) & (first_stop < emitted)
+        emitted = jnp.where(stopped, first_stop + 1, emitted)
+        at = jnp.where(cols < emitted[:, None], r.lengths[:, None] + 1 + cols, h)  # past the row: dropped
+        hist = r.hist.at[row_ids, at].set(out, mode="drop")
+        num = r.num + emitted
+        done = r.done | (running & (stopped | (num >= controls.max_new)))
+        # what the row learns of its draft: the verified part, and whether the draw after it matched the next draft
+        nxt = jnp.take_along_axis(draft, jnp.clip(n, 0, top - 2)[:, None], axis=1)[:, 0] if top > 1 else n
+        at_n = jnp.take_along_axis(out, jnp.clip(n, 0, top - 1)[:, None], axis=1)[:, 0]
+        seen = n + ((n == verified) & (verified < dl) & (nxt == at_n)).astype(jnp.int32)
+        gain = jnp.where(asked, GAIN_DECAY * r.gain + (1 - GAIN_DECAY) * seen.astype(jnp.float32), r.gain)
+        judged = verified > 0
+        kk = jnp.where(judged, jnp.where(n == verified, jnp.minimum(k, 2 * r.k), jnp.maximum(1, n + 1)), r.k)
+        misses = jnp.where(judged, jnp.where(n == 0, r.misses + 1, 0), r.misses)
+        backoff = jnp.where(judged & (n == 0), jnp.minimum(MAX_BACKOFF, 1 << jnp.maximum(misses - 1, 0)),
+                            jnp.maximum(r.backoff - (running & ~asked).astype(jnp.int32), 0))
+        r = SpecRows(r.pages, r.lengths + emitted, hist, num, done, kk, backoff, misses, gain)
+        st = SpecStats(st.drafted + verified, st.accepted + n, st.forwards + running.astype(jnp.int32),
+                       st.verifies + (running & (w > 1)).astype(jnp.int32))
+        return i + 1, pool, r, st
+
+    zeros = jnp.zeros((b,), jnp.int32)
+    _, pool, rows, stats = jax.lax.while_loop(cond, body, (0, pool, rows, SpecStats(zeros, zeros, zeros, zeros)))
+    return pool, rows, stats

@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Sequence as Seq
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 SOURCES = ("prompt", "suffix", "repo", "output")
@@ -53,6 +55,13 @@ class Speculation:
     adaptive: bool = True
     gate: bool = True
     draft: Any = None  # (ModelConfig, params) of the draft model
+    device: bool = True  # ngram over every source: draft on the device, several verify rounds per call
+
+    @property
+    def on_device(self) -> bool:
+        """Whether the engine drafts inside its device program (programs.speculate): prompt lookup over every
+        source (a restricted source set needs the host's region map), unless `device` is off."""
+        return self.device and self.method == "ngram" and set(self.sources) == set(SOURCES)
 
     def __post_init__(self):
         if self.method not in ("ngram", "draft"):
@@ -71,6 +80,10 @@ class Speculation:
         """Token widths the verify program compiles for (1 + drafts, in powers of two)."""
         top = 1 << self.k.bit_length()  # pow2(k + 1)
         return [w for w in (2, 4, 8, 16, 32) if w <= top]
+
+    def round_widths(self) -> tuple[int, ...]:
+        """Token widths one round of the device program chooses from: 1 (a plain decode step) and verify_widths."""
+        return (1, *self.verify_widths())
 
 
 @dataclasses.dataclass
@@ -204,4 +217,33 @@ class NgramProposer:
         """The target's prefill call (nothing to do)."""
 
 
-__all__ = ["NgramProposer", "RowState", "SOURCES", "Speculation", "note_gain", "update"]
+def ngram_draft(hist: jax.Array, length: jax.Array, k_row: jax.Array, *, k: int, min_n: int, max_n: int
+                ) -> tuple[jax.Array, jax.Array]:
+    """`NgramProposer.propose` on the device, for a batch of rows: hist [B, H] the rows' tokens (positions
+    0..length[b]; the newest, not yet in the cache, at length[b]), k_row [B] the most each may draft (<= k) ->
+    (drafts [B, k] int32, their lengths [B]). The same rule: the longest n-gram (max_n down to min_n, n <= length)
+    ending the row that occurred earlier; of its earlier occurrences, the most recent followed by k_row tokens, else
+    the one followed by the most. Written as a few whole-row passes (one max-reduction picks n and the occurrence
+    together): XLA:CPU runs many small ops per round slowly."""
+    b, h = hist.shape
+    e = jnp.arange(h, dtype=jnp.int32)[None, :]  # an occurrence's end: the position its continuation starts at
+    shifted = jnp.pad(hist, ((0, 0), (max_n, 0)), constant_values=-1)  # shifted[:, max_n + i] = hist[:, i]
+    tail = jnp.take_along_axis(hist, jnp.maximum(length[:, None] - jnp.arange(max_n)[None, :], 0), axis=1)
+    ok = (e <= length[:, None])  # the continuation is a token of the row (the query itself ends past length)
+    full = e + k_row[:, None] <= length[:, None] + 1
+    # among one n's occurrences: a full draft (the most recent) beats a partial one (the earliest: the longest)
+    rank = jnp.where(full, 2 * h + e, h - e)  # in [1, 3h)
+    best = jnp.zeros((b, h), jnp.int32)
+    for j in range(max_n):  # n = j + 1: the occurrence's token j from its end equals the row's
+        ok &= (shifted[:, max_n - 1 - j: max_n - 1 - j + h] == tail[:, j: j + 1]) & (e >= j + 1)
+        if j + 1 >= min_n:
+            best = jnp.maximum(best, jnp.where(ok & (length[:, None] >= j + 1), (j + 1) * 4 * h + rank, 0))
+    top = jnp.max(best, axis=1)  # [B]: n * 4h + rank of the chosen occurrence, 0 if none
+    r = top % (4 * h)
+    end = jnp.where(r >= 2 * h, r - 2 * h, h - r)
+    count = jnp.where(top > 0, jnp.clip(length + 1 - end, 0, k_row), 0).astype(jnp.int32)
+    draft = jnp.take_along_axis(hist, jnp.clip(end[:, None] + jnp.arange(k)[None, :], 0, h - 1), axis=1)
+    return jnp.where(jnp.arange(k)[None, :] < count[:, None], draft, 0).astype(jnp.int32), count
+
+
+__all__ = ["NgramProposer", "RowState", "SOURCES", "Speculation", "ngram_draft", "note_gain", "update"]
