@@ -67,13 +67,17 @@ def write_train_jsonl(path: str, files: list[str], max_chars: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-def run_config(spm: str, data: str, preset: str, steps: int, seed: int):
+def run_config(spm: str, data: str, preset: str, steps: int, seed: int, lr: float | None = None,
+               seq_len: int | None = None, batch_size: int | None = None):
     from qcjax.prefs.cli import load_config
 
     c = load_config(os.path.join(ROOT, "configs", "tiny.py"), [])
     c.model.preset = preset
     c.tokenizer = spm
     c.steps, c.seed = steps, seed
+    c.optimizer.lr = lr or c.optimizer.lr
+    c.seq_len = seq_len or c.seq_len
+    c.batch_size = batch_size or c.batch_size
     c.optimizer.warmup_steps = max(1, steps // 10)
     c.log_every, c.eval_every, c.checkpoint_every, c.keep_checkpoints = 50, 0, steps, 1
     c.data = {**c.data.to_dict(), "sources": ({"kind": "jsonl", "path": data, "format": "text", "weight": 1.0},),
@@ -95,11 +99,12 @@ def train_models(w: str, a) -> tuple[str, str, str]:
         train_spm(spm + ".tmp", vocab_size=a.vocab, texts=texts, max_chars=1_000_000, progress=False)
         os.replace(spm + ".tmp", spm)
     out = []
-    for name, preset, steps in (("target", "small", a.target_steps), ("draft", "tiny", a.draft_steps)):
+    for name, preset, steps, lr in (("target", "small", a.target_steps, a.target_lr),
+                                    ("draft", "tiny", a.draft_steps, None)):
         d = os.path.join(w, name)
         if not os.path.exists(os.path.join(d, "checkpoints")) or not os.listdir(os.path.join(d, "checkpoints")):
             t = time.perf_counter()
-            train(run_config(spm, data, preset, steps, a.seed), d)
+            train(run_config(spm, data, preset, steps, a.seed, lr, a.seq_len, a.batch_size), d)
             print(f"trained the {name} ({preset}, {steps} steps) in {time.perf_counter() - t:.0f} s", flush=True)
         out.append(os.path.join(d, "checkpoints"))
     return spm, out[0], out[1]
@@ -235,6 +240,9 @@ def main() -> None:
     p.add_argument("--train_chars", type=int, default=6_000_000)
     p.add_argument("--target_steps", type=int, default=600)
     p.add_argument("--draft_steps", type=int, default=600)
+    p.add_argument("--target_lr", type=float, default=None, help="the target's peak lr (default: configs/tiny.py's)")
+    p.add_argument("--seq_len", type=int, default=None, help="training sequence length (default: configs/tiny.py's)")
+    p.add_argument("--batch_size", type=int, default=None, help="training batch (default: configs/tiny.py's)")
     p.add_argument("--train_only", action="store_true")
     p.add_argument("--requests", type=int, default=16, help="requests per trace (default 16)")
     p.add_argument("--batches", default="1,8")

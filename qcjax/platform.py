@@ -23,9 +23,9 @@ it does not, the core's XLA implementation runs. `QCJAX_CPU_KERNELS=0` turns the
 program is traced (a program jax already compiled in this process keeps what it was built with; `jax.clear_caches()`
 drops them).
 
-Process-wide choices made before JAX starts (XLA flags for the CPU, a quiet libtpu on hosts without TPUs) and the
-batch padding the CPU wants and the dtype it wants adapters in also live here: `configure_xla`, `quiet_libtpu`,
-`min_batch`, `adapter_dtype`.
+Process-wide choices made before JAX starts (XLA flags for the CPU, a quiet libtpu on hosts without TPUs), the
+batch padding the CPU wants, the dtype it wants adapters in and the verify widths device-side speculation picks
+from also live here: `configure_xla`, `quiet_libtpu`, `min_batch`, `adapter_dtype`, `round_widths`.
 """
 from __future__ import annotations
 
@@ -201,6 +201,16 @@ def adapter_dtype(dtype: Any) -> Any:
     dtype in place at the same speed, and prompts, which keep XLA's gathers, were 5% vs 18% slower than the merged
     model with float32 vs bfloat16 banks)."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.dtype(dtype)
+
+
+def round_widths(widths: Sequence[int]) -> tuple[int, ...]:
+    """The forward widths (tokens a row) a round of device-side speculative decoding (qcjax.inference.programs.
+    speculate) picks from, for the platform the program is built for. On the CPU a forward costs by the tokens it
+    computes, so each round runs as wide as its drafts: every width. On TPUs and GPUs a forward costs its weight
+    reads whatever its width (a verify step of 8 tokens reads 1.00-1.04x a decode step's bytes, AOT cost analysis),
+    and a choice between widths inside the loop made XLA:TPU copy a page-pool array every round (AOT, the 0.5B's
+    shapes on v5e-1: 20 MiB of temporaries against 1 MiB with one width): the widest only."""
+    return tuple(widths) if target_device()[0] == "cpu" else (max(widths),)
 
 
 def accelerator() -> bool:

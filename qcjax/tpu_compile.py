@@ -463,7 +463,8 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
     the run's. The page pool holds num_pages pages (default: batch x context tokens, what the rows can fill).
     max_len: the engine's limit per request (default: context); the page tables are as wide as the engine's bucket
     for a context-long row (`engine.table_widths`). prefill_rows: rows of the prefill call (default: batch).
-    verify_tokens > 0: also the speculative verify step (each row's newest token and verify_tokens - 1 drafts).
+    verify_tokens > 0: also the speculative verify step (each row's newest token and verify_tokens - 1 drafts) and
+    the device-side prompt-lookup program (`decode_steps` rounds, drafts of up to verify_tokens - 1 tokens).
     lora_slots > 0: the programs also read a bank of that many LoRA adapters of rank lora_rank on all seven
     projections, each row through its own (qcjax.row_lora: multi-adapter serving), the bank split as the kernels.
     quant ("int8", "nf4"): the seven projections' kernels held quantized (`qcjax.load(quant=)`'s tree).
@@ -531,6 +532,14 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
                     f"verify ({verify_tokens} tokens a row)", PR.verify,
                     (cfg, kinds, params, pool, place((batch, verify_tokens), jnp.int32), row(), row(),
                      place((batch, width), jnp.int32), row(), ctl, lora_d), None, topo.hbm_bytes)[0])
+                spec_rows = PR.SpecRows(place((batch, width), jnp.int32), row(), place((batch, width * ps), jnp.int32),
+                                        row(), row(jnp.bool_), row(), row(), row())
+                widths = tuple(w for w in (1, 2, 4, 8, 16, 32) if w < 2 * verify_tokens)
+                programs.append(compile_program(
+                    f"speculate ({decode_steps} rounds of prompt lookup + verify, up to {widths[-1]} tokens a row)",
+                    PR.speculate, (cfg, kinds, params, pool, spec_rows, ctl, lora_d),
+                    {"rounds": decode_steps, "k": verify_tokens - 1, "ngram": (2, 4), "widths": widths},
+                    topo.hbm_bytes)[0])
     held = "" if quant == "none" else f" ({quant} projections)"
     setup = [f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, params "
              f"{cfg.param_dtype}{held}, compute {cfg.dtype}, KV cache {jnp.dtype(cache_dtype).name}",

@@ -175,9 +175,13 @@ def test_decode_on_tpu_keeps_the_cache_in_one_layout(batch):
     cfg = get_config("0.5b").replace(num_layers=4, vocab_size=4096, param_dtype="bfloat16", dtype="bfloat16")
     report = T.compile_sampler(cfg, "v5e-1", batch=batch, context=16384, max_new_tokens=256, decode_steps=1,
                                verify_tokens=8)
-    _, decode, verify = report.programs
+    _, decode, verify, speculate = report.programs
     cache = 2 * cfg.num_layers * batch * 16384 * cfg.num_kv_heads * cfg.dim_per_head * 2  # k and v, bf16
     assert decode.name.startswith("decode") and decode.memory.temporaries < 0.05 * cache, decode.memory
+    # device-side prompt lookup (a round: lookup + one verify forward) copies no cache either and reads about a
+    # decode step's bytes (on TPUs one width, the widest: a choice of widths inside the loop copied a pool array)
+    assert speculate.name.startswith("speculate") and speculate.memory.temporaries < 0.05 * cache, speculate.memory
+    assert speculate.bytes_accessed < 1.15 * decode.bytes_accessed
     # speculative decoding's verify step (8 tokens a row) reads about what one decode step reads: on a memory-bound
     # TPU its cost is one forward, whatever the draft length (7B on v5e-8, 0.5B on v5e-1: 1.00-1.04x; RESULTS.md)
     assert verify.name.startswith("verify") and verify.bytes_accessed < 1.15 * decode.bytes_accessed

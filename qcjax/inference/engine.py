@@ -549,14 +549,21 @@ class Engine:
         with self._cv:
             self._waiting.appendleft(s)
 
-    def _decode_round(self) -> None:
-        self._pages_for_chunk()
+    def _batch(self, ahead: int | None = None):
+        """The running rows, each given the pages its next `ahead` tokens need (`_pages_for_chunk`), in admission
+        order, with their batch bucket, table-width bucket and sampling program; None if none is left running."""
+        self._pages_for_chunk(ahead)
         seqs = sorted(self._running, key=lambda s: s.admitted_at)
         if not seqs:
+            return None
+        return (seqs, _bucket(len(seqs), self.batch_buckets), _bucket(max(len(s.pages) for s in seqs), self.widths),
+                kinds_for([s.req.sampling for s in seqs], self.cfg.vocab_size))
+
+    def _decode_round(self) -> None:
+        batch = self._batch()
+        if batch is None:
             return
-        b = _bucket(len(seqs), self.batch_buckets)
-        w = _bucket(max(len(s.pages) for s in seqs), self.widths)
-        kinds = kinds_for([s.req.sampling for s in seqs], self.cfg.vocab_size)
+        seqs, b, w, kinds = batch
         out = self._decode_call(seqs, b, w, kinds)
         self.counts["decode_steps"] += self.chunk
         self.counts["row_forwards"] += sum(self._take(seqs, out))
@@ -594,13 +601,10 @@ class Engine:
             self._device_spec_round()
             return
         k = self.spec.k
-        self._pages_for_chunk(max(k + 1, self.chunk))
-        seqs = sorted(self._running, key=lambda s: s.admitted_at)
-        if not seqs:
+        batch = self._batch(max(k + 1, self.chunk))
+        if batch is None:
             return
-        b = _bucket(len(seqs), self.batch_buckets)
-        w = _bucket(max(len(s.pages) for s in seqs), self.widths)
-        kinds = kinds_for([s.req.sampling for s in seqs], self.cfg.vocab_size)
+        seqs, b, w, kinds = batch
         room = [s.req.max_new - s.num - 1 for s in seqs]  # a verify step adds drafts + 1 tokens
         tried = [s.spec.backoff == 0 and r > 0 for s, r in zip(seqs, room)]  # rows asked for a draft this round
         if any(tried) and not self._verify_pays(seqs, room, b, w):
@@ -638,13 +642,10 @@ class Engine:
         """`chunk` rounds of prompt lookup and verification inside one device call (programs.speculate): no host
         round trip between a round's accepted tokens and the next round's draft, and each round picks its own width
         on the device. Where a plain decode chunk is expected to give more (`_speculation_pays`), it runs instead."""
-        self._pages_for_chunk(self.chunk * (self.spec.k + 1))
-        seqs = sorted(self._running, key=lambda s: s.admitted_at)
-        if not seqs:
+        batch = self._batch(self.chunk * (self.spec.k + 1))
+        if batch is None:
             return
-        b = _bucket(len(seqs), self.batch_buckets)
-        w = _bucket(max(len(s.pages) for s in seqs), self.widths)
-        kinds = kinds_for([s.req.sampling for s in seqs], self.cfg.vocab_size)
+        seqs, b, w, kinds = batch
         t0, c0 = time.perf_counter(), self._compiles
         if not self._speculation_pays(seqs, b, w):
             n0 = self.counts["decode_tokens"]
@@ -660,8 +661,7 @@ class Engine:
             new = hist[i, n0: lengths[i] + 1]
             out[i, : len(new)] = new
             sp = s.spec
-            sp.k, sp.backoff, sp.misses, sp.gain = (int(rows.k[i]), int(rows.backoff[i]), int(rows.misses[i]),
-                                                    float(rows.gain[i]))
+            sp.k, sp.backoff, sp.misses = int(rows.k[i]), int(rows.backoff[i]), int(rows.misses[i])
             sp.drafted += int(st.drafted[i])
             sp.accepted += int(st.accepted[i])
             sp.verifies += int(st.forwards[i])
@@ -700,7 +700,6 @@ class Engine:
         pages = np.full((b, w), self.num_pages, np.int32)
         hist = np.full((b, w * ps), -1, np.int32)
         lengths, num, k, backoff, misses = (np.zeros(b, np.int32) for _ in range(5))
-        gain = np.zeros(b, np.float32)
         done = np.ones(b, bool)
         for i, s in enumerate(rows):
             if s is None:
@@ -708,11 +707,11 @@ class Engine:
             pages[i, : len(s.pages)] = s.pages
             hist[i, : len(s.tokens)] = s.tokens
             lengths[i], num[i], done[i] = len(s.tokens) - 1, s.num, False
-            k[i], backoff[i], misses[i], gain[i] = s.spec.k, s.spec.backoff, s.spec.misses, s.spec.gain
+            k[i], backoff[i], misses[i] = s.spec.k, s.spec.backoff, s.spec.misses
         row, batch = ("cache_batch",), ("cache_batch", None)
         r = programs.SpecRows(self._place(pages, batch), self._place(lengths, row), self._place(hist, batch),
                               self._place(num, row), self._place(done, row), self._place(k, row),
-                              self._place(backoff, row), self._place(misses, row), self._place(gain, row))
+                              self._place(backoff, row), self._place(misses, row))
         self._pool, r, st = programs.speculate(
             self.cfg, kinds, self.params, self._pool, r, controls(rows, b, self._place), self._lora_rows(rows, b),
             rounds=self.chunk, k=spec.k, ngram=(spec.min_ngram, spec.max_ngram), widths=spec.round_widths())

@@ -1,9 +1,10 @@
 """The engine's device programs, pure and jitted: `prefill` runs a chunk of each row's prompt into its pages and
-draws a token from its last position; `decode` runs a static number of steps for a batch of rows. Both run the
-model's own forward (`Qwen2.hidden_states`, layers scanned over the one stacked copy of the weights) on the paged
-KV cache: a pool of pages per layer, {"k","v": [layers, pages, page_size, kv_heads * head_dim]}, and a page table
-per row (qcjax.model.cache_targets / read_pages). Rows are whatever the host puts in the batch: a row owns no
-device memory, so idle requests cost nothing and a batch is only as wide as its busy rows.
+draws a token from its last position; `decode` runs a static number of steps for a batch of rows; `verify` checks
+drafted tokens with one forward and `speculate` runs rounds of prompt lookup and verification (speculative
+decoding). All run the model's own forward (`Qwen2.hidden_states`, layers scanned over the one stacked copy of the
+weights) on the paged KV cache: a pool of pages per layer, {"k","v": [layers, pages, page_size, kv_heads *
+head_dim]}, and a page table per row (qcjax.model.cache_targets / read_pages). Rows are whatever the host puts in
+the batch: a row owns no device memory, so idle requests cost nothing and a batch is only as wide as its busy rows.
 
 The host side (which pages a row holds, the prefix cache, scheduling) is qcjax.inference.pages / engine.
 """
@@ -15,9 +16,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from qcjax import adapters, row_lora
+from qcjax import adapters, platform, row_lora
 from qcjax.config import ModelConfig
-from qcjax.inference.speculative import GAIN_DECAY, MAX_BACKOFF, ngram_draft
+from qcjax.inference.speculative import MAX_BACKOFF, ngram_draft
 from qcjax.sampling import Controls, FilterKinds, sample_tokens
 from qcjax.sharding import batch_shards, constrain, param_shardings
 
@@ -159,7 +160,7 @@ def _judge(cfg, kinds, params, pool, tokens, lengths, counts, pages, num, contro
 
 class SpecRows(NamedTuple):
     """A batch of rows for `speculate`: Rows' fields (without `last`: the newest token is hist[b, lengths[b]]), the
-    rows' tokens and their drafting state (qcjax.inference.speculative.RowState's k, backoff, misses, gain)."""
+    rows' tokens and their drafting state (qcjax.inference.speculative.RowState's k, backoff, misses)."""
 
     pages: jax.Array  # [B, W] int32 page table
     lengths: jax.Array  # [B] int32 tokens in the cache
@@ -169,7 +170,6 @@ class SpecRows(NamedTuple):
     k: jax.Array  # [B] int32 draft tokens the row may propose now (adaptive)
     backoff: jax.Array  # [B] int32 rounds left without drafting
     misses: jax.Array  # [B] int32 verified drafts in a row that accepted nothing
-    gain: jax.Array  # [B] float32 running estimate of the drafts a verified round accepts
 
 
 class SpecStats(NamedTuple):
@@ -191,17 +191,18 @@ def speculate(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, row
     rule) and one target forward of a width from `widths` verifies the drafts as `verify` does (width 1: a plain
     decode step). Drafts are deterministic, so the text is plain decoding's, token for token.
 
-    Each round runs the narrowest of `widths` that holds every row's draft; the rows' adaptive draft lengths and backoffs are what keep rounds narrow where drafts fail, and the
-    host decides between this program and a plain decode chunk (Engine._speculation_pays). The chosen forward runs
-    inside a while loop of at most one trip per width, not a lax.switch: XLA copied the whole page pool into and
-    out of a switch's branches every round.
+    Each round runs the narrowest of `widths` (those the platform picks from: qcjax.platform.round_widths) that
+    holds every row's draft; the rows' adaptive draft lengths and backoffs keep rounds narrow where drafts fail,
+    and the host decides between this program and a plain decode chunk (Engine._speculation_pays). The chosen
+    forward runs inside a while loop of at most one trip per width, not a lax.switch: XLA:CPU copied the whole page
+    pool into and out of a switch's branches every round.
 
     A row's emitted tokens go into `hist` after its newest; the loop ends early when every row is done. Adaptive per
-    row as speculative.update: k grows after a fully accepted draft and shrinks after a rejection, a row whose
-    drafts keep failing backs off, and `gain` also learns whether the draw after the verified drafts matched the
-    next draft, so a row whose rounds ran narrow can show that a wider one pays."""
+    row as speculative.update: k grows after a fully accepted draft and shrinks after a rejection, and a row whose
+    drafts keep failing backs off."""
     min_n, max_n = ngram
     b, h = rows.hist.shape
+    widths = platform.round_widths(widths)  # the CPU: all; TPUs and GPUs: the widest (a forward costs its reads)
     top = widths[-1]
     cols = jnp.arange(top, dtype=jnp.int32)[None, :]
     row_ids = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, top))
@@ -251,17 +252,12 @@ def speculate(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, row
         hist = r.hist.at[row_ids, at].set(out, mode="drop")
         num = r.num + emitted
         done = r.done | (running & (stopped | (num >= controls.max_new)))
-        # what the row learns of its draft: the verified part, and whether the draw after it matched the next draft
-        nxt = jnp.take_along_axis(draft, jnp.clip(n, 0, top - 2)[:, None], axis=1)[:, 0] if top > 1 else n
-        at_n = jnp.take_along_axis(out, jnp.clip(n, 0, top - 1)[:, None], axis=1)[:, 0]
-        seen = n + ((n == verified) & (verified < dl) & (nxt == at_n)).astype(jnp.int32)
-        gain = jnp.where(asked, GAIN_DECAY * r.gain + (1 - GAIN_DECAY) * seen.astype(jnp.float32), r.gain)
         judged = verified > 0
         kk = jnp.where(judged, jnp.where(n == verified, jnp.minimum(k, 2 * r.k), jnp.maximum(1, n + 1)), r.k)
         misses = jnp.where(judged, jnp.where(n == 0, r.misses + 1, 0), r.misses)
         backoff = jnp.where(judged & (n == 0), jnp.minimum(MAX_BACKOFF, 1 << jnp.maximum(misses - 1, 0)),
                             jnp.maximum(r.backoff - (running & ~asked).astype(jnp.int32), 0))
-        r = SpecRows(r.pages, r.lengths + emitted, hist, num, done, kk, backoff, misses, gain)
+        r = SpecRows(r.pages, r.lengths + emitted, hist, num, done, kk, backoff, misses)
         st = SpecStats(st.drafted + verified, st.accepted + n, st.forwards + running.astype(jnp.int32),
                        st.verifies + (running & (w > 1)).astype(jnp.int32))
         return i + 1, pool, r, st

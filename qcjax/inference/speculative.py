@@ -3,12 +3,14 @@
 Two proposers, both deterministic (a draft is a guess, never a sample: the verify step keeps a draft token while it
 equals the token plain decoding draws there, so greedy or sampled, the text is the one plain decoding gives):
 
-- `NgramProposer` (prompt lookup, host side, no model): the last n tokens of a row (n from `max_ngram` down to
-  `min_ngram`) are looked up in the row's own tokens, and the tokens that followed their most recent earlier
-  occurrence are the draft. For code that is where the next tokens usually are: a line above the cursor, the FIM
-  suffix (the text below the cursor is in the prompt), another file of the repository context, the text generated
-  so far. `sources` restricts where a match may lie (by the prompt's FIM / repository markers), which is how
-  docs/serving.md measures what each source adds.
+- `NgramProposer` (prompt lookup, no model): the last n tokens of a row (n from `max_ngram` down to `min_ngram`)
+  are looked up in the row's own tokens, and the tokens that followed their most recent earlier occurrence are the
+  draft. For code that is where the next tokens usually are: a line above the cursor, the FIM suffix (the text
+  below the cursor is in the prompt), another file of the repository context, the text generated so far. `sources`
+  restricts where a match may lie (by the prompt's FIM / repository markers), which is how docs/serving.md
+  measures what each source adds. `ngram_draft` is the same rule on the device: over every source the engine
+  drafts inside its device loop (programs.speculate: a chunk of draft + verify rounds per call); the host-side
+  proposer serves restricted sources and `Speculation(device=False)`.
 - `DraftModelProposer`: a smaller model of the same family (one tokenizer) proposes `k` greedy tokens. It keeps its
   own page pool with the target's page ids and page size (a row's page table serves both models, so prefix-cache
   hits and preemption need no second bookkeeping); its keys lag the target's by at most one token, which it
@@ -16,11 +18,12 @@ equals the token plain decoding draws there, so greedy or sampled, the text is t
 
 Adaptive: each row drafts `k` tokens at most, grows its draft after a fully accepted one and shrinks it after a
 rejection; a row whose drafts keep failing backs off (no drafting for 1, 2, 4 ... 16 rounds), so a batch whose
-text does not repeat decodes as if speculation were off. Gated (`gate`, on by default): the engine times its verify
-and decode calls and runs a plain decode chunk instead of a verify round wherever the chunk is expected to give more
-tokens per second, from each row's running gain (where a verify step costs what a decode step does, as on TPUs and
-GPUs reading the weights, verifying nearly always wins; on a CPU, where a forward costs by the tokens it computes,
-only rows whose drafts are mostly right verify).
+text does not repeat decodes as if speculation were off. Gated (`gate`, on by default): the engine runs a plain
+decode chunk instead of speculating wherever the chunk is expected to give more tokens per second: on the device
+path from the measured rates of its recent speculating calls and plain chunks, on the host path from its verify
+and decode call times and each row's running gain (where a verify step costs what a decode step does, as on TPUs
+and GPUs reading the weights, verifying nearly always wins; on a CPU, where a forward costs by the tokens it
+computes, only rows whose drafts are mostly right verify).
 """
 from __future__ import annotations
 
