@@ -474,6 +474,7 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
     from qcjax import adapters, row_lora
     from qcjax.config import LORA_TARGETS, Adaptation
     from qcjax.inference import engine as E, programs as PR, rows as R
+    from qcjax.inference.speculative import Speculation
     from qcjax.sampling import GREEDY
     from qcjax.sharding import logical_to_spec, param_shardings, serving_mesh_shape
 
@@ -534,7 +535,7 @@ def compile_sampler(cfg: ModelConfig, topology: str | Topology, *, batch: int, c
                      place((batch, width), jnp.int32), row(), ctl, lora_d), None, topo.hbm_bytes)[0])
                 spec_rows = PR.SpecRows(place((batch, width), jnp.int32), row(), place((batch, width * ps), jnp.int32),
                                         row(), row(jnp.bool_), row(), row(), row())
-                widths = tuple(w for w in (1, 2, 4, 8, 16, 32) if w < 2 * verify_tokens)
+                widths = Speculation(k=verify_tokens - 1).round_widths()
                 programs.append(compile_program(
                     f"speculate ({decode_steps} rounds of prompt lookup + verify, up to {widths[-1]} tokens a row)",
                     PR.speculate, (cfg, kinds, params, pool, spec_rows, ctl, lora_d),
