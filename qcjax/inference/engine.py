@@ -676,12 +676,14 @@ class Engine:
 
     def _speculation_pays(self, seqs: list[Sequence], b: int, w: int) -> bool:
         """Whether the next call should speculate rather than run a plain decode chunk: when some row may draft
-        and, gated, when speculating calls have lately given at least the tokens per second plain chunks gave at
-        this batch and table width (`_rates`: each mode's running rate over its recent calls, host work included).
+        within the call's rounds (its backoff ends before they do; a plain chunk for a row that backs off one round
+        would skip drafting for a whole chunk) and, gated, when speculating calls have lately given at least the
+        tokens per second plain chunks gave at this batch and table width (`_rates`: each mode's running rate over
+        its recent calls, host work included).
         Each mode is tried before the rates decide, and a plain chunk learns nothing of the drafts, so after
         GATE_PROBE plain chunks in a row a speculating call runs anyway."""
-        if max(min(s.spec.k, s.req.max_new - s.num - 1) if s.spec.backoff == 0 else 0 for s in seqs) <= 0:
-            return False
+        if not any(s.spec.backoff < self.chunk and s.req.max_new - s.num > 1 for s in seqs):
+            return False  # no row may draft in the call's rounds
         if not self.spec.gate or self._since_verify >= GATE_PROBE:
             return True
         spec, chunk = self._rates.get(("speculate", b, w)), self._rates.get(("chunk", b, w))
