@@ -71,17 +71,19 @@ def test_device_lookup_drafts_what_the_host_proposer_drafts():
     assert sum(map(bool, want)) > 100  # many rows draft (143 of 300 at this seed)
 
 
-def test_device_rounds_draft_and_adapt_as_the_host_does():
+@pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "fixed"])
+def test_device_rounds_draft_and_adapt_as_the_host_does(adaptive):
     """Gate off, a chunk of 8 rounds per device call: the same drafts verified and accepted over the same requests
     as the host path (one verify per call): the device loop keeps each row's draft length and backoff as the host
-    does, across rounds and across calls (a row backing off one round must not skip a whole call)."""
+    does (or, not adaptive, leaves them), across rounds and across calls (a row backing off one round must not skip
+    a whole call)."""
     cfg, _, params = hf_and_params(CFG_TIED)
     prompts = [repeating_prompt(cfg, params, seed=s) for s in range(2, 5)]  # these back off at a call's start
     counts = []
     for device in (True, False):
         stats = {}
         generate(cfg, params, prompts, max_new_tokens=NEW, cache_dtype=F32, chunk=8, max_rows=1, stats=stats,
-                 speculative=Speculation(k=7, gate=False, device=device))
+                 speculative=Speculation(k=7, gate=False, device=device, adaptive=adaptive))
         counts.append((stats["spec_drafted"], stats["spec_accepted"], stats["row_forwards"]))
     assert counts[0] == counts[1] and counts[0][0] > 0, counts
 

@@ -716,7 +716,8 @@ class Engine:
                               self._place(backoff, row), self._place(misses, row))
         self._pool, r, st = programs.speculate(
             self.cfg, kinds, self.params, self._pool, r, controls(rows, b, self._place), self._lora_rows(rows, b),
-            rounds=self.chunk, k=spec.k, ngram=(spec.min_ngram, spec.max_ngram), widths=spec.round_widths())
+            rounds=self.chunk, k=spec.k, ngram=(spec.min_ngram, spec.max_ngram), widths=spec.round_widths(),
+            adaptive=spec.adaptive)
         return jax.device_get((r, st))
 
     def _spec_decode(self, seqs: list[Sequence], b: int, w: int, kinds, steps: int, drafted: bool = False) -> None:

@@ -181,11 +181,11 @@ class SpecStats(NamedTuple):
     verifies: jax.Array  # [B] of those, wider than one token (drafts verified)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "kinds", "rounds", "k", "ngram", "widths"),
+@functools.partial(jax.jit, static_argnames=("cfg", "kinds", "rounds", "k", "ngram", "widths", "adaptive"),
                    donate_argnames=("pool",))
 def speculate(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, rows: SpecRows, controls: Controls,
-              lora: Lora = None, *, rounds: int, k: int, ngram: tuple[int, int], widths: tuple[int, ...]
-              ) -> tuple[Pool, SpecRows, SpecStats]:
+              lora: Lora = None, *, rounds: int, k: int, ngram: tuple[int, int], widths: tuple[int, ...],
+              adaptive: bool = True) -> tuple[Pool, SpecRows, SpecStats]:
     """Speculative decoding with prompt lookup, `rounds` rounds in one call (no round waits on the host). Each round,
     every running row drafts by prompt lookup over its own tokens (speculative.ngram_draft, the host proposer's
     rule) and one target forward of a width from `widths` verifies the drafts as `verify` does (width 1: a plain
@@ -197,9 +197,9 @@ def speculate(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, row
     forward runs inside a while loop of at most one trip per width, not a lax.switch: XLA:CPU copied the whole page
     pool into and out of a switch's branches every round.
 
-    A row's emitted tokens go into `hist` after its newest; the loop ends early when every row is done. Adaptive per
-    row as speculative.update: k grows after a fully accepted draft and shrinks after a rejection, and a row whose
-    drafts keep failing backs off."""
+    A row's emitted tokens go into `hist` after its newest; the loop ends early when every row is done. `adaptive`,
+    per row as speculative.update: k grows after a fully accepted draft and shrinks after a rejection, and a row
+    whose drafts keep failing backs off."""
     min_n, max_n = ngram
     b, h = rows.hist.shape
     widths = platform.round_widths(widths)  # the CPU: all; TPUs and GPUs: the widest (a forward costs its reads)
@@ -208,8 +208,8 @@ def speculate(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, row
     row_ids = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, top))
     widths_arr = jnp.asarray(widths, jnp.int32)
 
-    def judge_at(j, w, sel, pool, newest, draft, counts, r):
-        """The forward of width w when round's choice `sel` is j, else nothing: a while loop of 0 or 1 trips."""
+    def judge_at(j, w, sel, newest, draft, counts, r):
+        """The forward of width w when the round's choice `sel` is j, else nothing: a while loop of 0 or 1 trips."""
         def run(c):
             pool, _, _, _ = c
             tokens = jnp.concatenate([newest, draft[:, : w - 1]], axis=1)
@@ -239,7 +239,7 @@ def speculate(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, row
         counts = jnp.where(running, 1 + verified, 0)
         c = (pool, jnp.full((b, top), -1, jnp.int32), jnp.zeros((b,), jnp.int32), jnp.bool_(False))
         for j, wj in enumerate(widths):
-            run, when = judge_at(j, wj, sel, pool, newest, draft, counts, r)
+            run, when = judge_at(j, wj, sel, newest, draft, counts, r)
             c = jax.lax.while_loop(when, run, c)
         pool, out, n, _ = c
         n = jnp.where(running, n, 0)
@@ -252,7 +252,7 @@ def speculate(cfg: ModelConfig, kinds: FilterKinds, params: Any, pool: Pool, row
         hist = r.hist.at[row_ids, at].set(out, mode="drop")
         num = r.num + emitted
         done = r.done | (running & (stopped | (num >= controls.max_new)))
-        judged = verified > 0
+        judged = (verified > 0) & adaptive  # not adaptive: k, misses and backoff stay as they are
         kk = jnp.where(judged, jnp.where(n == verified, jnp.minimum(k, 2 * r.k), jnp.maximum(1, n + 1)), r.k)
         misses = jnp.where(judged, jnp.where(n == 0, r.misses + 1, 0), r.misses)
         backoff = jnp.where(judged & (n == 0), jnp.minimum(MAX_BACKOFF, 1 << jnp.maximum(misses - 1, 0)),
