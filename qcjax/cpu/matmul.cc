@@ -107,12 +107,80 @@ void rows_block(const X* x0, const T* w, float* y0, int64_t k, int64_t n_total, 
   }
 }
 
+#ifdef __AVX512BF16__
+// 16 vectors -> one: lane (i % 4) * 4 + i / 4 holds the sum of v[i]'s lanes (a tree of 15 shuffles-and-adds, in
+// place of 16 one-lane sums of 16 steps each, which cost as much as the dot products at 8 rows).
+inline __m512 reduce16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * i], b[2 * i + 1]), _mm512_unpackhi_ps(b[2 * i], b[2 * i + 1]));
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))),
+                       _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))));
+}
+
+// bf16 at 4-8 x rows: G = 16 / R weight rows at a time, so the R x G sums of a group end in one reduce16 (rows past
+// n1 repeat the last one and are dropped). The 0.5B's head (EPYC Zen 5, 2 threads, medians of 15): 8 rows 11.1 ->
+// 10.2 ms, 4 rows 9.5 -> 7.5 ms.
+template <int R>
+void rows_block_bf16(const uint16_t* x0, const uint16_t* w, float* y0, int64_t k, int64_t n_total, int64_t n0,
+                     int64_t n1) {
+  constexpr int G = 16 / R;
+  const int64_t kv = k / 32 * 32;
+  for (int64_t n = n0; n < n1; n += G) {
+    const uint16_t* wr[G];
+    for (int g = 0; g < G; ++g) wr[g] = w + std::min(n + g, n1 - 1) * k;
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < kv; i += 32) {
+      __m512bh wv[G];
+      for (int g = 0; g < G; ++g) {
+        __builtin_prefetch(wr[g] + i + prefetch_bytes<R, uint16_t>() / 2);
+        wv[g] = (__m512bh)_mm512_loadu_si512(wr[g] + i);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x0 + r * k + i);
+        for (int g = 0; g < G; ++g) acc[r * G + g] = _mm512_dpbf16_ps(acc[r * G + g], wv[g], xv);
+      }
+    }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, reduce16(acc));
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < G && n + g < n1; ++g) {
+        const int i = r * G + g;
+        float s = sums[(i % 4) * 4 + i / 4];
+        for (int64_t j = kv; j < k; ++j) s += scalar(wr[g][j]) * scalar(x0[r * k + j]);
+        y0[r * n_total + n + g] = s;
+      }
+  }
+}
+#endif
+
 template <typename X, typename T>
 void rows(const X* x, const T* w, float* y, int64_t m, int64_t k, int64_t n, int64_t n0, int64_t n1) {
   // Every weight row meets all m x rows while it is in L1: blocks of 8 x rows, the row read from memory once.
   for (int64_t m0 = 0; m0 < m; m0 += 8) {
     const X* xb = x + m0 * k;
     float* yb = y + m0 * n;
+#ifdef __AVX512BF16__
+    if constexpr (sizeof(T) == 2 && sizeof(X) == 2) {
+      if (m - m0 >= 4) {  // (2-3 rows: the loop below streams faster, 6.1 vs 7.7 ms for the 0.5B head at 2)
+        switch (std::min<int64_t>(8, m - m0)) {
+          case 4: rows_block_bf16<4>(xb, w, yb, k, n, n0, n1); break;
+          case 5: rows_block_bf16<5>(xb, w, yb, k, n, n0, n1); break;
+          case 6: rows_block_bf16<6>(xb, w, yb, k, n, n0, n1); break;
+          case 7: rows_block_bf16<7>(xb, w, yb, k, n, n0, n1); break;
+          default: rows_block_bf16<8>(xb, w, yb, k, n, n0, n1); break;
+        }
+        continue;
+      }
+    }
+#endif
     switch (std::min<int64_t>(8, m - m0)) {
       case 1: rows_block<1>(xb, w, yb, k, n, n0, n1); break;
       case 2: rows_block<2>(xb, w, yb, k, n, n0, n1); break;

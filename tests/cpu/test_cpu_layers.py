@@ -31,8 +31,10 @@ def _as64(a):
 
 
 # m: 1 and 8 rows (decode batches), 3 and 11 (a tail, two blocks of 8); k: tails past the 4-row groups; k >= 128:
-# chunks of whole rows whose sums are added in order; n = 1100 at 8 rows: column blocks; n = 37: past the vectors
-SHAPES = [(1, 64, 48), (3, 130, 37), (8, 64, 1100), (11, 256, 40), (1, 645, 300), (5, 645, 70)]
+# chunks of whole rows whose sums are added in order; n = 1100 at 8 rows: column blocks; n = 37: past the vectors;
+# 2 and 4 rows: several 32-column strips at once (bf16 rows)
+SHAPES = [(1, 64, 48), (3, 130, 37), (8, 64, 1100), (11, 256, 40), (1, 645, 300), (5, 645, 70), (2, 134, 300),
+          (4, 96, 600)]
 
 
 @pytest.mark.parametrize("dtype, x_dtype", [("float32", "float32"), ("bfloat16", "float32"), ("int8", "float32"),
