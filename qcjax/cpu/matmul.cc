@@ -47,13 +47,15 @@ inline float hsum(f32v v) {
 // (Zen 3, same shapes): 1024 (8 rows 15.2 GB/s vs 14.2 with none; bf16 one row 42-46 ms per 0.5B step vs 43-56 with
 // none), except for fp32 at one row, the plain stream the hardware prefetcher follows, where 1024 got in its way:
 // 256 (the 0.5B step's 169 calls alone, alternated processes: 79.1 / 79.5 / 77.8 ms at 1024, 75.0 / 77.6 / 72.3 at
-// 256, 76.9 / 69.8 / 73.4 with none; one row, one thread: 15.4 vs 14.7 GB/s, a plain sum 17.2).
+// 256, 76.9 / 69.8 / 73.4 with none; one row, one thread: 15.4 vs 14.7 GB/s, a plain sum 17.2); AVX-512 at 4-8 rows (EPYC
+// Zen 5, the 0.5B's head, alternated processes): 4096 (fp32 8 rows 17.5-17.9 ms at 2048, 14.1-16.1 at 4096; bf16
+// 9.0 -> 7.2 ms).
 template <int R, typename T>
 constexpr int prefetch_bytes() {
 #ifdef PREFETCH
   return PREFETCH;
 #elif defined(__AVX512F__)
-  return 2048;
+  return R >= 4 ? 4096 : 2048;
 #else
   return R == 1 && sizeof(T) == 4 ? 256 : 1024;
 #endif
@@ -140,7 +142,7 @@ void rows_block_bf16(const uint16_t* x0, const uint16_t* w, float* y0, int64_t k
     for (int64_t i = 0; i < kv; i += 32) {
       __m512bh wv[G];
       for (int g = 0; g < G; ++g) {
-        __builtin_prefetch(wr[g] + i + prefetch_bytes<R, uint16_t>() / 2);
+        __builtin_prefetch(wr[g] + i + 4096 / 2);  // 2048 B ahead (prefetch_bytes): 9.0 ms at 8 rows; 4096: 7.2
         wv[g] = (__m512bh)_mm512_loadu_si512(wr[g] + i);
       }
       for (int r = 0; r < R; ++r) {
