@@ -431,8 +431,13 @@ ffi::Error StackedMatmul(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
     // bf16 x: as it is for the bf16 dot products (bf16 or int8 weights, where built), widened to float32 for the rest
     const uint16_t* xb = x.element_type() == ffi::BF16 ? static_cast<const uint16_t*>(x.untyped_data()) : nullptr;
     std::vector<float> wide;
-    const float* xf = static_cast<const float*>(x.untyped_data());
-    if (xb != nullptr) {
+    const float* xf = xb == nullptr ? static_cast<const float*>(x.untyped_data()) : nullptr;
+#ifdef __AVX512BF16__
+    const bool widen_x = xb != nullptr && w.element_type() == ffi::F32;  // bf16 dot products take the bf16 rows
+#else
+    const bool widen_x = xb != nullptr;
+#endif
+    if (widen_x) {
       wide.resize(m * k);
       for (int64_t i = 0; i < m * k; ++i) wide[i] = scalar(xb[i]);
       xf = wide.data();

@@ -39,9 +39,10 @@ SHAPES = [(1, 64, 48), (3, 130, 37), (8, 64, 1100), (11, 256, 40), (1, 645, 300)
 
 @pytest.mark.parametrize("dtype, x_dtype", [("float32", "float32"), ("bfloat16", "float32"), ("int8", "float32"),
                                             ("int8_f32_scale", "float32"), ("bfloat16", "bfloat16"),
-                                            ("int8", "bfloat16")])
+                                            ("int8", "bfloat16"), ("float32", "bfloat16")])
 def test_stacked_matmul_reads_one_layer_and_matches_float64(dtype, x_dtype):
-    # bf16 rows against bf16 / int8 weights take the bf16 dot products (where the CPU has them)
+    # bf16 rows against bf16 / int8 weights take the bf16 dot products (where the CPU has them); against float32
+    # weights (a bf16 model with float32 params) they are widened
     for m, k, n in SHAPES:
         rng = np.random.default_rng(m * k + n)
         x = jnp.asarray(rng.normal(size=(m, k)), x_dtype)
