@@ -12,8 +12,7 @@ import jax.numpy as jnp
 
 from qcjax import platform
 from qcjax.cpu import build
-
-MAX_ROWS = 64  # tokens in the batch: decode steps and speculative verify steps
+from qcjax.cpu.layers import MAX_TOKENS as MAX_ROWS  # the steps the layer loop takes: decode and verify steps
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 

@@ -164,8 +164,19 @@ void rows_block_bf16(const uint16_t* x0, const uint16_t* w, float* y0, int64_t k
 #endif
 
 template <typename X, typename T>
+void rows_tile(const X* x, const T* w, float* y, int64_t m, int64_t k, int64_t n, int64_t n0, int64_t n1);
+
+// Every weight row meets all m x rows while it is in cache: blocks of 8 x rows over tiles of weight rows small
+// enough for L2 (64 KiB), so each weight row is read from memory once however many blocks of x rows there are.
+template <typename X, typename T>
 void rows(const X* x, const T* w, float* y, int64_t m, int64_t k, int64_t n, int64_t n0, int64_t n1) {
-  // Every weight row meets all m x rows while it is in L1: blocks of 8 x rows, the row read from memory once.
+  if (m <= 8) return rows_tile(x, w, y, m, k, n, n0, n1);
+  const int64_t tile = std::max<int64_t>(16, 65536 / (k * int64_t(sizeof(T))));
+  for (int64_t t = n0; t < n1; t += tile) rows_tile(x, w, y, m, k, n, t, std::min(n1, t + tile));
+}
+
+template <typename X, typename T>
+void rows_tile(const X* x, const T* w, float* y, int64_t m, int64_t k, int64_t n, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < m; m0 += 8) {
     const X* xb = x + m0 * k;
     float* yb = y + m0 * n;

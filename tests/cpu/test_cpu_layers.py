@@ -73,16 +73,17 @@ CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_laye
                   head_dim=16, max_position_embeddings=256, tie_word_embeddings=True)
 
 
-def _decode_step(cfg, params, monkeypatch, kernels: str, lora=None):
-    """Hidden states and pool of one decode step for 3 rows at ragged lengths, on a paged cache holding noise; and
-    the program's text. lora: (bank, slot per row) of per-row adapters (qcjax.row_lora)."""
+def _decode_step(cfg, params, monkeypatch, kernels: str, lora=None, t: int = 1):
+    """Hidden states and pool of one decode step (t tokens a row: a verify step when t > 1) for 3 rows at ragged
+    lengths, on a paged cache holding noise; and the program's text. lora: (bank, slot per row) of per-row adapters
+    (qcjax.row_lora)."""
     monkeypatch.setenv("QCJAX_CPU_KERNELS", kernels)  # read when the program is traced: a fresh function below
     dt = jnp.dtype(cfg.dtype)
     shape = (cfg.num_layers, 12, 16, cfg.num_kv_heads * cfg.dim_per_head)
     cache = {"k": jax.random.normal(jax.random.key(1), shape).astype(dt),
              "v": jax.random.normal(jax.random.key(2), shape).astype(dt),
              "lengths": jnp.array([5, 17, 40], jnp.int32), "pages": jnp.arange(12, dtype=jnp.int32).reshape(3, 4)}
-    tokens = jnp.array([[3], [77], [200]], jnp.int32)
+    tokens = (jnp.array([[3], [77], [200]], jnp.int32) + jnp.arange(t, dtype=jnp.int32)) % cfg.vocab_size
     def step(p, t, c, lora):
         with row_lora.applied(*(lora or (None, None))):
             return adapters.module_for(cfg, p).apply({"params": p}, t, None, None, c, method="hidden_states")
@@ -92,14 +93,16 @@ def _decode_step(cfg, params, monkeypatch, kernels: str, lora=None):
     return hidden.astype(jnp.float32), cache, lowered.as_text()
 
 
-@pytest.mark.parametrize("dtype, quant, tol", [("float32", "none", 2e-6), ("bfloat16", "int8", None)])
-def test_the_layer_loop_is_the_models_scan(dtype, quant, tol, monkeypatch):
+# t = 12: 36 tokens, a verify step past one block of 8 rows (the kernels take up to MAX_TOKENS)
+@pytest.mark.parametrize("dtype, quant, tol, t", [("float32", "none", 2e-6, 1), ("bfloat16", "int8", None, 1),
+                                                  ("float32", "none", 2e-6, 12), ("bfloat16", "none", None, 12)])
+def test_the_layer_loop_is_the_models_scan(dtype, quant, tol, t, monkeypatch):
     cfg = CFG.replace(param_dtype=dtype, dtype=dtype)
     params = jax.jit(lambda: init_params(cfg, jax.random.key(0)))()
     if quant != "none":
         params = adapters.quantize(cfg, params, quant)
-    got, got_cache, text = _decode_step(cfg, params, monkeypatch, "1")
-    want, want_cache, off = _decode_step(cfg, params, monkeypatch, "0")
+    got, got_cache, text = _decode_step(cfg, params, monkeypatch, "1", t=t)
+    want, want_cache, off = _decode_step(cfg, params, monkeypatch, "0", t=t)
     assert text.count(build.STACKED_TARGET) == 7 and build.STACKED_TARGET not in off
     scale = float(jnp.abs(want).max())
     # float32: the same math but the kernel's order of sums (2e-6 of the largest value); bf16: values are rounded to
@@ -138,7 +141,7 @@ def test_the_layer_loop_adds_each_rows_adapter_as_the_model_does(monkeypatch):
 def test_prompts_and_switched_off_kernels_keep_the_models_scan(monkeypatch):
     params = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0)))  # applies() reads shapes and dtypes
     cfg = CFG
-    x = jnp.zeros((1, 9, 64), jnp.float32)  # 9 tokens: a prompt chunk, XLA's GEMMs
+    x = jnp.zeros((1, layers.MAX_TOKENS + 1, 64), jnp.float32)  # a prompt chunk: XLA's GEMMs
     cache = (jnp.zeros((2, 4, 16, 32)), jnp.zeros((2, 4, 16, 32)), jnp.zeros((1, 4), jnp.int32))
     args = (cfg, params["layers"], (x, cache), None, None, None, None, None)
     assert not layers.applies(*args)

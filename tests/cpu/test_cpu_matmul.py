@@ -56,7 +56,8 @@ def _rows(m, dtype=jnp.float32):
 
 
 def test_a_multi_device_mesh_keeps_xla():
-    assert matmul.applies(*_rows(8)) and not matmul.applies(*_rows(9))
+    for dt, most in matmul.MAX_ROWS.items():  # decode and verify steps; more rows are a prompt's GEMM
+        assert matmul.applies(*_rows(most, dt)) and not matmul.applies(*_rows(most + 1, dt))
     mesh = jax.make_mesh((len(jax.devices()),), ("tensor",))
     with jax.set_mesh(mesh):
         assert matmul.applies(*_rows(1, jnp.bfloat16)) == (mesh.size == 1)
