@@ -118,6 +118,26 @@ void unit(const float* x, int64_t k, const T* w, int64_t n, int64_t k0, int64_t 
 // which column each slot holds, and they are put back in order at the end.
 inline int64_t slot_column(int64_t p) { return (p & 15) / 4 * 8 + (p >> 4) * 4 + (p & 3); }
 
+// The end of a bf16 unit: weight rows [kk, k1) (fewer than 4, past the pairs) added one at a time into the slots
+// their columns' sums have, then the sums written out in column order.
+template <int R, typename T>
+void finish_slots(const uint16_t* x, int64_t k, const T* w, int64_t n, int64_t kk, int64_t k1, int64_t n0, int64_t nb,
+                  int64_t nv, float* const* acc, float* out, int64_t out_stride) {
+  for (; kk < k1; ++kk) {
+    const T* w0 = w + kk * n + n0;
+    for (int r = 0; r < R; ++r) {
+      const float xv = scalar(x[r * k + kk]);
+      for (int64_t j = 0; j < nv; ++j) acc[r][j] += xv * scalar(w0[j / 32 * 32 + slot_column(j % 32)]);
+      for (int64_t j = nv; j < nb; ++j) acc[r][j] += xv * scalar(w0[j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* o = out + r * out_stride;
+    for (int64_t j = 0; j < nv; ++j) o[j / 32 * 32 + slot_column(j % 32)] = acc[r][j];
+    std::memcpy(o + nv, acc[r] + nv, sizeof(float) * (nb - nv));
+  }
+}
+
 inline __m512i bf16x32(const uint16_t* p) { return _mm512_loadu_si512(p); }
 inline __m512i bf16x32(const int8_t* p) {
   // two 16-byte loads folded into the widenings (one 32-byte load and an extract: one more instruction)
@@ -167,19 +187,7 @@ void unit_bf16(const uint16_t* x, int64_t k, const T* w, int64_t n, int64_t k0, 
       for (int r = 0; r < R; ++r)
         for (int i = 0; i < 4; ++i) acc[r][j] += scalar(x[r * k + kk + i]) * scalar(w0[i * n + j]);
   }
-  for (; kk < k1; ++kk) {  // the last rows (fewer than 4): one at a time, into the slots their columns have
-    const T* w0 = w + kk * n + n0;
-    for (int r = 0; r < R; ++r) {
-      const float xv = scalar(x[r * k + kk]);
-      for (int64_t j = 0; j < nv; ++j) acc[r][j] += xv * scalar(w0[j / 32 * 32 + slot_column(j % 32)]);
-      for (int64_t j = nv; j < nb; ++j) acc[r][j] += xv * scalar(w0[j]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    float* o = out + r * out_stride;
-    for (int64_t j = 0; j < nv; ++j) o[j / 32 * 32 + slot_column(j % 32)] = acc[r][j];
-    std::memcpy(o + nv, acc[r] + nv, sizeof(float) * (nb - nv));
-  }
+  finish_slots<R>(x, k, w, n, kk, k1, n0, nb, nv, acc, out, out_stride);
 }
 
 // The same sums with the unit's outputs held in registers: column strips of 32 outputs (S strips at a time, 2 R S
@@ -250,19 +258,7 @@ void unit_bf16_reg(const uint16_t* x, int64_t k, const T* w, int64_t n, int64_t 
         for (int i = 0; i < 4; ++i) sum += scalar(x[r * k + kk + i]) * scalar(w[(kk + i) * n + n0 + jj]);
       acc[r][jj] = sum;
     }
-  for (int64_t kk = k4; kk < k1; ++kk) {  // the last rows (fewer than 4): one at a time, into their columns' slots
-    const T* w0 = w + kk * n + n0;
-    for (int r = 0; r < R; ++r) {
-      const float xv = scalar(x[r * k + kk]);
-      for (int64_t jj = 0; jj < nv; ++jj) acc[r][jj] += xv * scalar(w0[jj / 32 * 32 + slot_column(jj % 32)]);
-      for (int64_t jj = nv; jj < nb; ++jj) acc[r][jj] += xv * scalar(w0[jj]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    float* o = out + r * out_stride;
-    for (int64_t jj = 0; jj < nv; ++jj) o[jj / 32 * 32 + slot_column(jj % 32)] = acc[r][jj];
-    std::memcpy(o + nv, acc[r] + nv, sizeof(float) * (nb - nv));
-  }
+  finish_slots<R>(x, k, w, n, k4, k1, n0, nb, nv, acc, out, out_stride);
 }
 #endif
 
@@ -343,17 +339,13 @@ struct Plan {
 Plan plan(int64_t m, int64_t k, int64_t n) {
   Plan p;
   const int64_t cap = SCRATCH / std::min<int64_t>(8, m);
-  if (m >= 2 && n > NB) {  // several rows: column blocks of NB (whole rows in chunks left 14 partial sums to add)
-    p.nb = NB;
-    p.blocks = (n + p.nb - 1) / p.nb;
-    p.chunks = p.blocks >= UNITS / 2 ? 1 : std::max<int64_t>(1, std::min<int64_t>((UNITS + p.blocks - 1) / p.blocks, k / 128));
-  } else if (n <= cap) {
+  if (n <= cap && !(m >= 2 && n > NB)) {
     p.nb = n;
     p.blocks = 1;
     // several rows against a narrow weight (k/v): one chunk per thread of two; more left the call to its overheads
     p.chunks = std::max<int64_t>(1, std::min<int64_t>(m >= 2 ? 2 : UNITS, k / 64));
-  } else {
-    p.nb = std::min(cap, std::max(NB, (n + UNITS - 1) / UNITS / L * L + L));
+  } else {  // column blocks: of NB at several rows (whole rows in chunks left 14 partial sums to add), else wider
+    p.nb = m >= 2 ? NB : std::min(cap, std::max(NB, (n + UNITS - 1) / UNITS / L * L + L));
     p.blocks = (n + p.nb - 1) / p.nb;
     p.chunks = p.blocks >= UNITS / 2
                    ? 1
