@@ -121,14 +121,30 @@ def test_flipped_bytes_fall_back_to_the_previous_step(tmp_path, spm_dir, run_12,
     work = copy_run(run_12, tmp_path)
     before = train_losses(work)
     ckpts = work / "checkpoints"
-    # flip 64 bytes in the middle of the largest params data file of step 12: still readable, wrong values
+    # flip 64 bytes in the largest params data file of step 12 so that it stays readable with wrong values. The
+    # values are stored compressed, and a flip can also break a compressed block (then the step is unreadable: the
+    # test above covers that path), so offsets from the middle on are tried until the restore fails on the checksums
+    from qcjax.checkpoint import CheckpointCorrupt, restore_params
+
     files = [os.path.join(r, f) for r, _, fs in os.walk(ckpts / "12" / "params") for f in fs]
     data = max(files, key=os.path.getsize)
-    with open(data, "r+b") as f:
-        f.seek(os.path.getsize(data) // 2)
-        chunk = f.read(64)
-        f.seek(os.path.getsize(data) // 2)
-        f.write(bytes(b ^ 0xFF for b in chunk))
+    size = os.path.getsize(data)
+    for at in range(size // 2, size - 64, 997):
+        with open(data, "r+b") as f:
+            f.seek(at)
+            chunk = f.read(64)
+            f.seek(at)
+            f.write(bytes(b ^ 0xFF for b in chunk))
+        try:
+            restore_params(str(ckpts), 12)
+        except CheckpointCorrupt as e:
+            if "differ from their checksum" in str(e):
+                break
+        with open(data, "r+b") as f:  # unreadable (or, by chance, unchanged values): put the bytes back
+            f.seek(at)
+            f.write(chunk)
+    else:
+        pytest.fail(f"no 64-byte flip in {data} left step 12 readable with wrong values")
     result = train(tiny(spm_dir, steps=12, keep_checkpoints=2), str(work))
     err = capsys.readouterr().err
     assert "checkpoint step 12 is corrupt or unreadable" in err and "differ from their checksum" in err
