@@ -128,7 +128,7 @@ inline __m512 reduce16(const __m512* v) {
 
 // bf16 at 4-8 x rows: G = 16 / R weight rows at a time, so the R x G sums of a group end in one reduce16 (rows past
 // n1 repeat the last one and are dropped). The 0.5B's head (EPYC Zen 5, 2 threads, medians of 15): 8 rows 11.1 ->
-// 10.2 ms, 4 rows 9.5 -> 7.5 ms.
+// 10.2 ms, 4 rows 9.5 -> 7.5 ms (then 7.2 at 8 rows with prefetch_bytes' 4096).
 template <int R>
 void rows_block_bf16(const uint16_t* x0, const uint16_t* w, float* y0, int64_t k, int64_t n_total, int64_t n0,
                      int64_t n1) {
@@ -142,7 +142,7 @@ void rows_block_bf16(const uint16_t* x0, const uint16_t* w, float* y0, int64_t k
     for (int64_t i = 0; i < kv; i += 32) {
       __m512bh wv[G];
       for (int g = 0; g < G; ++g) {
-        __builtin_prefetch(wr[g] + i + 4096 / 2);  // 2048 B ahead (prefetch_bytes): 9.0 ms at 8 rows; 4096: 7.2
+        __builtin_prefetch(wr[g] + i + prefetch_bytes<R, uint16_t>() / 2);
         wv[g] = (__m512bh)_mm512_loadu_si512(wr[g] + i);
       }
       for (int r = 0; r < R; ++r) {

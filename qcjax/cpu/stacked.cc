@@ -274,8 +274,8 @@ void unit_rows(const float* xf, const uint16_t* xb, int64_t m, int64_t k, const 
       for (int64_t m0 = 0; m0 < m; m0 += 8) {
         const uint16_t* xr = xb + m0 * k;
         float* ob = out + m0 * out_stride;
-        if (m - m0 >= 2) {  // several rows: the sums in registers (one row: unit_bf16 streams faster)
-        switch (std::min<int64_t>(8, m - m0)) {
+        switch (std::min<int64_t>(8, m - m0)) {  // one row: unit_bf16 streams faster; several: sums in registers
+          case 1: unit_bf16<1>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
           case 2: unit_bf16_reg<2, 4>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
           case 3: unit_bf16_reg<3, 2>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
           case 4: unit_bf16_reg<4, 2>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
@@ -283,18 +283,6 @@ void unit_rows(const float* xf, const uint16_t* xb, int64_t m, int64_t k, const 
           case 6: unit_bf16_reg<6, 1>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
           case 7: unit_bf16_reg<7, 1>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
           default: unit_bf16_reg<8, 1>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
-        }
-        continue;
-        }
-        switch (std::min<int64_t>(8, m - m0)) {
-          case 1: unit_bf16<1>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
-          case 2: unit_bf16<2>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
-          case 3: unit_bf16<3>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
-          case 4: unit_bf16<4>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
-          case 5: unit_bf16<5>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
-          case 6: unit_bf16<6>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
-          case 7: unit_bf16<7>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
-          default: unit_bf16<8>(xr, k, w, n, k0, k1, n0, nb, ob, out_stride, scratch); break;
         }
       }
       return;
